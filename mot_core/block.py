@@ -1,0 +1,122 @@
+"""The MoT transformer block (paper Algorithm 1, Eq. 2-3).
+
+    x      = norm_attn[m](h)                  per token, by its modality m
+    q,k,v  = W_qkv[m] x                       grouped matmul over modality-sorted rows
+    a      = Attention(q, k, v)               ONE global attention, original token order
+    h      = h + W_o[m] a
+    h      = h + FFN[m](norm_ffn[m](h))
+
+``h`` is the residual stream in stream order: modality-sorted when the model routes (some
+component untied), original order for the dense baseline. Only Q/K/V and the attention output
+cross between the two orders, one gather each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mot_core.attention import AttentionBackend
+from mot_core.rope import apply_rotary
+from mot_core.routing import RoutingPlan
+from mot_core.towers import TowerLinear, TowerRMSNorm, TowerSwiGLU
+
+
+@dataclass
+class ForwardContext:
+    """What every layer of one forward pass shares (built once per forward).
+
+    Attributes:
+        plan: routing plan, or None for the dense baseline (stream stays in original order).
+        modality: (B, S) long modality ids in original order (for QK-norm gains).
+        batch, seq: B and S.
+        cos, sin: (B, 1, S, head_dim/2) RoPE tables.
+        backend, mask: attention backend and its cached mask for this batch layout.
+    """
+
+    plan: RoutingPlan | None
+    modality: torch.Tensor
+    batch: int
+    seq: int
+    cos: torch.Tensor
+    sin: torch.Tensor
+    backend: AttentionBackend
+    mask: Any
+
+
+@dataclass(frozen=True)
+class BlockArgs:
+    dim: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_hidden: int
+    norm_eps: float
+    ffn_towers: int  # 1 = shared, M = untied by modality
+    attention_towers: int
+    norm_towers: int
+    qk_norm: tuple[bool, ...]  # per modality; empty/all False = off
+
+
+class MoTBlock(nn.Module):
+    def __init__(self, args: BlockArgs):
+        super().__init__()
+        if args.dim % args.n_heads or args.n_heads % args.n_kv_heads:
+            raise ValueError("dim must divide by n_heads and n_heads by n_kv_heads")
+        self.n_heads, self.n_kv_heads = args.n_heads, args.n_kv_heads
+        self.head_dim = args.dim // args.n_heads
+        qkv_out = (args.n_heads + 2 * args.n_kv_heads) * self.head_dim
+        self.attn_norm = TowerRMSNorm(args.norm_towers, args.dim, args.norm_eps)
+        self.wqkv = TowerLinear(args.attention_towers, args.dim, qkv_out)
+        self.wo = TowerLinear(args.attention_towers, args.dim, args.dim)
+        self.ffn_norm = TowerRMSNorm(args.norm_towers, args.dim, args.norm_eps)
+        self.ffn = TowerSwiGLU(args.ffn_towers, args.dim, args.ffn_hidden)
+        self.norm_eps = args.norm_eps
+        self.uses_qk_norm = any(args.qk_norm)
+        self.qk_norm_everywhere = all(args.qk_norm)
+        if self.uses_qk_norm:
+            # QK-norm gains belong to the attention tower; per-modality switch as a buffer.
+            self.q_norm = nn.Parameter(torch.ones(args.attention_towers, self.head_dim))
+            self.k_norm = nn.Parameter(torch.ones(args.attention_towers, self.head_dim))
+            self.register_buffer("qk_norm_on", torch.tensor(args.qk_norm), persistent=False)
+
+    def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """h: (N, dim) residual stream in stream order -> (N, dim)."""
+        plan = ctx.plan
+        qkv = self.wqkv(self.attn_norm(h, plan), plan)
+        if plan is not None:
+            qkv = plan.unsort(qkv)  # global attention runs in original token order
+        q, k, v = qkv.view(ctx.batch, ctx.seq, -1, self.head_dim).transpose(1, 2).split(
+            [self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=1
+        )
+        if self.uses_qk_norm:
+            q, k = self._qk_norm(q, self.q_norm, ctx), self._qk_norm(k, self.k_norm, ctx)
+        q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
+        attn = ctx.backend.attend(q, k, v, ctx.mask)  # (B, H, S, hd)
+        attn = attn.transpose(1, 2).reshape(ctx.batch * ctx.seq, -1)
+        if plan is not None:
+            attn = plan.sort(attn)
+        h = h + self.wo(attn, plan)
+        return h + self.ffn(self.ffn_norm(h, plan), plan)
+
+    def _qk_norm(self, x: torch.Tensor, gain: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """x: (B, heads, S, hd) in original order; per-token gain and on/off by modality."""
+        tower = ctx.modality if gain.shape[0] > 1 else torch.zeros_like(ctx.modality)
+        normed = F.rms_norm(x, (self.head_dim,), eps=self.norm_eps) * gain[tower].unsqueeze(1)
+        if self.qk_norm_everywhere:
+            return normed
+        on = self.qk_norm_on[ctx.modality].view(ctx.batch, 1, ctx.seq, 1)
+        return torch.where(on, normed, x)
+
+    def reset_parameters(self, std: float, out_std: float) -> None:
+        self.attn_norm.reset_parameters()
+        self.ffn_norm.reset_parameters()
+        self.wqkv.reset_parameters(std)
+        self.wo.reset_parameters(out_std)
+        self.ffn.reset_parameters(std, out_std)
+        if self.uses_qk_norm:
+            nn.init.ones_(self.q_norm)
+            nn.init.ones_(self.k_norm)

@@ -1,0 +1,193 @@
+"""Run configuration: one YAML file, merged with command-line overrides, validated.
+
+    OmegaConf.merge(yaml, cli dotlist)  ->  resolve interpolations  ->  pydantic (extra=forbid)
+    -> each plugin validates its own ``options`` section with its own model.
+
+Every validation problem becomes one ``MotError`` line naming the key, e.g.
+``config error: train.steps: Input should be a valid integer (got 'abc')``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
+
+from mot_core.errors import MotError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RunSection(Section):
+    dir: str = "runs/default"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    resume: Literal["auto", "never"] = Field(
+        "auto", description="auto: continue from the newest checkpoint in run.dir if there is one"
+    )
+
+
+class UntieSection(Section):
+    """Which components get one tower per modality (paper Fig. 14 ablation). All False is the
+    dense baseline; all True is full MoT."""
+
+    ffn: bool = True
+    attention: bool = True
+    norm: bool = True
+
+
+class ModelSection(Section):
+    dim: PositiveInt = 256
+    n_layers: PositiveInt = 4
+    n_heads: PositiveInt = 4
+    n_kv_heads: PositiveInt | None = None
+    ffn_hidden: PositiveInt | None = None
+    max_seq_len: PositiveInt = 2048
+    rope_theta: PositiveFloat = 10000.0
+    norm_eps: PositiveFloat = 1e-5
+    init_std: PositiveFloat = 0.02
+    tie_embeddings: bool = False
+    attention_backend: Literal["sdpa", "flex", "xformers"] = "sdpa"
+    untie: UntieSection = UntieSection()
+    warm_start: str | None = Field(None, description="dense checkpoint dir copied into every tower")
+
+
+class TrainSection(Section):
+    steps: PositiveInt = 200
+    batch_size: PositiveInt = 8
+    seq_len: PositiveInt = 256
+    lr: PositiveFloat = 3e-3
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    log_every: PositiveInt = 10
+    eval_every: int = Field(100, ge=0, description="0: evaluate only at the end")
+    eval_batches: PositiveInt = 8
+    checkpoint_every: int = Field(100, ge=0, description="0: checkpoint only at the end")
+    keep_checkpoints: PositiveInt = 2
+    progress: bool = True
+
+
+class TowerSection(Section):
+    """Per-modality tower settings (plugins may recommend defaults via mot_tower_defaults)."""
+
+    ffn: Literal["swiglu"] = "swiglu"
+    qk_norm: bool = False
+
+
+class ModalityEntry(Section):
+    loss: str | None = None
+    loss_options: dict[str, Any] = {}
+    loss_weight: float = Field(1.0, ge=0)
+    tower: TowerSection = TowerSection()
+    evaluators: list[str] | None = None
+    options: dict[str, Any] = {}
+
+
+class DatasetEntry(Section):
+    weight: PositiveFloat = 1.0
+    options: dict[str, Any] = {}
+
+
+class MixtureSection(Section):
+    modalities: dict[str, ModalityEntry] = Field(min_length=1)
+    datasets: dict[str, DatasetEntry] = Field(min_length=1)
+
+
+class RunConfig(Section):
+    run: RunSection = RunSection()
+    model: ModelSection = ModelSection()
+    train: TrainSection = TrainSection()
+    mixture: MixtureSection
+
+
+def _format_validation_error(exc: ValidationError, prefix: str = "") -> str:
+    problems = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in (*([prefix] if prefix else []), *err["loc"]))
+        if err["type"] == "extra_forbidden":
+            problems.append(f"unknown key '{loc}'{_suggest(exc, err)}")
+        elif err["type"] == "missing":
+            problems.append(f"missing required key '{loc}'")
+        else:
+            problems.append(f"{loc}: {err['msg']} (got {err['input']!r})")
+    return "config error: " + "; ".join(problems)
+
+
+def _suggest(exc: ValidationError, err: dict) -> str:
+    """'did you mean' for a mistyped key, from the fields of the model that rejected it."""
+    model = exc.title and _MODELS_BY_TITLE.get(exc.title)
+    if model is None:
+        return ""
+    for part in err["loc"][:-1]:
+        field = model.model_fields.get(str(part)) if model else None
+        annotation = field.annotation if field else None
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    if model is None:
+        return ""
+    close = difflib.get_close_matches(str(err["loc"][-1]), list(model.model_fields), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(model.model_fields)})"
+
+
+_MODELS_BY_TITLE: dict[str, type[BaseModel]] = {"RunConfig": RunConfig}
+
+
+def validate_section(model: type[BaseModel], data: Any, where: str) -> BaseModel:
+    """Validate a plugin's options section; errors name the full key path."""
+    try:
+        return model.model_validate(data or {})
+    except ValidationError as exc:
+        _MODELS_BY_TITLE.setdefault(exc.title, model)
+        raise MotError(_format_validation_error(exc, where)) from None
+
+
+def load_raw_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """YAML file + ``key=value`` overrides -> plain dict with interpolations resolved."""
+    path = Path(path)
+    if not path.is_file():
+        raise MotError(f"config file not found: {path}")
+    try:
+        base = OmegaConf.load(path)
+    except (yaml.YAMLError, OmegaConfBaseException) as exc:
+        raise MotError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    if bad:
+        raise MotError(f"override '{bad[0]}' is not of the form key=value (e.g. train.steps=100)")
+    try:
+        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
+        data = OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as exc:
+        raise MotError(f"config error: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise MotError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def validate_config(data: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise MotError(_format_validation_error(exc)) from None
+
+
+def dump_config(config: RunConfig, plugin_options: dict[str, dict[str, Any]] | None = None) -> str:
+    """The resolved config as YAML, with each plugin's options filled in by its own model."""
+    data = config.model_dump(mode="json")
+    for where, options in (plugin_options or {}).items():
+        node = data
+        *parents, leaf = where.split(".")
+        for key in parents:
+            node = node[key]
+        node[leaf] = options
+    return yaml.safe_dump(data, sort_keys=False)

@@ -1,0 +1,178 @@
+"""The MoT transformer: shared embeddings, MoT blocks, per-modality final norm, shared head.
+
+Pure torch: no config system, no launcher, no plugin lookups. The engine turns a validated
+config into ``ModelArgs``.
+
+Token ids are global: each discrete modality owns a contiguous range of one vocabulary, so a
+position of any modality can predict a token of any other (text -> begin-of-image, ...).
+Embeddings and the output head are shared; every other weight can be untied by modality.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from mot_core.attention import AttentionLayout, MaskCache, make_backend
+from mot_core.block import BlockArgs, ForwardContext, MoTBlock
+from mot_core.errors import MotError
+from mot_core.rope import RotaryEmbedding
+from mot_core.routing import RoutingPlan
+from mot_core.towers import TowerRMSNorm, default_ffn_hidden
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    vocab_size: int
+    num_modalities: int
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None
+    ffn_hidden: int | None = None
+    untie_ffn: bool = True
+    untie_attention: bool = True
+    untie_norm: bool = True
+    qk_norm: tuple[bool, ...] = field(default=())
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    attention_backend: str = "sdpa"
+    init_std: float = 0.02
+    tie_embeddings: bool = False
+
+    @property
+    def routed(self) -> bool:
+        """True when any component is untied, i.e. the model needs a routing plan."""
+        return self.num_modalities > 1 and (self.untie_ffn or self.untie_attention or self.untie_norm)
+
+    def towers(self, untied: bool) -> int:
+        return self.num_modalities if untied and self.num_modalities > 1 else 1
+
+
+class MoTTransformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        qk_norm = args.qk_norm or (False,) * args.num_modalities
+        if len(qk_norm) != args.num_modalities:
+            raise ValueError("qk_norm needs one flag per modality")
+        block_args = BlockArgs(
+            dim=args.dim,
+            n_heads=args.n_heads,
+            n_kv_heads=args.n_kv_heads or args.n_heads,
+            ffn_hidden=args.ffn_hidden or default_ffn_hidden(args.dim),
+            norm_eps=args.norm_eps,
+            ffn_towers=args.towers(args.untie_ffn),
+            attention_towers=args.towers(args.untie_attention),
+            norm_towers=args.towers(args.untie_norm),
+            qk_norm=tuple(qk_norm),
+        )
+        self.embed = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(MoTBlock(block_args) for _ in range(args.n_layers))
+        self.final_norm = TowerRMSNorm(block_args.norm_towers, args.dim, args.norm_eps)
+        self.lm_head = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.rope = RotaryEmbedding(args.dim // args.n_heads, args.max_seq_len, args.rope_theta)
+        self.backend = make_backend(args.attention_backend)
+        self.mask_cache = MaskCache()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Every tower draws from the distribution the dense layer would: dense and MoT start
+        statistically identical. Residual output projections are scaled by 1/sqrt(2L)."""
+        std = self.args.init_std
+        out_std = std / math.sqrt(2 * self.args.n_layers)
+        nn.init.normal_(self.embed.weight, std=std)
+        for layer in self.layers:
+            layer.reset_parameters(std, out_std)
+        self.final_norm.reset_parameters()
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head.weight, std=std)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """(vocab, dim) output projection over the global vocabulary."""
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        modality: torch.Tensor,
+        plan: RoutingPlan,
+        layout: AttentionLayout,
+    ) -> torch.Tensor:
+        """Run the network up to the final norm.
+
+        Args:
+            tokens: (B, S) long global token ids.
+            positions: (B, S) long RoPE positions (restart per packed document).
+            modality: (B, S) long modality ids.
+            plan: routing plan of ``modality`` (always given: heads and losses read each
+                modality's contiguous slice of the output).
+            layout: attention layout of the batch.
+        Returns:
+            (N, dim) final hidden states, N = B*S, in modality-sorted order.
+        """
+        batch, seq = tokens.shape
+        if seq > self.args.max_seq_len:
+            raise MotError(f"sequence length {seq} exceeds model.max_seq_len={self.args.max_seq_len}")
+        routed = self.args.routed
+        flat_tokens = tokens.reshape(-1)
+        h = self.embed(plan.sort(flat_tokens) if routed else flat_tokens)
+        cos, sin = self.rope.tables(positions)
+        ctx = ForwardContext(
+            plan=plan if routed else None,
+            modality=modality,
+            batch=batch,
+            seq=seq,
+            cos=cos.to(h.dtype) if h.dtype != torch.float32 else cos,
+            sin=sin.to(h.dtype) if h.dtype != torch.float32 else sin,
+            backend=self.backend,
+            mask=self.mask_cache.get(self.backend, layout),
+        )
+        for layer in self.layers:
+            h = layer(h, ctx)
+        if not routed:
+            h = plan.sort(h)  # the dense baseline sorts once, at the end, for per-modality heads
+        return self.final_norm(h, plan)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Total parameters, and those active for one token (one tower of each component)."""
+        total = sum(p.numel() for p in self.parameters())
+        active = 0
+        for name, p in self.named_parameters():
+            stacked = name.endswith((".weight", "q_norm", "k_norm")) and not name.startswith(("embed", "lm_head"))
+            active += p.numel() // p.shape[0] if stacked else p.numel()
+        return {"total": total, "active_per_token": active}
+
+
+def warm_start_from_dense(model: MoTTransformer, dense_state: dict[str, torch.Tensor]) -> list[str]:
+    """Copy a dense checkpoint into every tower of ``model`` (paper: MoT from a dense init).
+
+    Tower weights are stacked (G, ...): a dense tensor (1, ...) is broadcast to all G towers;
+    shared tensors must match exactly. Returns the names copied; raises MotError on mismatch.
+    """
+    own = model.state_dict()
+    missing = sorted(set(own) - set(dense_state))
+    unexpected = sorted(set(dense_state) - set(own))
+    if missing or unexpected:
+        raise MotError(
+            f"warm start: checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    with torch.no_grad():
+        for name, target in own.items():
+            source = dense_state[name]
+            if source.shape == target.shape:
+                target.copy_(source)
+            elif source.dim() == target.dim() and source.shape[0] == 1 and source.shape[1:] == target.shape[1:]:
+                target.copy_(source.expand_as(target))
+            else:
+                raise MotError(
+                    f"warm start: '{name}' has shape {tuple(source.shape)} in the checkpoint, "
+                    f"{tuple(target.shape)} in the model"
+                )
+    return list(own)

@@ -1,0 +1,158 @@
+"""What a plugin contributes: base classes for modalities, losses, data sources, evaluators.
+
+A plugin module implements hooks from ``registry.hookspecs`` that return these classes. The
+engine instantiates them from the run config; plugins never see the config of other plugins.
+
+Data flows one way:
+    DataSource.documents(split) -> [RawDocument]          raw payloads tagged by modality
+    Modality.encode(payload)    -> (L,) local token ids   the modality's own vocabulary
+    engine packing              -> Batch                  global ids, routing, attention layout
+    MoTTransformer              -> (N, dim) hidden states, modality-sorted
+    Loss.per_token(slice)       -> per-token losses of one modality's contiguous slice
+    Evaluator.update/compute    -> metrics of that modality
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Iterable, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+Split = Literal["train", "val"]
+
+
+class PluginOptions(BaseModel):
+    """Base for a plugin's own options section: unknown keys are errors, like the core's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class RawSegment:
+    """One span of a document in one modality, before tokenization (text, an image, ...)."""
+
+    modality: str
+    payload: Any
+
+
+@dataclass(frozen=True)
+class RawDocument:
+    """One training sample: segments in reading order (interleaving of any pattern)."""
+
+    segments: tuple[RawSegment, ...]
+
+
+class Modality(abc.ABC):
+    """A modality: its tokenizer/encoder and the vocabulary range it owns.
+
+    Class attributes:
+        name: registry name, used as the key under ``mixture.modalities``.
+        Options: pydantic model of the ``options`` section (subclass ``PluginOptions``).
+        default_loss: loss used when the config names none.
+        default_evaluators: evaluators run by ``mot eval`` and during training evaluation.
+        bidirectional: True if a segment's tokens attend to each other in both directions.
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type[PluginOptions]] = PluginOptions
+    default_loss: ClassVar[str] = "autoregressive"
+    default_evaluators: ClassVar[tuple[str, ...]] = ()
+    bidirectional: ClassVar[bool] = False
+
+    def __init__(self, options: PluginOptions, state_dir: Path):
+        """``state_dir``: folder inside the run where the tokenizer is saved and reloaded."""
+        self.options = options
+        self.state_dir = state_dir
+
+    @abc.abstractmethod
+    def prepare(self, train_payloads: Iterable[Any]) -> None:
+        """Load the tokenizer from ``state_dir`` if it is there, else fit it on the training
+        payloads of this modality and save it there (so a run reloads exactly its tokenizer)."""
+
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int:
+        """Number of token ids this modality owns (after ``prepare``)."""
+
+    @abc.abstractmethod
+    def encode(self, payload: Any) -> torch.Tensor:
+        """One raw payload -> (L,) long local token ids in [0, vocab_size)."""
+
+    def decode(self, ids: torch.Tensor) -> Any:
+        """(L,) local ids -> payload (for generation and inspection)."""
+        raise TypeError(f"modality '{self.name}' does not decode tokens")
+
+
+@dataclass
+class ModalitySlice:
+    """One modality's contiguous slice of a batch, in modality-sorted order.
+
+    Attributes:
+        index: modality index in the run's mixture; offset: first global id of its vocabulary.
+        targets: (n,) long global id of the next token, -100 where there is none.
+        extras: other per-token tensors a loss may need (continuous targets, timesteps, ...).
+    """
+
+    index: int
+    offset: int
+    targets: torch.Tensor
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Loss(abc.ABC):
+    """A training objective for the positions of one modality."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type[PluginOptions]] = PluginOptions
+
+    def __init__(self, options: PluginOptions):
+        self.options = options
+
+    @abc.abstractmethod
+    def per_token(
+        self, model: torch.nn.Module, hidden: torch.Tensor, batch: ModalitySlice
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden: (n, dim) final states of this modality's positions.
+        Returns (losses (n,) float, valid (n,) bool); the engine averages over valid ones."""
+
+
+class DataSource(abc.ABC):
+    """A dataset: real documents for the mixture, split into train and held-out val."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type[PluginOptions]] = PluginOptions
+    modalities: ClassVar[tuple[str, ...]]
+
+    def __init__(self, options: PluginOptions):
+        self.options = options
+
+    @abc.abstractmethod
+    def documents(self, split: Split) -> list[RawDocument]:
+        """All documents of a split. Raise ``MotError`` for missing or unreadable data."""
+
+
+class Evaluator(abc.ABC):
+    """Accumulates per-token results of one modality over validation batches."""
+
+    name: ClassVar[str]
+
+    def __init__(self, modality: Modality):
+        self.modality = modality
+        self.reset()
+
+    @abc.abstractmethod
+    def reset(self) -> None:
+        """Start a new evaluation."""
+
+    @abc.abstractmethod
+    def update(self, losses: torch.Tensor, valid: torch.Tensor, local_targets: torch.Tensor) -> None:
+        """losses, valid: (n,) from the loss; local_targets: (n,) ids in the modality's own
+        vocabulary (or -100)."""
+
+    @abc.abstractmethod
+    def compute(self) -> dict[str, float]:
+        """Metrics, keyed without the modality prefix (the engine adds ``val/<modality>/``)."""

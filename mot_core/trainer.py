@@ -1,0 +1,212 @@
+"""The training loop, readable top to bottom: build, (resume), step, log, evaluate, save.
+
+Loss: ``sum_m w_m * mean_m`` where ``mean_m`` is the mean per-token loss of modality m's
+positions in the batch (Transfusion's L_LM + lambda * L_DDPM form); a modality absent from a
+batch contributes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mot_core import checkpoint as ckpt
+from mot_core.config import RunConfig
+from mot_core.data import PackedStream, fixed_batches
+from mot_core.errors import MotError
+from mot_core.evaluate import evaluate, forward_losses
+from mot_core.experiment import Experiment, build_experiment, model_args, prepare_data
+from mot_core.model import MoTTransformer, warm_start_from_dense
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise MotError("run.device=cuda but no CUDA device is available")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def autocast_for(device: torch.device, precision: str):
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if use_bf16:
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to ``min_ratio`` at ``total``. ``step`` is 0-based."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if "norm" in name else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
+
+
+class MetricsLog:
+    """Append-only ``metrics.jsonl``; on resume, records after the checkpoint are dropped so
+    the file reads as one uninterrupted run."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def train(config: RunConfig) -> dict:
+    """Run (or resume) training. Returns the last step's metrics and final validation metrics."""
+    tcfg = config.train
+    exp = build_experiment(config)
+    run_dir = exp.run_dir
+    existing = ckpt.list_checkpoints(run_dir)
+    if existing and config.run.resume == "never":
+        raise MotError(f"{run_dir} already holds checkpoints; use run.resume=auto to continue or a new run.dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(config.run.device)
+    seed_everything(config.run.seed)
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True)
+
+    data = prepare_data(exp)
+    vocab = data.vocab
+    args = model_args(config, vocab)
+    config_yaml = exp.resolved_yaml()
+    (run_dir / "config.yaml").write_text(config_yaml)
+
+    torch.manual_seed(config.run.seed)
+    model = MoTTransformer(args).to(device)
+    optimizer = build_optimizer(model, tcfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, tcfg.warmup_steps, tcfg.steps, tcfg.min_lr_ratio)
+    )
+    names = list(exp.source_weights)
+    stream = PackedStream([data.train[n] for n in names], [exp.source_weights[n] for n in names], tcfg.seq_len, config.run.seed)
+    val_batches = fixed_batches(data.val, tcfg.batch_size, tcfg.seq_len, tcfg.eval_batches, len(vocab.names))
+
+    step = 0
+    if existing:
+        latest = existing[-1]
+        meta = ckpt.read_meta(latest)
+        ckpt.check_compatible(meta["model_args"], args, latest)
+        model.load_state_dict(ckpt.load_weights(latest))
+        state = ckpt.load_trainer_state(latest)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        stream.load_state_dict(state["data"])
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        step = meta["step"]
+        print(f"resuming from {latest} (step {step})")
+    elif config.model.warm_start:
+        source = Path(config.model.warm_start)
+        warm_start_from_dense(model, ckpt.load_weights(source))
+        print(f"warm start: copied {source} into every tower")
+
+    counts = model.parameter_counts()
+    print(
+        f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['active_per_token'] / 1e6:.2f}M active per token | "
+        f"modalities: {', '.join(f'{n} ({vocab.modalities[n].vocab_size} ids)' for n in vocab.names)} | device: {device}"
+    )
+    log = MetricsLog(run_dir / "metrics.jsonl", step)
+    autocast = autocast_for(device, tcfg.precision)
+
+    def trainer_state() -> dict:
+        return {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "data": data_state,
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        }
+
+    def save() -> Path:
+        return ckpt.save_checkpoint(run_dir, step, model, trainer_state(), config_yaml, args, tcfg.keep_checkpoints)
+
+    data_state = stream.state_dict()
+    last_saved = step
+    updating = False
+    record: dict = {}
+    bar = tqdm(total=tcfg.steps, initial=step, disable=not tcfg.progress, desc="train", dynamic_ncols=True)
+    model.train()
+    try:
+        while step < tcfg.steps:
+            started = time.perf_counter()
+            batch = stream.next_batch(tcfg.batch_size, len(vocab.names)).to(device)
+            with autocast():
+                per_modality = forward_losses(model, batch, vocab, exp)
+            total = torch.zeros((), device=device)
+            record = {"step": step + 1}
+            for name, (losses, valid, _) in per_modality.items():
+                if valid.any():
+                    mean = (losses.float() * valid).sum() / valid.sum()
+                    total = total + exp.loss_weights[name] * mean
+                    record[f"loss/{name}"] = float(mean.detach())
+            total_value = float(total.detach())
+            if not math.isfinite(total_value):
+                raise MotError(f"loss is {total_value} at step {step + 1}; last checkpoint: step {last_saved}")
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or float("inf"))
+            updating = True  # an interrupt inside this window leaves no consistent state to save
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            data_state = stream.state_dict()
+            updating = False
+            elapsed = time.perf_counter() - started
+            record.update(
+                loss=total_value, lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
+                tokens_per_s=batch.num_tokens / elapsed, step_time_s=elapsed,
+            )
+            final = step == tcfg.steps
+            if (tcfg.eval_every and step % tcfg.eval_every == 0) or final:
+                record.update(evaluate(model, val_batches, vocab, exp, device, autocast))
+            log.write(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}")
+            if step % tcfg.log_every == 0 or final or any(k.startswith("val/") for k in record):
+                bar.write(_format(record, tcfg.steps))
+            if (tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0) or final:
+                save()
+                last_saved = step
+    except KeyboardInterrupt:
+        if step > last_saved and not updating:
+            bar.write(f"interrupted: saved {save()}")
+        raise
+    finally:
+        bar.close()
+    return record
+
+
+def _format(record: dict, total_steps: int) -> str:
+    parts = [f"step {record['step']}/{total_steps}", f"loss {record['loss']:.4f}"]
+    parts += [f"{k} {v:.4f}" for k, v in record.items() if k.startswith("loss/")]
+    parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
+    parts += [f"{k} {v:.4f}" for k, v in record.items() if k.startswith("val/")]
+    return " | ".join(parts)

@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny configs on real text (CPython's pydoc topics, ~465 KB of English)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory) -> Path:
+    """A folder of real English documents, one pydoc topic per file."""
+    from pydoc_data.topics import topics
+
+    folder = tmp_path_factory.mktemp("corpus")
+    for name in sorted(topics)[:80]:
+        (folder / f"{name}.txt").write_text(topics[name], encoding="utf-8")
+    return folder
+
+
+def tiny_config_dict(corpus: Path, run_dir: Path, **train) -> dict:
+    return {
+        "run": {"dir": str(run_dir), "seed": 0, "device": "cpu"},
+        "model": {"dim": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 64},
+        "train": {
+            "steps": 6, "batch_size": 2, "seq_len": 64, "lr": 3e-3, "warmup_steps": 2,
+            "eval_every": 3, "eval_batches": 2, "checkpoint_every": 3, "log_every": 1,
+            "progress": False, **train,
+        },
+        "mixture": {
+            "modalities": {"text": {"options": {"vocab_size": 300}}},
+            "datasets": {"text_files": {"options": {"paths": [str(corpus / "*.txt")], "val_fraction": 0.2}}},
+        },
+    }
+
+
+@pytest.fixture
+def write_config(text_corpus, tmp_path):
+    """write_config(**train_overrides) -> path of a tiny YAML config with its own run dir."""
+
+    def write(name: str = "run", data: dict | None = None, **train) -> Path:
+        data = data or tiny_config_dict(text_corpus, tmp_path / name, **train)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    return write

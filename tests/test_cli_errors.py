@@ -1,0 +1,168 @@
+"""Bad input: one clear line on stderr, exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from mot_core.cli import main
+from mot_core.plugin_api import DataSource, Modality, RawDocument, RawSegment
+from registry import hookimpl
+from registry.manager import build_registry
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main(list(map(str, argv)))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def test_unknown_key_suggests_the_right_one(capsys, write_config):
+    code, _, err = run_cli(capsys, "train", write_config(), "model.dimm=64")
+    assert_one_line_error(code, err, "unknown key 'model.dimm'", "did you mean 'dim'")
+
+
+def test_unknown_modality_lists_registered_ones(capsys, write_config, text_corpus, tmp_path):
+    from tests.conftest import tiny_config_dict
+
+    data = tiny_config_dict(text_corpus, tmp_path / "r")
+    data["mixture"]["modalities"]["smell"] = {}
+    code, _, err = run_cli(capsys, "train", write_config(data=data))
+    assert_one_line_error(code, err, "unknown modality 'smell'", "registered modalities:", "text")
+
+
+def test_wrong_type_names_the_key(capsys, write_config):
+    code, _, err = run_cli(capsys, "train", write_config(), "train.steps=abc")
+    assert_one_line_error(code, err, "train.steps", "'abc'")
+
+
+def test_plugin_option_validated_by_the_plugin(capsys, write_config):
+    code, _, err = run_cli(capsys, "config", "show", write_config(), "mixture.modalities.text.options.vocab_size=10")
+    assert_one_line_error(code, err, "mixture.modalities.text.options.vocab_size")
+
+
+def test_missing_data_path(capsys, write_config, text_corpus, tmp_path):
+    from tests.conftest import tiny_config_dict
+
+    data = tiny_config_dict(text_corpus, tmp_path / "r")
+    data["mixture"]["datasets"]["text_files"]["options"]["paths"] = [str(tmp_path / "nowhere.txt")]
+    code, _, err = run_cli(capsys, "train", write_config(data=data))
+    assert_one_line_error(code, err, "no file found", "nowhere.txt")
+
+
+def test_empty_dataset(capsys, write_config, text_corpus, tmp_path):
+    from tests.conftest import tiny_config_dict
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for i in range(5):
+        (empty / f"{i}.txt").write_text("   \n")
+    data = tiny_config_dict(text_corpus, tmp_path / "r")
+    data["mixture"]["datasets"]["text_files"]["options"]["paths"] = [str(empty / "*.txt")]
+    code, _, err = run_cli(capsys, "train", write_config(data=data))
+    assert_one_line_error(code, err, "text_files", "no documents")
+
+
+def test_missing_config_bad_yaml_and_bad_override(capsys, tmp_path, write_config):
+    code, _, err = run_cli(capsys, "train", tmp_path / "absent.yaml")
+    assert_one_line_error(code, err, "config file not found")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    code, _, err = run_cli(capsys, "train", bad)
+    assert_one_line_error(code, err, "not valid YAML")
+    code, _, err = run_cli(capsys, "train", write_config(), "train.steps")
+    assert_one_line_error(code, err, "key=value")
+
+
+class _OutOfRange(Modality):
+    """A broken third-party modality whose tokenizer emits ids past its vocabulary."""
+
+    name = "broken"
+
+    def prepare(self, train_payloads):
+        list(train_payloads)
+
+    @property
+    def vocab_size(self) -> int:
+        return 10
+
+    def encode(self, payload):
+        return torch.tensor([1, 2, 10])
+
+
+class _BrokenData(DataSource):
+    name = "broken_data"
+    modalities = ("broken",)
+
+    def documents(self, split):
+        return [RawDocument((RawSegment("broken", None),))] * 4
+
+
+class _BrokenPlugin:
+    @hookimpl
+    def mot_modalities(self):
+        return [_OutOfRange]
+
+    @hookimpl
+    def mot_datasets(self):
+        return [_BrokenData]
+
+
+def test_token_id_outside_vocabulary(capsys, monkeypatch, tmp_path):
+    registry = build_registry((_BrokenPlugin(),))
+    monkeypatch.setattr("mot_core.experiment.get_registry", lambda: registry)
+    config = tmp_path / "broken.yaml"
+    config.write_text(yaml.safe_dump({
+        "run": {"dir": str(tmp_path / "r"), "device": "cpu"},
+        "mixture": {"modalities": {"broken": {}}, "datasets": {"broken_data": {}}},
+    }))
+    code, _, err = run_cli(capsys, "train", config)
+    assert_one_line_error(code, err, "token id 10", "vocabulary of 10", "broken")
+
+
+def test_eval_of_missing_checkpoint(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "eval", tmp_path / "nothing")
+    assert_one_line_error(code, err, "checkpoint not found")
+
+
+def test_config_show_prints_resolved_config_with_plugin_defaults(capsys, write_config):
+    code, out, _ = run_cli(capsys, "config", "show", write_config(), "model.dim=48", "train.steps=7")
+    assert code == 0
+    shown = yaml.safe_load(out)
+    assert shown["model"]["dim"] == 48 and shown["train"]["steps"] == 7
+    assert shown["mixture"]["modalities"]["text"]["options"]["min_frequency"] == 2  # plugin default filled in
+    assert shown["mixture"]["modalities"]["text"]["tower"]["qk_norm"] is False
+
+
+def test_interpolation_resolves(capsys, write_config, text_corpus, tmp_path):
+    from tests.conftest import tiny_config_dict
+
+    data = tiny_config_dict(text_corpus, tmp_path / "r")
+    data["model"]["max_seq_len"] = "${train.seq_len}"
+    code, out, _ = run_cli(capsys, "config", "show", write_config(data=data), "train.seq_len=32")
+    assert code == 0 and yaml.safe_load(out)["model"]["max_seq_len"] == 32
+
+
+def test_plugins_lists_builtins_with_origin(capsys):
+    code, out, _ = run_cli(capsys, "plugins")
+    assert code == 0
+    assert "text" in out and "plugins.text" in out and "mot-framework" in out
+    assert "autoregressive" in out and "wikipedia" in out
+
+
+def test_xformers_backend_refused_without_cuda(capsys, write_config):
+    if torch.cuda.is_available():
+        pytest.skip("xformers may work on this machine")
+    code, _, err = run_cli(capsys, "train", write_config(), "model.attention_backend=xformers")
+    assert_one_line_error(code, err, "xformers")

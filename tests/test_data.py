@@ -1,0 +1,137 @@
+"""Packing, targets, resumable streams, and the text plugin's tokenizer and metrics."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mot_core.data import IGNORE, PackedStream, TokenDocument, Vocabulary, fixed_batches
+from mot_core.errors import MotError
+from mot_core.plugin_api import Modality, RawDocument, RawSegment
+from mot_core.trainer import lr_factor
+from plugins.text.evaluator import LanguageModelEvaluator
+from plugins.text.modality import Text, TextOptions
+
+
+def doc(ids, modality=0, span=-1) -> TokenDocument:
+    ids = np.asarray(ids, dtype=np.int64)
+    return TokenDocument(ids, np.full(len(ids), modality, dtype=np.int64), np.full(len(ids), span, dtype=np.int64))
+
+
+def test_rows_are_full_and_targets_stay_inside_documents():
+    docs = [doc([1, 2, 3]), doc([4, 5, 6, 7, 8]), doc([9, 10])]
+    stream = PackedStream([docs], [1.0], seq_len=4, seed=0, shuffle=False)
+    rows = [stream.next_row() for _ in range(3)]
+    tokens = np.concatenate([r["tokens"] for r in rows])
+    assert tokens.tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2]
+    first, second = rows[0], rows[1]
+    assert first["document"].tolist() == [0, 0, 0, 1]
+    assert first["positions"].tolist() == [0, 1, 2, 0]
+    # Next-token targets never cross a document; a document cut at the row end still
+    # predicts its own next token.
+    assert first["targets"].tolist() == [2, 3, IGNORE, 5]
+    assert second["tokens"].tolist() == [5, 6, 7, 8] and second["positions"].tolist() == [0, 1, 2, 3]
+    assert second["targets"].tolist() == [6, 7, 8, IGNORE]
+
+
+def test_stream_state_resumes_the_exact_sequence():
+    rng = np.random.default_rng(0)
+    sources = [[doc(rng.integers(0, 50, rng.integers(2, 30))) for _ in range(20)] for _ in range(2)]
+    a = PackedStream(sources, [1.0, 3.0], seq_len=16, seed=7)
+    for _ in range(11):
+        a.next_row()
+    state = a.state_dict()
+    expected = [a.next_row()["tokens"].tolist() for _ in range(30)]
+    b = PackedStream(sources, [1.0, 3.0], seq_len=16, seed=7)
+    b.load_state_dict(state)
+    assert [b.next_row()["tokens"].tolist() for _ in range(30)] == expected
+
+
+def test_mixture_weights_set_the_sampling_ratio():
+    sources = [[doc([1] * 8)] * 10, [doc([2] * 8)] * 10]
+    stream = PackedStream(sources, [1.0, 3.0], seq_len=8, seed=0)
+    tokens = np.concatenate([stream.next_row()["tokens"] for _ in range(2000)])
+    share = float((tokens == 2).mean())
+    assert share == pytest.approx(0.75, abs=0.03)
+
+
+def test_batch_carries_routing_and_layout_built_on_the_host():
+    docs = [doc([1, 2, 3], modality=0), doc([4, 5, 6, 7], modality=1, span=0)]
+    batch = PackedStream([docs], [1.0], seq_len=7, seed=0, shuffle=False).next_batch(2, num_modalities=2)
+    assert batch.plan.counts == (6, 8)
+    assert batch.layout.key is not None and not batch.layout.plain_causal
+    assert batch.span[0].tolist() == [-1, -1, -1, 0, 0, 0, 0]
+
+
+class _Digits(Modality):
+    name = "digits"
+
+    def prepare(self, train_payloads):
+        pass
+
+    @property
+    def vocab_size(self):
+        return 10
+
+    def encode(self, payload):
+        return torch.tensor([int(c) for c in payload])
+
+
+def test_global_vocabulary_offsets_and_range_check(tmp_path):
+    text = Text(TextOptions(vocab_size=300), tmp_path / "text")
+    text.prepare(["hello world " * 50])
+    vocab = Vocabulary({"text": text, "digits": _Digits(None, tmp_path)})
+    assert vocab.offsets == {"text": 0, "digits": text.vocab_size} and vocab.size == text.vocab_size + 10
+    [tokenized] = vocab.tokenize([RawDocument((RawSegment("text", "hello"), RawSegment("digits", "0129")))], "src")
+    assert tokenized.ids[-4:].tolist() == [text.vocab_size + d for d in (0, 1, 2, 9)]
+    assert tokenized.modality.tolist() == [0] * (len(tokenized) - 4) + [1] * 4
+    with pytest.raises(MotError, match="declares only"):
+        vocab.tokenize([RawDocument((RawSegment("audio", b""),))], "src")
+
+
+def test_validation_batches_are_fixed():
+    docs = [doc(list(range(1, 40)))] * 5
+    a = fixed_batches(docs, batch_size=2, seq_len=16, max_batches=3, num_modalities=1)
+    b = fixed_batches(docs, batch_size=2, seq_len=16, max_batches=3, num_modalities=1)
+    assert len(a) == 3 and all(torch.equal(x.tokens, y.tokens) for x, y in zip(a, b))
+    with pytest.raises(MotError, match="no documents"):
+        fixed_batches([], 2, 16, 3, 1)
+
+
+def test_text_tokenizer_round_trip_and_bytes_per_token(tmp_path):
+    from pydoc_data.topics import topics
+
+    corpus = [topics[k] for k in sorted(topics)[:40]]
+    text = Text(TextOptions(vocab_size=500), tmp_path)
+    text.prepare(corpus)
+    sample = "Unicode works too: naïve café — 東京."
+    ids = text.encode(sample)
+    assert ids[-1] == text.eot and text.decode(ids) == sample
+    # Bits-per-byte needs each token's byte length; over a document they sum to its UTF-8 size.
+    assert int(text.token_bytes()[ids[:-1]].sum()) == len(sample.encode("utf-8"))
+    reloaded = Text(TextOptions(vocab_size=500), tmp_path)
+    reloaded.prepare([])  # loads the saved tokenizer instead of training
+    assert reloaded.encode(sample).tolist() == ids.tolist()
+
+
+def test_bits_per_byte_is_nats_over_bytes(tmp_path):
+    text = Text(TextOptions(vocab_size=300), tmp_path)
+    text.prepare(["abc def ghi " * 100])
+    ids = text.encode("abc def")[:-1]
+    losses = torch.full((len(ids),), 2.0)
+    ev = LanguageModelEvaluator(text)
+    ev.update(losses, torch.ones(len(ids), dtype=torch.bool), ids)
+    metrics = ev.compute()
+    assert metrics["loss"] == pytest.approx(2.0)
+    assert metrics["perplexity"] == pytest.approx(math.exp(2.0))
+    assert metrics["bits_per_byte"] == pytest.approx(2.0 * len(ids) / (math.log(2) * 7))
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    factors = [lr_factor(s, warmup=10, total=100, min_ratio=0.1) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[9:], factors[10:]))
+    assert lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
