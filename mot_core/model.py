@@ -129,8 +129,8 @@ class MoTTransformer(nn.Module):
             modality=modality,
             batch=batch,
             seq=seq,
-            cos=cos.to(h.dtype) if h.dtype != torch.float32 else cos,
-            sin=sin.to(h.dtype) if h.dtype != torch.float32 else sin,
+            cos=cos,  # kept fp32: apply_rotary rotates in fp32 and casts back
+            sin=sin,
             backend=self.backend,
             mask=self.mask_cache.get(self.backend, layout),
         )
@@ -163,16 +163,15 @@ def warm_start_from_dense(model: MoTTransformer, dense_state: dict[str, torch.Te
         raise MotError(
             f"warm start: checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
+    for name, target in own.items():  # check every shape before touching any weight
+        source = dense_state[name]
+        broadcastable = source.dim() == target.dim() and source.shape[0] == 1 and source.shape[1:] == target.shape[1:]
+        if source.shape != target.shape and not broadcastable:
+            raise MotError(
+                f"warm start: '{name}' has shape {tuple(source.shape)} in the checkpoint, "
+                f"{tuple(target.shape)} in the model"
+            )
     with torch.no_grad():
         for name, target in own.items():
-            source = dense_state[name]
-            if source.shape == target.shape:
-                target.copy_(source)
-            elif source.dim() == target.dim() and source.shape[0] == 1 and source.shape[1:] == target.shape[1:]:
-                target.copy_(source.expand_as(target))
-            else:
-                raise MotError(
-                    f"warm start: '{name}' has shape {tuple(source.shape)} in the checkpoint, "
-                    f"{tuple(target.shape)} in the model"
-                )
+            target.copy_(dense_state[name].expand_as(target))
     return list(own)

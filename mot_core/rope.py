@@ -23,7 +23,7 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, S, head_dim), halves rotated (GPT-NeoX layout)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
+    """x: (B, H, S, head_dim), halves rotated (GPT-NeoX layout); computed in at least fp32."""
+    x1, x2 = x.to(torch.promote_types(x.dtype, torch.float32)).chunk(2, dim=-1)
     rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return rotated.to(x.dtype)

@@ -147,6 +147,17 @@ def grouped_linear(
         return F.linear(x_sorted, weight[0])
     if plan is None or plan.num_modalities != weight.shape[0]:
         raise ValueError("an untied projection needs a routing plan with one group per tower")
+    device_type = x_sorted.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Autocast does not reach into custom Functions or out= matmuls: cast here, explicitly,
+        # exactly as it would cast F.linear's operands.
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return _grouped(x_sorted.to(dtype), weight.to(dtype), plan)
+    return _grouped(x_sorted, weight, plan)
+
+
+def _grouped(x_sorted: torch.Tensor, weight: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
     if _grouped_mm_usable(x_sorted, weight):
         return torch._grouped_mm(x_sorted, weight.transpose(-2, -1), offs=plan.offsets)
     return _GroupedLinearLoop.apply(x_sorted, weight, plan.counts)
