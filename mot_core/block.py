@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mot_core.attention import AttentionBackend
+from mot_core.kv_cache import KVCache
 from mot_core.rope import apply_rotary
 from mot_core.routing import RoutingPlan
 from mot_core.towers import TowerLinear, TowerRMSNorm, TowerSwiGLU
@@ -36,6 +37,7 @@ class ForwardContext:
         batch, seq: B and S.
         cos, sin: (B, 1, S, head_dim/2) RoPE tables.
         backend, mask: attention backend and its cached mask for this batch layout.
+        cache: KV cache when decoding incrementally (then mask covers new queries x all keys).
     """
 
     plan: RoutingPlan | None
@@ -46,6 +48,7 @@ class ForwardContext:
     sin: torch.Tensor
     backend: AttentionBackend
     mask: Any
+    cache: KVCache | None = None
 
 
 @dataclass(frozen=True)
@@ -62,8 +65,9 @@ class BlockArgs:
 
 
 class MoTBlock(nn.Module):
-    def __init__(self, args: BlockArgs):
+    def __init__(self, args: BlockArgs, layer_id: int = 0):
         super().__init__()
+        self.layer_id = layer_id
         if args.dim % args.n_heads or args.n_heads % args.n_kv_heads:
             raise ValueError("dim must divide by n_heads and n_heads by n_kv_heads")
         self.n_heads, self.n_kv_heads = args.n_heads, args.n_kv_heads
@@ -95,6 +99,8 @@ class MoTBlock(nn.Module):
         if self.uses_qk_norm:
             q, k = self._qk_norm(q, self.q_norm, ctx), self._qk_norm(k, self.k_norm, ctx)
         q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(self.layer_id, k, v)
         attn = ctx.backend.attend(q, k, v, ctx.mask)  # (B, H, S, hd)
         attn = attn.transpose(1, 2).reshape(ctx.batch * ctx.seq, -1)
         if plan is not None:

@@ -53,19 +53,23 @@ class Vocabulary:
     def index(self, name: str) -> int:
         return self.names.index(name)
 
+    def token_modality(self) -> torch.Tensor:
+        """(size,) long: the modality index owning each global id."""
+        table = torch.empty(self.size, dtype=torch.long)
+        for index, name in enumerate(self.names):
+            table[self.offsets[name] : self.offsets[name] + self.modalities[name].vocab_size] = index
+        return table
+
     def tokenize(self, docs: list[RawDocument], source: str) -> list[TokenDocument]:
-        """Encode every segment; ids are checked against the modality's vocabulary."""
+        """Encode every segment (batched per modality); ids are checked against the
+        modality's vocabulary."""
+        encoded = self._encode_all(docs, source)
         out = []
-        for doc in docs:
+        for doc_index, doc in enumerate(docs):
             ids, mods, spans = [], [], []
             for seg_index, segment in enumerate(doc.segments):
-                if segment.modality not in self.modalities:
-                    raise MotError(
-                        f"dataset '{source}' has a '{segment.modality}' segment but the mixture "
-                        f"declares only: {', '.join(self.names)}"
-                    )
                 modality = self.modalities[segment.modality]
-                local = torch.as_tensor(modality.encode(segment.payload)).reshape(-1).numpy().astype(np.int64)
+                local = encoded[doc_index, seg_index]
                 if local.size and (local.min() < 0 or local.max() >= modality.vocab_size):
                     bad = int(local.max() if local.max() >= modality.vocab_size else local.min())
                     raise MotError(
@@ -78,6 +82,23 @@ class Vocabulary:
             if ids and sum(a.size for a in ids):
                 out.append(TokenDocument(np.concatenate(ids), np.concatenate(mods), np.concatenate(spans)))
         return out
+
+    def _encode_all(self, docs: list[RawDocument], source: str) -> dict[tuple[int, int], np.ndarray]:
+        by_modality: dict[str, list[tuple[int, int]]] = {}
+        for doc_index, doc in enumerate(docs):
+            for seg_index, segment in enumerate(doc.segments):
+                if segment.modality not in self.modalities:
+                    raise MotError(
+                        f"dataset '{source}' has a '{segment.modality}' segment but the mixture "
+                        f"declares only: {', '.join(self.names)}"
+                    )
+                by_modality.setdefault(segment.modality, []).append((doc_index, seg_index))
+        encoded = {}
+        for name, keys in by_modality.items():
+            payloads = [docs[d].segments[s].payload for d, s in keys]
+            for key, ids in zip(keys, self.modalities[name].encode_batch(payloads)):
+                encoded[key] = torch.as_tensor(ids).reshape(-1).numpy().astype(np.int64)
+        return encoded
 
 
 @dataclass

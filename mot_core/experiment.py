@@ -5,6 +5,7 @@ This is where registry lookups and plugin option validation happen, once, before
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,13 +57,14 @@ def build_experiment(config: RunConfig, registry: Registry | None = None) -> Exp
         cls = registry.get("datasets", name, "mixture.datasets")
         opts = validate_section(cls.Options, entry.options, f"mixture.datasets.{name}.options")
         options[f"mixture.datasets.{name}.options"] = opts.model_dump(mode="json")
-        missing = [m for m in cls.modalities if m not in modalities]
+        source = cls(opts)
+        missing = [m for m in source.modalities if m not in modalities]
         if missing:
             raise MotError(
-                f"dataset '{name}' yields {', '.join(cls.modalities)} but mixture.modalities lacks {', '.join(missing)}"
+                f"dataset '{name}' yields {', '.join(source.modalities)} but mixture.modalities lacks {', '.join(missing)}"
             )
-        sources[name], source_weights[name] = cls(opts), entry.weight
-    fed = {m for cls in sources.values() for m in cls.modalities}
+        sources[name], source_weights[name] = source, entry.weight
+    fed = {m for source in sources.values() for m in source.modalities}
     starved = [m for m in modalities if m not in fed]
     if starved:
         raise MotError(f"no dataset in mixture.datasets provides modality {', '.join(starved)}")
@@ -99,7 +101,9 @@ def prepare_data(exp: Experiment) -> PreparedData:
         modality.prepare(payloads)
     vocab = Vocabulary(exp.modalities)
     train = {n: vocab.tokenize(docs, n) for n, docs in raw_train.items()}
-    val = [d for n, docs in raw_val.items() for d in vocab.tokenize(docs, n)]
+    # Round-robin across sources so a limited validation budget still covers every source.
+    val_by_source = [vocab.tokenize(docs, n) for n, docs in raw_val.items()]
+    val = [doc for group in itertools.zip_longest(*val_by_source) for doc in group if doc is not None]
     for name, docs in train.items():
         if not docs:
             raise MotError(f"dataset '{name}' produced no tokens in its 'train' split")

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from mot_core.attention import AttentionLayout, MaskCache, make_backend
+from mot_core.attention import AttentionLayout, MaskCache, SDPABackend, make_backend
 from mot_core.block import BlockArgs, ForwardContext, MoTBlock
 from mot_core.errors import MotError
+from mot_core.kv_cache import KVCache
 from mot_core.rope import RotaryEmbedding
 from mot_core.routing import RoutingPlan
 from mot_core.towers import TowerRMSNorm, default_ffn_hidden
@@ -72,11 +73,12 @@ class MoTTransformer(nn.Module):
             qk_norm=tuple(qk_norm),
         )
         self.embed = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(MoTBlock(block_args) for _ in range(args.n_layers))
+        self.layers = nn.ModuleList(MoTBlock(block_args, layer_id=i) for i in range(args.n_layers))
         self.final_norm = TowerRMSNorm(block_args.norm_towers, args.dim, args.norm_eps)
         self.lm_head = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
         self.rope = RotaryEmbedding(args.dim // args.n_heads, args.max_seq_len, args.rope_theta)
         self.backend = make_backend(args.attention_backend)
+        self.decode_backend = SDPABackend()  # rectangular (new x cached) masks
         self.mask_cache = MaskCache()
         self.reset_parameters()
 
@@ -104,6 +106,7 @@ class MoTTransformer(nn.Module):
         modality: torch.Tensor,
         plan: RoutingPlan,
         layout: AttentionLayout,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         """Run the network up to the final norm.
 
@@ -113,7 +116,9 @@ class MoTTransformer(nn.Module):
             modality: (B, S) long modality ids.
             plan: routing plan of ``modality`` (always given: heads and losses read each
                 modality's contiguous slice of the output).
-            layout: attention layout of the batch.
+            layout: attention layout of the batch (with ``cache``: of the new tokens only).
+            cache: KV cache for incremental decoding; the new tokens are appended to it and
+                attend to everything cached (SDPA with an explicit mask; same maths).
         Returns:
             (N, dim) final hidden states, N = B*S, in modality-sorted order.
         """
@@ -131,11 +136,14 @@ class MoTTransformer(nn.Module):
             seq=seq,
             cos=cos,  # kept fp32: apply_rotary rotates in fp32 and casts back
             sin=sin,
-            backend=self.backend,
-            mask=self.mask_cache.get(self.backend, layout),
+            backend=self.backend if cache is None else self.decode_backend,
+            mask=self.mask_cache.get(self.backend, layout) if cache is None else cache.begin(layout.document, layout.span),
+            cache=cache,
         )
         for layer in self.layers:
             h = layer(h, ctx)
+        if cache is not None:
+            cache.commit()
         if not routed:
             h = plan.sort(h)  # the dense baseline sorts once, at the end, for per-modality heads
         return self.final_norm(h, plan)

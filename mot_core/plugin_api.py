@@ -17,10 +17,13 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from mot_core.generation import SpanGrammar
 
 Split = Literal["train", "val"]
 
@@ -82,9 +85,33 @@ class Modality(abc.ABC):
     def encode(self, payload: Any) -> torch.Tensor:
         """One raw payload -> (L,) long local token ids in [0, vocab_size)."""
 
+    def encode_batch(self, payloads: list[Any]) -> list[torch.Tensor]:
+        """Many payloads at once; override when batching is faster (e.g. a conv encoder)."""
+        return [self.encode(p) for p in payloads]
+
+    def fit(self, train_payloads: list[Any], val_payloads: list[Any], progress: bool = True) -> dict[str, float]:
+        """Train this modality's tokenizer as a separate step (``mot tokenizer fit``) and save it
+        where ``prepare`` will find it; returns quality metrics. Modalities whose tokenizer is
+        cheap to fit (text BPE) do it inside ``prepare`` and keep this default."""
+        return {}
+
     def decode(self, ids: torch.Tensor) -> Any:
         """(L,) local ids -> payload (for generation and inspection)."""
         raise TypeError(f"modality '{self.name}' does not decode tokens")
+
+    def encode_prompt(self, payload: Any) -> torch.Tensor:
+        """A payload as the start of a generation prompt (text: without its end token)."""
+        return self.encode(payload)
+
+    @property
+    def stop_token(self) -> int | None:
+        """Local id that ends free generation in this modality (text: end-of-text), or None."""
+        return None
+
+    def span_grammar(self) -> "SpanGrammar | None":
+        """For modalities emitted as whole spans (an image grid): its begin/body/end layout,
+        which constrains decoding. None for free-running modalities."""
+        return None
 
 
 @dataclass
@@ -121,7 +148,11 @@ class Loss(abc.ABC):
 
 
 class DataSource(abc.ABC):
-    """A dataset: real documents for the mixture, split into train and held-out val."""
+    """A dataset: real documents for the mixture, split into train and held-out val.
+
+    ``modalities`` names the modalities its documents contain; a source whose modality names
+    come from its options may set it per instance in ``__init__``.
+    """
 
     name: ClassVar[str]
     Options: ClassVar[type[PluginOptions]] = PluginOptions

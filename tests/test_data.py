@@ -135,3 +135,14 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(factors[9:], factors[10:]))
     assert lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
+
+
+def test_bits_per_byte_ignores_predictions_of_other_modalities(tmp_path):
+    text = Text(TextOptions(vocab_size=300), tmp_path)
+    text.prepare(["abc def ghi " * 100])
+    ids = text.encode("abc def")[:-1]
+    targets = torch.cat([ids, torch.tensor([-7])])  # last: a begin-of-image id outside the text range
+    losses = torch.cat([torch.full((len(ids),), 2.0), torch.tensor([9.0])])
+    ev = LanguageModelEvaluator(text)
+    ev.update(losses, torch.ones(len(targets), dtype=torch.bool), targets)
+    assert ev.compute()["bits_per_byte"] == pytest.approx(2.0 * len(ids) / (math.log(2) * 7))

@@ -94,6 +94,20 @@ class Text(Modality):
         ids = self._require().encode(payload).ids
         return torch.tensor([*ids, self.eot], dtype=torch.long)
 
+    def encode_batch(self, payloads: list[str]) -> list[torch.Tensor]:
+        for payload in payloads:
+            if not isinstance(payload, str):
+                raise MotError(f"text segments must be strings, got {type(payload).__name__}")
+        encodings = self._require().encode_batch(payloads)
+        return [torch.tensor([*e.ids, self.eot], dtype=torch.long) for e in encodings]
+
+    def encode_prompt(self, payload: str) -> torch.Tensor:
+        return self.encode(payload)[:-1]
+
+    @property
+    def stop_token(self) -> int:
+        return self.eot
+
     def decode(self, ids: torch.Tensor) -> str:
         return self._require().decode([int(i) for i in ids], skip_special_tokens=True)
 
