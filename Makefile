@@ -1,9 +1,15 @@
-# Two commands for a fresh machine:  make demo  (a real small training run)  and  make test.
-# Both create .venv and install the package with pinned torch on first use.
+# Two commands for a fresh machine:
+#   make demo   the main job: a small Chameleon-style MoT and its dense twin on captioned images
+#   make test   the test suite
+# Both create .venv, install the package (torch pinned in constraints.txt) and the Debian
+# emoji font on first use.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+EMOJI_FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+DEMO   := examples/configs/chameleon
 
 .PHONY: demo test install clean
 
@@ -12,12 +18,20 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-install: $(STAMP)
+$(EMOJI_FONT):
+	$(SUDO) apt-get install -y -q fonts-noto-color-emoji || \
+	  ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q fonts-noto-color-emoji)
 
-demo: $(STAMP)
-	$(BIN)/mot train examples/configs/text_mot.yaml
+install: $(STAMP) $(EMOJI_FONT)
 
-test: $(STAMP)
+demo: install
+	$(BIN)/mot data prepare $(DEMO)_mot.yaml
+	$(BIN)/mot tokenizer fit $(DEMO)_mot.yaml
+	$(BIN)/mot train $(DEMO)_dense.yaml
+	$(BIN)/mot train $(DEMO)_mot.yaml
+	$(BIN)/mot compare runs/chameleon_dense runs/chameleon_mot --plot runs/chameleon_loss_curves.png
+
+test: install
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -55,6 +55,7 @@ class ModelSection(Section):
     init_std: PositiveFloat = 0.02
     tie_embeddings: bool = False
     attention_backend: Literal["sdpa", "flex", "xformers"] = "sdpa"
+    activation_checkpointing: bool = False
     untie: UntieSection = UntieSection()
     warm_start: str | None = Field(None, description="dense checkpoint dir copied into every tower")
 

@@ -244,10 +244,12 @@ class _RowBuilder:
 
 
 def fixed_batches(docs: list[TokenDocument], batch_size: int, seq_len: int, max_batches: int, num_modalities: int) -> list[Batch]:
-    """Validation batches: documents packed in their stored order, the same every time."""
+    """Validation batches, the same every time: the documents in one fixed-seed random order,
+    so a budget smaller than the split is still a uniform sample of it (sources often store
+    their documents grouped by kind)."""
     if not docs:
         raise MotError("the validation split has no documents")
-    stream = PackedStream([docs], [1.0], seq_len, seed=0, shuffle=False)
+    stream = PackedStream([docs], [1.0], seq_len, seed=0, shuffle=True)
     total_tokens = sum(len(d) for d in docs)
     rows_available = max(1, total_tokens // seq_len)
     n_batches = max(1, min(max_batches, rows_available // batch_size))

@@ -6,6 +6,7 @@ import torch
 
 from mot_core.data import IGNORE, Batch, Vocabulary
 from mot_core.experiment import Experiment
+from mot_core.plugin_api import EvaluationContext
 
 
 def forward_losses(model, batch: Batch, vocab: Vocabulary, exp: Experiment):
@@ -19,8 +20,10 @@ def forward_losses(model, batch: Batch, vocab: Vocabulary, exp: Experiment):
 
 
 @torch.no_grad()
-def evaluate(model, batches: list[Batch], vocab: Vocabulary, exp: Experiment, device, autocast) -> dict[str, float]:
-    """Returns ``val/<modality>/loss`` and ``val/<modality>/<metric>`` for each evaluator."""
+def evaluate(model, batches: list[Batch], vocab: Vocabulary, exp: Experiment, device, autocast,
+             context: EvaluationContext | None = None) -> dict[str, float]:
+    """Returns ``val/<modality>/loss`` and ``val/<modality>/<metric>`` for each evaluator;
+    with a ``context`` (``mot eval``), model-level metrics too."""
     was_training = model.training
     model.eval()
     evaluators = {name: [cls(exp.modalities[name]) for cls in classes] for name, classes in exp.evaluators.items()}
@@ -41,7 +44,10 @@ def evaluate(model, batches: list[Batch], vocab: Vocabulary, exp: Experiment, de
         if count:
             metrics[f"val/{name}/loss"] = total / count
         for ev in evaluators[name]:
-            for key, value in ev.compute().items():
+            results = ev.compute()
+            if context is not None:
+                results.update(ev.evaluate_model(context))
+            for key, value in results.items():
                 if key != "loss":
                     metrics[f"val/{name}/{key}"] = value
     model.train(was_training)

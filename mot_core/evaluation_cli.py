@@ -5,37 +5,23 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import yaml
 
-from mot_core import checkpoint as ckpt
-from mot_core.config import validate_config
 from mot_core.data import fixed_batches
-from mot_core.errors import MotError
 from mot_core.evaluate import evaluate
-from mot_core.experiment import build_experiment, model_args, prepare_data
-from mot_core.model import MoTTransformer
-from mot_core.trainer import autocast_for, resolve_device
+from mot_core.plugin_api import EvaluationContext
+from mot_core.tools_cli import load_run
+from mot_core.trainer import autocast_for
 
 
-def evaluate_checkpoint(path: Path, batches: int | None = None) -> dict[str, float]:
-    if not path.exists():
-        raise MotError(f"checkpoint not found: {path}")
-    if not (path / "meta.json").is_file():
-        found = ckpt.list_checkpoints(path)
-        if not found:
-            raise MotError(f"{path} is neither a checkpoint nor a run folder with checkpoints")
-        path = found[-1]
-    meta = ckpt.read_meta(path)
-    config = validate_config(yaml.safe_load((path / "config.yaml").read_text()))
-    exp = build_experiment(config)
-    data = prepare_data(exp)  # reloads the tokenizers saved in the run
-    args = model_args(config, data.vocab)
-    ckpt.check_compatible(meta["model_args"], args, path)
-    device = resolve_device(config.run.device)
-    model = MoTTransformer(args).to(device)
-    model.load_state_dict(ckpt.load_weights(path))
-    tcfg = config.train
+def evaluate_checkpoint(path: Path, batches: int | None = None, samples: int = 0) -> dict[str, float]:
+    """Token-level validation metrics, plus model-level ones (reconstruction, and with
+    ``samples`` > 0 generation-based scores such as FID)."""
+    exp, _, data, model, meta = load_run(path)
+    tcfg = exp.config.train
+    device = model.embed.weight.device
     val = fixed_batches(data.val, tcfg.batch_size, tcfg.seq_len, batches or tcfg.eval_batches, len(data.vocab.names))
+    val_docs = [d for source in exp.sources.values() for d in source.documents("val")]
+    context = EvaluationContext(model, data.vocab, val_docs, device, samples=samples, seed=exp.config.run.seed)
     with torch.no_grad():
-        metrics = evaluate(model, val, data.vocab, exp, device, autocast_for(device, tcfg.precision))
+        metrics = evaluate(model, val, data.vocab, exp, device, autocast_for(device, tcfg.precision), context)
     return {"step": float(meta["step"]), **metrics}

@@ -92,14 +92,27 @@ class PreparedData:
     val: list[TokenDocument]
 
 
+def prepare_vocabulary(exp: Experiment, raw_train: dict[str, list[RawDocument]] | None = None) -> Vocabulary:
+    """Reload (or fit, on the training payloads) each modality's tokenizer.
+
+    Training documents are read lazily: a run whose tokenizers are saved never loads them."""
+
+    def payloads(name: str):
+        docs_by_source = raw_train if raw_train is not None else {n: s.documents("train") for n, s in exp.sources.items()}
+        for docs in docs_by_source.values():
+            for doc in docs:
+                yield from (seg.payload for seg in doc.segments if seg.modality == name)
+
+    for name, modality in exp.modalities.items():
+        modality.prepare(payloads(name))
+    return Vocabulary(exp.modalities)
+
+
 def prepare_data(exp: Experiment) -> PreparedData:
     """Load every source, fit (or reload) each modality's tokenizer on training data, tokenize."""
     raw_train: dict[str, list[RawDocument]] = {n: s.documents("train") for n, s in exp.sources.items()}
     raw_val: dict[str, list[RawDocument]] = {n: s.documents("val") for n, s in exp.sources.items()}
-    for name, modality in exp.modalities.items():
-        payloads = (seg.payload for docs in raw_train.values() for d in docs for seg in d.segments if seg.modality == name)
-        modality.prepare(payloads)
-    vocab = Vocabulary(exp.modalities)
+    vocab = prepare_vocabulary(exp, raw_train)
     train = {n: vocab.tokenize(docs, n) for n, docs in raw_train.items()}
     # Round-robin across sources so a limited validation budget still covers every source.
     val_by_source = [vocab.tokenize(docs, n) for n, docs in raw_val.items()]
@@ -139,4 +152,5 @@ def model_args(config: RunConfig, vocab: Vocabulary) -> ModelArgs:
         attention_backend=m.attention_backend,
         init_std=m.init_std,
         tie_embeddings=m.tie_embeddings,
+        activation_checkpointing=m.activation_checkpointing,
     )

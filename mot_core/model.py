@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 from mot_core.attention import AttentionLayout, MaskCache, SDPABackend, make_backend
 from mot_core.block import BlockArgs, ForwardContext, MoTBlock
@@ -44,6 +45,7 @@ class ModelArgs:
     attention_backend: str = "sdpa"
     init_std: float = 0.02
     tie_embeddings: bool = False
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
 
     @property
     def routed(self) -> bool:
@@ -141,7 +143,10 @@ class MoTTransformer(nn.Module):
             cache=cache,
         )
         for layer in self.layers:
-            h = layer(h, ctx)
+            if self.args.activation_checkpointing and self.training and torch.is_grad_enabled():
+                h = torch.utils.checkpoint.checkpoint(layer, h, ctx, use_reentrant=False)
+            else:
+                h = layer(h, ctx)
         if cache is not None:
             cache.commit()
         if not routed:

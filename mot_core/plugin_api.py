@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from mot_core.errors import MotError
+
 if TYPE_CHECKING:
     from mot_core.generation import SpanGrammar
 
@@ -89,15 +91,23 @@ class Modality(abc.ABC):
         """Many payloads at once; override when batching is faster (e.g. a conv encoder)."""
         return [self.encode(p) for p in payloads]
 
-    def fit(self, train_payloads: list[Any], val_payloads: list[Any], progress: bool = True) -> dict[str, float]:
-        """Train this modality's tokenizer as a separate step (``mot tokenizer fit``) and save it
-        where ``prepare`` will find it; returns quality metrics. Modalities whose tokenizer is
-        cheap to fit (text BPE) do it inside ``prepare`` and keep this default."""
+    def fit(self, train_docs: list[RawDocument], val_docs: list[RawDocument], progress: bool = True,
+            force: bool = False) -> dict[str, float]:
+        """Train this modality's tokenizer (and any evaluation network) as a separate step,
+        ``mot tokenizer fit``, and save it where ``prepare`` will find it; returns quality
+        metrics. It sees whole documents, so it can learn from neighbouring segments (an
+        image's caption). A matching tokenizer already saved is kept unless ``force``.
+        Modalities whose tokenizer is cheap (text BPE) fit inside ``prepare`` and keep this
+        default."""
         return {}
 
     def decode(self, ids: torch.Tensor) -> Any:
         """(L,) local ids -> payload (for generation and inspection)."""
         raise TypeError(f"modality '{self.name}' does not decode tokens")
+
+    def decode_batch(self, ids: torch.Tensor) -> list[Any]:
+        """(B, L) local ids -> B payloads; override when batching is faster."""
+        return [self.decode(row) for row in ids]
 
     def encode_prompt(self, payload: Any) -> torch.Tensor:
         """A payload as the start of a generation prompt (text: without its end token)."""
@@ -107,6 +117,14 @@ class Modality(abc.ABC):
     def stop_token(self) -> int | None:
         """Local id that ends free generation in this modality (text: end-of-text), or None."""
         return None
+
+    def read_payload(self, path: Path) -> Any:
+        """A payload from a file, for prompts given on the command line (an image file)."""
+        raise MotError(f"modality '{self.name}' cannot read prompts from files")
+
+    def write_payloads(self, payloads: list[Any], path: Path, captions: list[str] | None = None) -> Path:
+        """Save generated payloads (an image grid PNG); returns the file written."""
+        raise MotError(f"modality '{self.name}' cannot save generated samples")
 
     def span_grammar(self) -> "SpanGrammar | None":
         """For modalities emitted as whole spans (an image grid): its begin/body/end layout,
@@ -165,6 +183,29 @@ class DataSource(abc.ABC):
     def documents(self, split: Split) -> list[RawDocument]:
         """All documents of a split. Raise ``MotError`` for missing or unreadable data."""
 
+    def prepare(self, progress: bool = True) -> dict[str, Any]:
+        """Build the data on disk if it must be rendered or converted first (``mot data
+        prepare``); idempotent. Returns what it did. Sources read as-is keep this default."""
+        return {}
+
+
+@dataclass
+class EvaluationContext:
+    """What model-level evaluations get (``mot eval``): the trained model and held-out data.
+
+    Attributes:
+        model: the MoT model (eval mode); vocab: the run's ``mot_core.data.Vocabulary``.
+        val_docs: held-out raw documents of every source.
+        samples: how many samples generation-based metrics may draw (0 = skip them).
+    """
+
+    model: torch.nn.Module
+    vocab: Any
+    val_docs: list[RawDocument]
+    device: torch.device
+    samples: int = 0
+    seed: int = 0
+
 
 class Evaluator(abc.ABC):
     """Accumulates per-token results of one modality over validation batches."""
@@ -187,3 +228,8 @@ class Evaluator(abc.ABC):
     @abc.abstractmethod
     def compute(self) -> dict[str, float]:
         """Metrics, keyed without the modality prefix (the engine adds ``val/<modality>/``)."""
+
+    def evaluate_model(self, context: EvaluationContext) -> dict[str, float]:
+        """Metrics that need the model or raw data rather than per-token losses (tokenizer
+        reconstruction, sample quality). Run by ``mot eval``, not at every training eval."""
+        return {}

@@ -51,16 +51,19 @@ def uninterrupted(write_config, tmp_path) -> list[dict]:
 
 
 def _fail_at_batch(monkeypatch, call_number: int, exc: BaseException):
-    original = PackedStream.next_batch
-    calls = {"n": 0}
+    """Make the trainer's data stream raise on its ``call_number``-th batch (validation
+    batches are built elsewhere and are not affected)."""
 
-    def failing(self, *args, **kwargs):
-        calls["n"] += self.shuffle  # count training batches only (validation reads in order)
-        if self.shuffle and calls["n"] == call_number:
-            raise exc
-        return original(self, *args, **kwargs)
+    class FailingStream(PackedStream):
+        calls = 0
 
-    monkeypatch.setattr(PackedStream, "next_batch", failing)
+        def next_batch(self, *args, **kwargs):
+            FailingStream.calls += 1
+            if FailingStream.calls == call_number:
+                raise exc
+            return super().next_batch(*args, **kwargs)
+
+    monkeypatch.setattr("mot_core.trainer.PackedStream", FailingStream)
 
 
 def test_resume_after_crash_reproduces_metrics_exactly(write_config, tmp_path, monkeypatch, uninterrupted):

@@ -102,7 +102,15 @@ class Text(Modality):
         return [torch.tensor([*e.ids, self.eot], dtype=torch.long) for e in encodings]
 
     def encode_prompt(self, payload: str) -> torch.Tensor:
-        return self.encode(payload)[:-1]
+        """A prompt's ids, without end-of-text. Byte-level BPE has no unknown tokens (any byte
+        is a token), so the tokens a prompt must not hold are the special ones."""
+        if not payload:
+            raise MotError("empty text prompt")
+        ids = self.encode(payload)[:-1]
+        special = [t.content for i, t in self._require().get_added_tokens_decoder().items() if i in set(ids.tolist())]
+        if special:
+            raise MotError(f"prompt {payload!r} contains the special token {special[0]!r}")
+        return ids
 
     @property
     def stop_token(self) -> int:

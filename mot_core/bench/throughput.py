@@ -1,0 +1,252 @@
+"""``mot bench throughput``: is a MoT step as fast as a dense step of the same active size?
+
+Trains a few steps of (a) the dense model, (b) MoT with this framework's routing and (c) the
+naive masked-loop MoT, on the same interleaved multi-modality batch, interleaving the three in
+every repetition so machine noise hits them alike, and reports medians and ratios.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from mot_core.attention import AttentionLayout
+from mot_core.bench.naive import NaiveMoTTransformer
+from mot_core.model import ModelArgs, MoTTransformer
+from mot_core.routing import build_routing
+
+VARIANTS = ("dense", "mot", "naive")
+# Dense peak FLOP/s by device name fragment: (bf16 tensor cores, fp32 without tensor cores).
+PEAK_FLOPS = {"H200": (989e12, 67e12), "H100": (989e12, 67e12), "A100": (312e12, 19.5e12), "L40S": (362e12, 91.6e12)}
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    dim: int = 256
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int | None = None
+    seq_len: int = 1024
+    batch: int = 2
+    modalities: int = 3
+    vocab_per_modality: int = 1024
+    dtype: str = "fp32"  # fp32 | bf16 (autocast)
+    backend: str = "sdpa"
+    compile: bool = False
+    activation_checkpointing: bool = False
+    steps: int = 3
+    warmup: int = 1
+    repeats: int = 5
+    device: str = "auto"
+    seed: int = 0
+    memory: bool = True
+
+    def model_args(self, untied: bool) -> ModelArgs:
+        return ModelArgs(
+            vocab_size=self.vocab_per_modality * self.modalities, num_modalities=self.modalities,
+            dim=self.dim, n_layers=self.layers, n_heads=self.heads, n_kv_heads=self.kv_heads,
+            untie_ffn=untied, untie_attention=untied, untie_norm=untied, max_seq_len=self.seq_len,
+            attention_backend=self.backend, activation_checkpointing=self.activation_checkpointing,
+        )
+
+
+def interleaved_batch(spec: BenchSpec, seed: int) -> dict[str, torch.Tensor]:
+    """(B, S) tokens/modality/positions/targets: runs of 32-256 tokens of random modalities,
+    each run's ids drawn from its modality's vocabulary range."""
+    gen = torch.Generator().manual_seed(seed)
+    modality = torch.empty(spec.batch, spec.seq_len, dtype=torch.long)
+    for row in range(spec.batch):
+        filled = 0
+        while filled < spec.seq_len:
+            length = int(torch.randint(32, 257, (1,), generator=gen))
+            modality[row, filled : filled + length] = int(torch.randint(0, spec.modalities, (1,), generator=gen))
+            filled += length
+    local = torch.randint(0, spec.vocab_per_modality, modality.shape, generator=gen)
+    tokens = local + modality * spec.vocab_per_modality
+    targets = torch.roll(tokens, -1, dims=1)
+    targets[:, -1] = -100
+    positions = torch.arange(spec.seq_len).expand(spec.batch, -1).contiguous()
+    return {"tokens": tokens, "modality": modality, "positions": positions, "targets": targets}
+
+
+class _Runner:
+    """One variant: model, optimizer and a compiled-or-eager training step."""
+
+    def __init__(self, variant: str, spec: BenchSpec, device: torch.device):
+        torch.manual_seed(spec.seed)
+        self.variant, self.spec, self.device = variant, spec, device
+        args = spec.model_args(untied=variant != "dense")
+        self.model = (NaiveMoTTransformer(args) if variant == "naive" else MoTTransformer(args)).to(device)
+        self.forward = torch.compile(self.model) if spec.compile else self.model
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, foreach=True)
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.dtype == "bf16")
+
+    def step(self, batch: dict[str, torch.Tensor]) -> None:
+        tokens, modality = batch["tokens"], batch["modality"]
+        with self.autocast:
+            if self.variant == "naive":
+                hidden = self.forward(tokens.to(self.device), batch["positions"].to(self.device), modality.to(self.device))
+                targets = batch["targets"].reshape(-1).to(self.device)
+                hidden = hidden.reshape(-1, hidden.shape[-1])
+            else:
+                # Built on the host, as the data pipeline does for every batch.
+                plan = build_routing(modality, self.spec.modalities).to(self.device)
+                layout = AttentionLayout.build(torch.zeros_like(tokens)).to(self.device)
+                hidden = self.forward(tokens.to(self.device), batch["positions"].to(self.device),
+                                      modality.to(self.device), plan, layout)
+                targets = plan.sort(batch["targets"].reshape(-1).to(self.device))
+            logits = F.linear(hidden, self.model.lm_head.weight)
+            loss = F.cross_entropy(logits.float(), targets, ignore_index=-100)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def flops_per_token(spec: BenchSpec) -> float:
+    """Training FLOPs per token: 6 x matmul parameters a token uses (one tower of each
+    component, i.e. the dense twin's; the embedding lookup is free, the output head is not)
+    + causal attention (6 x layers x S x dim)."""
+    dense = MoTTransformer(spec.model_args(untied=False))
+    norm_gains = sum(p.numel() for name, p in dense.named_parameters() if "norm" in name)
+    matmul_params = dense.parameter_counts()["active_per_token"] - dense.embed.weight.numel() - norm_gains
+    return 6.0 * matmul_params + 6.0 * spec.layers * spec.seq_len * spec.dim
+
+
+def measure_peak_memory(variant: str, spec: BenchSpec) -> int:
+    """Peak bytes a training step of ``variant`` adds: the CUDA allocator's peak on a GPU; on a
+    CPU the peak resident-set growth of a fresh process that runs it (so variants don't mix)."""
+    device = resolve_device(spec.device)
+    if device.type == "cuda":
+        runner = _Runner(variant, spec, device)
+        batch = interleaved_batch(spec, spec.seed)
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        runner.step(batch)
+        _sync(device)
+        return torch.cuda.max_memory_allocated() - base
+    probe = [sys.executable, "-m", "mot_core.bench.throughput", "--probe", variant, json.dumps(asdict(spec))]
+    result = subprocess.run(probe, capture_output=True, text=True, check=True)
+    return int(result.stdout.strip().splitlines()[-1])
+
+
+def _probe(variant: str, spec_json: str) -> None:
+    """Peak RSS growth over the post-import baseline: model, optimizer state, activations."""
+    spec = BenchSpec(**json.loads(spec_json))
+    batch = interleaved_batch(spec, spec.seed)
+    # One throwaway step of a tiny model first: library start-up (thread pools, kernel
+    # workspaces) is the same for every variant and must not count as the variant's memory.
+    tiny = replace(spec, dim=32, layers=1, heads=2, kv_heads=None, seq_len=64, batch=1)
+    _Runner(variant, tiny, torch.device("cpu")).step(interleaved_batch(tiny, 0))
+    baseline = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as handle:  # reset the high-water mark (VmHWM)
+        handle.write("5")
+    runner = _Runner(variant, spec, torch.device("cpu"))
+    for _ in range(2):
+        runner.step(batch)
+    print((_status_kib("VmHWM") - baseline) * 1024)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def run_throughput(spec: BenchSpec, progress=print) -> dict:
+    device = resolve_device(spec.device)
+    runners = {v: _Runner(v, spec, device) for v in VARIANTS}
+    batches = [interleaved_batch(spec, spec.seed + i) for i in range(spec.steps)]
+    for runner in runners.values():  # warm-up: allocator, compile, first-touch
+        for batch in batches[: max(1, spec.warmup)]:
+            runner.step(batch)
+    _sync(device)
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for repeat in range(spec.repeats):
+        order = VARIANTS[repeat % 3 :] + VARIANTS[: repeat % 3]  # rotate who goes first
+        for variant in order:
+            for batch in batches:
+                start = time.perf_counter()
+                runners[variant].step(batch)
+                _sync(device)
+                times[variant].append(time.perf_counter() - start)
+        progress(f"repeat {repeat + 1}/{spec.repeats}: " + ", ".join(f"{v} {statistics.median(times[v]) * 1e3:.1f} ms" for v in VARIANTS))
+    tokens = spec.batch * spec.seq_len
+    fpt = flops_per_token(spec)
+    peak = _peak_flops(device, spec.dtype)
+    results = {}
+    for variant, runner in runners.items():
+        step = statistics.median(times[variant])
+        counts = runner.model.parameter_counts() if hasattr(runner.model, "parameter_counts") else _naive_counts(runner.model, spec)
+        entry = {
+            "step_time_s": step, "tokens_per_s": tokens / step, "params": counts["total"],
+            "active_params_per_token": counts["active_per_token"], "flops_per_token": fpt,
+            "peak_memory_bytes": measure_peak_memory(variant, spec) if spec.memory else None,
+        }
+        if peak:
+            entry["mfu"] = fpt * tokens / step / peak
+        results[variant] = entry
+    return {
+        "spec": asdict(spec), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(), "results": results,
+        "mot_over_dense": results["mot"]["step_time_s"] / results["dense"]["step_time_s"],
+        "naive_over_dense": results["naive"]["step_time_s"] / results["dense"]["step_time_s"],
+    }
+
+
+def _naive_counts(model: torch.nn.Module, spec: BenchSpec) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    shared = model.embed.weight.numel() + model.lm_head.weight.numel()
+    return {"total": total, "active_per_token": shared + (total - shared) // spec.modalities}
+
+
+def _peak_flops(device: torch.device, dtype: str) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    for fragment, (bf16, fp32) in PEAK_FLOPS.items():
+        if fragment in name:
+            return bf16 if dtype == "bf16" else fp32
+    return None
+
+
+def format_table(report: dict) -> str:
+    rows = [("variant", "params", "active/token", "GFLOP/token", "step ms", "tokens/s", "peak MiB", "MFU")]
+    for variant, r in report["results"].items():
+        mem = f"{r['peak_memory_bytes'] / 2**20:.0f}" if r["peak_memory_bytes"] is not None else "-"
+        mfu = f"{r['mfu'] * 100:.1f}%" if "mfu" in r else "-"
+        rows.append((variant, f"{r['params'] / 1e6:.2f}M", f"{r['active_params_per_token'] / 1e6:.2f}M",
+                     f"{r['flops_per_token'] / 1e9:.3f}", f"{r['step_time_s'] * 1e3:.1f}", f"{r['tokens_per_s']:,.0f}", mem, mfu))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
+    spec = report["spec"]
+    lines.append(
+        f"device {report['device']} ({report['threads']} threads), {spec['modalities']} modalities interleaved, "
+        f"batch {spec['batch']} x seq {spec['seq_len']}, {spec['dtype']}, {spec['backend']}, compile={spec['compile']}; "
+        f"median of {spec['repeats']} interleaved repeats x {spec['steps']} steps"
+    )
+    lines.append(f"MoT / dense step time: {report['mot_over_dense']:.3f}    naive / dense: {report['naive_over_dense']:.3f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--probe":
+    _probe(sys.argv[2], sys.argv[3])

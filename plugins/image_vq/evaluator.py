@@ -1,0 +1,56 @@
+"""Image evaluation: image-token loss, tokenizer reconstruction, and an FID-style score."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mot_core.generation import SamplingParams
+from mot_core.plugin_api import EvaluationContext, Evaluator
+from plugins.image_vq.modality import images_with_captions
+from plugins.image_vq.tokenizer_io import reconstruction_metrics
+
+
+class ImageVQEvaluator(Evaluator):
+    """Per-token: the image-token validation loss. With the model (``mot eval``):
+    ``recon_psnr``/``recon_mse``/``codebook_perplexity`` of the tokenizer on held-out images,
+    and ``fid_local`` (see ``plugins.image_vq.fid``: not comparable with published FID)
+    between held-out images and images generated from their captions."""
+
+    name = "image_vq"
+
+    def reset(self) -> None:
+        self.nats, self.tokens = 0.0, 0
+
+    def update(self, losses: torch.Tensor, valid: torch.Tensor, local_targets: torch.Tensor) -> None:
+        self.nats += float(losses[valid].double().sum())
+        self.tokens += int(valid.sum())
+
+    def compute(self) -> dict[str, float]:
+        return {"loss": self.nats / self.tokens} if self.tokens else {}
+
+    def evaluate_model(self, context: EvaluationContext) -> dict[str, float]:
+        from mot_core.sampling import prompt_to_span
+        from plugins.image_vq.fid import frechet_distance, inception_feature_net, load_feature_net
+
+        modality = self.modality
+        images, captions = images_with_captions(context.val_docs, modality.name)
+        recon = reconstruction_metrics(modality.tokenizer, images, batch_size=256)
+        metrics = {
+            "recon_psnr": recon["psnr"], "recon_mse": recon["mse"],
+            "codebook_perplexity": recon["codebook_perplexity"], "codes_used": float(recon["codes_used"]),
+        }
+        captioned = [i for i, c in enumerate(captions) if c][: context.samples]
+        text = next((n for n in context.vocab.names if n != modality.name and context.vocab.modalities[n].stop_token is not None), None)
+        if len(captioned) >= 2 and text is not None:
+            fake = torch.stack(list(prompt_to_span(
+                context.model, context.vocab, [captions[i] for i in captioned], text, modality.name,
+                SamplingParams(temperature=1.0, top_k=0, top_p=0.95, cfg_scale=3.0), seed=context.seed,
+            )))
+            opts = modality.options
+            if opts.inception_weights:
+                metrics["fid_inception"] = frechet_distance(images[captioned], fake, inception_feature_net(Path(opts.inception_weights)))
+            else:
+                metrics["fid_local"] = frechet_distance(images[captioned], fake, load_feature_net(Path(opts.tokenizer_dir)))
+        return metrics

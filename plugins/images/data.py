@@ -1,0 +1,331 @@
+"""Captioned images as documents: caption then image (to generate images) and image then caption
+(to describe them), from the folders written by ``plugins.images.prepare``.
+
+Each source folder under ``root`` holds ``captions.jsonl`` (one ``{"file", "caption", "split"}``
+object a line, ``file`` relative to the folder) and the square RGB PNGs it names; ``meta.json``
+is optional and, when present, its ``size`` is checked against ``image_size``. The train/val
+split is the one recorded at prepare time (a stable hash of each image's id).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from pydantic import Field, field_validator, model_validator
+
+from mot_core.errors import MotError
+from mot_core.plugin_api import DataSource, PluginOptions, RawDocument, RawSegment, Split
+
+Direction = Literal["caption_to_image", "image_to_caption"]
+PREPARE_HINT = "run `mot data prepare` first"
+CAPTION_FONT_PX = 10
+CAPTION_LINES = 2
+MIN_CAPTIONED_TILE_PX = 96  # captions need about this much width to be legible
+
+
+class CaptionedImagesOptions(PluginOptions):
+    root: str = Field("data/captioned_images", description="folder written by `mot data prepare`")
+    sources: list[str] = Field(
+        default_factory=lambda: ["emoji", "mnist"], min_length=1, description="sub-folders of root to read"
+    )
+    image_size: int = Field(32, ge=1, description="side of the square images, in pixels; every file must match")
+    directions: list[Direction] = Field(
+        default_factory=lambda: ["caption_to_image", "image_to_caption"],
+        min_length=1,
+        description="caption_to_image: caption then image; image_to_caption: image then caption",
+    )
+    caption_dropout: float = Field(
+        0.1, ge=0, lt=1,
+        description="fraction of training caption_to_image documents without their caption (classifier-free guidance)",
+    )
+    text_modality: str = Field("text", description="modality that receives the captions")
+    image_modality: str = Field("image", description="modality that receives the (3, H, W) image tensors")
+    max_images_per_source: int | None = Field(
+        None, ge=1, description="use only the first N images of each source (before the train/val split)"
+    )
+
+    @field_validator("sources", "directions")
+    @classmethod
+    def _no_repeats(cls, values: list[str]) -> list[str]:
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:
+            raise ValueError(f"listed more than once: {', '.join(repeated)}")
+        return values
+
+    @model_validator(mode="after")
+    def _distinct_modalities(self) -> "CaptionedImagesOptions":
+        if self.text_modality == self.image_modality:
+            raise ValueError(f"text_modality and image_modality must differ (both are '{self.text_modality}')")
+        return self
+
+
+class CaptionedImages(DataSource):
+    """Real captioned images (emoji named by Unicode, handwritten MNIST digits, or any folder in
+    the same layout), one document per image and direction.
+
+    Payloads: captions are ``str``; images are float32 tensors (3, H, W) in [-1, 1].
+    """
+
+    name = "captioned_images"
+    Options = CaptionedImagesOptions
+
+    def __init__(self, options: CaptionedImagesOptions):
+        super().__init__(options)
+        # Per instance: the modality names come from the options.
+        self.modalities = (options.text_modality, options.image_modality)
+
+    def prepare(self, progress: bool = True) -> dict:
+        """Render the configured sources into ``root`` (``mot data prepare``); idempotent."""
+        from plugins.images.prepare import prepare_captioned_images
+
+        opts: CaptionedImagesOptions = self.options
+        return prepare_captioned_images(Path(opts.root), size=opts.image_size, sources=opts.sources, progress=progress)
+
+    def documents(self, split: Split) -> list[RawDocument]:
+        """All documents of ``split``, in a fixed order: sources as listed, images in
+        captions.jsonl order, and for each image its directions as listed."""
+        opts: CaptionedImagesOptions = self.options
+        root = Path(opts.root)
+        if not root.is_dir():
+            raise MotError(f"dataset '{self.name}': no captioned images at {root}; {PREPARE_HINT}")
+        docs: list[RawDocument] = []
+        for source in opts.sources:
+            loaded = _load_source(root, source, opts.image_size)
+            usable = len(loaded.files) if opts.max_images_per_source is None else opts.max_images_per_source
+            chosen = [i for i, s in enumerate(loaded.splits[:usable]) if s == split]
+            if not chosen:
+                limited = f" among its first {usable} images (max_images_per_source)" if opts.max_images_per_source else ""
+                raise MotError(
+                    f"dataset '{self.name}': source '{source}' has no images in its '{split}' split{limited} ({root / source})"
+                )
+            # One independent tensor per image (not views of one batch), so a payload carries
+            # only its own pixels when pickled, and no consumer can alter the cached data.
+            images = _to_signed_float(loaded.pixels[chosen])
+            for row, index in enumerate(chosen):
+                caption = RawSegment(opts.text_modality, loaded.captions[index])
+                image = RawSegment(opts.image_modality, images[row].clone())
+                for direction in opts.directions:
+                    if direction == "image_to_caption":
+                        docs.append(RawDocument((image, caption)))
+                    elif split == "train" and _drops_caption(f"{source}/{loaded.files[index]}", opts.caption_dropout):
+                        # Validation keeps every caption: it measures conditional generation.
+                        docs.append(RawDocument((image,)))
+                    else:
+                        docs.append(RawDocument((caption, image)))
+        return docs
+
+
+def _drops_caption(name: str, caption_dropout: float) -> bool:
+    # Salted so that the dropped documents are independent of the val split's hash.
+    return zlib.crc32(f"caption-dropout/{name}".encode("utf-8")) % 10_000 < caption_dropout * 10_000
+
+
+def _to_signed_float(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., 3, H, W) in [0, 255] -> float32 in [-1, 1]."""
+    return pixels.to(torch.float32).div_(127.5).sub_(1.0)
+
+
+@dataclass(frozen=True)
+class _LoadedSource:
+    """One source folder decoded: parallel tuples and pixels (N, 3, S, S) uint8."""
+
+    files: tuple[str, ...]
+    captions: tuple[str, ...]
+    splits: tuple[str, ...]
+    pixels: torch.Tensor
+
+
+def _load_source(root: Path, source: str, image_size: int) -> _LoadedSource:
+    folder = root / source
+    captions_file = folder / "captions.jsonl"
+    if not folder.is_dir() or not captions_file.is_file():
+        raise MotError(f"dataset 'captioned_images': source '{source}' is not prepared ({captions_file} missing); {PREPARE_HINT}")
+    stat = captions_file.stat()
+    # The file's identity is part of the key, so a source prepared again is read again.
+    return _load_source_cached(str(folder.resolve()), image_size, (stat.st_mtime_ns, stat.st_size, stat.st_ino))
+
+
+@functools.lru_cache(maxsize=8)
+def _load_source_cached(folder: str, image_size: int, captions_identity: tuple[int, int, int]) -> _LoadedSource:
+    source_dir = Path(folder)
+    meta_size = _prepared_size(source_dir / "meta.json")
+    if meta_size is not None and meta_size != image_size:
+        raise MotError(
+            f"{source_dir} holds {meta_size}x{meta_size} images but image_size is {image_size}; "
+            f"set image_size: {meta_size} or run `mot data prepare` at size {image_size}"
+        )
+    files, captions, splits = _read_captions(source_dir / "captions.jsonl")
+    pixels = torch.empty((len(files), 3, image_size, image_size), dtype=torch.uint8)
+    for i, file in enumerate(files):
+        pixels[i] = torch.from_numpy(_read_rgb(source_dir / file, image_size)).permute(2, 0, 1)
+    return _LoadedSource(tuple(files), tuple(captions), tuple(splits), pixels)
+
+
+def _prepared_size(meta_path: Path) -> int | None:
+    if not meta_path.is_file():
+        return None
+    try:
+        size = json.loads(meta_path.read_text(encoding="utf-8")).get("size")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise MotError(f"cannot read {meta_path} ({exc}); {PREPARE_HINT} again") from None
+    return size if isinstance(size, int) else None
+
+
+def _read_captions(path: Path) -> tuple[list[str], list[str], list[str]]:
+    files: list[str] = []
+    captions: list[str] = []
+    splits: list[str] = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MotError(f"cannot read {path}: {exc}") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError as exc:
+            raise MotError(f"{path} line {number}: not valid JSON ({exc})") from None
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("file"), str) and entry["file"]
+            and isinstance(entry.get("caption"), str) and entry["caption"].strip()
+            and entry.get("split") in ("train", "val")
+        ):
+            raise MotError(
+                f"{path} line {number}: expected {{\"file\": non-empty string, \"caption\": non-empty string, "
+                f"\"split\": \"train\" or \"val\"}}, got {line.strip()[:120]}"
+            )
+        files.append(entry["file"])
+        captions.append(entry["caption"])
+        splits.append(entry["split"])
+    return files, captions, splits
+
+
+def _read_rgb(path: Path, expected_size: int) -> np.ndarray:
+    """One image file -> (S, S, 3) uint8 RGB; transparent pixels become white."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            size = image.size
+            has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+            rgb = (
+                Image.alpha_composite(Image.new("RGBA", size, (255, 255, 255, 255)), image.convert("RGBA")).convert("RGB")
+                if has_alpha
+                else image.convert("RGB")
+            )
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise MotError(f"cannot read image {path} ({exc}); run `mot data prepare` again, forcing a rebuild") from None
+    if size != (expected_size, expected_size):
+        raise MotError(
+            f"image {path} is {size[0]}x{size[1]} pixels but image_size is {expected_size}; "
+            f"prepare the data at that size (`mot data prepare`) or change image_size"
+        )
+    return np.array(rgb, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on read-only arrays
+
+
+def load_image_file(path: str | Path, expected_size: int) -> torch.Tensor:
+    """A square image file -> float32 (3, expected_size, expected_size) in [-1, 1].
+
+    Raises ``MotError`` naming the file if it cannot be read or has another size."""
+    pixels = torch.from_numpy(_read_rgb(Path(path), expected_size)).permute(2, 0, 1)
+    return _to_signed_float(pixels)
+
+
+def save_image_grid(
+    images: torch.Tensor,
+    path: str | Path,
+    nrow: int = 8,
+    captions: list[str] | None = None,
+    *,
+    tile_scale: int | None = None,
+    padding: int = 2,
+) -> Path:
+    """Write images as one PNG grid, optionally with each caption under its tile.
+
+    Args:
+        images: (N, 3, H, W) in [-1, 1] (values outside are clipped).
+        path: output PNG; parent folders are created.
+        nrow: tiles per row.
+        captions: N strings, wrapped to two lines under each tile (cut with "…" if longer).
+        tile_scale: integer nearest-neighbour upscaling of every tile. Default: 1 without
+            captions; with captions, the smallest factor making tiles >= 96 px wide.
+        padding: grey pixels between and around tiles.
+
+    Output size, with s = tile_scale, c = caption strip height (0 without captions),
+    cols = min(nrow, N), rows = ceil(N / cols):
+        width  = cols * (W * s + padding) + padding
+        height = rows * (H * s + c + padding) + padding
+    """
+    if images.dim() != 4 or images.size(1) != 3 or images.size(0) == 0:
+        raise ValueError(f"images must be (N, 3, H, W) with N >= 1, got {tuple(images.shape)}")
+    if captions is not None and len(captions) != images.size(0):
+        raise ValueError(f"{len(captions)} captions for {images.size(0)} images")
+    from torchvision.utils import make_grid
+
+    count, _, height, width = images.shape
+    if tile_scale is None:
+        tile_scale = 1 if captions is None else max(1, math.ceil(MIN_CAPTIONED_TILE_PX / width))
+    tiles = (images.detach().to("cpu", torch.float32).clamp(-1, 1) + 1) / 2  # (N, 3, H, W) in [0, 1]
+    if tile_scale > 1:
+        tiles = tiles.repeat_interleave(tile_scale, dim=2).repeat_interleave(tile_scale, dim=3)
+    font = ImageFont.load_default(size=CAPTION_FONT_PX)
+    line_height = CAPTION_FONT_PX + 3
+    strip = CAPTION_LINES * line_height + 2 if captions is not None else 0
+    if strip:
+        tiles = torch.cat([tiles, tiles.new_ones(count, 3, strip, tiles.size(3))], dim=2)
+    columns = min(nrow, count)
+    grid = make_grid(tiles, nrow=columns, padding=padding, pad_value=0.5)
+    if count == 1:  # make_grid returns a lone image without its padding
+        grid = torch.nn.functional.pad(grid, (padding,) * 4, value=0.5)
+    picture = Image.fromarray(grid.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+    if captions is not None:
+        draw = ImageDraw.Draw(picture)
+        tile_width, tile_height = tiles.size(3), tiles.size(2)
+        for k, caption in enumerate(captions):
+            left = (k % columns) * (tile_width + padding) + padding
+            top = (k // columns) * (tile_height + padding) + padding + height * tile_scale + 1
+            for n, line in enumerate(_wrap(caption, font, tile_width - 2, CAPTION_LINES)):
+                draw.text((left + 1, top + n * line_height), line, fill=(0, 0, 0), font=font)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(path, format="PNG")
+    return path
+
+
+def _wrap(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, max_width: int, max_lines: int) -> list[str]:
+    """Greedy word wrap to at most ``max_lines`` lines of ``max_width`` pixels; the last line
+    ends with "…" when text was left out."""
+    def fits(candidate: str) -> bool:
+        return font.getlength(candidate) <= max_width
+
+    lines: list[str] = []
+    words = text.split()
+    while words and len(lines) < max_lines:
+        line = words.pop(0)
+        while words and fits(f"{line} {words[0]}"):
+            line = f"{line} {words.pop(0)}"
+        lines.append(line)
+    truncated = bool(words)
+    last = lines[-1] if lines else ""
+    if truncated or not fits(last):
+        while last and not fits(last + "…"):
+            last = last[:-1].rstrip()
+        lines[-1] = last + "…"
+    # A single over-long word on an earlier line is cut without a mark: rare, and still readable.
+    return [line if fits(line) else _cut(line, fits) for line in lines]
+
+
+def _cut(line: str, fits: Callable[[str], bool]) -> str:
+    while line and not fits(line):
+        line = line[:-1]
+    return line

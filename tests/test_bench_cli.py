@@ -1,0 +1,84 @@
+"""``mot bench`` contracts at tiny sizes: machine-readable output and consistent accounting.
+(Speeds are proven by running the benchmark, not by timed tests.)"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mot_core.bench.naive import NaiveMoTTransformer
+from mot_core.bench.throughput import BenchSpec, flops_per_token, interleaved_batch
+from mot_core.cli import main
+from mot_core.model import MoTTransformer
+from mot_core.routing import build_routing
+from mot_core.attention import AttentionLayout
+
+
+def test_throughput_json_last_line(capsys):
+    code = main(["bench", "throughput", "--dim", "32", "--layers", "1", "--heads", "2", "--seq-len", "128",
+                 "--batch", "1", "--steps", "1", "--repeats", "1", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(report["results"]) == {"dense", "mot", "naive"}
+    assert report["mot_over_dense"] > 0 and report["naive_over_dense"] > 0
+    dense, mot, naive = (report["results"][v] for v in ("dense", "mot", "naive"))
+    # Same active size per token (iso-FLOP), MoT and naive hold one tower per modality.
+    assert dense["active_params_per_token"] == mot["active_params_per_token"] == naive["active_params_per_token"]
+    assert mot["params"] == naive["params"] > dense["params"]
+    assert dense["peak_memory_bytes"] > 0
+
+
+def test_interleaved_batch_has_every_modality_in_runs():
+    spec = BenchSpec(seq_len=1024, batch=2)
+    batch = interleaved_batch(spec, 0)
+    assert set(batch["modality"].unique().tolist()) == {0, 1, 2}
+    offsets = batch["modality"] * spec.vocab_per_modality
+    local = batch["tokens"] - offsets
+    assert bool(((local >= 0) & (local < spec.vocab_per_modality)).all())
+
+
+def test_naive_reference_computes_the_same_function_as_the_fast_model():
+    spec = BenchSpec(dim=32, layers=2, heads=2, seq_len=64, batch=2)
+    args = spec.model_args(untied=True)
+    fast, naive = MoTTransformer(args), NaiveMoTTransformer(args)
+    # Copy the fast model's stacked towers into the naive per-modality modules.
+    with torch.no_grad():
+        naive.embed.weight.copy_(fast.embed.weight)
+        for f, n in zip(fast.layers, naive.layers):
+            d, kv = args.dim, n.kv_heads * n.head_dim
+            for m in range(args.num_modalities):
+                n.attn_norm.towers[m].weight.copy_(f.attn_norm.weight[m])
+                n.ffn_norm.towers[m].weight.copy_(f.ffn_norm.weight[m])
+                q, k, v = f.wqkv.weight[m].split([d, kv, kv])
+                n.wq.towers[m].weight.copy_(q), n.wk.towers[m].weight.copy_(k), n.wv.towers[m].weight.copy_(v)
+                n.wo.towers[m].weight.copy_(f.wo.weight[m])
+                gate, up = f.ffn.w13.weight[m].chunk(2)
+                n.w1.towers[m].weight.copy_(gate), n.w3.towers[m].weight.copy_(up)
+                n.w2.towers[m].weight.copy_(f.ffn.w2.weight[m])
+        for m in range(args.num_modalities):
+            naive.final_norm.towers[m].weight.copy_(fast.final_norm.weight[m])
+    batch = interleaved_batch(spec, 1)
+    plan = build_routing(batch["modality"], args.num_modalities)
+    layout = AttentionLayout.build(torch.zeros_like(batch["tokens"]))
+    with torch.no_grad():
+        ours = plan.unsort(fast(batch["tokens"], batch["positions"], batch["modality"], plan, layout))
+        theirs = naive(batch["tokens"], batch["positions"], batch["modality"]).reshape(-1, args.dim)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_flops_per_token_counts_matmuls_and_attention():
+    spec = BenchSpec(dim=64, layers=2, heads=2, seq_len=128, vocab_per_modality=100, modalities=3)
+    dense = MoTTransformer(spec.model_args(untied=False))
+    per_layer = sum(p.numel() for n, p in dense.layers[0].named_parameters() if p.dim() == 3 and "norm" not in n)
+    head = dense.lm_head.weight.numel()
+    expected = 6 * (spec.layers * per_layer + head) + 6 * spec.layers * spec.seq_len * spec.dim
+    assert flops_per_token(spec) == pytest.approx(expected)
+
+
+def test_flex_training_benchmark_on_cpu_is_refused(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("flex trains on CUDA")
+    code = main(["bench", "throughput", "--backend", "flex", "--seq-len", "64", "--json"])
+    assert code == 2 and "flex" in capsys.readouterr().err
