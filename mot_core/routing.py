@@ -48,11 +48,11 @@ class RoutingPlan:
 
     def sort(self, flat: torch.Tensor) -> torch.Tensor:
         """(N, ...) in original order -> (N, ...) modality-sorted."""
-        return flat.index_select(0, self.order)
+        return _Permute.apply(flat, self.order, self.inverse)
 
     def unsort(self, flat_sorted: torch.Tensor) -> torch.Tensor:
         """(N, ...) modality-sorted -> (N, ...) original order."""
-        return flat_sorted.index_select(0, self.inverse)
+        return _Permute.apply(flat_sorted, self.inverse, self.order)
 
     def to(self, device: torch.device | str) -> "RoutingPlan":
         return RoutingPlan(
@@ -62,6 +62,55 @@ class RoutingPlan:
             offsets=self.offsets.to(device, non_blocking=True),
             sorted_modality=self.sorted_modality.to(device, non_blocking=True),
         )
+
+
+class _Permute(torch.autograd.Function):
+    """Row permutation whose backward is the inverse permutation: a gather, where
+    ``index_select``'s generic backward would scatter-add."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+class _SegmentScale(torch.autograd.Function):
+    """out[rows of group g] = x[rows of group g] * gains[g], over contiguous row groups: the
+    per-modality RMSNorm gain without materialising an (N, D) tensor of gathered gains."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, gains: torch.Tensor, counts: tuple[int, ...]):
+        out = torch.empty_like(x)
+        start = 0
+        for g, n in enumerate(counts):
+            torch.mul(x[start : start + n], gains[g], out=out[start : start + n])
+            start += n
+        ctx.save_for_backward(x, gains)
+        ctx.counts = counts
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, gains = ctx.saved_tensors
+        grad_x = torch.empty_like(x)
+        grad_gains = torch.empty_like(gains)
+        start = 0
+        for g, n in enumerate(ctx.counts):
+            rows = slice(start, start + n)
+            torch.mul(grad_out[rows], gains[g], out=grad_x[rows])
+            torch.sum(grad_out[rows] * x[rows], dim=0, out=grad_gains[g])
+            start += n
+        return grad_x, grad_gains, None
+
+
+def scale_by_group(x_sorted: torch.Tensor, gains: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+    """(N, D) modality-sorted rows times their tower's gain vector, gains: (G, D)."""
+    return _SegmentScale.apply(x_sorted, gains, plan.counts)
 
 
 def build_routing(modality_ids: torch.Tensor, num_modalities: int) -> RoutingPlan:
@@ -105,15 +154,14 @@ class _GroupedLinearLoop(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        grad_w = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
         start = 0
         for g, n in enumerate(ctx.counts):
-            if n:
-                go = grad_out[start : start + n]
-                if grad_x is not None:
-                    torch.mm(go, weight[g], out=grad_x[start : start + n])
-                if grad_w is not None:
-                    torch.mm(go.t(), x[start : start + n], out=grad_w[g])
+            go = grad_out[start : start + n]
+            if grad_x is not None and n:
+                torch.mm(go, weight[g], out=grad_x[start : start + n])
+            if grad_w is not None:  # an empty group's product is a zero matrix
+                torch.mm(go.t(), x[start : start + n], out=grad_w[g])
             start += n
         return grad_x, grad_w, None
 

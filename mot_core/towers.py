@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mot_core.routing import RoutingPlan, grouped_linear
+from mot_core.routing import RoutingPlan, grouped_linear, scale_by_group
 
 
 class TowerLinear(nn.Module):
@@ -46,11 +46,11 @@ class TowerRMSNorm(nn.Module):
 
     def forward(self, x_sorted: torch.Tensor, plan: RoutingPlan | None) -> torch.Tensor:
         """x_sorted: (N, dim) -> (N, dim). The RMS statistic is per token, so only the gain
-        depends on the modality; it is gathered per token rather than copying slices."""
-        normed = F.rms_norm(x_sorted, (x_sorted.shape[-1],), eps=self.eps)
+        depends on the modality: each contiguous modality slice is scaled by its tower's gain."""
+        shape = (x_sorted.shape[-1],)
         if self.weight.shape[0] == 1:
-            return normed * self.weight[0]
-        return normed * self.weight.index_select(0, plan.sorted_modality)
+            return F.rms_norm(x_sorted, shape, weight=self.weight[0], eps=self.eps)
+        return scale_by_group(F.rms_norm(x_sorted, shape, eps=self.eps), self.weight, plan)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)

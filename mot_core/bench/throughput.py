@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from mot_core.attention import AttentionLayout
 from mot_core.bench.naive import NaiveMoTTransformer
+from mot_core.host import keep_freed_memory_in_heap
 from mot_core.model import ModelArgs, MoTTransformer
 from mot_core.routing import build_routing
 
@@ -43,7 +44,7 @@ class BenchSpec:
     activation_checkpointing: bool = False
     steps: int = 3
     warmup: int = 1
-    repeats: int = 5
+    repeats: int = 10
     device: str = "auto"
     seed: int = 0
     memory: bool = True
@@ -85,7 +86,7 @@ class _Runner:
         args = spec.model_args(untied=variant != "dense")
         self.model = (NaiveMoTTransformer(args) if variant == "naive" else MoTTransformer(args)).to(device)
         self.forward = torch.compile(self.model) if spec.compile else self.model
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, foreach=True)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.dtype == "bf16")
 
     def step(self, batch: dict[str, torch.Tensor]) -> None:
@@ -153,6 +154,7 @@ def _probe(variant: str, spec_json: str) -> None:
     batch = interleaved_batch(spec, spec.seed)
     # One throwaway step of a tiny model first: library start-up (thread pools, kernel
     # workspaces) is the same for every variant and must not count as the variant's memory.
+    keep_freed_memory_in_heap()
     tiny = replace(spec, dim=32, layers=1, heads=2, kv_heads=None, seq_len=64, batch=1)
     _Runner(variant, tiny, torch.device("cpu")).step(interleaved_batch(tiny, 0))
     baseline = _status_kib("VmRSS")
@@ -174,6 +176,8 @@ def _status_kib(field: str) -> int:
 
 def run_throughput(spec: BenchSpec, progress=print) -> dict:
     device = resolve_device(spec.device)
+    if device.type == "cpu":
+        keep_freed_memory_in_heap()  # as the trainer does: no page-fault storm every step
     runners = {v: _Runner(v, spec, device) for v in VARIANTS}
     batches = [interleaved_batch(spec, spec.seed + i) for i in range(spec.steps)]
     for runner in runners.values():  # warm-up: allocator, compile, first-touch
@@ -182,9 +186,11 @@ def run_throughput(spec: BenchSpec, progress=print) -> dict:
     _sync(device)
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for repeat in range(spec.repeats):
-        order = VARIANTS[repeat % 3 :] + VARIANTS[: repeat % 3]  # rotate who goes first
-        for variant in order:
-            for batch in batches:
+        # Interleave single steps (and rotate who goes first) so drift on a noisy machine
+        # lands on every variant alike.
+        for index, batch in enumerate(batches):
+            shift = (repeat * len(batches) + index) % len(VARIANTS)
+            for variant in VARIANTS[shift:] + VARIANTS[:shift]:
                 start = time.perf_counter()
                 runners[variant].step(batch)
                 _sync(device)
@@ -242,7 +248,7 @@ def format_table(report: dict) -> str:
     lines.append(
         f"device {report['device']} ({report['threads']} threads), {spec['modalities']} modalities interleaved, "
         f"batch {spec['batch']} x seq {spec['seq_len']}, {spec['dtype']}, {spec['backend']}, compile={spec['compile']}; "
-        f"median of {spec['repeats']} interleaved repeats x {spec['steps']} steps"
+        f"median over {spec['repeats']} repeats x {spec['steps']} batches, variants interleaved step by step"
     )
     lines.append(f"MoT / dense step time: {report['mot_over_dense']:.3f}    naive / dense: {report['naive_over_dense']:.3f}")
     return "\n".join(lines)
