@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", default="examples/configs/chameleon_mot.yaml",
                    help="base config; only model.untie and run.dir differ between the twins")
     p.add_argument("overrides", nargs="*")
-    p.add_argument("--steps", type=int, default=1500, help="training budget of each twin (~15 min each on 2 CPU cores)")
+    p.add_argument("--steps", type=int, default=1500, help="training budget of each twin (~10 min each on 2 CPU cores)")
     p.add_argument("--out", default="runs/step_match")
     p.add_argument("--smoothing", type=float, default=0.95, help="EMA factor for training curves")
     p.add_argument("--json", action="store_true")

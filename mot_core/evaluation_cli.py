@@ -20,8 +20,7 @@ def evaluate_checkpoint(path: Path, batches: int | None = None, samples: int = 0
     tcfg = exp.config.train
     device = model.embed.weight.device
     val = fixed_batches(data.val, tcfg.batch_size, tcfg.seq_len, batches or tcfg.eval_batches, len(data.vocab.names))
-    val_docs = [d for source in exp.sources.values() for d in source.documents("val")]
-    context = EvaluationContext(model, data.vocab, val_docs, device, samples=samples, seed=exp.config.run.seed)
+    context = EvaluationContext(model, data.vocab, data.raw_val, device, samples=samples, seed=exp.config.run.seed)
     with torch.no_grad():
         metrics = evaluate(model, val, data.vocab, exp, device, autocast_for(device, tcfg.precision), context)
     return {"step": float(meta["step"]), **metrics}

@@ -90,6 +90,7 @@ class PreparedData:
     vocab: Vocabulary
     train: dict[str, list[TokenDocument]]
     val: list[TokenDocument]
+    raw_val: list[RawDocument]  # the held-out documents before tokenization (model-level metrics)
 
 
 def prepare_vocabulary(exp: Experiment, raw_train: dict[str, list[RawDocument]] | None = None) -> Vocabulary:
@@ -120,7 +121,7 @@ def prepare_data(exp: Experiment) -> PreparedData:
     for name, docs in train.items():
         if not docs:
             raise MotError(f"dataset '{name}' produced no tokens in its 'train' split")
-    return PreparedData(vocab, train, val)
+    return PreparedData(vocab, train, val, [d for docs in raw_val.values() for d in docs])
 
 
 def model_args(config: RunConfig, vocab: Vocabulary) -> ModelArgs:

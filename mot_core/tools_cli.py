@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
 from mot_core import checkpoint as ckpt
+from mot_core.bench.matching import ema
 from mot_core.config import RunConfig, validate_config
 from mot_core.errors import MotError
 from mot_core.data import Vocabulary
@@ -16,6 +18,7 @@ from mot_core.experiment import Experiment, PreparedData, build_experiment, mode
 from mot_core.generation import SamplingParams
 from mot_core.sampling import prompt_to_span, span_to_text
 from mot_core.model import MoTTransformer
+from mot_core.plotting import finish, panels
 from mot_core.trainer import resolve_device
 
 
@@ -103,35 +106,15 @@ def compare_runs(runs: list[Path], plot: Path | None) -> str:
 
 
 def _plot(records: dict[str, list[dict]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     modalities = sorted({k.split("/")[1] for recs in records.values() for r in recs for k in r if k.startswith("loss/")})
-    fig, axes = plt.subplots(1, len(modalities), figsize=(5 * len(modalities), 3.6), squeeze=False)
-    for ax, modality in zip(axes[0], modalities):
+    fig, axes = panels(len(modalities), width=5.0, height=3.6)
+    for ax, modality in zip(axes, modalities):
         for name, recs in records.items():
             steps = [r["step"] for r in recs if f"loss/{modality}" in r]
-            values = [r[f"loss/{modality}"] for r in recs if f"loss/{modality}" in r]
-            line, = ax.plot(steps, _smooth(values), label=f"{name} (train)", alpha=0.9)
+            values = np.array([r[f"loss/{modality}"] for r in recs if f"loss/{modality}" in r])
+            line, = ax.plot(steps, ema(values, 0.9), label=f"{name} (train, EMA 0.9)", alpha=0.9)
             val = [(r["step"], r[f"val/{modality}/loss"]) for r in recs if f"val/{modality}/loss" in r]
             if val:
                 ax.plot(*zip(*val), "o--", color=line.get_color(), label=f"{name} (val)")
         ax.set_title(f"{modality} loss")
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _smooth(values: list[float], alpha: float = 0.9) -> list[float]:
-    """Exponential moving average, bias-corrected (as TensorBoard's smoothing)."""
-    out, avg = [], 0.0
-    for i, v in enumerate(values, 1):
-        avg = alpha * avg + (1 - alpha) * v
-        out.append(avg / (1 - alpha**i))
-    return out
+    finish(fig, axes, path)

@@ -12,6 +12,7 @@ import numpy as np
 
 from mot_core.bench.matching import Match, ema, match_curves
 from mot_core.config import validate_config
+from mot_core.plotting import finish, panels
 from mot_core.trainer import train
 
 TWINS = {"dense": {"ffn": False, "attention": False, "norm": False}, "mot": {"ffn": True, "attention": True, "norm": True}}
@@ -58,14 +59,9 @@ def compare(dense: dict, mot: dict, smoothing: float) -> dict[str, dict[str, Mat
 
 
 def plot(dense: dict, mot: dict, matches: dict, smoothing: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(matches)
-    fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4), squeeze=False)
-    for ax, m in zip(axes[0], names):
+    fig, axes = panels(len(names))
+    for ax, m in zip(axes, names):
         for label, curves, color in (("dense", dense, "tab:gray"), ("MoT", mot, "tab:blue")):
             ax.plot(curves["steps"], ema(curves["train"][m], smoothing), color=color, label=f"{label} train (EMA {smoothing})")
             val = curves["val"][m]
@@ -76,16 +72,11 @@ def plot(dense: dict, mot: dict, matches: dict, smoothing: float, path: Path) ->
             if match.step is not None:
                 ax.plot([match.step], [match.target], marker="*", markersize=14, color="tab:red")
                 ax.annotate(f"{kind}: {match.step_fraction:.0%} of steps", (match.step, match.target),
-                            textcoords="offset points", xytext=(8, 8 if kind == "train" else -14), fontsize=8, color="tab:red")
+                            textcoords="offset points", xytext=(-12, -14 if kind == "train" else 8), ha="right",
+                            fontsize=8, color="tab:red")
         ax.set_title(f"{m}: MoT reaching dense's final loss")
-        ax.set_xlabel("step")
         ax.set_ylabel("loss")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish(fig, axes, path)
 
 
 def run_step_match(raw: dict, out_dir: Path, steps: int | None, smoothing: float) -> dict:
