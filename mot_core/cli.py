@@ -200,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modalities", type=int, default=3)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--backend", choices=["sdpa", "flex", "xformers"], default="sdpa")
-    p.add_argument("--compile", action="store_true", help="torch.compile every variant")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile every variant (MoT recompiles for each new routing layout: not a speed-up yet)")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
     p.add_argument("--steps", type=int, default=3, help="steps per variant per repeat")
     p.add_argument("--repeats", type=int, default=10)
