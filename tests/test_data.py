@@ -146,3 +146,17 @@ def test_bits_per_byte_ignores_predictions_of_other_modalities(tmp_path):
     ev = LanguageModelEvaluator(text)
     ev.update(losses, torch.ones(len(targets), dtype=torch.bool), targets)
     assert ev.compute()["bits_per_byte"] == pytest.approx(2.0 * len(ids) / (math.log(2) * 7))
+
+
+def test_text_files_split_does_not_depend_on_where_the_corpus_lives(tmp_path):
+    from plugins.text.data import TextFiles, TextFilesOptions
+
+    splits = []
+    for folder in ("a", "b/deeper"):
+        root = tmp_path / folder
+        root.mkdir(parents=True)
+        for i in range(40):
+            (root / f"doc{i:02d}.txt").write_text(f"document number {i}")
+        source = TextFiles(TextFilesOptions(paths=[str(root / "*.txt")], val_fraction=0.2))
+        splits.append(sorted(d.segments[0].payload for d in source.documents("val")))
+    assert splits[0] == splits[1] and splits[0]

@@ -108,7 +108,8 @@ class TextFiles(DataSource):
             files.extend(Path(m) for m in matches)
         docs = []
         for file in files:
-            if in_val_split(str(file), opts.val_fraction) != (split == "val"):
+            # By file name, not path: the split must not change when the corpus moves.
+            if in_val_split(file.name, opts.val_fraction) != (split == "val"):
                 continue
             try:
                 text = file.read_text(encoding="utf-8")
