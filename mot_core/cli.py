@@ -101,7 +101,7 @@ def cmd_compare(ns: argparse.Namespace) -> int:
 
 
 def cmd_bench_throughput(ns: argparse.Namespace) -> int:
-    from mot_core.bench.throughput import BenchSpec, format_table, run_throughput
+    from mot_core.bench.throughput import BenchSpec, format_table, resolve_device, run_throughput
 
     spec = BenchSpec(
         dim=ns.dim, layers=ns.layers, heads=ns.heads, kv_heads=ns.kv_heads, seq_len=ns.seq_len, batch=ns.batch,
@@ -109,7 +109,7 @@ def cmd_bench_throughput(ns: argparse.Namespace) -> int:
         activation_checkpointing=ns.checkpointing, steps=ns.steps, repeats=ns.repeats, device=ns.device,
         memory=not ns.no_memory,
     )
-    if spec.backend == "flex" and resolve_bench_device(spec.device) == "cpu":
+    if spec.backend == "flex" and resolve_device(spec.device).type == "cpu":
         raise MotError("flex attention has no backward pass on CPU; benchmark training with --backend sdpa")
     report = run_throughput(spec, progress=(lambda msg: print(msg, file=sys.stderr)) if not ns.json else (lambda msg: None))
     if ns.json:
@@ -130,10 +130,14 @@ def cmd_bench_step_match(ns: argparse.Namespace) -> int:
     return 0
 
 
-def resolve_bench_device(name: str) -> str:
-    import torch
-
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+def _config_command(sub, group: str, name: str, help_text: str, func) -> argparse.ArgumentParser:
+    """``mot GROUP NAME CONFIG [key=value ...]``."""
+    group_parser = sub.add_parser(group, help=f"{group} tools")
+    p = group_parser.add_subparsers(dest=f"{group}_command", required=True).add_parser(name, help=help_text)
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. train.steps=100")
+    p.set_defaults(func=func)
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,25 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("plugins", help="list registered plugins and what they contribute")
     p.set_defaults(func=cmd_plugins)
-    p = sub.add_parser("config", help="config tools")
-    csub = p.add_subparsers(dest="config_command", required=True)
-    p = csub.add_parser("show", help="print the resolved, validated config")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*")
-    p.set_defaults(func=cmd_config_show)
-    p = sub.add_parser("data", help="data tools")
-    dsub = p.add_subparsers(dest="data_command", required=True)
-    p = dsub.add_parser("prepare", help="render/convert the config's datasets on disk (idempotent)")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*")
-    p.set_defaults(func=cmd_data_prepare)
-    p = sub.add_parser("tokenizer", help="tokenizer tools")
-    tsub = p.add_subparsers(dest="tokenizer_command", required=True)
-    p = tsub.add_parser("fit", help="train the config's learned tokenizers (e.g. the VQ image tokenizer)")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*")
+    _config_command(sub, "config", "show", "print the resolved, validated config", cmd_config_show)
+    _config_command(sub, "data", "prepare", "render/convert the config's datasets on disk (idempotent)", cmd_data_prepare)
+    p = _config_command(sub, "tokenizer", "fit", "train the config's learned tokenizers (e.g. the VQ image tokenizer)",
+                        cmd_tokenizer_fit)
     p.add_argument("--force", action="store_true", help="refit even if a matching tokenizer is saved")
-    p.set_defaults(func=cmd_tokenizer_fit)
     p = sub.add_parser("generate", help="caption -> image grid (PNG) and image -> caption from a checkpoint")
     p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its newest checkpoint)")
     p.add_argument("--prompt", action="append", default=[], help="a caption to draw (repeatable)")
