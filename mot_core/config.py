@@ -56,6 +56,11 @@ class ModelSection(Section):
     tie_embeddings: bool = False
     attention_backend: Literal["sdpa", "flex", "xformers"] = "sdpa"
     activation_checkpointing: bool = False
+    norm_placement: Literal["pre", "post"] = Field(
+        "pre",
+        description="pre: x + f(norm(x)) (Llama, Transfusion); post: x + norm(f(x)), no input norm "
+        "(the MoT paper's Algorithm 1 and its Chameleon setting)",
+    )
     untie: UntieSection = UntieSection()
     warm_start: str | None = Field(None, description="dense checkpoint dir copied into every tower")
 

@@ -6,9 +6,14 @@ engine instantiates them from the run config; plugins never see the config of ot
 Data flows one way:
     DataSource.documents(split) -> [RawDocument]          raw payloads tagged by modality
     Modality.encode(payload)    -> (L,) local token ids   the modality's own vocabulary
-    engine packing              -> Batch                  global ids, routing, attention layout
+                                or ContinuousSegment      ids + (V, input_dim) real-valued inputs
+    engine packing              -> Batch                  global ids, continuous inputs, routing,
+                                                          attention layout, segments
+    Loss.sample_extras(slice)   -> per-position extras    drawn when the batch is built (noise, t)
+    input adapter (plugin)      -> (V, dim)               continuous positions into the stream
     MoTTransformer              -> (N, dim) hidden states, modality-sorted
-    Loss.per_token(slice)       -> per-token losses of one modality's contiguous slice
+    Loss.per_token(slice)       -> per-position losses of one modality's contiguous slice
+                                   (through the shared LM head or the modality's own head)
     Evaluator.update/compute    -> metrics of that modality
 """
 
@@ -17,23 +22,69 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Literal
+from typing import Any, Callable, ClassVar, Iterable, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
 from mot_core.errors import MotError
 
-if TYPE_CHECKING:
-    from mot_core.generation import SpanGrammar
-
 Split = Literal["train", "val"]
+Reduction = Literal["token", "segment"]
+
+IGNORE_INDEX = -100
+"""Target id of a position with nothing to predict (the end of a document, or a next position
+that carries a continuous value); losses skip it."""
+
+CONTINUOUS = -1
+"""Local id that marks a position carrying a continuous value in ``ContinuousSegment.ids``."""
 
 
 class PluginOptions(BaseModel):
     """Base for a plugin's own options section: unknown keys are errors, like the core's."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    cfg_scale: float = 1.0  # 1 = no guidance
+
+
+@dataclass(frozen=True)
+class SpanGrammar:
+    """A span emitted whole, in the modality's local ids: begin, ``length`` body ids in
+    [body_lo, body_hi), end."""
+
+    begin: int
+    end: int
+    body_lo: int
+    body_hi: int
+    length: int
+
+
+@dataclass(frozen=True)
+class ContinuousSegment:
+    """What ``Modality.encode`` returns for a modality with continuous inputs.
+
+    Attributes:
+        ids: (L,) long local ids; ``CONTINUOUS`` (-1) at positions that carry a value, real ids
+            of the modality's vocabulary elsewhere (e.g. a begin-of-segment marker, which is
+            embedded by the shared table and predicted by the shared head like any token).
+        values: (V, input_dim) float, one row per ``CONTINUOUS`` position, in order.
+    """
+
+    ids: torch.Tensor
+    values: torch.Tensor
+
+    @staticmethod
+    def of_values(values: torch.Tensor, prefix: tuple[int, ...] = (), suffix: tuple[int, ...] = ()) -> "ContinuousSegment":
+        """``prefix`` ids, then one continuous position per row of ``values``, then ``suffix`` ids."""
+        ids = torch.tensor([*prefix, *([CONTINUOUS] * values.shape[0]), *suffix], dtype=torch.long)
+        return ContinuousSegment(ids, values)
 
 
 @dataclass(frozen=True)
@@ -60,6 +111,12 @@ class Modality(abc.ABC):
         default_loss: loss used when the config names none.
         default_evaluators: evaluators run by ``mot eval`` and during training evaluation.
         bidirectional: True if a segment's tokens attend to each other in both directions.
+
+    A modality with continuous inputs (latent patches, sensor frames, audio features) returns
+    ``input_dim`` > 0, makes ``encode`` return a ``ContinuousSegment``, and builds an input
+    adapter (and usually an output head) with ``build_adapter`` / ``build_head``. Those modules
+    are part of the model: trained, checkpointed, counted, and applied only to this modality's
+    contiguous slice of the batch.
     """
 
     name: ClassVar[str]
@@ -84,8 +141,29 @@ class Modality(abc.ABC):
         """Number of token ids this modality owns (after ``prepare``)."""
 
     @abc.abstractmethod
-    def encode(self, payload: Any) -> torch.Tensor:
-        """One raw payload -> (L,) long local token ids in [0, vocab_size)."""
+    def encode(self, payload: Any) -> "torch.Tensor | ContinuousSegment":
+        """One raw payload -> (L,) long local token ids in [0, vocab_size); for a modality with
+        ``input_dim``, a ``ContinuousSegment`` (ids with ``CONTINUOUS`` marks, and the values)."""
+
+    @property
+    def input_dim(self) -> int | None:
+        """Size of one continuous position's input vector (after ``prepare``); None for a
+        modality whose positions are all token ids."""
+        return None
+
+    def build_adapter(self, dim: int) -> torch.nn.Module | None:
+        """The input adapter of a continuous modality, built from the validated options.
+
+        Called once per model. Its ``forward(values, extras)`` maps values (V, input_dim) of
+        this modality's continuous positions, and ``extras`` (name -> (V, ...) tensors, the
+        loss's ``sample_extras`` rows for those positions, e.g. a timestep), to (V, dim).
+        A modality with ``input_dim`` must return one; discrete modalities return None."""
+        return None
+
+    def build_head(self, dim: int) -> torch.nn.Module | None:
+        """An output head of this modality's own (e.g. a linear map to a latent patch), or None
+        to use only the shared LM head. Its loss reaches it as ``ModalitySlice.head``."""
+        return None
 
     def encode_batch(self, payloads: list[Any]) -> list[torch.Tensor]:
         """Many payloads at once; override when batching is faster (e.g. a conv encoder)."""
@@ -126,7 +204,7 @@ class Modality(abc.ABC):
         """Save generated payloads (an image grid PNG); returns the file written."""
         raise MotError(f"modality '{self.name}' cannot save generated samples")
 
-    def span_grammar(self) -> "SpanGrammar | None":
+    def span_grammar(self) -> SpanGrammar | None:
         """For modalities emitted as whole spans (an image grid): its begin/body/end layout,
         which constrains decoding. None for free-running modalities."""
         return None
@@ -136,33 +214,71 @@ class Modality(abc.ABC):
 class ModalitySlice:
     """One modality's contiguous slice of a batch, in modality-sorted order.
 
+    The slice lists first this modality's token positions, then its continuous positions
+    (each group in batch order), so ``values`` belong to the last ``num_values`` rows.
+
     Attributes:
         index: modality index in the run's mixture; offset: first global id of its vocabulary.
-        targets: (n,) long global id of the next token, -100 where there is none.
-        extras: other per-token tensors a loss may need (continuous targets, timesteps, ...).
+        targets: (n,) long global id of the next token; ``IGNORE_INDEX`` where there is none
+            (document end) or the next position carries a continuous value.
+        segment: (n,) long segment id, unique within the batch (a segment cut at a row end
+            continues as a new segment in the next row).
+        num_values: how many of the n positions carry continuous values (the last ones).
+        values: (num_values, input_dim) continuous inputs, or None for a discrete modality.
+        next_values: (n, input_dim) the value at the next position where that position is a
+            continuous position of this modality (zeros elsewhere), or None.
+        has_next_value: (n,) bool, where ``next_values`` holds a real target, or None.
+        extras: per-position tensors (n, ...) from the loss's ``sample_extras``.
+        head: this modality's own output head (``Modality.build_head``), or None.
     """
 
     index: int
     offset: int
     targets: torch.Tensor
+    segment: torch.Tensor | None = None
+    num_values: int = 0
+    values: torch.Tensor | None = None
+    next_values: torch.Tensor | None = None
+    has_next_value: torch.Tensor | None = None
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    head: torch.nn.Module | None = None
+
+    def __len__(self) -> int:
+        return self.targets.shape[0]
 
 
 class Loss(abc.ABC):
-    """A training objective for the positions of one modality."""
+    """A training objective for the positions of one modality.
+
+    Class attributes:
+        reduction: how the engine averages ``per_token``'s losses within a batch: ``token``,
+            a mean over valid positions; ``segment``, a mean per segment (over its valid
+            positions) and then a mean over segments (a diffusion loss is a mean per image).
+            Across modalities the engine always sums ``loss_weight[m] * mean_m``.
+    """
 
     name: ClassVar[str]
     Options: ClassVar[type[PluginOptions]] = PluginOptions
+    reduction: ClassVar[Reduction] = "token"
 
     def __init__(self, options: PluginOptions):
         self.options = options
+
+    def sample_extras(self, piece: ModalitySlice, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Per-position tensors (n, ...) this loss needs, drawn on the host when the batch is
+        built (diffusion: a timestep per segment and noise per value). Draw only from
+        ``generator``: it is the data stream's, saved in checkpoints, so a resumed run draws
+        exactly what the uninterrupted run would. ``piece`` has no ``head`` yet."""
+        return {}
 
     @abc.abstractmethod
     def per_token(
         self, model: torch.nn.Module, hidden: torch.Tensor, batch: ModalitySlice
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden: (n, dim) final states of this modality's positions.
-        Returns (losses (n,) float, valid (n,) bool); the engine averages over valid ones."""
+        Returns (losses (n,) float, valid (n,) bool); the engine averages over valid ones as
+        ``reduction`` says. ``model.head_weight`` is the shared (vocab, dim) LM head;
+        ``batch.head`` is the modality's own head, if it built one."""
 
 
 class DataSource(abc.ABC):
@@ -205,6 +321,15 @@ class EvaluationContext:
     device: torch.device
     samples: int = 0
     seed: int = 0
+    span_sampler: Callable[..., list[Any]] | None = None  # set by the engine: KV-cache generation
+
+    def sample_spans(self, prompts: list[Any], prompt_modality: str, span_modality: str,
+                     params: SamplingParams) -> list[Any]:
+        """One whole span of ``span_modality`` per prompt payload of ``prompt_modality``,
+        decoded to payloads (caption -> image), with the engine's KV-cache generation."""
+        if self.span_sampler is None:
+            raise MotError("this evaluation context was built without a generator")
+        return self.span_sampler(self.model, self.vocab, prompts, prompt_modality, span_modality, params, seed=self.seed)
 
 
 class Evaluator(abc.ABC):

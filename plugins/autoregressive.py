@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mot_core.data import IGNORE
+from mot_core.plugin_api import IGNORE_INDEX as IGNORE
 from mot_core.plugin_api import Loss, ModalitySlice, PluginOptions
 from registry import hookimpl
 

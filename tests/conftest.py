@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +13,9 @@ import torch
 import yaml
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+ROOT = Path(__file__).resolve().parents[1]
+PLUGIN_SOURCE = ROOT / "examples" / "timeseries_plugin"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -58,3 +65,32 @@ def write_config(text_corpus, tmp_path):
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def plugin_site(tmp_path_factory) -> Path:
+    """A folder holding the installed ``mot-timeseries`` distribution (package + dist-info).
+
+    The source is copied first: with --no-build-isolation pip builds in the source tree, which
+    would leave build/ and mot_timeseries.egg-info in examples/timeseries_plugin; such an
+    egg-info would make the plugin an installed distribution for any process that puts that
+    folder on sys.path (as the unit tests below do)."""
+    root = tmp_path_factory.mktemp("timeseries_plugin")
+    source = root / "source"
+    shutil.copytree(PLUGIN_SOURCE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    site = root / "site"
+    command = [
+        sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
+        "--disable-pip-version-check", "--quiet", "--target", str(site), str(source),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"pip install failed:\n{result.stdout}\n{result.stderr}"
+    assert (site / "mot_timeseries" / "data" / "sunspots.csv").is_file(), "package data was not installed"
+    return site
+
+
+def run_mot(site: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    return subprocess.run(
+        [sys.executable, "-m", "mot_core.cli", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=120
+    )

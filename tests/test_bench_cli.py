@@ -11,9 +11,9 @@ import torch
 from mot_core.bench.naive import NaiveMoTTransformer
 from mot_core.bench.throughput import BenchSpec, flops_per_token, interleaved_batch
 from mot_core.cli import main
-from mot_core.model import MoTTransformer
-from mot_core.routing import build_routing
-from mot_core.attention import AttentionLayout
+from mot_core.model.transformer import MoTTransformer
+from mot_core.model.routing import build_routing
+from mot_core.model.attention import AttentionLayout
 
 
 def test_throughput_json_last_line(capsys):

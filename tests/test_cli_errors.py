@@ -121,7 +121,7 @@ class _BrokenPlugin:
 
 def test_token_id_outside_vocabulary(capsys, monkeypatch, tmp_path):
     registry = build_registry((_BrokenPlugin(),))
-    monkeypatch.setattr("mot_core.experiment.get_registry", lambda: registry)
+    monkeypatch.setattr("mot_core.train.experiment.get_registry", lambda: registry)
     config = tmp_path / "broken.yaml"
     config.write_text(yaml.safe_dump({
         "run": {"dir": str(tmp_path / "r"), "device": "cpu"},

@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mot_core import generation
-from mot_core.attention import AttentionLayout
+from mot_core.generate import decoding as generation
+from mot_core.model.attention import AttentionLayout
 from mot_core.data import Vocabulary
-from mot_core.generation import SamplingParams, SpanGrammar, _Stream, filter_logits, generate
-from mot_core.model import ModelArgs, MoTTransformer
+from mot_core.generate.decoding import SamplingParams, _Stream, filter_logits, generate
+from mot_core.plugin_api import SpanGrammar
+from mot_core.model.transformer import ModelArgs, MoTTransformer
 from mot_core.plugin_api import Modality
-from mot_core.routing import build_routing
+from mot_core.model.routing import build_routing
 
 GRID = 6  # body tokens per "image" span
 

@@ -16,10 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mot_core.attention import AttentionLayout
+from mot_core.model.attention import AttentionLayout
 from mot_core.errors import MotError
-from mot_core.model import ModelArgs, MoTTransformer, warm_start_from_dense
-from mot_core.routing import RoutingPlan, build_routing
+from mot_core.model.transformer import ModelArgs, MoTTransformer, warm_start_from_dense
+from mot_core.model.routing import RoutingPlan, build_routing
 
 VOCAB_PER_MODALITY = 16  # modality m owns global token ids [16 m, 16 (m + 1))
 
@@ -225,8 +225,11 @@ def reference_forward(model: MoTTransformer, batch: Batch, dense: bool = False) 
     allowed = literal_mask(batch.document, batch.span)  # (B, S, S)
     h = model.embed.weight[batch.tokens]  # (B, S, dim), shared embedding
     for layer in model.layers:
-        # x = norm_attn[m](h); q, k, v = W_qkv[m] x
-        x = per_modality(h, lambda t, m: rms_norm(t, tower(layer.attn_norm.weight, "norm", m), eps), args.dim)
+        post = args.norm_placement == "post"
+        attn_norm = lambda t, m, layer=layer: rms_norm(t, tower(layer.attn_norm.weight, "norm", m), eps)  # noqa: E731
+        ffn_norm = lambda t, m, layer=layer: rms_norm(t, tower(layer.ffn_norm.weight, "norm", m), eps)  # noqa: E731
+        # pre: x = norm_attn[m](h); post: x = h (no norm on the sublayer input). q, k, v = W_qkv[m] x
+        x = h if post else per_modality(h, attn_norm, args.dim)
         qkv_dim = (heads + 2 * kv_heads) * hd
         qkv = per_modality(x, lambda t, m: t @ tower(layer.wqkv.weight, "attention", m).T, qkv_dim)
         q, k, v = qkv.split([heads * hd, kv_heads * hd, kv_heads * hd], dim=-1)
@@ -258,10 +261,11 @@ def reference_forward(model: MoTTransformer, batch: Batch, dense: bool = False) 
         scores = q @ k.transpose(-1, -2) / math.sqrt(hd)
         scores = scores.masked_fill(~allowed[:, None], float("-inf"))
         attn = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(batch_size, seq, heads * hd)
-        # h = h + W_o[m] a
-        h = h + per_modality(attn, lambda t, m: t @ tower(layer.wo.weight, "attention", m).T, args.dim)
-        # h = h + FFN[m](norm_ffn[m](h))
-        x = per_modality(h, lambda t, m: rms_norm(t, tower(layer.ffn_norm.weight, "norm", m), eps), args.dim)
+        # pre: h = h + W_o[m] a;  post: h = h + norm_attn[m](W_o[m] a)
+        out = per_modality(attn, lambda t, m: t @ tower(layer.wo.weight, "attention", m).T, args.dim)
+        h = h + (per_modality(out, attn_norm, args.dim) if post else out)
+        # pre: h = h + FFN[m](norm_ffn[m](h));  post: h = h + norm_ffn[m](FFN[m](h))
+        x = h if post else per_modality(h, ffn_norm, args.dim)
 
         def ffn(t: torch.Tensor, m: int, layer=layer) -> torch.Tensor:
             w13 = tower(layer.ffn.w13.weight, "ffn", m)
@@ -269,7 +273,8 @@ def reference_forward(model: MoTTransformer, batch: Batch, dense: bool = False) 
             gate, up = t @ w13[:hidden].T, t @ w13[hidden:].T
             return (gate * torch.sigmoid(gate) * up) @ w2.T
 
-        h = h + per_modality(x, ffn, args.dim)
+        out = per_modality(x, ffn, args.dim)
+        h = h + (per_modality(out, ffn_norm, args.dim) if post else out)
     out = per_modality(h, lambda t, m: rms_norm(t, tower(model.final_norm.weight, "norm", m), eps), args.dim)
     return out.reshape(batch_size * seq, args.dim)
 
@@ -332,11 +337,13 @@ REFERENCE_CASES = {
 }
 
 
+@pytest.mark.parametrize("placement", ["pre", "post"])
 @pytest.mark.parametrize("case", list(REFERENCE_CASES))
-def test_untied_model_matches_algorithm_1(case):
-    """Outputs and every parameter gradient equal the literal reference (fp32, atol 1e-5)."""
+def test_untied_model_matches_algorithm_1(case, placement):
+    """Outputs and every parameter gradient equal the literal reference (fp32, atol 1e-5),
+    with pre-norm and with the paper's post-norm placement."""
     num_mod, rows, overrides = REFERENCE_CASES[case]
-    model = build_model(make_args(num_mod, **overrides), seed=1)
+    model = build_model(make_args(num_mod, norm_placement=placement, **overrides), seed=1)
     positions = POSITIONS_WITH_GAPS if case == "explicit_positions_with_gaps" else None
     batch = make_batch(rows, num_mod, seed=2, positions=positions)
     assert model.args.routed
@@ -361,6 +368,39 @@ def test_untied_model_matches_algorithm_1(case):
                 assert g[0].abs().sum() > 0 and g[2].abs().sum() > 0
 
 
+def test_post_norm_is_a_different_function_from_pre_norm():
+    """Same weights, the two placements: outputs differ, so each reference test checks its own
+    placement (a model ignoring the switch would fail one of them)."""
+    batch = make_batch(ROWS_THREE_PACKED, 3, seed=2)
+    pre = build_model(make_args(3, norm_placement="pre"), seed=1)
+    post = build_model(make_args(3, norm_placement="post"), seed=1)
+    post.load_state_dict(pre.state_dict())
+    assert (fast_forward(pre, batch) - fast_forward(post, batch)).abs().max() > 1e-2
+
+
+def test_post_norm_block_applies_norms_to_sublayer_outputs():
+    """Post placement: the residual update of each sublayer is normalised per token, so
+    ``h_out - h_in`` of the attention half has RMS equal to the norm gain (here 1)."""
+    from mot_core.model.block import BlockArgs, ForwardContext, MoTBlock
+    from mot_core.model.rope import RotaryEmbedding
+
+    args = BlockArgs(dim=16, n_heads=2, n_kv_heads=2, ffn_hidden=32, norm_eps=1e-6, ffn_towers=1,
+                     attention_towers=1, norm_towers=1, qk_norm=(False,), norm_placement="post")
+    block = MoTBlock(args)
+    block.reset_parameters(0.5, 0.5)
+    seq = 5
+    h = torch.randn(seq, 16)
+    cos, sin = RotaryEmbedding(8, seq, 10000.0).tables(torch.arange(seq)[None])
+    layout = AttentionLayout.build(torch.zeros(1, seq, dtype=torch.long))
+    from mot_core.model.attention import SDPABackend
+
+    ctx = ForwardContext(None, torch.zeros(1, seq, dtype=torch.long), 1, seq, cos, sin, SDPABackend(), None)
+    block.ffn_norm.weight.data.zero_()  # isolate the attention half: the FFN update becomes 0
+    delta = block(h, ctx) - h
+    torch.testing.assert_close(delta.pow(2).mean(-1).sqrt(), torch.ones(seq), atol=1e-4, rtol=0)
+    assert layout.plain_causal
+
+
 # --------------------------------------------------------------------------------------------
 # 2. Untying switches (paper's ablations)
 # --------------------------------------------------------------------------------------------
@@ -372,11 +412,12 @@ ABLATIONS = {
 }
 
 
+@pytest.mark.parametrize("placement", ["pre", "post"])
 @pytest.mark.parametrize("ablation", list(ABLATIONS))
-def test_ablation_equals_reference_with_shared_components(ablation):
+def test_ablation_equals_reference_with_shared_components(ablation, placement):
     """Each partial untying equals the reference with the remaining components shared."""
     flags = ABLATIONS[ablation]
-    args = make_args(3, n_kv_heads=2, qk_norm=(True, False, True), **flags)
+    args = make_args(3, n_kv_heads=2, qk_norm=(True, False, True), norm_placement=placement, **flags)
     model = build_model(args, seed=3)
     layer = model.layers[0]
     expect = {True: 3, False: 1}

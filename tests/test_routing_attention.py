@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mot_core.attention import AttentionLayout, MaskCache, dense_mask, make_backend
+from mot_core.model.attention import AttentionLayout, MaskCache, dense_mask, make_backend
 from mot_core.errors import MotError
-from mot_core.model import ModelArgs, MoTTransformer
-from mot_core.routing import _GroupedLinearLoop, build_routing, grouped_linear
+from mot_core.model.transformer import ModelArgs, MoTTransformer
+from mot_core.model.routing import _GroupedLinearLoop, build_routing, grouped_linear
 
 
 def literal_mask(document: torch.Tensor, span: torch.Tensor | None) -> torch.Tensor:
@@ -363,7 +363,7 @@ def test_make_backend_xformers_fails_loudly_without_cuda():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_grouped_mm_bf16_matches_loop_on_gpu():
     """bf16 torch._grouped_mm path vs the per-group loop: forward, grad x, grad W (empty group)."""
-    from mot_core.routing import _grouped_mm_usable
+    from mot_core.model.routing import _grouped_mm_usable
 
     gen = torch.Generator().manual_seed(7)
     modality = torch.tensor([0] * 37 + [2] * 91 + [3] * 20)  # group 1 empty

@@ -27,42 +27,12 @@ import torch
 from mot_core.config import validate_section
 from mot_core.errors import MotError
 
-ROOT = Path(__file__).resolve().parents[1]
-PLUGIN_SOURCE = ROOT / "examples" / "timeseries_plugin"
+from conftest import PLUGIN_SOURCE, run_mot
 
 
 # --------------------------------------------------------------------------------------------
 # Installed package, used through the CLI
 # --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def plugin_site(tmp_path_factory) -> Path:
-    """A folder holding the installed ``mot-timeseries`` distribution (package + dist-info).
-
-    The source is copied first: with --no-build-isolation pip builds in the source tree, which
-    would leave build/ and mot_timeseries.egg-info in examples/timeseries_plugin; such an
-    egg-info would make the plugin an installed distribution for any process that puts that
-    folder on sys.path (as the unit tests below do)."""
-    root = tmp_path_factory.mktemp("timeseries_plugin")
-    source = root / "source"
-    shutil.copytree(PLUGIN_SOURCE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    site = root / "site"
-    command = [
-        sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
-        "--disable-pip-version-check", "--quiet", "--target", str(site), str(source),
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, f"pip install failed:\n{result.stdout}\n{result.stderr}"
-    assert (site / "mot_timeseries" / "data" / "sunspots.csv").is_file(), "package data was not installed"
-    return site
-
-
-def run_mot(site: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(site)}
-    return subprocess.run(
-        [sys.executable, "-m", "mot_core.cli", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=120
-    )
 
 
 def test_mot_plugins_lists_the_installed_plugin_and_the_built_ins(plugin_site, tmp_path):

@@ -67,7 +67,7 @@ def _fail_at_batch(monkeypatch, call_number: int, exc: BaseException):
                 raise exc
             return super().next_batch(*args, **kwargs)
 
-    monkeypatch.setattr("mot_core.trainer.PackedStream", FailingStream)
+    monkeypatch.setattr("mot_core.train.trainer.PackedStream", FailingStream)
 
 
 def test_resume_after_crash_reproduces_metrics_exactly(write_config, tmp_path, monkeypatch, uninterrupted):

@@ -8,9 +8,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mot_core.model import ModelArgs
-from mot_core.rope import RotaryEmbedding, apply_rotary
-from mot_core.towers import default_ffn_hidden
+from mot_core.model.transformer import ModelArgs
+from mot_core.model.rope import RotaryEmbedding, apply_rotary
+from mot_core.model.towers import default_ffn_hidden
 
 
 class _PerModality(nn.Module):

@@ -13,7 +13,7 @@ import numpy as np
 from mot_core.bench.matching import Match, ema, match_curves
 from mot_core.config import validate_config
 from mot_core.plotting import finish, panels
-from mot_core.trainer import train
+from mot_core.train.trainer import train
 
 TWINS = {"dense": {"ffn": False, "attention": False, "norm": False}, "mot": {"ffn": True, "attention": True, "norm": True}}
 

@@ -17,11 +17,11 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from mot_core.attention import AttentionLayout
+from mot_core.model.attention import AttentionLayout
 from mot_core.bench.naive import NaiveMoTTransformer
-from mot_core.host import keep_freed_memory_in_heap
-from mot_core.model import ModelArgs, MoTTransformer
-from mot_core.routing import build_routing
+from mot_core.launch.host import keep_freed_memory_in_heap
+from mot_core.model.transformer import ModelArgs, MoTTransformer
+from mot_core.model.routing import build_routing
 
 VARIANTS = ("dense", "mot", "naive")
 # Dense peak FLOP/s by device name fragment: (bf16 tensor cores, fp32 without tensor cores).

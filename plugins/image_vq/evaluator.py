@@ -6,8 +6,7 @@ from pathlib import Path
 
 import torch
 
-from mot_core.generation import SamplingParams
-from mot_core.plugin_api import EvaluationContext, Evaluator
+from mot_core.plugin_api import EvaluationContext, Evaluator, SamplingParams
 from plugins.image_vq.modality import images_with_captions
 from plugins.image_vq.tokenizer_io import reconstruction_metrics
 
@@ -31,7 +30,6 @@ class ImageVQEvaluator(Evaluator):
         return {"loss": self.nats / self.tokens} if self.tokens else {}
 
     def evaluate_model(self, context: EvaluationContext) -> dict[str, float]:
-        from mot_core.sampling import prompt_to_span
         from plugins.image_vq.fid import frechet_distance, inception_feature_net, load_feature_net
 
         modality = self.modality
@@ -44,9 +42,9 @@ class ImageVQEvaluator(Evaluator):
         captioned = [i for i, c in enumerate(captions) if c][: context.samples]
         text = next((n for n in context.vocab.names if n != modality.name and context.vocab.modalities[n].stop_token is not None), None)
         if len(captioned) >= 2 and text is not None:
-            fake = torch.stack(list(prompt_to_span(
-                context.model, context.vocab, [captions[i] for i in captioned], text, modality.name,
-                SamplingParams(temperature=1.0, top_k=0, top_p=0.95, cfg_scale=3.0), seed=context.seed,
+            fake = torch.stack(list(context.sample_spans(
+                [captions[i] for i in captioned], text, modality.name,
+                SamplingParams(temperature=1.0, top_k=0, top_p=0.95, cfg_scale=3.0),
             )))
             opts = modality.options
             if opts.inception_weights:

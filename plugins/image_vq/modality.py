@@ -17,7 +17,7 @@ import torch
 from pydantic import Field, model_validator
 
 from mot_core.errors import MotError
-from mot_core.generation import SpanGrammar
+from mot_core.plugin_api import SpanGrammar
 from mot_core.plugin_api import Modality, PluginOptions, RawDocument
 from plugins.image_vq.tokenizer_io import (
     DEFAULT_FIT_BATCH_SIZE,

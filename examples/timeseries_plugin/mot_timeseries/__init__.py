@@ -7,6 +7,7 @@ group; the framework calls the ``@hookimpl`` functions below when it builds a ru
 from mot_timeseries.datasource import TimeSeriesCSV
 from mot_timeseries.evaluator import ForecastEvaluator
 from mot_timeseries.modality import TimeSeries
+from mot_timeseries.patches import GaussianPatchNLL, PatchForecastEvaluator, TimeSeriesPatches
 from registry import hookimpl
 
 __version__ = "0.1.0"
@@ -14,7 +15,12 @@ __version__ = "0.1.0"
 
 @hookimpl
 def mot_modalities():
-    return [TimeSeries]
+    return [TimeSeries, TimeSeriesPatches]
+
+
+@hookimpl
+def mot_losses():
+    return [GaussianPatchNLL]
 
 
 @hookimpl
@@ -24,7 +30,7 @@ def mot_datasets():
 
 @hookimpl
 def mot_evaluators():
-    return [ForecastEvaluator]
+    return [ForecastEvaluator, PatchForecastEvaluator]
 
 
 @hookimpl
@@ -32,6 +38,6 @@ def mot_tower_defaults(modality):
     # Short sequences over a 256-id vocabulary do not show the attention-logit growth that
     # qk-norm guards against in large image vocabularies, so the plain tower is recommended.
     # A YAML file or command-line override (mixture.modalities.timeseries.tower.qk_norm) wins.
-    if modality == "timeseries":
+    if modality in ("timeseries", "timeseries_patches"):
         return {"qk_norm": False}
     return None

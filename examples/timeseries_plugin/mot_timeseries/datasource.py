@@ -72,6 +72,11 @@ class TimeSeriesCSVOptions(PluginOptions):
     window: int = Field(64, ge=2, description="values per document")
     stride: int = Field(32, ge=1, description="step between training windows (val windows never overlap)")
     val_fraction: float = Field(0.2, gt=0, lt=1, description="the last fraction of each series, held out")
+    modality: str = Field(
+        "timeseries",
+        description="the modality the windows are given to: 'timeseries' (binned tokens), 'timeseries_patches' "
+        "(continuous patches), or any modality that takes 1-D arrays of real values",
+    )
 
 
 @dataclass(frozen=True)
@@ -82,10 +87,10 @@ class Series:
     values: np.ndarray
     caption: str
 
-    def document(self, start: int, stop: int) -> RawDocument:
-        """The captioned window ``values[start:stop]``."""
+    def document(self, start: int, stop: int, modality: str = "timeseries") -> RawDocument:
+        """The captioned window ``values[start:stop]``, as a segment of ``modality``."""
         text = self.caption.format(start=self.times[start], end=self.times[stop - 1])
-        return RawDocument((RawSegment("text", text), RawSegment("timeseries", self.values[start:stop])))
+        return RawDocument((RawSegment("text", text), RawSegment(modality, self.values[start:stop])))
 
 
 class TimeSeriesCSV(DataSource):
@@ -94,6 +99,10 @@ class TimeSeriesCSV(DataSource):
     name = "timeseries_csv"
     Options = TimeSeriesCSVOptions
     modalities = ("text", "timeseries")
+
+    def __init__(self, options: TimeSeriesCSVOptions):
+        super().__init__(options)
+        self.modalities = ("text", options.modality)
 
     def documents(self, split: Split) -> list[RawDocument]:
         opts: TimeSeriesCSVOptions = self.options
@@ -105,7 +114,7 @@ class TimeSeriesCSV(DataSource):
                 spans = training_windows(0, split_at, opts.window, opts.stride)
             else:
                 spans = held_out_windows(split_at, len(series.values), opts.window)
-            docs.extend(series.document(a, b) for a, b in spans)
+            docs.extend(series.document(a, b, opts.modality) for a, b in spans)
         return docs
 
 

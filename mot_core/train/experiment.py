@@ -10,10 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mot_core.config import RunConfig, dump_config, validate_section
-from mot_core.data import TokenDocument, Vocabulary
+from mot_core.data import Batch, TokenDocument, Vocabulary
+from mot_core.data.packing import ExtrasSampler
 from mot_core.errors import MotError
-from mot_core.model import ModelArgs
+from mot_core.model.transformer import ModalityModules, ModelArgs, MoTTransformer
 from mot_core.plugin_api import DataSource, Evaluator, Loss, Modality, RawDocument
 from registry import Registry, get_registry
 
@@ -153,5 +156,47 @@ def model_args(config: RunConfig, vocab: Vocabulary) -> ModelArgs:
         attention_backend=m.attention_backend,
         init_std=m.init_std,
         tie_embeddings=m.tie_embeddings,
+        norm_placement=m.norm_placement,
         activation_checkpointing=m.activation_checkpointing,
     )
+
+
+def build_model(args: ModelArgs, vocab: Vocabulary) -> MoTTransformer:
+    """The MoT model with every modality's own modules (input adapter, output head) built
+    from its validated options. A modality with continuous inputs must build an adapter."""
+    owned = {}
+    for index, name in enumerate(vocab.names):
+        modality = vocab.modalities[name]
+        adapter, head = modality.build_adapter(args.dim), modality.build_head(args.dim)
+        for what, module in (("build_adapter", adapter), ("build_head", head)):
+            if module is not None and not isinstance(module, torch.nn.Module):
+                raise MotError(f"modality '{name}': {what}() returned {type(module).__name__}, expected a torch.nn.Module or None")
+        if modality.input_dim is not None and adapter is None:
+            raise MotError(f"modality '{name}' declares input_dim={modality.input_dim} but build_adapter() returned None")
+        if adapter is not None or head is not None:
+            owned[name] = ModalityModules(index, adapter, head)
+    return MoTTransformer(args, owned)
+
+
+def extras_sampler(exp: Experiment, vocab: Vocabulary) -> ExtrasSampler | None:
+    """The function that fills ``Batch.extras`` from each loss's ``sample_extras`` when a batch
+    is built, or None when no loss of the run draws extras."""
+    drawing = {name: loss for name, loss in exp.losses.items() if type(loss).sample_extras is not Loss.sample_extras}
+    if not drawing:
+        return None
+
+    def sample(batch: Batch, generator: torch.Generator) -> None:
+        for name, (_, _, piece) in batch.modality_slices(vocab).items():
+            if name not in drawing:
+                continue
+            extras = drawing[name].sample_extras(piece, generator)
+            where = f"loss '{drawing[name].name}' of modality '{name}': sample_extras()"
+            if not isinstance(extras, dict):
+                raise MotError(f"{where} returned {type(extras).__name__}, expected a dict of tensors")
+            for key, value in extras.items():
+                if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != len(piece):
+                    shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                    raise MotError(f"{where}['{key}'] is {shape}, expected a tensor of {len(piece)} rows (one per position)")
+            batch.extras[piece.index] = extras
+
+    return sample

@@ -87,7 +87,11 @@ def load_trainer_state(path: Path) -> dict[str, Any]:
 
 def check_compatible(saved_args: dict[str, Any], current_args: Any, where: Path) -> None:
     current = json.loads(json.dumps(dataclasses.asdict(current_args)))
-    diffs = [f"{k}: {saved_args.get(k)!r} -> {v!r}" for k, v in current.items() if saved_args.get(k) != v]
+    # A field added after a checkpoint was written takes its default, the behaviour it had then.
+    defaults = json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(current_args)
+                                      if f.default is not dataclasses.MISSING}))
+    saved = {**{k: v for k, v in defaults.items() if k not in saved_args}, **saved_args}
+    diffs = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in current.items() if saved.get(k) != v]
     if diffs:
         raise MotError(
             f"checkpoint {where} was trained with a different model ({'; '.join(diffs[:3])}); "

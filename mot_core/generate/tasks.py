@@ -10,7 +10,7 @@ import torch
 
 from mot_core.data import Vocabulary
 from mot_core.errors import MotError
-from mot_core.generation import SamplingParams, generate
+from mot_core.generate.decoding import SamplingParams, generate
 
 
 def prompt_to_span(model, vocab: Vocabulary, prompts: list[Any], prompt_modality: str, span_modality: str,

@@ -1,10 +1,14 @@
-"""The MoT transformer block (paper Algorithm 1, Eq. 2-3).
+"""The MoT transformer block (paper Algorithm 1, Eq. 2-3), with either norm placement.
 
-    x      = norm_attn[m](h)                  per token, by its modality m
-    q,k,v  = W_qkv[m] x                       grouped matmul over modality-sorted rows
-    a      = Attention(q, k, v)               ONE global attention, original token order
-    h      = h + W_o[m] a
-    h      = h + FFN[m](norm_ffn[m](h))
+    pre (Llama, Transfusion)                  post (paper Algorithm 1, Chameleon's reordering)
+    q,k,v = W_qkv[m] norm_attn[m](h)          q,k,v = W_qkv[m] h
+    a     = Attention(q, k, v)                a     = Attention(q, k, v)
+    h     = h + W_o[m] a                      h     = h + norm_attn[m](W_o[m] a)
+    h     = h + FFN[m](norm_ffn[m](h))        h     = h + norm_ffn[m](FFN[m](h))
+
+m is each token's modality; every per-token product is a grouped matmul over modality-sorted
+rows, and the attention is ONE global attention over the whole sequence in original order.
+Optional per-modality QK-norm (over head_dim) applies in both placements.
 
 ``h`` is the residual stream in stream order: modality-sorted when the model routes (some
 component untied), original order for the dense baseline. Only Q/K/V and the attention output
@@ -20,11 +24,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mot_core.attention import AttentionBackend
-from mot_core.kv_cache import KVCache
-from mot_core.rope import apply_rotary
-from mot_core.routing import RoutingPlan
-from mot_core.towers import TowerLinear, TowerRMSNorm, TowerSwiGLU
+from mot_core.model.attention import AttentionBackend
+from mot_core.model.kv_cache import KVCache
+from mot_core.model.rope import apply_rotary
+from mot_core.model.routing import RoutingPlan
+from mot_core.model.towers import TowerLinear, TowerRMSNorm, TowerSwiGLU
 
 
 @dataclass
@@ -62,6 +66,7 @@ class BlockArgs:
     attention_towers: int
     norm_towers: int
     qk_norm: tuple[bool, ...]  # per modality; empty/all False = off
+    norm_placement: str = "pre"  # "pre" or "post" (see the module docstring)
 
 
 class MoTBlock(nn.Module):
@@ -79,6 +84,9 @@ class MoTBlock(nn.Module):
         self.ffn_norm = TowerRMSNorm(args.norm_towers, args.dim, args.norm_eps)
         self.ffn = TowerSwiGLU(args.ffn_towers, args.dim, args.ffn_hidden)
         self.norm_eps = args.norm_eps
+        if args.norm_placement not in ("pre", "post"):
+            raise ValueError(f"norm_placement must be 'pre' or 'post', got {args.norm_placement!r}")
+        self.post_norm = args.norm_placement == "post"
         self.uses_qk_norm = any(args.qk_norm)
         self.qk_norm_everywhere = all(args.qk_norm)
         if self.uses_qk_norm:
@@ -90,7 +98,7 @@ class MoTBlock(nn.Module):
     def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """h: (N, dim) residual stream in stream order -> (N, dim)."""
         plan = ctx.plan
-        qkv = self.wqkv(self.attn_norm(h, plan), plan)
+        qkv = self.wqkv(h if self.post_norm else self.attn_norm(h, plan), plan)
         if plan is not None:
             qkv = plan.unsort(qkv)  # global attention runs in original token order
         q, k, v = qkv.view(ctx.batch, ctx.seq, -1, self.head_dim).transpose(1, 2).split(
@@ -105,6 +113,9 @@ class MoTBlock(nn.Module):
         attn = attn.transpose(1, 2).reshape(ctx.batch * ctx.seq, -1)
         if plan is not None:
             attn = plan.sort(attn)
+        if self.post_norm:
+            h = h + self.attn_norm(self.wo(attn, plan), plan)
+            return h + self.ffn_norm(self.ffn(h, plan), plan)
         h = h + self.wo(attn, plan)
         return h + self.ffn(self.ffn_norm(h, plan), plan)
 

@@ -29,6 +29,9 @@ class RoutingPlan:
             batch is built, so slicing never synchronises with the device).
         offsets: (M,) int32 cumulative counts on the model's device, for ``torch._grouped_mm``.
         sorted_modality: (N,) long modality id of each token in sorted order.
+        value_counts: per modality, how many of its tokens carry continuous values; they come
+            last in the modality's slice (the sort key is (modality, carries a value)), so an
+            input adapter reads one contiguous block. Empty when no token carries a value.
     """
 
     order: torch.Tensor
@@ -36,6 +39,11 @@ class RoutingPlan:
     counts: tuple[int, ...]
     offsets: torch.Tensor
     sorted_modality: torch.Tensor
+    value_counts: tuple[int, ...] = ()
+
+    def num_values(self, modality: int) -> int:
+        """Tokens of ``modality`` that carry continuous values (the end of its slice)."""
+        return self.value_counts[modality] if self.value_counts else 0
 
     @property
     def num_modalities(self) -> int:
@@ -61,6 +69,7 @@ class RoutingPlan:
             counts=self.counts,
             offsets=self.offsets.to(device, non_blocking=True),
             sorted_modality=self.sorted_modality.to(device, non_blocking=True),
+            value_counts=self.value_counts,
         )
 
 
@@ -113,13 +122,21 @@ def scale_by_group(x_sorted: torch.Tensor, gains: torch.Tensor, plan: RoutingPla
     return _SegmentScale.apply(x_sorted, gains, plan.counts)
 
 
-def build_routing(modality_ids: torch.Tensor, num_modalities: int) -> RoutingPlan:
-    """Sort once. ``modality_ids``: (B, S) or (N,) long in [0, num_modalities).
+def build_routing(modality_ids: torch.Tensor, num_modalities: int, is_value: torch.Tensor | None = None) -> RoutingPlan:
+    """Sort once. ``modality_ids``: (B, S) or (N,) long in [0, num_modalities); ``is_value``:
+    same shape, bool, True where the token carries a continuous value (sorted last within its
+    modality).
 
     Call this where the batch is built (CPU) so ``counts`` costs no device sync.
     """
     flat = modality_ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)
+    value_counts: tuple[int, ...] = ()
+    if is_value is not None and bool(is_value.any()):
+        value_flat = is_value.reshape(-1)
+        order = torch.argsort(flat * 2 + value_flat.long(), stable=True)
+        value_counts = tuple(int(c) for c in torch.bincount(flat[value_flat], minlength=num_modalities).tolist())
+    else:
+        order = torch.argsort(flat, stable=True)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
     counts_t = torch.bincount(flat, minlength=num_modalities)
@@ -127,7 +144,7 @@ def build_routing(modality_ids: torch.Tensor, num_modalities: int) -> RoutingPla
         raise ValueError(f"modality id {int(flat.max())} >= number of modalities {num_modalities}")
     counts = tuple(int(c) for c in counts_t.tolist())
     offsets = torch.cumsum(counts_t, 0).to(torch.int32)
-    return RoutingPlan(order, inverse, counts, offsets, flat.index_select(0, order))
+    return RoutingPlan(order, inverse, counts, offsets, flat.index_select(0, order), value_counts)
 
 
 class _GroupedLinearLoop(torch.autograd.Function):

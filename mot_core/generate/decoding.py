@@ -16,31 +16,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mot_core.attention import AttentionLayout
+from mot_core.model.attention import AttentionLayout
 from mot_core.data import Vocabulary
 from mot_core.errors import MotError
-from mot_core.kv_cache import KVCache
-from mot_core.routing import build_routing
+from mot_core.model.kv_cache import KVCache
+from mot_core.model.routing import build_routing
+from mot_core.plugin_api import SamplingParams
 
-
-@dataclass(frozen=True)
-class SpanGrammar:
-    """A span emitted whole, in the modality's local ids: begin, ``length`` body ids in
-    [body_lo, body_hi), end."""
-
-    begin: int
-    end: int
-    body_lo: int
-    body_hi: int
-    length: int
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 1.0  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
-    cfg_scale: float = 1.0  # 1 = no guidance
+__all__ = ["SamplingParams", "filter_logits", "generate", "sample"]
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

@@ -7,7 +7,6 @@ batch contributes nothing.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
@@ -18,35 +17,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mot_core import checkpoint as ckpt
+from mot_core.train import checkpoint as ckpt
 from mot_core.config import RunConfig
 from mot_core.data import PackedStream, fixed_batches
 from mot_core.errors import MotError
-from mot_core.evaluate import evaluate, forward_losses
-from mot_core.experiment import Experiment, build_experiment, model_args, prepare_data
-from mot_core.host import keep_freed_memory_in_heap
-from mot_core.model import MoTTransformer, warm_start_from_dense
-
-
-def resolve_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise MotError("run.device=cuda but no CUDA device is available")
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(choice)
-
-
-def autocast_for(device: torch.device, precision: str):
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if use_bf16:
-        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+from mot_core.train.evaluation import evaluate, forward_losses, reduce_losses
+from mot_core.train.experiment import Experiment, build_experiment, build_model, extras_sampler, model_args, prepare_data
+from mot_core.launch.device import autocast_for, keep_freed_memory_in_heap, resolve_device, seed_everything
+from mot_core.model.transformer import warm_start_from_dense
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -60,7 +38,8 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
     decay, no_decay = [], []
     for name, param in model.named_parameters():
-        (no_decay if "norm" in name else decay).append(param)
+        # norm gains and biases (of plugin-owned modules) are not decayed, matrices are
+        (no_decay if "norm" in name or param.ndim < 2 else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # fused: one kernel over all parameters (CPU and CUDA); MoT holds a tower per modality,
     # so optimizer cost, unlike FLOPs, grows with the number of towers.
@@ -104,14 +83,16 @@ def train(config: RunConfig) -> dict:
     (run_dir / "config.yaml").write_text(config_yaml)
 
     torch.manual_seed(config.run.seed)
-    model = MoTTransformer(args).to(device)
+    model = build_model(args, vocab).to(device)
     optimizer = build_optimizer(model, tcfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, tcfg.warmup_steps, tcfg.steps, tcfg.min_lr_ratio)
     )
     names = list(exp.source_weights)
-    stream = PackedStream([data.train[n] for n in names], [exp.source_weights[n] for n in names], tcfg.seq_len, config.run.seed)
-    val_batches = fixed_batches(data.val, tcfg.batch_size, tcfg.seq_len, tcfg.eval_batches, len(vocab.names))
+    extras = extras_sampler(exp, vocab)
+    stream = PackedStream([data.train[n] for n in names], [exp.source_weights[n] for n in names], tcfg.seq_len,
+                          config.run.seed, extras=extras)
+    val_batches = fixed_batches(data.val, tcfg.batch_size, tcfg.seq_len, tcfg.eval_batches, len(vocab.names), extras)
 
     step = 0
     if existing:
@@ -166,9 +147,10 @@ def train(config: RunConfig) -> dict:
                 per_modality = forward_losses(model, batch, vocab, exp)
             total = torch.zeros((), device=device)
             record = {"step": step + 1}
-            for name, (losses, valid, _) in per_modality.items():
-                if valid.any():
-                    mean = (losses.float() * valid).sum() / valid.sum()
+            for name, (losses, valid, piece) in per_modality.items():
+                loss_sum, count = reduce_losses(losses, valid, piece, exp.losses[name].reduction)
+                if count:
+                    mean = loss_sum / count
                     total = total + exp.loss_weights[name] * mean
                     record[f"loss/{name}"] = float(mean.detach())
             total_value = float(total.detach())

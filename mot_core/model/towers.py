@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mot_core.routing import RoutingPlan, grouped_linear, scale_by_group
+from mot_core.model.routing import RoutingPlan, grouped_linear, scale_by_group
 
 
 class TowerLinear(nn.Module):

@@ -1,11 +1,15 @@
-"""The MoT transformer: shared embeddings, MoT blocks, per-modality final norm, shared head.
+"""The MoT transformer: shared embeddings, MoT blocks, per-modality final norm, shared head,
+and the modality-owned input adapters and output heads of continuous modalities.
 
 Pure torch: no config system, no launcher, no plugin lookups. The engine turns a validated
-config into ``ModelArgs``.
+config into ``ModelArgs`` and builds each plugin's modules, which it hands over as
+``ModalityModules``.
 
 Token ids are global: each discrete modality owns a contiguous range of one vocabulary, so a
 position of any modality can predict a token of any other (text -> begin-of-image, ...).
 Embeddings and the output head are shared; every other weight can be untied by modality.
+Positions that carry continuous values are not embedded: their modality's adapter maps them
+into the residual stream, on that modality's contiguous slice of the sorted batch.
 """
 
 from __future__ import annotations
@@ -17,13 +21,37 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
-from mot_core.attention import AttentionLayout, MaskCache, SDPABackend, make_backend
-from mot_core.block import BlockArgs, ForwardContext, MoTBlock
+from mot_core.model.attention import AttentionLayout, MaskCache, SDPABackend, make_backend
+from mot_core.model.block import BlockArgs, ForwardContext, MoTBlock
 from mot_core.errors import MotError
-from mot_core.kv_cache import KVCache
-from mot_core.rope import RotaryEmbedding
-from mot_core.routing import RoutingPlan
-from mot_core.towers import TowerRMSNorm, default_ffn_hidden
+from mot_core.model.kv_cache import KVCache
+from mot_core.model.rope import RotaryEmbedding
+from mot_core.model.routing import RoutingPlan
+from mot_core.model.towers import TowerRMSNorm, default_ffn_hidden
+
+
+class ModalityModules(nn.Module):
+    """The modules one modality owns: an input adapter for its continuous positions and an
+    output head, either may be None. ``index``: the modality's index in the mixture."""
+
+    def __init__(self, index: int, adapter: nn.Module | None = None, head: nn.Module | None = None):
+        super().__init__()
+        self.index = index
+        self.adapter = adapter
+        self.head = head
+
+
+@dataclass(frozen=True)
+class ContinuousInputs:
+    """One modality's continuous positions in a batch, in its slice order.
+
+    Attributes:
+        values: (V, input_dim) inputs of the modality's V continuous positions.
+        extras: name -> (V, ...) per-position tensors for the adapter (e.g. a timestep).
+    """
+
+    values: torch.Tensor
+    extras: dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -45,6 +73,7 @@ class ModelArgs:
     attention_backend: str = "sdpa"
     init_std: float = 0.02
     tie_embeddings: bool = False
+    norm_placement: str = "pre"  # "pre": h + f(norm(h)); "post": h + norm(f(h)) (paper Algorithm 1)
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
 
     @property
@@ -57,7 +86,9 @@ class ModelArgs:
 
 
 class MoTTransformer(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, modality_modules: dict[str, ModalityModules] | None = None):
+        """``modality_modules``: modality name -> the modules it owns (kept as submodules, so
+        they train, checkpoint and move with the model). Their own initialisation is kept."""
         super().__init__()
         self.args = args
         qk_norm = args.qk_norm or (False,) * args.num_modalities
@@ -73,6 +104,7 @@ class MoTTransformer(nn.Module):
             attention_towers=args.towers(args.untie_attention),
             norm_towers=args.towers(args.untie_norm),
             qk_norm=tuple(qk_norm),
+            norm_placement=args.norm_placement,
         )
         self.embed = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(MoTBlock(block_args, layer_id=i) for i in range(args.n_layers))
@@ -83,6 +115,13 @@ class MoTTransformer(nn.Module):
         self.decode_backend = SDPABackend()  # rectangular (new x cached) masks
         self.mask_cache = MaskCache()
         self.reset_parameters()
+        self.modality_modules = nn.ModuleDict(modality_modules or {})
+        self._adapters: dict[int, tuple[str, nn.Module]] = {}
+        for name, modules in self.modality_modules.items():
+            if not 0 <= modules.index < args.num_modalities:
+                raise ValueError(f"modality '{name}' has index {modules.index}, outside 0..{args.num_modalities - 1}")
+            if modules.adapter is not None:
+                self._adapters[modules.index] = (name, modules.adapter)
 
     def reset_parameters(self) -> None:
         """Every tower draws from the distribution the dense layer would: dense and MoT start
@@ -109,6 +148,7 @@ class MoTTransformer(nn.Module):
         plan: RoutingPlan,
         layout: AttentionLayout,
         cache: KVCache | None = None,
+        continuous: dict[int, ContinuousInputs] | None = None,
     ) -> torch.Tensor:
         """Run the network up to the final norm.
 
@@ -121,6 +161,8 @@ class MoTTransformer(nn.Module):
             layout: attention layout of the batch (with ``cache``: of the new tokens only).
             cache: KV cache for incremental decoding; the new tokens are appended to it and
                 attend to everything cached (SDPA with an explicit mask; same maths).
+            continuous: modality index -> its continuous inputs, for every modality with
+                ``plan.num_values(m) > 0`` (those positions' ``tokens`` are placeholders).
         Returns:
             (N, dim) final hidden states, N = B*S, in modality-sorted order.
         """
@@ -129,7 +171,12 @@ class MoTTransformer(nn.Module):
             raise MotError(f"sequence length {seq} exceeds model.max_seq_len={self.args.max_seq_len}")
         routed = self.args.routed
         flat_tokens = tokens.reshape(-1)
-        h = self.embed(plan.sort(flat_tokens) if routed else flat_tokens)
+        if plan.value_counts and any(plan.value_counts):
+            h = self._embed_with_adapters(plan.sort(flat_tokens), plan, continuous or {})
+            if not routed:
+                h = plan.unsort(h)
+        else:
+            h = self.embed(plan.sort(flat_tokens) if routed else flat_tokens)
         cos, sin = self.rope.tables(positions)
         ctx = ForwardContext(
             plan=plan if routed else None,
@@ -153,14 +200,49 @@ class MoTTransformer(nn.Module):
             h = plan.sort(h)  # the dense baseline sorts once, at the end, for per-modality heads
         return self.final_norm(h, plan)
 
+    def _embed_with_adapters(self, sorted_tokens: torch.Tensor, plan: RoutingPlan,
+                             continuous: dict[int, ContinuousInputs]) -> torch.Tensor:
+        """(N,) modality-sorted ids -> (N, dim): each modality's token positions through the
+        shared table, its continuous positions (the end of its slice) through its adapter.
+        Every piece is a contiguous slice; one concatenation assembles the stream."""
+        pieces = []
+        for m in range(plan.num_modalities):
+            start, end = plan.bounds(m)
+            n_values = plan.num_values(m)
+            if end - n_values > start:
+                pieces.append(self.embed(sorted_tokens[start : end - n_values]))
+            if not n_values:
+                continue
+            if m not in self._adapters:
+                raise MotError(f"modality {m} has {n_values} continuous positions in the batch but no input adapter")
+            name, adapter = self._adapters[m]
+            inputs = continuous.get(m)
+            if inputs is None or inputs.values.shape[0] != n_values:
+                got = "none" if inputs is None else f"{inputs.values.shape[0]} rows"
+                raise MotError(f"modality '{name}': the batch has {n_values} continuous positions but {got} of values")
+            out = adapter(inputs.values, inputs.extras)
+            if not isinstance(out, torch.Tensor) or out.shape != (n_values, self.args.dim):
+                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise MotError(
+                    f"modality '{name}': its input adapter returned {shape}, expected "
+                    f"({n_values}, model.dim={self.args.dim})"
+                )
+            pieces.append(out.to(self.embed.weight.dtype))  # the stream's dtype, as the embedding gives it
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
     def parameter_counts(self) -> dict[str, int]:
-        """Total parameters, and those active for one token (one tower of each component)."""
+        """Total parameters, and those active for one token: one tower of each component, the
+        shared embedding and head, and the largest modality-owned adapter + head (a token goes
+        through at most one modality's)."""
         total = sum(p.numel() for p in self.parameters())
+        towered = {id(p) for layer in [*self.layers, self.final_norm] for p in layer.parameters()}
         active = 0
         for name, p in self.named_parameters():
-            stacked = name.endswith((".weight", "q_norm", "k_norm")) and not name.startswith(("embed", "lm_head"))
-            active += p.numel() // p.shape[0] if stacked else p.numel()
-        return {"total": total, "active_per_token": active}
+            if name.startswith("modality_modules."):
+                continue
+            active += p.numel() // p.shape[0] if id(p) in towered else p.numel()
+        owned = [sum(p.numel() for p in m.parameters()) for m in self.modality_modules.values()]
+        return {"total": total, "active_per_token": active + max(owned, default=0)}
 
 
 def warm_start_from_dense(model: MoTTransformer, dense_state: dict[str, torch.Tensor]) -> list[str]:

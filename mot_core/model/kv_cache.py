@@ -1,7 +1,7 @@
 """Key/value cache for incremental decoding over interleaved sequences.
 
 Holds, per layer, the post-RoPE keys and values of every token seen so far, and the document
-and span ids of those tokens so the attention rule of ``mot_core.attention`` applies unchanged
+and span ids of those tokens so the attention rule of ``mot_core.model.attention`` applies unchanged
 to new queries. New tokens are routed to their modality's towers like any batch: only the
 cached K/V (already projected by the right tower) are reused.
 """

@@ -1,0 +1,33 @@
+"""The ``mot`` command line, one module per command group. Input errors print one line and
+exit 2; never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mot_core.cli import bench, compare, data, generate, plugins, train
+from mot_core.errors import MotError
+
+COMMAND_MODULES = (train, plugins, data, generate, compare, bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mot", description="Mixture-of-Transformers training framework")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in COMMAND_MODULES:
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        return ns.func(ns)
+    except MotError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+

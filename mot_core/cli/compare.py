@@ -1,0 +1,63 @@
+"""``mot compare``: final validation metrics of runs side by side, and their loss curves."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from mot_core.bench.matching import ema
+from mot_core.errors import MotError
+from mot_core.plotting import finish, panels
+
+
+def compare_runs(runs: list[Path], plot: Path | None) -> str:
+    """A table of each run's final validation metrics side by side, and their loss curves."""
+    records = {}
+    for run in runs:
+        file = run / "metrics.jsonl"
+        if not file.is_file():
+            raise MotError(f"no metrics.jsonl in {run}")
+        records[run.name] = [json.loads(line) for line in file.read_text().splitlines() if line]
+    finals = {name: next((r for r in reversed(recs) if any(k.startswith("val/") for k in r)), {}) for name, recs in records.items()}
+    keys = sorted({k for f in finals.values() for k in f if k.startswith("val/") and k.endswith("/loss")})
+    width = max(len(k) for k in keys + ["metric"])
+    names = list(records)
+    lines = [f"{'metric':<{width}}  " + "  ".join(f"{n:>22}" for n in names)]
+    lines.append(f"{'step':<{width}}  " + "  ".join(f"{finals[n].get('step', float('nan')):>22}" for n in names))
+    for key in keys:
+        lines.append(f"{key:<{width}}  " + "  ".join(f"{finals[n].get(key, float('nan')):>22.4f}" for n in names))
+    if plot is not None:
+        _plot(records, plot)
+        lines.append(f"plot: {plot}")
+    return "\n".join(lines)
+
+
+def _plot(records: dict[str, list[dict]], path: Path) -> None:
+    modalities = sorted({k.split("/")[1] for recs in records.values() for r in recs for k in r if k.startswith("loss/")})
+    fig, axes = panels(len(modalities), width=5.0, height=3.6)
+    for ax, modality in zip(axes, modalities):
+        for name, recs in records.items():
+            steps = [r["step"] for r in recs if f"loss/{modality}" in r]
+            values = np.array([r[f"loss/{modality}"] for r in recs if f"loss/{modality}" in r])
+            line, = ax.plot(steps, ema(values, 0.9), label=f"{name} (train, EMA 0.9)", alpha=0.9)
+            val = [(r["step"], r[f"val/{modality}/loss"]) for r in recs if f"val/{modality}/loss" in r]
+            if val:
+                ax.plot(*zip(*val), "o--", color=line.get_color(), label=f"{name} (val)")
+        ax.set_title(f"{modality} loss")
+    finish(fig, axes, path)
+
+
+def cmd_compare(ns: argparse.Namespace) -> int:
+
+    print(compare_runs([Path(r) for r in ns.runs], Path(ns.plot) if ns.plot else None))
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("compare", help="final validation losses of runs side by side, and their loss curves")
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--plot", default=None, help="write the loss curves to this PNG")
+    p.set_defaults(func=cmd_compare)

@@ -1,0 +1,53 @@
+"""``mot train``, ``mot eval`` and ``mot config show``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from mot_core.cli.common import config_command, load_config
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    from mot_core.train.trainer import train
+
+    config = load_config(ns.config, ns.overrides)
+    train(config)
+    print(f"done: metrics in {Path(config.run.dir) / 'metrics.jsonl'}")
+    return 0
+
+
+def cmd_eval(ns: argparse.Namespace) -> int:
+    from mot_core.train.runs import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(Path(ns.checkpoint), ns.batches, ns.samples)
+    if ns.json:
+        print(json.dumps(metrics))
+    else:
+        width = max(map(len, metrics), default=0)
+        for key, value in metrics.items():
+            print(f"{key:<{width}}  {value:.4f}")
+    return 0
+
+
+def cmd_config_show(ns: argparse.Namespace) -> int:
+    from mot_core.train.experiment import build_experiment
+
+    config = load_config(ns.config, ns.overrides)
+    print(build_experiment(config).resolved_yaml(), end="")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train (or resume) a run declared in a YAML config")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. model.dim=256 train.steps=100")
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("eval", help="evaluate a checkpoint on its run's held-out data")
+    p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its newest checkpoint)")
+    p.add_argument("--batches", type=int, default=None, help="validation batches (default: the run's)")
+    p.add_argument("--samples", type=int, default=0, help="samples for generation-based metrics (e.g. FID)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_eval)
+    config_command(sub, "config", "show", "print the resolved, validated config", cmd_config_show)

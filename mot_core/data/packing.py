@@ -1,0 +1,269 @@
+"""From raw documents to packed batches.
+
+Documents are tokenized once by their modalities, shifted into the global vocabulary, and
+packed into fixed-length rows (no padding): a document cut at the end of a row continues in
+the next row. Each row carries, per token: global id, modality id, RoPE position (restarting
+per document chunk), document id (attention never crosses documents), bidirectional span id
+(-1 = causal), segment id, whether it carries a continuous value, and the next-token target
+(-100 where the document ends or the next position carries a value). Continuous values travel
+per modality, in batch order, next to the ids; losses may add per-position extras (noise,
+timesteps) drawn from the stream's generator when the batch is built.
+
+``PackedStream`` is deterministic given its seed and its ``state_dict`` fully describes its
+position, so a resumed run sees exactly the batches the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from mot_core.data.vocabulary import TokenDocument, Vocabulary
+from mot_core.errors import MotError
+from mot_core.model.attention import AttentionLayout
+from mot_core.model.routing import RoutingPlan, build_routing
+from mot_core.plugin_api import IGNORE_INDEX as IGNORE
+from mot_core.plugin_api import ModalitySlice
+
+
+ExtrasSampler = Callable[["Batch", torch.Generator], None]
+
+
+@dataclass
+class Batch:
+    """A packed batch. Tensors are (B, S) unless noted.
+
+    Attributes:
+        segment: segment id of each position, unique within the batch.
+        is_value: bool, True where the position carries a continuous value.
+        values: modality index -> (V_m, input_dim) values of its continuous positions, in batch
+            order (which is their order in the modality's sorted slice: the sort is stable).
+        next_values: modality index -> (n_m, input_dim) value of the next position where that is
+            a continuous position of the same modality (zeros elsewhere), in slice order.
+        has_next_value: bool, True where ``next_values`` holds a target.
+        extras: modality index -> name -> (n_m, ...) per-position tensors from the modality's
+            loss (``Loss.sample_extras``), in slice order.
+    """
+
+    tokens: torch.Tensor
+    modality: torch.Tensor
+    positions: torch.Tensor
+    document: torch.Tensor
+    span: torch.Tensor
+    targets: torch.Tensor
+    plan: RoutingPlan
+    layout: AttentionLayout
+    segment: torch.Tensor | None = None
+    is_value: torch.Tensor | None = None
+    has_next_value: torch.Tensor | None = None
+    values: dict[int, torch.Tensor] = field(default_factory=dict)
+    next_values: dict[int, torch.Tensor] = field(default_factory=dict)
+    extras: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.numel()
+
+    def to(self, device: torch.device | str) -> "Batch":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Batch(
+            move(self.tokens), move(self.modality), move(self.positions), move(self.document),
+            move(self.span), move(self.targets), self.plan.to(device), self.layout.to(device),
+            move(self.segment), move(self.is_value), move(self.has_next_value),
+            {m: move(v) for m, v in self.values.items()},
+            {m: move(v) for m, v in self.next_values.items()},
+            {m: {k: move(v) for k, v in e.items()} for m, e in self.extras.items()},
+        )
+
+    def modality_slices(self, vocab: Vocabulary) -> dict[str, tuple[int, int, ModalitySlice]]:
+        """name -> (start, end, slice) of each modality present, in modality-sorted order."""
+        plan = self.plan
+        targets = plan.sort(self.targets.reshape(-1))
+        segment = None if self.segment is None else plan.sort(self.segment.reshape(-1))
+        has_next = None if self.has_next_value is None else plan.sort(self.has_next_value.reshape(-1))
+        slices = {}
+        for index, name in enumerate(vocab.names):
+            start, end = plan.bounds(index)
+            if end == start:
+                continue
+            piece = ModalitySlice(
+                index, vocab.offsets[name], targets[start:end],
+                segment=None if segment is None else segment[start:end],
+                num_values=plan.num_values(index),
+                values=self.values.get(index),
+                next_values=self.next_values.get(index),
+                has_next_value=None if has_next is None or index not in self.next_values else has_next[start:end],
+                extras=dict(self.extras.get(index, {})),
+            )
+            slices[name] = (start, end, piece)
+        return slices
+
+
+def collate(rows: list[dict], num_modalities: int) -> Batch:
+    """Stack rows and compute, once and on the host, the routing plan and attention layout."""
+    fields = [k for k in rows[0] if k not in ("values", "next_values")]
+    stacked = {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in fields}
+    seq = stacked["tokens"].shape[1]
+    stacked["segment"] += torch.arange(len(rows))[:, None] * seq  # a row holds < seq segments
+    plan = build_routing(stacked["modality"], num_modalities, stacked["is_value"])
+    layout = AttentionLayout.build(stacked["document"], stacked["span"])
+    values, next_values = {}, {}
+    for m in sorted({m for r in rows for m in r["values"]}):
+        dim = next(r["values"][m].shape[1] for r in rows if m in r["values"])
+        values[m] = torch.from_numpy(np.concatenate([r["values"][m] for r in rows if m in r["values"]]))
+        flat = np.concatenate([r["next_values"].get(m, np.zeros((seq, dim), np.float32)) for r in rows])
+        start, end = plan.bounds(m)
+        next_values[m] = torch.from_numpy(flat)[plan.order[start:end]]
+    return Batch(plan=plan, layout=layout, values=values, next_values=next_values, **stacked)
+
+
+class PackedStream:
+    """Endless, deterministic, resumable stream of packed rows from weighted sources.
+
+    Each source is read in a per-epoch random permutation; the next document's source is drawn
+    with probability proportional to its weight.
+    """
+
+    def __init__(
+        self, sources: list[list[TokenDocument]], weights: list[float], seq_len: int, seed: int, shuffle: bool = True,
+        extras: ExtrasSampler | None = None,
+    ):
+        """``extras``: fills ``Batch.extras`` from the stream's generator when a batch is built."""
+        for docs in sources:
+            if not docs:
+                raise MotError("a training source has no documents")
+        self.sources, self.seq_len, self.seed, self.shuffle = sources, seq_len, seed, shuffle
+        self.extras = extras
+        self.weights = torch.tensor(weights, dtype=torch.float64)
+        self.rng = torch.Generator().manual_seed(seed)
+        self.epochs = [0] * len(sources)
+        self.cursors = [0] * len(sources)
+        self.current: tuple[int, int, int] | None = None  # (source, doc index, token offset)
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
+
+    def _perm(self, source: int, epoch: int) -> np.ndarray:
+        key = (source, epoch)
+        if key not in self._perms:
+            if not self.shuffle:
+                return np.arange(len(self.sources[source]))
+            self._perms = {k: v for k, v in self._perms.items() if k[0] != source}
+            rng = np.random.default_rng([self.seed, source, epoch])
+            self._perms[key] = rng.permutation(len(self.sources[source]))
+        return self._perms[key]
+
+    def _next_document(self) -> tuple[int, int]:
+        source = int(torch.multinomial(self.weights, 1, generator=self.rng)) if len(self.sources) > 1 else 0
+        perm = self._perm(source, self.epochs[source])
+        doc = int(perm[self.cursors[source]])
+        self.cursors[source] += 1
+        if self.cursors[source] == len(perm):
+            self.epochs[source], self.cursors[source] = self.epochs[source] + 1, 0
+        return source, doc
+
+    def next_row(self) -> dict[str, np.ndarray]:
+        row = _RowBuilder(self.seq_len)
+        while not row.full:
+            if self.current is None:
+                self.current = (*self._next_document(), 0)
+            source, doc_index, offset = self.current
+            doc = self.sources[source][doc_index]
+            taken = row.add(doc, offset)
+            self.current = None if offset + taken >= len(doc) else (source, doc_index, offset + taken)
+        return row.arrays()
+
+    def next_batch(self, batch_size: int, num_modalities: int) -> Batch:
+        batch = collate([self.next_row() for _ in range(batch_size)], num_modalities)
+        if self.extras is not None:
+            self.extras(batch, self.rng)
+        return batch
+
+    def state_dict(self) -> dict:
+        return {
+            "rng": self.rng.get_state(),
+            "epochs": list(self.epochs),
+            "cursors": list(self.cursors),
+            "current": None if self.current is None else list(self.current),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.set_state(state["rng"])
+        self.epochs, self.cursors = list(state["epochs"]), list(state["cursors"])
+        self.current = None if state["current"] is None else tuple(state["current"])
+
+
+class _RowBuilder:
+    def __init__(self, seq_len: int):
+        self.seq_len, self.filled, self.chunks, self.segments = seq_len, 0, 0, 0
+        self.fields = {k: np.empty(seq_len, dtype=np.int64)
+                       for k in ("tokens", "modality", "positions", "document", "span", "targets", "segment")}
+        self.fields["is_value"] = np.zeros(seq_len, dtype=bool)
+        self.fields["has_next_value"] = np.zeros(seq_len, dtype=bool)
+        self.values: dict[int, list[np.ndarray]] = {}
+        self.next_values: dict[int, np.ndarray] = {}
+
+    @property
+    def full(self) -> bool:
+        return self.filled == self.seq_len
+
+    def add(self, doc: TokenDocument, offset: int) -> int:
+        """Copy doc[offset:] into the row as far as it fits; returns tokens taken."""
+        n = min(len(doc) - offset, self.seq_len - self.filled)
+        dst = slice(self.filled, self.filled + n)
+        src = slice(offset, offset + n)
+        f = self.fields
+        f["tokens"][dst] = doc.ids[src]
+        f["modality"][dst] = doc.modality[src]
+        f["positions"][dst] = np.arange(n)
+        f["document"][dst] = self.chunks
+        f["span"][dst] = doc.span[src]
+        f["targets"][dst] = doc.next_ids[src]  # the last one may be in the next row: still a target
+        segment = doc.segment[src]
+        f["segment"][dst] = self.segments + segment - segment[0]
+        self.segments += int(segment[-1] - segment[0]) + 1
+        if doc.values:
+            self._add_values(doc, src, dst)
+        self.filled += n
+        self.chunks += 1
+        return n
+
+    def _add_values(self, doc: TokenDocument, src: slice, dst: slice) -> None:
+        """Continuous values of doc[src] (contiguous rows of each modality's value array) and
+        the next-value targets of its positions."""
+        self.fields["is_value"][dst] = doc.is_value[src]
+        rows, next_rows, modality = doc.value_index[src], doc.next_value_index[src], doc.modality[src]
+        self.fields["has_next_value"][dst] = next_rows >= 0
+        for m, table in doc.values.items():
+            mine = rows[(modality == m) & (rows >= 0)]
+            if mine.size:
+                self.values.setdefault(m, []).append(table[mine[0] : mine[-1] + 1])
+            targets = np.flatnonzero((modality == m) & (next_rows >= 0))
+            if targets.size:
+                buffer = self.next_values.setdefault(m, np.zeros((self.seq_len, table.shape[1]), np.float32))
+                buffer[dst.start + targets] = table[next_rows[targets]]
+
+    def arrays(self) -> dict:
+        """(S,) arrays per field, plus ``values`` (modality -> (V, input_dim)) and
+        ``next_values`` (modality -> (S, input_dim))."""
+        return {
+            **self.fields,
+            "values": {m: np.concatenate(chunks) for m, chunks in self.values.items()},
+            "next_values": self.next_values,
+        }
+
+
+def fixed_batches(docs: list[TokenDocument], batch_size: int, seq_len: int, max_batches: int, num_modalities: int,
+                  extras: ExtrasSampler | None = None) -> list[Batch]:
+    """Validation batches, the same every time: the documents in one fixed-seed random order,
+    so a budget smaller than the split is still a uniform sample of it (sources often store
+    their documents grouped by kind)."""
+    if not docs:
+        raise MotError("the validation split has no documents")
+    stream = PackedStream([docs], [1.0], seq_len, seed=0, shuffle=True, extras=extras)
+    total_tokens = sum(len(d) for d in docs)
+    rows_available = max(1, total_tokens // seq_len)
+    n_batches = max(1, min(max_batches, rows_available // batch_size))
+    rows_per_batch = min(batch_size, rows_available)
+    return [stream.next_batch(rows_per_batch, num_modalities) for _ in range(n_batches)]

@@ -1,0 +1,174 @@
+"""The run's global vocabulary, and documents tokenized into it.
+
+Every modality owns a contiguous range of one global id space (its embedding rows and
+output-head rows). ``Vocabulary.tokenize`` turns raw documents into flat ``TokenDocument``
+arrays, encoding each modality's segments in one batch call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from mot_core.errors import MotError
+from mot_core.plugin_api import CONTINUOUS, IGNORE_INDEX, ContinuousSegment, Modality, RawDocument
+
+
+@dataclass(frozen=True)
+class TokenDocument:
+    """A tokenized document, flat. Arrays are (L,) unless noted.
+
+    Attributes:
+        ids: int64 global ids; a placeholder (0) at positions that carry continuous values.
+        modality: int64 modality index.
+        span: int64 bidirectional span id within the document, -1 = causal.
+        segment: int64 index of the segment each position comes from (None: all 0).
+        is_value: bool, True where the position carries a continuous value (None: none do).
+        values: modality index -> (V_m, input_dim_m) float32 values of that modality's
+            continuous positions, in document order.
+    Derived (computed once): ``next_ids`` (the next-token target of each position, IGNORE at
+    the end and before a continuous position), ``value_index`` (row in ``values[modality]``,
+    -1 for token positions) and ``next_value_index`` (the row of the next position's value
+    when it is a continuous position of the same modality, else -1).
+    """
+
+    ids: np.ndarray
+    modality: np.ndarray
+    span: np.ndarray
+    segment: np.ndarray | None = None
+    is_value: np.ndarray | None = None
+    values: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        length = len(self.ids)
+        if self.segment is None:
+            object.__setattr__(self, "segment", np.zeros(length, dtype=np.int64))
+        next_ids = np.full(length, IGNORE_INDEX, dtype=np.int64)
+        next_ids[:-1] = self.ids[1:]
+        value_index = np.full(length, -1, dtype=np.int64)
+        next_value_index = np.full(length, -1, dtype=np.int64)
+        if self.is_value is not None and self.is_value.any():
+            next_ids[:-1][self.is_value[1:]] = IGNORE_INDEX
+            for m in self.values:
+                positions = np.flatnonzero(self.is_value & (self.modality == m))
+                value_index[positions] = np.arange(positions.size)
+            follows = self.is_value[1:] & (self.modality[1:] == self.modality[:-1])
+            next_value_index[:-1] = np.where(follows, value_index[1:], -1)
+        object.__setattr__(self, "next_ids", next_ids)
+        object.__setattr__(self, "value_index", value_index)
+        object.__setattr__(self, "next_value_index", next_value_index)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class Vocabulary:
+    """The run's modalities in mixture order and the global id range each owns."""
+
+    def __init__(self, modalities: dict[str, Modality]):
+        self.modalities = modalities
+        self.names = list(modalities)
+        self.offsets: dict[str, int] = {}
+        total = 0
+        for name, modality in modalities.items():
+            self.offsets[name] = total
+            total += modality.vocab_size
+        self.size = total
+
+    def index(self, name: str) -> int:
+        return self.names.index(name)
+
+    def token_modality(self) -> torch.Tensor:
+        """(size,) long: the modality index owning each global id."""
+        table = torch.empty(self.size, dtype=torch.long)
+        for index, name in enumerate(self.names):
+            table[self.offsets[name] : self.offsets[name] + self.modalities[name].vocab_size] = index
+        return table
+
+    def tokenize(self, docs: list[RawDocument], source: str) -> list[TokenDocument]:
+        """Encode every segment (batched per modality); ids and continuous values are checked
+        against the modality's vocabulary and ``input_dim``."""
+        encoded = self._encode_all(docs, source)
+        out = []
+        for doc_index, doc in enumerate(docs):
+            ids, mods, spans, segments, is_value = [], [], [], [], []
+            values: dict[int, list[np.ndarray]] = {}
+            for seg_index, segment in enumerate(doc.segments):
+                modality = self.modalities[segment.modality]
+                index = self.index(segment.modality)
+                local, seg_values = encoded[doc_index, seg_index]
+                value_mask = local == CONTINUOUS
+                ids.append(np.where(value_mask, 0, local + self.offsets[segment.modality]))
+                mods.append(np.full(local.size, index, dtype=np.int64))
+                spans.append(np.full(local.size, seg_index if modality.bidirectional else -1, dtype=np.int64))
+                segments.append(np.full(local.size, seg_index, dtype=np.int64))
+                is_value.append(value_mask)
+                if seg_values is not None and seg_values.shape[0]:
+                    values.setdefault(index, []).append(seg_values)
+            if ids and sum(a.size for a in ids):
+                out.append(TokenDocument(
+                    np.concatenate(ids), np.concatenate(mods), np.concatenate(spans), np.concatenate(segments),
+                    np.concatenate(is_value) if values else None,
+                    {m: np.concatenate(v) for m, v in values.items()},
+                ))
+        return out
+
+    def _encode_all(self, docs: list[RawDocument], source: str) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray | None]]:
+        by_modality: dict[str, list[tuple[int, int]]] = {}
+        for doc_index, doc in enumerate(docs):
+            for seg_index, segment in enumerate(doc.segments):
+                if segment.modality not in self.modalities:
+                    raise MotError(
+                        f"dataset '{source}' has a '{segment.modality}' segment but the mixture "
+                        f"declares only: {', '.join(self.names)}"
+                    )
+                by_modality.setdefault(segment.modality, []).append((doc_index, seg_index))
+        encoded = {}
+        for name, keys in by_modality.items():
+            payloads = [docs[d].segments[s].payload for d, s in keys]
+            modality = self.modalities[name]
+            for key, result in zip(keys, modality.encode_batch(payloads)):
+                encoded[key] = _checked_encoding(result, modality, f"dataset '{source}': modality '{name}'")
+        return encoded
+
+
+def _checked_encoding(result, modality: Modality, where: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """One ``encode`` result -> (local ids (L,) int64, values (V, input_dim) float32 or None),
+    or a one-line ``MotError`` saying what is wrong with it."""
+    input_dim = modality.input_dim
+    values = None
+    if isinstance(result, ContinuousSegment):
+        if input_dim is None:
+            raise MotError(f"{where} returned continuous values but declares no input_dim")
+        ids, values = result.ids, result.values
+    else:
+        ids = result
+    ids = torch.as_tensor(ids)
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise MotError(f"{where}: encode returned ids of dtype {ids.dtype}; token ids must be an integer tensor")
+    ids = ids.reshape(-1).numpy().astype(np.int64)
+    n_values = int((ids == CONTINUOUS).sum())
+    tokens = ids[ids != CONTINUOUS]
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= modality.vocab_size):
+        bad = int(tokens.max() if tokens.max() >= modality.vocab_size else tokens.min())
+        raise MotError(f"{where} produced token id {bad}, outside its vocabulary of {modality.vocab_size}")
+    if values is None:
+        if n_values:
+            raise MotError(f"{where} marked {n_values} positions continuous but returned no values")
+        return ids, None
+    if not isinstance(values, torch.Tensor):
+        raise MotError(f"{where}: continuous values must be a torch tensor, got {type(values).__name__}")
+    if not values.is_floating_point():
+        raise MotError(f"{where}: continuous values must be a floating-point tensor, got dtype {values.dtype}")
+    if values.dim() != 2 or values.shape != (n_values, input_dim):
+        raise MotError(
+            f"{where}: continuous values have shape {tuple(values.shape)}, expected ({n_values}, input_dim={input_dim}) "
+            f"(one row per continuous position)"
+        )
+    values = values.detach().to(torch.float32).cpu().numpy()
+    if not np.isfinite(values).all():
+        row = int(np.flatnonzero(~np.isfinite(values).all(axis=1))[0])
+        raise MotError(f"{where}: continuous value row {row} holds NaN or inf")
+    return ids, values

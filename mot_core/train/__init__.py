@@ -1,0 +1,1 @@
+"""Runs: building an experiment from a config, the training loop, checkpoints, evaluation."""

@@ -1,0 +1,58 @@
+"""Reopen a finished or running run from one of its checkpoints: ``mot eval`` and ``mot generate``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+from mot_core.config import validate_config
+from mot_core.data import Vocabulary, fixed_batches
+from mot_core.errors import MotError
+from mot_core.generate.tasks import prompt_to_span
+from mot_core.launch.device import autocast_for, resolve_device
+from mot_core.model.transformer import MoTTransformer
+from mot_core.plugin_api import EvaluationContext
+from mot_core.train import checkpoint as ckpt
+from mot_core.train.evaluation import evaluate
+from mot_core.train.experiment import (
+    Experiment, PreparedData, build_experiment, build_model, extras_sampler, model_args, prepare_data, prepare_vocabulary,
+)
+
+
+def load_run(checkpoint: Path, with_data: bool = True) -> tuple[Experiment, Vocabulary, PreparedData | None, MoTTransformer, dict]:
+    """Checkpoint folder (or run folder: its newest checkpoint) -> experiment, vocabulary,
+    tokenized data (None unless ``with_data``), model, meta."""
+    if not checkpoint.exists():
+        raise MotError(f"checkpoint not found: {checkpoint}")
+    if not (checkpoint / "meta.json").is_file():
+        found = ckpt.list_checkpoints(checkpoint)
+        if not found:
+            raise MotError(f"{checkpoint} is neither a checkpoint nor a run folder with checkpoints")
+        checkpoint = found[-1]
+    meta = ckpt.read_meta(checkpoint)
+    config = validate_config(yaml.safe_load((checkpoint / "config.yaml").read_text()))
+    exp = build_experiment(config)
+    data = prepare_data(exp) if with_data else None
+    vocab = data.vocab if data is not None else prepare_vocabulary(exp)
+    args = model_args(config, vocab)
+    ckpt.check_compatible(meta["model_args"], args, checkpoint)
+    model = build_model(args, vocab).to(resolve_device(config.run.device))
+    model.load_state_dict(ckpt.load_weights(checkpoint))
+    return exp, vocab, data, model.eval(), meta
+
+
+def evaluate_checkpoint(path: Path, batches: int | None = None, samples: int = 0) -> dict[str, float]:
+    """Token-level validation metrics, plus model-level ones (reconstruction, and with
+    ``samples`` > 0 generation-based scores such as FID)."""
+    exp, _, data, model, meta = load_run(path)
+    tcfg = exp.config.train
+    device = model.embed.weight.device
+    val = fixed_batches(data.val, tcfg.batch_size, tcfg.seq_len, batches or tcfg.eval_batches, len(data.vocab.names),
+                        extras_sampler(exp, data.vocab))
+    context = EvaluationContext(model, data.vocab, data.raw_val, device, samples=samples, seed=exp.config.run.seed,
+                                span_sampler=prompt_to_span)
+    with torch.no_grad():
+        metrics = evaluate(model, val, data.vocab, exp, device, autocast_for(device, tcfg.precision), context)
+    return {"step": float(meta["step"]), **metrics}
