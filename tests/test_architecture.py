@@ -73,3 +73,23 @@ def test_no_import_cycles():
     graph = grimp.build_graph(*PACKAGES, cache_dir=None)
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_example_third_party_plugin_imports_only_the_plugin_api():
+    """The example package (outside root_packages, so outside import-linter's view) reaches
+    the framework only through plugin_api, errors and registry: a plugin needs nothing else."""
+    source = str(REPO / "examples" / "timeseries_plugin")
+    sys.path.insert(0, source)
+    try:
+        graph = grimp.build_graph("mot_timeseries", *PACKAGES, cache_dir=None)
+    finally:
+        sys.path.remove(source)
+    allowed = {"mot_core.plugin_api", "mot_core.errors", "registry"}
+    reached = {
+        (module, imported)
+        for module in graph.find_children("mot_timeseries") | {"mot_timeseries"}
+        for imported in graph.find_modules_directly_imported_by(module)
+        if imported.split(".")[0] in PACKAGES
+    }
+    assert reached, "the example plugin should import the plugin API"
+    assert {imported for _, imported in reached} <= allowed, sorted(p for p in reached if p[1] not in allowed)
