@@ -130,16 +130,23 @@ def test_tokenizer_that_does_not_match_the_config(pipeline, capsys):
 
 def test_chameleon_configs_differ_only_in_tower_settings(capsys):
     loaded = {p.stem: yaml.safe_load(p.read_text()) for p in sorted(CONFIGS.glob("chameleon_*.yaml"))}
-    assert set(loaded) == {"chameleon_dense", "chameleon_mot", "chameleon_mot_ffn", "chameleon_mot_ffn_attn"}
-    stripped = []
-    for name, data in loaded.items():
-        assert data["run"]["dir"] == f"runs/{name}"
-        data = json.loads(json.dumps(data))
-        del data["run"]["dir"], data["model"]["untie"]
-        stripped.append(data)
-    assert all(s == stripped[0] for s in stripped)
-    assert loaded["chameleon_dense"]["model"]["untie"] == {"ffn": False, "attention": False, "norm": False}
-    assert loaded["chameleon_mot"]["model"]["untie"] == {"ffn": True, "attention": True, "norm": True}
+    families = {
+        "chameleon": {"chameleon_dense", "chameleon_mot", "chameleon_mot_ffn", "chameleon_mot_ffn_attn"},
+        "chameleon_speech": {"chameleon_speech_dense", "chameleon_speech_mot"},
+    }
+    assert set(loaded) == set().union(*families.values())
+    for family, names in families.items():
+        stripped = []
+        for name in sorted(names):
+            data = loaded[name]
+            assert data["run"]["dir"] == f"runs/{name}"
+            assert data["model"]["norm_placement"] == "post"  # the paper's Chameleon setting
+            data = json.loads(json.dumps(data))
+            del data["run"]["dir"], data["model"]["untie"]
+            stripped.append(data)
+        assert all(s == stripped[0] for s in stripped), family
+        assert loaded[f"{family}_dense"]["model"]["untie"] == {"ffn": False, "attention": False, "norm": False}
+        assert loaded[f"{family}_mot"]["model"]["untie"] == {"ffn": True, "attention": True, "norm": True}
     capsys.readouterr()
     assert main(["config", "show", str(CONFIGS / "chameleon_mot.yaml")]) == 0
     towers = {m: e["tower"] for m, e in yaml.safe_load(capsys.readouterr().out)["mixture"]["modalities"].items()}
