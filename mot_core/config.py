@@ -83,6 +83,9 @@ class TrainSection(Section):
     checkpoint_every: int = Field(100, ge=0, description="0: checkpoint only at the end")
     keep_checkpoints: PositiveInt = 2
     progress: bool = True
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="a NaN/inf loss or gradient: stop the run (nothing non-finite is saved) or skip that update"
+    )
 
 
 class TowerSection(Section):

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from mot_core.cli.common import config_command, load_config
+from mot_core.errors import MotError
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
@@ -28,6 +30,9 @@ def cmd_eval(ns: argparse.Namespace) -> int:
         width = max(map(len, metrics), default=0)
         for key, value in metrics.items():
             print(f"{key:<{width}}  {value:.4f}")
+    bad = [key for key, value in metrics.items() if not math.isfinite(value)]
+    if bad:
+        raise MotError(f"non-finite metrics: {', '.join(bad)} (the checkpoint's weights or the data are broken)")
     return 0
 
 

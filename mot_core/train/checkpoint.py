@@ -6,15 +6,20 @@ Layout of ``<run_dir>/checkpoints/step_0000100/``:
     config.yaml         the resolved run config
     meta.json           step and model args
 
-A checkpoint is written to a temporary folder and renamed into place, so a crash while
-saving never leaves a half-written checkpoint that a resume would pick up.
+A checkpoint is written to a temporary folder, flushed to disk, and renamed into place, so a
+crash at any instant leaves either the previous checkpoints alone or the new one complete.
+``meta.json`` is written last and records a SHA-256 of every other file: a checkpoint damaged
+later (a torn copy, a bad disk) is recognised, reported in one line, and the run falls back to
+the newest intact one. Leftovers of an interrupted save are ignored and cleaned.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -25,6 +30,8 @@ from safetensors.torch import load_file, save_file
 from mot_core.errors import MotError
 
 PREFIX = "step_"
+_COMPLETE = re.compile(rf"^{PREFIX}(\d+)$")
+CHECKSUMMED = ("model.safetensors", "trainer.pt", "config.yaml")
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -32,11 +39,79 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints (``step_NNNNNNN`` with a meta.json), oldest first; leftovers of an
+    interrupted save (``*.tmp*``, ``*.old*``) are not checkpoints."""
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return []
-    done = [p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / "meta.json").is_file()]
-    return sorted(done, key=lambda p: int(p.name[len(PREFIX):]))
+    done = [p for p in root.iterdir() if _COMPLETE.match(p.name) and (p / "meta.json").is_file()]
+    return sorted(done, key=lambda p: int(_COMPLETE.match(p.name).group(1)))
+
+
+def clean_leftovers(run_dir: Path) -> list[str]:
+    """Remove what an interrupted save left behind; returns their names."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    removed = []
+    for path in root.iterdir():
+        if path.name.startswith(PREFIX) and not _COMPLETE.match(path.name):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    return sorted(removed)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def damage(path: Path) -> str | None:
+    """Why the checkpoint at ``path`` cannot be trusted, or None if it is intact. Checkpoints
+    written before checksums existed are checked for their files only."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError) as exc:
+        return f"meta.json unreadable ({exc})"
+    if not isinstance(meta, dict) or "step" not in meta:
+        return "meta.json has no step"
+    for name in CHECKSUMMED:
+        if not (path / name).is_file():
+            return f"{name} missing"
+        expected = meta.get("sha256", {}).get(name)
+        if expected is not None and _sha256(path / name) != expected:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def latest_intact(run_dir: Path, report=print) -> Path | None:
+    """The newest checkpoint that is intact. Every damaged newer one is reported through
+    ``report`` (one line each), never skipped silently; when checkpoints exist but none is
+    intact, a one-line ``MotError`` says what to delete."""
+    found = list_checkpoints(run_dir)
+    damaged = []
+    for path in reversed(found):
+        reason = damage(path)
+        if reason is None:
+            for bad, why in damaged:
+                report(f"checkpoint {bad} is damaged ({why}); using {path.name} instead")
+            return path
+        damaged.append((path.name, reason))
+    if damaged:
+        listing = "; ".join(f"{name}: {why}" for name, why in damaged)
+        raise MotError(f"no intact checkpoint in {run_dir / 'checkpoints'} ({listing}); delete those folders to start over")
+    return None
 
 
 def save_checkpoint(
@@ -49,18 +124,31 @@ def save_checkpoint(
     keep: int,
 ) -> Path:
     final = checkpoint_dir(run_dir, step)
-    tmp = final.with_name(final.name + ".tmp")
+    tmp = final.with_name(f"{final.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise MotError(f"not saving step {step}: weights hold NaN or inf ({', '.join(bad[:3])}); the last checkpoint is kept")
     save_file(state, str(tmp / "model.safetensors"))
     torch.save(trainer_state, tmp / "trainer.pt")
     (tmp / "config.yaml").write_text(config_yaml)
-    meta = {"step": step, "model_args": dataclasses.asdict(model_args)}
+    for name in CHECKSUMMED:
+        _fsync(tmp / name)
+    meta = {"step": step, "model_args": dataclasses.asdict(model_args),
+            "sha256": {name: _sha256(tmp / name) for name in CHECKSUMMED}}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    _fsync(tmp / "meta.json")
+    if final.exists():  # the same step saved again: move the old one aside, never delete first
+        old = final.with_name(f"{final.name}.old{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync(final.parent)
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -70,7 +158,10 @@ def read_meta(path: Path) -> dict[str, Any]:
     meta_file = path / "meta.json"
     if not meta_file.is_file():
         raise MotError(f"not a checkpoint (no meta.json): {path}")
-    return json.loads(meta_file.read_text())
+    try:
+        return json.loads(meta_file.read_text())
+    except ValueError as exc:
+        raise MotError(f"checkpoint {path} is damaged: meta.json is not JSON ({exc})") from None
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -97,3 +188,42 @@ def check_compatible(saved_args: dict[str, Any], current_args: Any, where: Path)
             f"checkpoint {where} was trained with a different model ({'; '.join(diffs[:3])}); "
             "use a new run.dir or the original settings"
         )
+
+
+class RunLock:
+    """One trainer per run folder: an exclusive ``flock`` on ``<run_dir>/train.lock`` holding
+    the owner's pid. The kernel releases it when the process dies, so a lock file left by a
+    dead trainer is taken over (with a message); a live owner is a one-line ``MotError``."""
+
+    def __init__(self, run_dir: Path, report=print):
+        import fcntl
+
+        self.path = run_dir / "train.lock"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.handle = self.path.open("a+")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.handle.seek(0)
+            owner = self.handle.read().strip() or "another process"
+            self.handle.close()
+            raise MotError(f"{run_dir} is being trained by {owner}; wait for it, stop it, or use another run.dir") from None
+        self.handle.seek(0)
+        previous = self.handle.read().strip()
+        if previous:
+            report(f"taking over {self.path} from {previous}, which is no longer running")
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(f"pid {os.getpid()}")
+        self.handle.flush()
+
+    def release(self) -> None:
+        import fcntl
+
+        if self.handle.closed:
+            return
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.flush()
+        fcntl.flock(self.handle, fcntl.LOCK_UN)
+        self.handle.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -27,10 +28,15 @@ def load_run(checkpoint: Path, with_data: bool = True) -> tuple[Experiment, Voca
     if not checkpoint.exists():
         raise MotError(f"checkpoint not found: {checkpoint}")
     if not (checkpoint / "meta.json").is_file():
-        found = ckpt.list_checkpoints(checkpoint)
-        if not found:
+        # A damaged newest checkpoint is reported (on stderr: stdout may be JSON), then skipped.
+        latest = ckpt.latest_intact(checkpoint, report=lambda line: print(line, file=sys.stderr))
+        if latest is None:
             raise MotError(f"{checkpoint} is neither a checkpoint nor a run folder with checkpoints")
-        checkpoint = found[-1]
+        checkpoint = latest
+    else:
+        reason = ckpt.damage(checkpoint)
+        if reason is not None:
+            raise MotError(f"checkpoint {checkpoint} is damaged ({reason}); use another checkpoint of the run")
     meta = ckpt.read_meta(checkpoint)
     config = validate_config(yaml.safe_load((checkpoint / "config.yaml").read_text()))
     exp = build_experiment(config)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -53,8 +54,20 @@ class MetricsLog:
     def __init__(self, path: Path, resume_step: int):
         self.path = path
         if path.exists():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            kept, torn = [], 0
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line) if line else None
+                except ValueError:  # a line cut short by a crash
+                    torn += 1
+                    continue
+                if isinstance(record, dict) and record.get("step", 0) <= resume_step:
+                    kept.append(line)
+            if torn:
+                print(f"{path}: dropped {torn} incomplete line(s) left by an interrupted run")
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as handle:
@@ -66,10 +79,23 @@ def train(config: RunConfig) -> dict:
     tcfg = config.train
     exp = build_experiment(config)
     run_dir = exp.run_dir
-    existing = ckpt.list_checkpoints(run_dir)
-    if existing and config.run.resume == "never":
+    if ckpt.list_checkpoints(run_dir) and config.run.resume == "never":
         raise MotError(f"{run_dir} already holds checkpoints; use run.resume=auto to continue or a new run.dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = ckpt.RunLock(run_dir)
+    try:
+        return _run(config, exp)
+    finally:
+        lock.release()
+
+
+def _run(config: RunConfig, exp: Experiment) -> dict:
+    """The body of ``train``, run while this process holds the run folder's lock."""
+    tcfg = config.train
+    run_dir = exp.run_dir
+    removed = ckpt.clean_leftovers(run_dir)
+    if removed:
+        print(f"removed leftovers of an interrupted checkpoint save: {', '.join(removed)}")
+    latest = ckpt.latest_intact(run_dir)
     device = resolve_device(config.run.device)
     seed_everything(config.run.seed)
     if device.type == "cpu":
@@ -95,8 +121,7 @@ def train(config: RunConfig) -> dict:
     val_batches = fixed_batches(data.val, tcfg.batch_size, tcfg.seq_len, tcfg.eval_batches, len(vocab.names), extras)
 
     step = 0
-    if existing:
-        latest = existing[-1]
+    if latest is not None:
         meta = ckpt.read_meta(latest)
         ckpt.check_compatible(meta["model_args"], args, latest)
         model.load_state_dict(ckpt.load_weights(latest))
@@ -154,13 +179,29 @@ def train(config: RunConfig) -> dict:
                     total = total + exp.loss_weights[name] * mean
                     record[f"loss/{name}"] = float(mean.detach())
             total_value = float(total.detach())
-            if not math.isfinite(total_value):
-                raise MotError(f"loss is {total_value} at step {step + 1}; last checkpoint: step {last_saved}")
+            if not math.isfinite(total_value) and tcfg.on_nonfinite == "stop":
+                raise MotError(
+                    f"loss is {total_value} at step {step + 1}; stopped before it reached the weights "
+                    f"(last checkpoint: step {last_saved}; train.on_nonfinite=skip skips such steps instead)"
+                )
             optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or float("inf"))
+            if math.isfinite(total_value):
+                total.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or float("inf"))
+            else:
+                grad_norm = torch.tensor(float("nan"))
+            finite_grads = math.isfinite(float(grad_norm))
+            if not finite_grads and tcfg.on_nonfinite == "stop":
+                raise MotError(
+                    f"gradient norm is {float(grad_norm)} at step {step + 1}; stopped before it reached the weights "
+                    f"(last checkpoint: step {last_saved}; train.on_nonfinite=skip skips such steps instead)"
+                )
             updating = True  # an interrupt inside this window leaves no consistent state to save
-            optimizer.step()
+            if finite_grads:
+                optimizer.step()
+            else:
+                record["skipped"] = 1  # the update is dropped; the schedule moves on with the step count
+                bar.write(f"step {step + 1}: gradient norm {float(grad_norm)}; update skipped (train.on_nonfinite=skip)")
             scheduler.step()
             step += 1
             data_state = stream.state_dict()
