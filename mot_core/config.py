@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
 
@@ -164,12 +164,29 @@ def validate_section(model: type[BaseModel], data: Any, where: str) -> BaseModel
 def load_raw_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """YAML file + ``key=value`` overrides -> plain dict with interpolations resolved."""
     path = Path(path)
+    if path.is_dir():
+        raise MotError(f"config {path} is a folder; give a YAML file")
     if not path.is_file():
         raise MotError(f"config file not found: {path}")
     try:
-        base = OmegaConf.load(path)
-    except (yaml.YAMLError, OmegaConfBaseException) as exc:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise MotError(f"config file {path} is not UTF-8 text (a binary file?); give a YAML file") from None
+    except OSError as exc:
+        raise MotError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        parsed = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
         raise MotError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if parsed is not None and not isinstance(parsed, dict):
+        kind = "a list" if isinstance(parsed, list) else f"a single {type(parsed).__name__}"
+        raise MotError(f"config file {path} must hold a mapping (key: value) at the top level, not {kind}")
+    try:
+        base = OmegaConf.create(text if parsed is not None else {})  # OmegaConf's YAML loader reads 1e-3 as a float
+    except (yaml.YAMLError, OmegaConfBaseException, ValueError) as exc:
+        raise MotError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(base, DictConfig):
+        raise MotError(f"config file {path} must hold a mapping (key: value) at the top level, not a list")
     bad = [o for o in overrides if "=" not in o or o.startswith("=")]
     if bad:
         raise MotError(f"override '{bad[0]}' is not of the form key=value (e.g. train.steps=100)")

@@ -81,8 +81,10 @@ class _Digits(Modality):
 
 
 def test_global_vocabulary_offsets_and_range_check(tmp_path):
+    from pydoc_data.topics import topics
+
     text = Text(TextOptions(vocab_size=300), tmp_path / "text")
-    text.prepare(["hello world " * 50])
+    text.prepare([topics[name] for name in sorted(topics)[:20]])
     vocab = Vocabulary({"text": text, "digits": _Digits(None, tmp_path)})
     assert vocab.offsets == {"text": 0, "digits": text.vocab_size} and vocab.size == text.vocab_size + 10
     [tokenized] = vocab.tokenize([RawDocument((RawSegment("text", "hello"), RawSegment("digits", "0129")))], "src")
@@ -117,9 +119,16 @@ def test_text_tokenizer_round_trip_and_bytes_per_token(tmp_path):
     assert reloaded.encode(sample).tolist() == ids.tolist()
 
 
+def _english() -> list[str]:
+    """Enough real text for a 300-id BPE (CPython's pydoc topics)."""
+    from pydoc_data.topics import topics
+
+    return [topics[name] for name in sorted(topics)[:20]] + ["abc def ghi " * 100]
+
+
 def test_bits_per_byte_is_nats_over_bytes(tmp_path):
     text = Text(TextOptions(vocab_size=300), tmp_path)
-    text.prepare(["abc def ghi " * 100])
+    text.prepare(_english())
     ids = text.encode("abc def")[:-1]
     losses = torch.full((len(ids),), 2.0)
     ev = LanguageModelEvaluator(text)
@@ -139,7 +148,7 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
 
 def test_bits_per_byte_ignores_predictions_of_other_modalities(tmp_path):
     text = Text(TextOptions(vocab_size=300), tmp_path)
-    text.prepare(["abc def ghi " * 100])
+    text.prepare(_english())
     ids = text.encode("abc def")[:-1]
     targets = torch.cat([ids, torch.tensor([-7])])  # last: a begin-of-image id outside the text range
     losses = torch.cat([torch.full((len(ids),), 2.0), torch.tensor([9.0])])
@@ -160,3 +169,9 @@ def test_text_files_split_does_not_depend_on_where_the_corpus_lives(tmp_path):
         source = TextFiles(TextFilesOptions(paths=[str(root / "*.txt")], val_fraction=0.2))
         splits.append(sorted(d.segments[0].payload for d in source.documents("val")))
     assert splits[0] == splits[1] and splits[0]
+
+
+def test_bpe_that_cannot_reach_vocab_size_is_an_error_naming_the_fix(tmp_path):
+    text = Text(TextOptions(vocab_size=300), tmp_path / "text")
+    with pytest.raises(MotError, match=r"the text BPE reached only 2\d\d of vocab_size=300 ids .* set mixture.modalities.text.options.vocab_size=2\d\d"):
+        text.prepare(["hello world " * 50])

@@ -116,9 +116,10 @@ def _sync(device: torch.device) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """auto | cpu | cuda; asking for cuda without a CUDA device is a one-line MotError."""
+    from mot_core.launch.device import resolve_device as resolve
+
+    return resolve(name)
 
 
 def flops_per_token(spec: BenchSpec) -> float:

@@ -7,13 +7,14 @@ import argparse
 import sys
 
 from mot_core.cli import bench, compare, data, generate, plugins, train
+from mot_core.cli.common import Parser
 from mot_core.errors import MotError
 
 COMMAND_MODULES = (train, plugins, data, generate, compare, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mot", description="Mixture-of-Transformers training framework")
+    parser = Parser(prog="mot", description="Mixture-of-Transformers training framework")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in COMMAND_MODULES:
         module.register(sub)

@@ -7,12 +7,19 @@ import json
 import sys
 from pathlib import Path
 
+from mot_core.cli.common import positive_int, unit_fraction
 from mot_core.errors import MotError
 
 
 def cmd_bench_throughput(ns: argparse.Namespace) -> int:
     from mot_core.bench.throughput import BenchSpec, format_table, resolve_device, run_throughput
 
+    if ns.dim % ns.heads or (ns.dim // ns.heads) % 2:
+        raise MotError(f"--dim {ns.dim} must split into --heads {ns.heads} heads of an even size")
+    if ns.kv_heads and ns.heads % ns.kv_heads:
+        raise MotError(f"--heads {ns.heads} must be a multiple of --kv-heads {ns.kv_heads}")
+    if ns.modalities > ns.seq_len:
+        raise MotError(f"--modalities {ns.modalities} cannot all fit in --seq-len {ns.seq_len}")
     spec = BenchSpec(
         dim=ns.dim, layers=ns.layers, heads=ns.heads, kv_heads=ns.kv_heads, seq_len=ns.seq_len, batch=ns.batch,
         modalities=ns.modalities, dtype=ns.dtype, backend=ns.backend, compile=ns.compile,
@@ -44,21 +51,21 @@ def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks")
     bsub = p.add_subparsers(dest="bench_command", required=True)
     p = bsub.add_parser("throughput", help="dense vs MoT vs naive MoT step time, side by side")
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=None)
-    p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--modalities", type=int, default=3)
+    p.add_argument("--dim", type=positive_int, default=256)
+    p.add_argument("--layers", type=positive_int, default=4)
+    p.add_argument("--heads", type=positive_int, default=4)
+    p.add_argument("--kv-heads", type=positive_int, default=None)
+    p.add_argument("--seq-len", type=positive_int, default=1024)
+    p.add_argument("--batch", type=positive_int, default=2)
+    p.add_argument("--modalities", type=positive_int, default=3)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--backend", choices=["sdpa", "flex", "xformers"], default="sdpa")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile every variant (MoT recompiles for each new routing layout: not a speed-up yet)")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
-    p.add_argument("--steps", type=int, default=3, help="steps per variant per repeat")
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--steps", type=positive_int, default=3, help="steps per variant per repeat")
+    p.add_argument("--repeats", type=positive_int, default=10)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
     p.add_argument("--json", action="store_true", help="one JSON object on the last line")
     p.set_defaults(func=cmd_bench_throughput)
@@ -66,8 +73,8 @@ def register(sub) -> None:
     p.add_argument("config", nargs="?", default="examples/configs/chameleon_mot.yaml",
                    help="base config; only model.untie and run.dir differ between the twins")
     p.add_argument("overrides", nargs="*")
-    p.add_argument("--steps", type=int, default=1500, help="training budget of each twin (~10 min each on 2 CPU cores)")
+    p.add_argument("--steps", type=positive_int, default=1500, help="training budget of each twin (~10 min each on 2 CPU cores)")
     p.add_argument("--out", default="runs/step_match")
-    p.add_argument("--smoothing", type=float, default=0.95, help="EMA factor for training curves")
+    p.add_argument("--smoothing", type=unit_fraction, default=0.95, help="EMA factor for training curves")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_step_match)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from mot_core.bench.matching import ema
+from mot_core.cli.common import output_file
 from mot_core.errors import MotError
 from mot_core.plotting import finish, panels
 
@@ -51,8 +52,8 @@ def _plot(records: dict[str, list[dict]], path: Path) -> None:
 
 
 def cmd_compare(ns: argparse.Namespace) -> int:
-
-    print(compare_runs([Path(r) for r in ns.runs], Path(ns.plot) if ns.plot else None))
+    plot = output_file(ns.plot, "--plot") if ns.plot else None
+    print(compare_runs([Path(r) for r in ns.runs], plot))
     return 0
 
 

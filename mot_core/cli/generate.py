@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mot_core.cli.common import non_negative_float, non_negative_int, output_file, positive_int, probability
 from mot_core.errors import MotError
 
 
@@ -35,6 +36,8 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 
     if not ns.prompt and not ns.image:
         raise MotError("give at least one --prompt TEXT (caption -> image) or --image FILE (image -> caption)")
+    if ns.prompt:
+        output_file(ns.out, "--out")
     params = SamplingParams(temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p, cfg_scale=ns.cfg)
     result = generate_samples(Path(ns.checkpoint), ns.prompt, ns.image, Path(ns.out), ns.samples, params,
                               ns.seed, ns.text_modality, ns.image_modality)
@@ -50,12 +53,12 @@ def register(sub) -> None:
     p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its newest checkpoint)")
     p.add_argument("--prompt", action="append", default=[], help="a caption to draw (repeatable)")
     p.add_argument("--image", action="append", default=[], help="an image file to caption (repeatable)")
-    p.add_argument("--samples", type=int, default=4, help="images per prompt")
+    p.add_argument("--samples", type=positive_int, default=4, help="images per prompt")
     p.add_argument("--out", default="samples.png", help="PNG grid of generated images")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--temperature", type=non_negative_float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=non_negative_int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=probability, default=1.0, help="1 = off")
+    p.add_argument("--cfg", type=non_negative_float, default=3.0, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--text-modality", default="text")
     p.add_argument("--image-modality", default="image")

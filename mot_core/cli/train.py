@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from mot_core.cli.common import config_command, load_config
+from mot_core.cli.common import config_command, load_config, non_negative_int, positive_int
 from mot_core.errors import MotError
 
 
@@ -51,8 +51,8 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("eval", help="evaluate a checkpoint on its run's held-out data")
     p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its newest checkpoint)")
-    p.add_argument("--batches", type=int, default=None, help="validation batches (default: the run's)")
-    p.add_argument("--samples", type=int, default=0, help="samples for generation-based metrics (e.g. FID)")
+    p.add_argument("--batches", type=positive_int, default=None, help="validation batches (default: the run's)")
+    p.add_argument("--samples", type=non_negative_int, default=0, help="samples for generation-based metrics (e.g. FID)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
     config_command(sub, "config", "show", "print the resolved, validated config", cmd_config_show)

@@ -16,7 +16,7 @@ __all__ = ["autocast_for", "keep_freed_memory_in_heap", "resolve_device", "seed_
 
 def resolve_device(choice: str) -> torch.device:
     if choice == "cuda" and not torch.cuda.is_available():
-        raise MotError("run.device=cuda but no CUDA device is available")
+        raise MotError("device cuda was asked for (run.device or --device) but no CUDA device is available")
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(choice)

@@ -16,6 +16,7 @@ the newest intact one. Leftovers of an interrupted save are ignored and cleaned.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -32,6 +33,24 @@ from mot_core.errors import MotError
 PREFIX = "step_"
 _COMPLETE = re.compile(rf"^{PREFIX}(\d+)$")
 CHECKSUMMED = ("model.safetensors", "trainer.pt", "config.yaml")
+
+
+def storage_error(exc: BaseException, path: Path, doing: str) -> MotError:
+    """One line naming the path and the cause of a failed write: no space (torch reports a full
+    disk as a bare "file write failed"), a read-only file system, or missing permission."""
+    code = getattr(exc, "errno", None)
+    try:
+        free = shutil.disk_usage(path if path.exists() else path.parent).free
+    except OSError:
+        free = None
+    if code == errno.ENOSPC or (free is not None and free < 64 << 20):
+        room = f" ({free >> 20} MiB free)" if free is not None else ""
+        return MotError(f"no space left on the device of {path} while {doing}{room}; free space or use another run.dir")
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return MotError(f"cannot write {getattr(exc, 'filename', None) or path} while {doing}: {exc.strerror}; "
+                        "the run folder must be writable to train")
+    detail = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+    return MotError(f"writing {path} failed while {doing}: {detail}")
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -125,13 +144,21 @@ def save_checkpoint(
 ) -> Path:
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(f"{final.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise MotError(f"not saving step {step}: weights hold NaN or inf ({', '.join(bad[:3])}); the last checkpoint is kept")
+    try:
+        return _write_checkpoint(tmp, final, run_dir, step, state, trainer_state, config_yaml, model_args, keep)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise storage_error(exc, tmp, f"saving the checkpoint of step {step} (the previous one is kept)") from None
+
+
+def _write_checkpoint(tmp: Path, final: Path, run_dir: Path, step: int, state: dict, trainer_state: dict,
+                      config_yaml: str, model_args: Any, keep: int) -> Path:
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     save_file(state, str(tmp / "model.safetensors"))
     torch.save(trainer_state, tmp / "trainer.pt")
     (tmp / "config.yaml").write_text(config_yaml)
@@ -199,8 +226,11 @@ class RunLock:
         import fcntl
 
         self.path = run_dir / "train.lock"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.handle = self.path.open("a+")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self.handle = self.path.open("a+")
+        except OSError as exc:
+            raise storage_error(exc, self.path, "locking the run folder") from None
         try:
             fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

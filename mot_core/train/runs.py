@@ -39,6 +39,10 @@ def load_run(checkpoint: Path, with_data: bool = True) -> tuple[Experiment, Voca
             raise MotError(f"checkpoint {checkpoint} is damaged ({reason}); use another checkpoint of the run")
     meta = ckpt.read_meta(checkpoint)
     config = validate_config(yaml.safe_load((checkpoint / "config.yaml").read_text()))
+    # The run is the folder this checkpoint sits in, wherever it was trained: a moved or copied
+    # run reads its own tokenizers, not those at the run.dir recorded when it was trained.
+    run_folder = checkpoint.resolve().parent.parent
+    config = config.model_copy(update={"run": config.run.model_copy(update={"dir": str(run_folder)})})
     exp = build_experiment(config)
     data = prepare_data(exp) if with_data else None
     vocab = data.vocab if data is not None else prepare_vocabulary(exp)

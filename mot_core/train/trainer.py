@@ -79,11 +79,15 @@ def train(config: RunConfig) -> dict:
     tcfg = config.train
     exp = build_experiment(config)
     run_dir = exp.run_dir
+    if run_dir.exists() and not run_dir.is_dir():
+        raise MotError(f"run.dir {run_dir} is a file; give a folder (it is created if missing)")
     if ckpt.list_checkpoints(run_dir) and config.run.resume == "never":
         raise MotError(f"{run_dir} already holds checkpoints; use run.resume=auto to continue or a new run.dir")
     lock = ckpt.RunLock(run_dir)
     try:
         return _run(config, exp)
+    except OSError as exc:  # metrics, config or state files: the disk, not the code
+        raise ckpt.storage_error(exc, Path(exc.filename or run_dir), "training") from None
     finally:
         lock.release()
 

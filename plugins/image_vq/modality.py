@@ -115,10 +115,13 @@ class ImageVQ(Modality):
         self.tokenizer.eval().requires_grad_(False)
         weights = Path(opts.taming_checkpoint) if opts.taming_checkpoint else Path(opts.tokenizer_dir) / "vqgan.safetensors"
         self._code_cache = CodeCache(Path(opts.tokenizer_dir), weights)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        (self.state_dir / "tokenizer.json").write_text(json.dumps({
+        record = json.dumps({
             "source": opts.taming_checkpoint or opts.tokenizer_dir, "config": self.tokenizer.config.to_dict(),
-        }, indent=2))
+        }, indent=2)
+        file = self.state_dir / "tokenizer.json"
+        if not file.is_file() or file.read_text() != record:  # a reopened run folder may be read-only
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            file.write_text(record)
 
     def _require(self) -> VQGAN:
         if self.tokenizer is None:
@@ -247,8 +250,11 @@ class CodeCache:
         if not self.file.parent.is_dir():
             return
         tmp = self.file.with_suffix(f".tmp{os.getpid()}")
-        torch.save(self.codes, tmp)
-        os.replace(tmp, self.file)
+        try:
+            torch.save(self.codes, tmp)
+            os.replace(tmp, self.file)
+        except (OSError, RuntimeError):  # a read-only or full tokenizer folder: the cache only saves time
+            tmp.unlink(missing_ok=True)
 
 
 def images_with_captions(docs: list[RawDocument], image_modality: str) -> tuple[torch.Tensor, list[str]]:

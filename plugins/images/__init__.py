@@ -1,5 +1,5 @@
-"""Built-in captioned-image data (emoji named by Unicode, handwritten MNIST digits), shared
-by the image plugins: rendered offline by ``mot data prepare``."""
+"""Captioned-image data shared by the image plugins: built-in emoji named by Unicode and
+handwritten MNIST digits (rendered offline by ``mot data prepare``), or folders of one's own."""
 
 from plugins.images.data import CaptionedImages
 from registry import hookimpl

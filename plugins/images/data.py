@@ -1,14 +1,24 @@
 """Captioned images as documents: caption then image (to generate images) and image then caption
-(to describe them), from the folders written by ``plugins.images.prepare``.
+(to describe them), from the built-in sources written by ``plugins.images.prepare`` or from
+folders of one's own captioned images.
 
-Each source folder under ``root`` holds ``captions.jsonl`` (one ``{"file", "caption", "split"}``
-object a line, ``file`` relative to the folder) and the square RGB PNGs it names; ``meta.json``
-is optional and, when present, its ``size`` is checked against ``image_size``. The train/val
-split is the one recorded at prepare time (a stable hash of each image's id).
+Built-in sources (``sources``): each folder under ``root`` holds ``captions.jsonl`` (one
+``{"file", "caption", "split"}`` object a line, ``file`` relative to the folder) and the square
+RGB PNGs it names; ``meta.json`` is optional and, when present, its ``size`` is checked against
+``image_size``. The train/val split is the one recorded at prepare time (a stable hash of each
+image's id).
+
+Folders of one's own (``folders``): used as they are, nothing to prepare. A captions file,
+``captions.jsonl`` (``{"file": ..., "caption": ...[, "split": "train"|"val"]}`` a line) or
+``captions.csv`` (header ``file,caption[,split]``), names images of any size and any format
+Pillow reads; each is turned upright (EXIF), flattened on white if transparent, converted to
+RGB, its shorter side resized to ``image_size`` and centre-cropped to a square. A line without
+a split goes to "val" for a stable hash of its file name (``val_fraction``).
 """
 
 from __future__ import annotations
 
+import csv
 import functools
 import json
 import math
@@ -19,7 +29,7 @@ from typing import Callable, Literal
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 from pydantic import Field, field_validator, model_validator
 
 from mot_core.errors import MotError
@@ -27,17 +37,44 @@ from mot_core.plugin_api import DataSource, PluginOptions, RawDocument, RawSegme
 
 Direction = Literal["caption_to_image", "image_to_caption"]
 PREPARE_HINT = "run `mot data prepare` first"
+BUILT_IN_SOURCES = ("emoji", "mnist")  # rendered by plugins.images.prepare
+CAPTIONS_NAMES = ("captions.jsonl", "captions.csv")  # looked for in this order in a folder of one's own
+CAPTIONS_FORMAT = (
+    'captions.jsonl with one {"file": "cat.jpg", "caption": "a cat on a sofa"} a line '
+    '("split": "train" or "val" optional), or captions.csv with a header line file,caption[,split]'
+)
 CAPTION_FONT_PX = 10
 CAPTION_LINES = 2
 MIN_CAPTIONED_TILE_PX = 96  # captions need about this much width to be legible
 
 
 class CaptionedImagesOptions(PluginOptions):
-    root: str = Field("data/captioned_images", description="folder written by `mot data prepare`")
-    sources: list[str] = Field(
-        default_factory=lambda: ["emoji", "mnist"], min_length=1, description="sub-folders of root to read"
+    root: str = Field("data/captioned_images", description="folder where `mot data prepare` writes the built-in sources")
+    sources: list[str] | None = Field(
+        None,
+        description="built-in sources (emoji, mnist) rendered under root by `mot data prepare`; "
+        "default: both, or none when folders are given",
     )
-    image_size: int = Field(32, ge=1, description="side of the square images, in pixels; every file must match")
+    folders: list[str] = Field(
+        default_factory=list,
+        description="folders of your own captioned images, used as they are: a captions file "
+        "(captions.jsonl or captions.csv) and images of any size and format",
+    )
+    captions_file: str | None = Field(
+        None,
+        description="name of the captions file in each of folders (.csv: CSV, else JSON lines); "
+        "default: captions.jsonl, else captions.csv",
+    )
+    val_fraction: float = Field(
+        0.05, gt=0, lt=1,
+        description="in folders, the share of images whose captions line names no split held out for validation "
+        "(by a stable hash of the file name)",
+    )
+    image_size: int = Field(
+        32, ge=1,
+        description="side of the square images, in pixels; built-in sources must match it, images in folders are "
+        "resized (shorter side) and centre-cropped to it",
+    )
     directions: list[Direction] = Field(
         default_factory=lambda: ["caption_to_image", "image_to_caption"],
         min_length=1,
@@ -50,27 +87,44 @@ class CaptionedImagesOptions(PluginOptions):
     text_modality: str = Field("text", description="modality that receives the captions")
     image_modality: str = Field("image", description="modality that receives the (3, H, W) image tensors")
     max_images_per_source: int | None = Field(
-        None, ge=1, description="use only the first N images of each source (before the train/val split)"
+        None, ge=1, description="use only the first N images of each source and folder (before the train/val split)"
     )
 
-    @field_validator("sources", "directions")
+    @field_validator("sources", "folders", "directions")
     @classmethod
-    def _no_repeats(cls, values: list[str]) -> list[str]:
-        repeated = sorted({v for v in values if values.count(v) > 1})
+    def _no_repeats(cls, values: list[str] | None) -> list[str] | None:
+        repeated = sorted({v for v in values if values.count(v) > 1}) if values else []
         if repeated:
             raise ValueError(f"listed more than once: {', '.join(repeated)}")
+        return values
+
+    @field_validator("sources")
+    @classmethod
+    def _names_not_paths(cls, values: list[str] | None) -> list[str] | None:
+        for value in values or []:
+            if value not in BUILT_IN_SOURCES and ("/" in value or "\\" in value):
+                raise ValueError(
+                    f"'{value}' is a path: sources names built-in sources ({', '.join(BUILT_IN_SOURCES)}) rendered under "
+                    f"root; for a folder of your own images write folders: [{value}]"
+                )
         return values
 
     @model_validator(mode="after")
     def _distinct_modalities(self) -> "CaptionedImagesOptions":
         if self.text_modality == self.image_modality:
             raise ValueError(f"text_modality and image_modality must differ (both are '{self.text_modality}')")
+        if self.sources is None:  # resolved here, so the saved run config names what was read
+            self.sources = [] if self.folders else list(BUILT_IN_SOURCES)
+        if not self.sources and not self.folders:
+            raise ValueError(
+                "no images: list built-in sources (sources: [emoji, mnist]) or folders of your own (folders: [path/to/folder])"
+            )
         return self
 
 
 class CaptionedImages(DataSource):
-    """Real captioned images (emoji named by Unicode, handwritten MNIST digits, or any folder in
-    the same layout), one document per image and direction.
+    """Real captioned images (emoji named by Unicode, handwritten MNIST digits, or folders of
+    one's own), one document per image and direction.
 
     Payloads: captions are ``str``; images are float32 tensors (3, H, W) in [-1, 1].
     """
@@ -84,18 +138,33 @@ class CaptionedImages(DataSource):
         self.modalities = (options.text_modality, options.image_modality)
 
     def prepare(self, progress: bool = True) -> dict:
-        """Render the configured sources into ``root`` (``mot data prepare``); idempotent."""
+        """Render the built-in sources into ``root`` (``mot data prepare``); idempotent. Folders
+        of one's own are used as they are: their captions file is only checked."""
         from plugins.images.prepare import prepare_captioned_images
 
         opts: CaptionedImagesOptions = self.options
-        return prepare_captioned_images(Path(opts.root), size=opts.image_size, sources=opts.sources, progress=progress)
+        report: dict = {}
+        built_in = [s for s in opts.sources if s in BUILT_IN_SOURCES]
+        for source in opts.sources:
+            if source not in BUILT_IN_SOURCES:  # a folder already in the prepared layout under root
+                captions = Path(opts.root) / source / "captions.jsonl"
+                if not captions.is_file():
+                    raise MotError(_unknown_source_message(source, captions))
+                report[source] = f"used as it is (nothing to prepare): {captions}"
+        if built_in:
+            report.update(prepare_captioned_images(Path(opts.root), size=opts.image_size, sources=built_in, progress=progress))
+        for folder in opts.folders:
+            captions = _find_captions(Path(folder), opts.captions_file)
+            count = len(_read_folder_captions(captions, opts.val_fraction))
+            report[folder] = f"used as it is (nothing to prepare): {count} images listed in {captions}"
+        return report
 
     def documents(self, split: Split) -> list[RawDocument]:
-        """All documents of ``split``, in a fixed order: sources as listed, images in
-        captions.jsonl order, and for each image its directions as listed."""
+        """All documents of ``split``, in a fixed order: sources as listed, then folders as
+        listed, images in captions-file order, and for each image its directions as listed."""
         opts: CaptionedImagesOptions = self.options
         root = Path(opts.root)
-        if not root.is_dir():
+        if opts.sources and not root.is_dir():
             raise MotError(f"dataset '{self.name}': no captioned images at {root}; {PREPARE_HINT}")
         docs: list[RawDocument] = []
         for source in opts.sources:
@@ -107,21 +176,49 @@ class CaptionedImages(DataSource):
                 raise MotError(
                     f"dataset '{self.name}': source '{source}' has no images in its '{split}' split{limited} ({root / source})"
                 )
-            # One independent tensor per image (not views of one batch), so a payload carries
-            # only its own pixels when pickled, and no consumer can alter the cached data.
-            images = _to_signed_float(loaded.pixels[chosen])
-            for row, index in enumerate(chosen):
-                caption = RawSegment(opts.text_modality, loaded.captions[index])
-                image = RawSegment(opts.image_modality, images[row].clone())
-                for direction in opts.directions:
-                    if direction == "image_to_caption":
-                        docs.append(RawDocument((image, caption)))
-                    elif split == "train" and _drops_caption(f"{source}/{loaded.files[index]}", opts.caption_dropout):
-                        # Validation keeps every caption: it measures conditional generation.
-                        docs.append(RawDocument((image,)))
-                    else:
-                        docs.append(RawDocument((caption, image)))
+            self._add_documents(docs, loaded, chosen, source, split)
+        for folder in opts.folders:
+            loaded = _load_folder(Path(folder), opts.captions_file, opts.image_size, opts.val_fraction)
+            usable = len(loaded.files) if opts.max_images_per_source is None else opts.max_images_per_source
+            chosen = [i for i, s in enumerate(loaded.splits[:usable]) if s == split]
+            if not chosen:
+                count = min(usable, len(loaded.files))
+                limited = " (max_images_per_source)" if opts.max_images_per_source else ""
+                raise MotError(
+                    f"dataset '{self.name}': folder {folder} has no images in its '{split}' split "
+                    f"({count} images{limited}, val_fraction {opts.val_fraction}); "
+                    f"{'raise val_fraction, ' if split == 'val' else 'lower val_fraction, '}"
+                    f"add more images, or give some captions lines \"split\": \"{split}\""
+                )
+            self._add_documents(docs, loaded, chosen, Path(folder).resolve().name, split)
         return docs
+
+    def _add_documents(self, docs: list[RawDocument], loaded: "_LoadedSource", chosen: list[int], label: str,
+                       split: Split) -> None:
+        opts: CaptionedImagesOptions = self.options
+        # One independent tensor per image (not views of one batch), so a payload carries
+        # only its own pixels when pickled, and no consumer can alter the cached data.
+        images = _to_signed_float(loaded.pixels[chosen])
+        for row, index in enumerate(chosen):
+            caption = RawSegment(opts.text_modality, loaded.captions[index])
+            image = RawSegment(opts.image_modality, images[row].clone())
+            for direction in opts.directions:
+                if direction == "image_to_caption":
+                    docs.append(RawDocument((image, caption)))
+                elif split == "train" and _drops_caption(f"{label}/{loaded.files[index]}", opts.caption_dropout):
+                    # Validation keeps every caption: it measures conditional generation.
+                    docs.append(RawDocument((image,)))
+                else:
+                    docs.append(RawDocument((caption, image)))
+
+
+def _unknown_source_message(source: str, captions: Path) -> str:
+    if source in BUILT_IN_SOURCES:
+        return f"dataset 'captioned_images': source '{source}' is not prepared ({captions} missing); {PREPARE_HINT}"
+    return (
+        f"dataset 'captioned_images': source '{source}' is not prepared ({captions} missing) and `mot data prepare` "
+        f"renders only {', '.join(BUILT_IN_SOURCES)}; for a folder of your own images write folders: [{source}]"
+    )
 
 
 def _drops_caption(name: str, caption_dropout: float) -> bool:
@@ -148,7 +245,7 @@ def _load_source(root: Path, source: str, image_size: int) -> _LoadedSource:
     folder = root / source
     captions_file = folder / "captions.jsonl"
     if not folder.is_dir() or not captions_file.is_file():
-        raise MotError(f"dataset 'captioned_images': source '{source}' is not prepared ({captions_file} missing); {PREPARE_HINT}")
+        raise MotError(_unknown_source_message(source, captions_file))
     stat = captions_file.stat()
     # The file's identity is part of the key, so a source prepared again is read again.
     return _load_source_cached(str(folder.resolve()), image_size, (stat.st_mtime_ns, stat.st_size, stat.st_ino))
@@ -231,6 +328,149 @@ def _read_rgb(path: Path, expected_size: int) -> np.ndarray:
             f"prepare the data at that size (`mot data prepare`) or change image_size"
         )
     return np.array(rgb, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on read-only arrays
+
+
+# --- folders of one's own ----------------------------------------------------------------------
+
+
+def _find_captions(folder: Path, captions_file: str | None) -> Path:
+    """The captions file of a folder of one's own: ``captions_file`` if set, else the first of
+    ``CAPTIONS_NAMES`` present."""
+    if not folder.is_dir():
+        raise MotError(f"dataset 'captioned_images': folder {folder} not found (folders: paths to folders of captioned images)")
+    names = (captions_file,) if captions_file else CAPTIONS_NAMES
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    looked = f"{folder / captions_file} not found" if captions_file else f"no {' or '.join(CAPTIONS_NAMES)} in {folder}"
+    raise MotError(f"dataset 'captioned_images': {looked}; write {CAPTIONS_FORMAT}")
+
+
+@dataclass(frozen=True)
+class _CaptionLine:
+    number: int  # line in the captions file, for errors
+    file: str
+    caption: str
+    split: str
+
+
+def _read_folder_captions(path: Path, val_fraction: float) -> list[_CaptionLine]:
+    """Every line of a captions file (JSON lines, or CSV for a ``.csv`` name), each with its
+    split: the one written, else "val" for a stable hash of the file name."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: spreadsheets often start a CSV with a BOM
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MotError(f"dataset 'captioned_images': cannot read {path}: {_one_line(exc)}") from None
+    rows = _csv_rows(path, text) if path.suffix.lower() == ".csv" else _jsonl_rows(path, text)
+    lines = []
+    for number, file, caption, split in rows:
+        where = f"{path} line {number}"
+        if not file:
+            raise MotError(f"dataset 'captioned_images': {where} names no image file; give its file or remove the line")
+        if not caption.strip():
+            raise MotError(f"dataset 'captioned_images': {where} has an empty caption for '{file}'; write one or remove the line")
+        if split is None or split == "":
+            split = "val" if _in_val_split(file, val_fraction) else "train"
+        elif split not in ("train", "val"):
+            raise MotError(f"dataset 'captioned_images': {where}: split must be \"train\" or \"val\" (or left out), got {split!r}")
+        lines.append(_CaptionLine(number, file, caption.strip(), split))
+    if not lines:
+        raise MotError(f"dataset 'captioned_images': {path} lists no images; write {CAPTIONS_FORMAT}")
+    return lines
+
+
+def _jsonl_rows(path: Path, text: str):
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError as exc:
+            raise MotError(f"dataset 'captioned_images': {path} line {number}: not valid JSON ({exc}); "
+                           f"expected {{\"file\": \"cat.jpg\", \"caption\": \"a cat\"}}") from None
+        if not (isinstance(entry, dict) and isinstance(entry.get("file", ""), str)
+                and isinstance(entry.get("caption", ""), str) and isinstance(entry.get("split"), (str, type(None)))):
+            raise MotError(f"dataset 'captioned_images': {path} line {number}: expected {{\"file\": \"cat.jpg\", "
+                           f"\"caption\": \"a cat\"[, \"split\": \"train\" or \"val\"]}}, got {line.strip()[:120]}")
+        yield number, entry.get("file", "").strip(), entry.get("caption", ""), entry.get("split")
+
+
+def _csv_rows(path: Path, text: str):
+    reader = csv.reader(text.splitlines())
+    try:
+        header = [name.strip().lower() for name in next(reader)]
+    except StopIteration:
+        header = []
+    if "file" not in header or "caption" not in header:
+        raise MotError(f"dataset 'captioned_images': {path}: the first line must be a header naming the columns "
+                       f"file,caption[,split], got {','.join(header)[:120]!r}")
+    file_at, caption_at = header.index("file"), header.index("caption")
+    split_at = header.index("split") if "split" in header else None
+    try:
+        for row in reader:
+            if not any(cell.strip() for cell in row):
+                continue
+            number = reader.line_num
+            if len(row) != len(header):
+                raise MotError(f"dataset 'captioned_images': {path} line {number}: {len(row)} columns, the header "
+                               f"has {len(header)} (quote a caption holding a comma: \"a cat, asleep\")")
+            split = row[split_at].strip() if split_at is not None else None
+            yield number, row[file_at].strip(), row[caption_at], split
+    except csv.Error as exc:
+        raise MotError(f"dataset 'captioned_images': {path} line {reader.line_num}: {exc}") from None
+
+
+def _in_val_split(name: str, val_fraction: float) -> bool:
+    """Stable across runs and machines; the same rule as the built-in sources' split."""
+    return zlib.crc32(name.encode("utf-8")) % 10_000 < val_fraction * 10_000
+
+
+def _load_folder(folder: Path, captions_file: str | None, image_size: int, val_fraction: float) -> _LoadedSource:
+    captions = _find_captions(folder, captions_file)
+    stat = captions.stat()
+    return _load_folder_cached(str(captions.resolve()), image_size, val_fraction, (stat.st_mtime_ns, stat.st_size, stat.st_ino))
+
+
+@functools.lru_cache(maxsize=8)
+def _load_folder_cached(captions: str, image_size: int, val_fraction: float,
+                        captions_identity: tuple[int, int, int]) -> _LoadedSource:
+    """Decoded once per process and captions file (the train and val splits, evaluators and
+    tokenizer fitting all read the same pixels)."""
+    path = Path(captions)
+    lines = _read_folder_captions(path, val_fraction)
+    pixels = torch.empty((len(lines), 3, image_size, image_size), dtype=torch.uint8)
+    for i, line in enumerate(lines):
+        pixels[i] = torch.from_numpy(_read_any_image(path.parent / line.file, image_size, f"{path.name} line {line.number}")).permute(2, 0, 1)
+    return _LoadedSource(
+        tuple(line.file for line in lines), tuple(line.caption for line in lines), tuple(line.split for line in lines), pixels
+    )
+
+
+def _read_any_image(path: Path, size: int, named_in: str) -> np.ndarray:
+    """Any image Pillow reads -> (size, size, 3) uint8 RGB: upright (EXIF orientation), flattened
+    on white if transparent, shorter side resized to ``size`` and centre-cropped."""
+    if not path.is_file():
+        raise MotError(f"dataset 'captioned_images': image {path} (named in {named_in}) is missing; "
+                       "add the file or remove its line")
+    try:
+        with Image.open(path) as image:
+            image.draft(None, (2 * size, 2 * size))  # JPEG: decode at a reduced scale, still >= 2x the target
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+                rgba = image.convert("RGBA")
+                image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+            else:
+                image = image.convert("RGB")
+            square = ImageOps.fit(image, (size, size), method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise MotError(f"dataset 'captioned_images': cannot read image {path} (named in {named_in}): {_one_line(exc)}; "
+                       "replace the file or remove its line") from None
+    return np.array(square, dtype=np.uint8)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 def load_image_file(path: str | Path, expected_size: int) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Real text offline: the Wikipedia articles shipped with gensim, or the user's own files.
 
-The held-out split is chosen by a hash of each document's name, so it does not move when
-documents are added or the loader's order changes.
+The held-out split is chosen by a hash of each document's name (an article's title, a file's
+name, or ``<file name>#<index>`` for the pieces of a file cut by ``split_documents``), so it
+does not move when documents are added, the corpus moves, or the loader's order changes.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import glob
 import re
 import zlib
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -87,12 +89,21 @@ def _clean(text: str) -> str:
 
 
 class TextFilesOptions(PluginOptions):
-    paths: list[str] = Field(min_length=1, description="files or glob patterns; one document per file")
+    paths: list[str] = Field(min_length=1, description="files or glob patterns")
     val_fraction: float = Field(0.05, gt=0, lt=1)
+    split_documents: Literal["file", "paragraphs", "chunks"] = Field(
+        "file",
+        description="file: one document per file; paragraphs: blocks separated by blank lines, short ones "
+        "merged up to min_paragraph_chars; chunks: pieces of about chunk_chars characters",
+    )
+    min_paragraph_chars: int = Field(
+        500, ge=1, description="paragraphs: consecutive paragraphs are joined until a document has this many characters"
+    )
+    chunk_chars: int = Field(2000, ge=1, description="chunks: the most characters per document (cut at a line break or space)")
 
 
 class TextFiles(DataSource):
-    """Plain UTF-8 text files, one document each."""
+    """Plain UTF-8 text files: one document each, or cut into paragraphs or chunks."""
 
     name = "text_files"
     Options = TextFilesOptions
@@ -106,15 +117,101 @@ class TextFiles(DataSource):
             if not matches or not all(Path(m).is_file() for m in matches):
                 raise MotError(f"dataset 'text_files': no file found at '{pattern}'")
             files.extend(Path(m) for m in matches)
-        docs = []
+        docs, total, empty = [], 0, 0
         for file in files:
-            # By file name, not path: the split must not change when the corpus moves.
-            if in_val_split(file.name, opts.val_fraction) != (split == "val"):
+            if opts.split_documents == "file":
+                # By file name, not path: the split must not change when the corpus moves.
+                total += 1
+                if in_val_split(file.name, opts.val_fraction) != (split == "val"):
+                    continue
+                text = _read(file)
+                if text.strip():
+                    docs.append(RawDocument((RawSegment("text", text),)))
+                else:
+                    empty += 1
                 continue
-            try:
-                text = file.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                raise MotError(f"dataset 'text_files': cannot read {file}: {exc}") from None
-            if text.strip():
-                docs.append(RawDocument((RawSegment("text", text),)))
-        return _check_split(docs, split, self.name)
+            text = _read(file)
+            pieces = (
+                paragraph_documents(text, opts.min_paragraph_chars)
+                if opts.split_documents == "paragraphs"
+                else chunk_documents(text, opts.chunk_chars)
+            )
+            total += len(pieces)
+            for index, piece in enumerate(pieces):
+                if in_val_split(f"{file.name}#{index}", opts.val_fraction) == (split == "val"):
+                    docs.append(RawDocument((RawSegment("text", piece),)))
+        if docs:
+            return docs
+        if opts.split_documents == "file":
+            if len(files) == 1:
+                raise MotError(
+                    f"dataset 'text_files' has no documents in its '{split}' split: its only file, {files[0]}, is one "
+                    "document with split_documents: file; set split_documents: paragraphs (or chunks) to cut it into many"
+                )
+            raise MotError(
+                f"dataset 'text_files' has no documents in its '{split}' split ({len(files)} files, one document each"
+                f"{f', {empty} of them empty' if empty else ''}, val_fraction {opts.val_fraction}); add files, {'raise' if split == 'val' else 'lower'} val_fraction, "
+                "or set split_documents: paragraphs"
+            )
+        size = "min_paragraph_chars" if opts.split_documents == "paragraphs" else "chunk_chars"
+        raise MotError(
+            f"dataset 'text_files' has no documents in its '{split}' split ({_count(total, 'document')} from "
+            f"{_count(len(files), 'file')} "
+            f"with split_documents: {opts.split_documents}, val_fraction {opts.val_fraction}); add text, lower {size} "
+            f"or {'raise' if split == 'val' else 'lower'} val_fraction"
+        )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _read(file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MotError(f"dataset 'text_files': cannot read {file}: {' '.join(str(exc).split())}") from None
+
+
+def paragraph_documents(text: str, min_chars: int) -> list[str]:
+    """Blocks separated by blank lines, consecutive ones joined (by a blank line) until each
+    document has at least ``min_chars`` characters; a short remainder joins the last document."""
+    paragraphs = [p.strip() for p in re.split(r"\n[ \t]*\n", text) if p.strip()]
+    docs: list[str] = []
+    current: list[str] = []
+    length = 0
+    for paragraph in paragraphs:
+        current.append(paragraph)
+        length += len(paragraph) + (2 if len(current) > 1 else 0)
+        if length >= min_chars:
+            docs.append("\n\n".join(current))
+            current, length = [], 0
+    if current:
+        remainder = "\n\n".join(current)
+        if docs:
+            docs[-1] = f"{docs[-1]}\n\n{remainder}"
+        else:
+            docs.append(remainder)
+    return docs
+
+
+def chunk_documents(text: str, chunk_chars: int) -> list[str]:
+    """Consecutive pieces of at most ``chunk_chars`` characters, cut after the last line break
+    in the piece's second half, else after its last space, else exactly at the limit; pieces
+    holding only whitespace are left out (the others joined give the text back)."""
+    docs: list[str] = []
+    start = 0
+    while start < len(text):
+        end = start + chunk_chars
+        if end < len(text):
+            half = start + chunk_chars // 2
+            cut = text.rfind("\n", half, end)
+            if cut < 0:
+                cut = max(text.rfind(" ", half, end), text.rfind("\t", half, end))
+            if cut >= 0:
+                end = cut + 1
+        piece = text[start:end]
+        if piece.strip():
+            docs.append(piece)
+        start = end
+    return docs

@@ -50,18 +50,29 @@ class Text(Modality):
                     f"but the config asks for {wanted}; use a new run.dir or the same options"
                 )
             self.tokenizer = Tokenizer.from_file(str(self._file))
+            fresh = False  # the run's own tokenizer: never rewritten (a run folder may be read-only)
         elif opts.tokenizer_path:
             path = Path(opts.tokenizer_path)
             if not path.is_file():
                 raise MotError(f"text tokenizer_path not found: {path}")
             self.tokenizer = Tokenizer.from_file(str(path))
+            fresh = True
         else:
             self.tokenizer = self._train(train_payloads)
+            reached = self.tokenizer.get_vocab_size()
+            if reached < opts.vocab_size:
+                raise MotError(
+                    f"the text BPE reached only {reached} of vocab_size={opts.vocab_size} ids on this data "
+                    f"(min_frequency={opts.min_frequency}); set mixture.modalities.text.options.vocab_size={reached} "
+                    "or lower min_frequency, or add text"
+                )
+            fresh = True
         if self.tokenizer.token_to_id(END_OF_TEXT) is None:
             raise MotError(f"the text tokenizer has no '{END_OF_TEXT}' token")
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save(str(self._file))
-        meta_file.write_text(json.dumps(wanted))
+        if fresh:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            self.tokenizer.save(str(self._file))
+            meta_file.write_text(json.dumps(wanted))
         self.eot = self.tokenizer.token_to_id(END_OF_TEXT)
 
     def _train(self, texts: Iterable[str]) -> Tokenizer:

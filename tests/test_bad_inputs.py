@@ -1,0 +1,125 @@
+"""Every command a user can type answers bad input with ONE line, ``error: ...``, exit 2, no
+traceback: a table of bad inputs through the real CLI entry point (``mot_core.cli.main``).
+
+Placeholders in the arguments: {config} a valid tiny config, {run} a trained tiny run,
+{tmp} a scratch folder, {file} a plain text file, {binary} a binary file, {list} a YAML list,
+{scalar} a YAML scalar, {broken} invalid YAML, {empty} an empty file.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from mot_core.cli import main
+
+BAD_INPUTS = [
+    # -- configs -----------------------------------------------------------------------------
+    (["train", "{tmp}/missing.yaml"], "config file not found"),
+    (["train", "{tmp}"], "is a folder; give a YAML file"),
+    (["train", "{binary}"], "is not UTF-8 text"),
+    (["train", "{list}"], "must hold a mapping (key: value) at the top level, not a list"),
+    (["train", "{scalar}"], "not a single int"),
+    (["train", "{broken}"], "is not valid YAML"),
+    (["train", "{empty}"], "missing required key 'mixture'"),
+    (["train", "{config}", "frobnicate.x=1"], "unknown key 'frobnicate'"),
+    (["train", "{config}", "model.dimm=64"], "did you mean 'dim'"),
+    (["train", "{config}", "train.steps=abc"], "train.steps: Input should be a valid integer"),
+    (["train", "{config}", "train.lr=-1"], "train.lr: Input should be greater than 0"),
+    (["train", "{config}", "train.steps"], "is not of the form key=value"),
+    (["train", "{config}", "=5"], "is not of the form key=value"),
+    (["train", "{config}", "mixture.modalities.klingon.loss_weight=1"], "unknown modality 'klingon'"),
+    (["train", "{config}", "mixture.datasets.nowhere.weight=1"], "unknown dataset 'nowhere'"),
+    (["train", "{config}", "mixture.modalities.text.loss=psychic"], "unknown loss 'psychic'"),
+    (["train", "{config}", "mixture.modalities.text.evaluators=[oracle]"], "unknown evaluator 'oracle'"),
+    (["train", "{config}", "model.dim=31"], "model.dim=31 must be divisible by model.n_heads=2"),
+    (["train", "{config}", "model.dim=6", "model.n_heads=2"], "must be even for RoPE"),
+    (["train", "{config}", "train.seq_len=128"], "train.seq_len=128 exceeds model.max_seq_len=64"),
+    (["train", "{config}", "model.norm_placement=mid"], "model.norm_placement: Input should be 'pre' or 'post'"),
+    (["train", "{config}", "model.attention_backend=xformers"], "attention backend 'xformers' unavailable"),
+    (["train", "{config}", "run.device=cuda"], "no CUDA device is available"),
+    (["train", "{config}", "run.dir={file}"], "is a file; give a folder"),
+    (["train", "{config}", "mixture.datasets.text_files.options.paths=[{tmp}/none/*.txt]"], "no file found at"),
+    (["train", "{config}", "run.dir={tmp}/v", "mixture.modalities.text.options.vocab_size=100000"], "the text BPE reached only"),
+    (["train", "{config}", "mixture.modalities.text.options.vocab_size=299"], "vocab_size: Input should be greater than or equal to 300"),
+    (["train", "{config}", "train.on_nonfinite=ignore"], "train.on_nonfinite: Input should be 'stop' or 'skip'"),
+    (["train", "{config}", "run.dir={run}", "run.resume=never"], "already holds checkpoints"),
+    (["train", "{config}", "run.dir={tmp}/w", "model.warm_start={tmp}/no_such_checkpoint"], "no model.safetensors"),
+    (["config", "show", "{tmp}/missing.yaml"], "config file not found"),
+    (["data", "prepare", "{list}"], "not a list"),
+    (["tokenizer", "fit", "{config}"], "no modality in this config has a tokenizer to fit"),
+    # -- eval -----------------------------------------------------------------------------------
+    (["eval", "{tmp}/nothing"], "checkpoint not found"),
+    (["eval", "{tmp}"], "is neither a checkpoint nor a run folder with checkpoints"),
+    (["eval", "{run}", "--batches", "0"], "argument --batches: expected an integer >= 1, got 0"),
+    (["eval", "{run}", "--batches", "-1"], "argument --batches: expected an integer >= 1, got -1"),
+    (["eval", "{run}", "--batches", "two"], "argument --batches: expected an integer >= 1, got 'two'"),
+    (["eval", "{run}", "--samples", "-1"], "argument --samples: expected an integer >= 0"),
+    # -- generate -------------------------------------------------------------------------------
+    (["generate", "{run}"], "give at least one --prompt TEXT"),
+    (["generate", "{run}", "--prompt", "a", "--top-p", "0"], "argument --top-p: expected a number in (0, 1], got 0"),
+    (["generate", "{run}", "--prompt", "a", "--top-p", "1.5"], "argument --top-p: expected a number in (0, 1]"),
+    (["generate", "{run}", "--prompt", "a", "--temperature", "-1"], "argument --temperature: expected a finite number >= 0"),
+    (["generate", "{run}", "--prompt", "a", "--top-k", "-3"], "argument --top-k: expected an integer >= 0"),
+    (["generate", "{run}", "--prompt", "a", "--samples", "0"], "argument --samples: expected an integer >= 1"),
+    (["generate", "{run}", "--prompt", "a", "--cfg", "nan"], "argument --cfg: expected a finite number >= 0"),
+    (["generate", "{run}", "--prompt", "a", "--out", "{tmp}"], "is a folder; give a file name"),
+    (["generate", "{run}", "--prompt", "a"], "this run has no modality 'image'"),
+    (["generate", "{tmp}/nothing", "--prompt", "a"], "checkpoint not found"),
+    # -- compare, bench, unknown commands -------------------------------------------------------
+    (["compare", "{tmp}"], "no metrics.jsonl in"),
+    (["compare", "{run}", "--plot", "{tmp}"], "--plot"),
+    (["bench", "throughput", "--dim", "0"], "argument --dim: expected an integer >= 1, got 0"),
+    (["bench", "throughput", "--heads", "3"], "--dim 256 must split into --heads 3 heads"),
+    (["bench", "throughput", "--kv-heads", "3"], "--heads 4 must be a multiple of --kv-heads 3"),
+    (["bench", "throughput", "--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    (["bench", "throughput", "--device", "cuda"], "no CUDA device is available"),
+    (["bench", "step-match", "{config}", "--steps", "0"], "argument --steps: expected an integer >= 1"),
+    (["bench", "step-match", "{config}", "--smoothing", "1"], "argument --smoothing: expected a number in [0, 1)"),
+    (["bench", "step-match", "{tmp}/missing.yaml"], "config file not found"),
+    (["frobnicate"], "argument command: invalid choice: 'frobnicate'"),
+    ([], "the following arguments are required: command"),
+]
+
+
+@pytest.fixture(scope="module")
+def places(tmp_path_factory, text_corpus) -> dict[str, str]:
+    import yaml
+
+    from conftest import tiny_config_dict
+
+    root = tmp_path_factory.mktemp("bad_inputs")
+    config = root / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config_dict(text_corpus, root / "run", steps=2, checkpoint_every=2)))
+    assert main(["train", str(config)]) == 0
+    scratch = root / "scratch"
+    scratch.mkdir()
+    files = {
+        "file": ("notes.txt", "just text"), "list": ("list.yaml", "- a\n- b\n"), "scalar": ("scalar.yaml", "42\n"),
+        "broken": ("broken.yaml", "a: [1\n"), "empty": ("empty.yaml", ""),
+    }
+    out = {"config": str(config), "run": str(root / "run"), "tmp": str(scratch)}
+    for key, (name, text) in files.items():
+        (root / name).write_text(text)
+        out[key] = str(root / name)
+    (root / "binary.yaml").write_bytes(bytes(range(256)) * 4)
+    out["binary"] = str(root / "binary.yaml")
+    return out
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUTS, ids=[" ".join(a)[:60] or "(none)" for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_exit_2_no_traceback(places, capsys, args, message):
+    argv = [a.format(**places) for a in args]
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse exits through SystemExit
+        code = exit_.code
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert code == 2, f"exit {code}; stderr:\n{err}\nstdout:\n{captured.out[-2000:]}"
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error: ") and "Traceback" not in err, err
+    assert message.format(**places) in err, err
+
+
+def test_the_table_covers_at_least_forty_inputs():
+    assert len(BAD_INPUTS) >= 40
