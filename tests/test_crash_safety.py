@@ -234,3 +234,57 @@ def test_one_trainer_per_run_folder(write_config, tmp_path, capsys):
     assert main(["train", str(config)]) == 0
     assert f"taking over {run / 'train.lock'} from pid 999999, which is no longer running" in capsys.readouterr().out
     assert (run / "train.lock").read_text() == ""  # released at the end
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, float]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime) for p in sorted(folder.rglob("*"))}
+
+
+def test_moved_run_folder_is_self_contained_and_eval_writes_nothing(write_config, tmp_path, capsys):
+    """`mot eval` reads the folder it is given (its own tokenizer), not the run.dir recorded at
+    training time, and leaves the folder untouched (it may be read-only)."""
+    import shutil
+
+    config = write_config("original", steps=2, checkpoint_every=2)
+    assert main(["train", str(config)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "original"), "--json"]) == 0
+    expected = json.loads(capsys.readouterr().out)
+    moved = tmp_path / "elsewhere" / "moved"
+    shutil.move(str(tmp_path / "original"), moved)
+    (tmp_path / "original").mkdir()  # a decoy at the recorded run.dir: must not be read or written
+    before = _snapshot(moved)
+    assert main(["eval", str(moved), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == expected
+    assert _snapshot(moved) == before
+    assert list((tmp_path / "original").iterdir()) == []
+
+
+@pytest.mark.parametrize("failure, message", [
+    (OSError(28, "No space left on device"), "no space left on the device of"),
+    (RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0"), "no space left on the device of"),
+    (OSError(30, "Read-only file system"), "Read-only file system; the run folder must be writable to train"),
+])
+def test_storage_errors_are_one_line_and_keep_the_previous_checkpoint(write_config, tmp_path, capsys, monkeypatch,
+                                                                       failure, message):
+    import shutil as shutil_module
+
+    config = write_config("disk", checkpoint_every=2)
+    calls = [0]
+    real_save = torch_save = __import__("torch").save
+
+    def failing_save(obj, path, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 2:  # the second checkpoint (step 4)
+            raise failure
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr("mot_core.train.checkpoint.torch.save", failing_save)
+    if isinstance(failure, RuntimeError):  # torch's bare write error: the free space tells
+        usage = shutil_module.disk_usage(tmp_path)
+        monkeypatch.setattr("mot_core.train.checkpoint.shutil.disk_usage", lambda _: usage._replace(free=1 << 20))
+    err = one_line_error(capsys, main(["train", str(config)]))
+    assert message in err and "step 4 (the previous one is kept)" in err, err
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "disk")] == ["step_0000002"]
+    assert ckpt.clean_leftovers(tmp_path / "disk") == []  # the failed save left nothing behind
+    assert torch_save is real_save

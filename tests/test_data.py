@@ -175,3 +175,18 @@ def test_bpe_that_cannot_reach_vocab_size_is_an_error_naming_the_fix(tmp_path):
     text = Text(TextOptions(vocab_size=300), tmp_path / "text")
     with pytest.raises(MotError, match=r"the text BPE reached only 2\d\d of vocab_size=300 ids .* set mixture.modalities.text.options.vocab_size=2\d\d"):
         text.prepare(["hello world " * 50])
+
+
+def test_validation_rows_are_spread_over_the_whole_held_out_set():
+    """A budget far smaller than the split still samples every part of it: the end of a long
+    document as well as its start, and the short documents too."""
+    long_doc = doc(list(range(100, 10_100)))  # 10,000 tokens
+    short = [doc([1, 2, 3, 4, 5, 6, 7, 8]) for _ in range(50)]
+    batches = fixed_batches([long_doc, *short], batch_size=2, seq_len=16, max_batches=4, num_modalities=1)
+    tokens = torch.cat([b.tokens.reshape(-1) for b in batches])
+    long_tokens = tokens[tokens >= 100] - 100
+    assert long_tokens.numel() and long_tokens.max() > 7_000 and long_tokens.min() < 3_000
+    assert bool((tokens < 100).any())  # short documents are read too
+    everything = fixed_batches([long_doc, *short], batch_size=2, seq_len=16, max_batches=10_000, num_modalities=1)
+    seen = torch.cat([b.tokens.reshape(-1) for b in everything])
+    assert seen.numel() <= 10_400 and set(range(100, 10_100)) <= set(seen.tolist())  # all of it, once

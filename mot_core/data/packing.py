@@ -256,14 +256,35 @@ class _RowBuilder:
 
 def fixed_batches(docs: list[TokenDocument], batch_size: int, seq_len: int, max_batches: int, num_modalities: int,
                   extras: ExtrasSampler | None = None) -> list[Batch]:
-    """Validation batches, the same every time: the documents in one fixed-seed random order,
-    so a budget smaller than the split is still a uniform sample of it (sources often store
-    their documents grouped by kind)."""
+    """Validation batches, the same every time, spread over the WHOLE held-out set.
+
+    The documents are put in one fixed-seed random order (sources often store them grouped by
+    kind) and read as one stream; the rows of the budget (``max_batches`` x ``batch_size``)
+    start at evenly spaced tokens of that stream. So a budget smaller than the split samples
+    every part of it, long documents included (not just the first rows of the first ones),
+    and a budget as large as the split reads all of it once."""
     if not docs:
         raise MotError("the validation split has no documents")
-    stream = PackedStream([docs], [1.0], seq_len, seed=0, shuffle=True, extras=extras)
-    total_tokens = sum(len(d) for d in docs)
+    ordered = [docs[i] for i in np.random.default_rng(0).permutation(len(docs))]
+    lengths = np.array([len(d) for d in ordered], dtype=np.int64)
+    total_tokens = int(lengths.sum())
     rows_available = max(1, total_tokens // seq_len)
     n_batches = max(1, min(max_batches, rows_available // batch_size))
     rows_per_batch = min(batch_size, rows_available)
-    return [stream.next_batch(rows_per_batch, num_modalities) for _ in range(n_batches)]
+    n_rows = n_batches * rows_per_batch
+    starts = np.cumsum(np.concatenate([[0], lengths]))
+    stream = PackedStream([ordered], [1.0], seq_len, seed=0, shuffle=False, extras=extras)
+    rows = []
+    for row in range(n_rows):
+        token = row * total_tokens // n_rows  # spacing >= seq_len: rows never overlap
+        doc = int(np.searchsorted(starts, token, side="right") - 1)
+        stream.current = (0, doc, token - int(starts[doc]))
+        stream.epochs[0], stream.cursors[0] = divmod(doc + 1, len(ordered))
+        rows.append(stream.next_row())
+    batches = []
+    for first in range(0, n_rows, rows_per_batch):
+        batch = collate(rows[first : first + rows_per_batch], num_modalities)
+        if extras is not None:
+            extras(batch, stream.rng)
+        batches.append(batch)
+    return batches
