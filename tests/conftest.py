@@ -94,3 +94,20 @@ def run_mot(site: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "mot_core.cli", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=120
     )
+
+
+def fail_at_batch(monkeypatch, call_number: int, exc: BaseException):
+    """Make the trainer's data stream raise on its ``call_number``-th batch (validation
+    batches are built elsewhere and are not affected)."""
+    from mot_core.data import PackedStream
+
+    class FailingStream(PackedStream):
+        calls = 0
+
+        def next_batch(self, *args, **kwargs):
+            FailingStream.calls += 1
+            if FailingStream.calls == call_number:
+                raise exc
+            return super().next_batch(*args, **kwargs)
+
+    monkeypatch.setattr("mot_core.train.trainer.PackedStream", FailingStream)

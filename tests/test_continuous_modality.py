@@ -24,7 +24,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import PLUGIN_SOURCE, run_mot
+from conftest import PLUGIN_SOURCE, fail_at_batch, run_mot
 from mot_core.cli import main
 from mot_core.data import IGNORE, PackedStream, Vocabulary
 from mot_core.data.packing import collate
@@ -369,23 +369,11 @@ def test_run_with_batch_time_extras_resumes_exactly(noisy_registry, tmp_path, mo
     expected = _read(tmp_path / "full")
     assert all("loss/noisy_patches" in r for r in expected)
 
-    from mot_core.train import trainer
-
-    class Crash(PackedStream):
-        calls = 0
-
-        def next_batch(self, *args, **kwargs):
-            Crash.calls += 1
-            if Crash.calls == 5:
-                raise RuntimeError("simulated crash")
-            return super().next_batch(*args, **kwargs)
-
     crashed = tmp_path / "crashed.yaml"
     crashed.write_text(yaml.safe_dump(_patch_config(tmp_path / "crashed", "noisy_patches")))
-    monkeypatch.setattr(trainer, "PackedStream", Crash)
+    fail_at_batch(monkeypatch, 5, RuntimeError("simulated crash"))
     with pytest.raises(RuntimeError, match="simulated crash"):
         main(["train", str(crashed)])
-    monkeypatch.setattr(trainer, "PackedStream", PackedStream)
     assert main(["train", str(crashed)]) == 0
     assert _read(tmp_path / "crashed") == expected
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import fail_at_batch
 from mot_core.cli import main
 from mot_core.train import checkpoint as ckpt
 
@@ -133,24 +134,11 @@ def test_no_intact_checkpoint_is_one_line_naming_what_to_delete(write_config, tm
 
 
 def test_torn_metrics_line_does_not_block_resume(write_config, tmp_path, uninterrupted, monkeypatch, capsys):
-    from mot_core.data import PackedStream
-    from mot_core.train import trainer
-
-    class Crash(PackedStream):
-        calls = 0
-
-        def next_batch(self, *args, **kwargs):
-            Crash.calls += 1
-            if Crash.calls == 5:
-                raise RuntimeError("simulated crash")
-            return super().next_batch(*args, **kwargs)
-
     config = write_config("torn", checkpoint_every=2)
     run = tmp_path / "torn"
-    monkeypatch.setattr(trainer, "PackedStream", Crash)
+    fail_at_batch(monkeypatch, 5, RuntimeError("simulated crash"))
     with pytest.raises(RuntimeError):
         main(["train", str(config)])
-    monkeypatch.setattr(trainer, "PackedStream", PackedStream)
     with (run / "metrics.jsonl").open("a") as handle:
         handle.write('{"step": 5, "loss": 3.1')  # the crash cut the line short
     assert main(["train", str(config)]) == 0
@@ -271,7 +259,7 @@ def test_storage_errors_are_one_line_and_keep_the_previous_checkpoint(write_conf
 
     config = write_config("disk", checkpoint_every=2)
     calls = [0]
-    real_save = torch_save = __import__("torch").save
+    real_save = __import__("torch").save
 
     def failing_save(obj, path, *args, **kwargs):
         calls[0] += 1
@@ -287,4 +275,3 @@ def test_storage_errors_are_one_line_and_keep_the_previous_checkpoint(write_conf
     assert message in err and "step 4 (the previous one is kept)" in err, err
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "disk")] == ["step_0000002"]
     assert ckpt.clean_leftovers(tmp_path / "disk") == []  # the failed save left nothing behind
-    assert torch_save is real_save

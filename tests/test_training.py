@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import fail_at_batch
+
 from mot_core.cli import main
-from mot_core.data import PackedStream
 
 COMPARED = ("loss", "loss/text", "lr", "grad_norm", "val/text/loss", "val/text/bits_per_byte")
 
@@ -54,25 +55,9 @@ def uninterrupted(write_config, tmp_path) -> list[dict]:
     return comparable(read_metrics(tmp_path / "full"))
 
 
-def _fail_at_batch(monkeypatch, call_number: int, exc: BaseException):
-    """Make the trainer's data stream raise on its ``call_number``-th batch (validation
-    batches are built elsewhere and are not affected)."""
-
-    class FailingStream(PackedStream):
-        calls = 0
-
-        def next_batch(self, *args, **kwargs):
-            FailingStream.calls += 1
-            if FailingStream.calls == call_number:
-                raise exc
-            return super().next_batch(*args, **kwargs)
-
-    monkeypatch.setattr("mot_core.train.trainer.PackedStream", FailingStream)
-
-
 def test_resume_after_crash_reproduces_metrics_exactly(write_config, tmp_path, monkeypatch, uninterrupted):
     config = write_config("crashed")
-    _fail_at_batch(monkeypatch, 5, RuntimeError("simulated crash"))
+    fail_at_batch(monkeypatch, 5, RuntimeError("simulated crash"))
     with pytest.raises(RuntimeError, match="simulated crash"):
         main(["train", str(config)])
     run = tmp_path / "crashed"
@@ -85,7 +70,7 @@ def test_resume_after_crash_reproduces_metrics_exactly(write_config, tmp_path, m
 
 def test_interrupt_saves_and_resumes_exactly(write_config, tmp_path, monkeypatch, uninterrupted):
     config = write_config("interrupted")
-    _fail_at_batch(monkeypatch, 5, KeyboardInterrupt())
+    fail_at_batch(monkeypatch, 5, KeyboardInterrupt())
     assert main(["train", str(config)]) == 130
     run = tmp_path / "interrupted"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000003", "step_0000004"]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from mot_core.errors import MotError
 
 
 def load_config(config_path: str, overrides: list[str]):
@@ -58,10 +61,6 @@ unit_fraction = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 def output_file(path: str, what: str):
     """A file a command will write: not a folder; its folder is created if missing."""
-    from pathlib import Path
-
-    from mot_core.errors import MotError
-
     target = Path(path)
     if target.is_dir():
         raise MotError(f"{what} {target} is a folder; give a file name, e.g. {target / 'out.png'}")

@@ -83,7 +83,8 @@ class Batch:
         plan = self.plan
         targets = plan.sort(self.targets.reshape(-1))
         segment = None if self.segment is None else plan.sort(self.segment.reshape(-1))
-        has_next = None if self.has_next_value is None else plan.sort(self.has_next_value.reshape(-1))
+        # Next-value targets exist only for continuous modalities: sort them only then.
+        has_next = plan.sort(self.has_next_value.reshape(-1)) if self.next_values else None
         slices = {}
         for index, name in enumerate(vocab.names):
             start, end = plan.bounds(index)
@@ -95,7 +96,7 @@ class Batch:
                 num_values=plan.num_values(index),
                 values=self.values.get(index),
                 next_values=self.next_values.get(index),
-                has_next_value=None if has_next is None or index not in self.next_values else has_next[start:end],
+                has_next_value=has_next[start:end] if index in self.next_values else None,
                 extras=dict(self.extras.get(index, {})),
             )
             slices[name] = (start, end, piece)

@@ -1,8 +1,9 @@
 """The training loop, readable top to bottom: build, (resume), step, log, evaluate, save.
 
-Loss: ``sum_m w_m * mean_m`` where ``mean_m`` is the mean per-token loss of modality m's
-positions in the batch (Transfusion's L_LM + lambda * L_DDPM form); a modality absent from a
-batch contributes nothing.
+Loss: ``sum_m w_m * mean_m`` where ``mean_m`` is modality m's loss in the batch, reduced as its
+loss declares (a mean over valid positions, or over segments of per-segment means; see
+``evaluation.reduce_losses``): Transfusion's L_LM + lambda * L_DDPM form. A modality absent
+from a batch contributes nothing.
 """
 
 from __future__ import annotations
@@ -76,7 +77,6 @@ class MetricsLog:
 
 def train(config: RunConfig) -> dict:
     """Run (or resume) training. Returns the last step's metrics and final validation metrics."""
-    tcfg = config.train
     exp = build_experiment(config)
     run_dir = exp.run_dir
     if run_dir.exists() and not run_dir.is_dir():

@@ -69,6 +69,31 @@ def as_series(payload: Any) -> np.ndarray:
     return values
 
 
+def read_fitted_state(file: Path, wanted: dict, what: str) -> dict | None:
+    """The state a modality fitted and saved in its ``state_dir`` (None if there is none yet),
+    refused with one line when it was fitted with other options than ``wanted``."""
+    if not file.is_file():
+        return None
+    try:
+        saved = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise MotError(f"cannot read the {what} {file}: {exc}") from None
+    if saved.get("options") != wanted:
+        raise MotError(
+            f"the {what} saved in {file.parent} were made with options {saved.get('options')}, "
+            f"but the config asks for {wanted}; use a new run.dir or the same options"
+        )
+    return saved
+
+
+def write_fitted_state(file: Path, wanted: dict, state: dict) -> None:
+    """Save fitted state with the options it was fitted with, atomically."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"options": wanted, **state}))
+    tmp.replace(file)
+
+
 class TimeSeries(Modality):
     """A 1-D real-valued series, one token per value (causal, next-value prediction)."""
 
@@ -90,16 +115,8 @@ class TimeSeries(Modality):
         """Reload the bins saved in ``state_dir``, or fit them on the training series and save."""
         opts: TimeSeriesOptions = self.options
         wanted = opts.model_dump()
-        if self._file.is_file():
-            try:
-                saved = json.loads(self._file.read_text())
-            except (OSError, json.JSONDecodeError) as exc:
-                raise MotError(f"cannot read the timeseries bins {self._file}: {exc}") from None
-            if saved.get("options") != wanted:
-                raise MotError(
-                    f"the timeseries bins saved in {self.state_dir} were made with options {saved.get('options')}, "
-                    f"but the config asks for {wanted}; use a new run.dir or the same options"
-                )
+        saved = read_fitted_state(self._file, wanted, "timeseries bins")
+        if saved is not None:
             self.edges = np.asarray(saved["edges"], dtype=np.float64)
             self.centres = np.asarray(saved["centres"], dtype=np.float64)
             return
@@ -107,9 +124,7 @@ class TimeSeries(Modality):
         if not series:
             raise MotError("the timeseries modality has no training series to fit its bins on")
         self.edges, self.centres = fit_quantile_bins(np.concatenate(series), opts.n_bins)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        state = {"options": wanted, "edges": self.edges.tolist(), "centres": self.centres.tolist()}
-        self._file.write_text(json.dumps(state))
+        write_fitted_state(self._file, wanted, {"edges": self.edges.tolist(), "centres": self.centres.tolist()})
 
     @property
     def vocab_size(self) -> int:

@@ -25,7 +25,6 @@ position of the sequence, carrying a real vector, not a token id.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Iterable
@@ -39,7 +38,7 @@ from mot_core.errors import MotError
 from mot_core.plugin_api import (
     ContinuousSegment, Evaluator, Loss, Modality, ModalitySlice, PluginOptions,
 )
-from mot_timeseries.modality import as_series, from_log_space, to_log_space
+from mot_timeseries.modality import as_series, from_log_space, read_fitted_state, to_log_space, write_fitted_state
 
 NORMALIZER_FILE = "normalizer.json"
 SERIES_MARKER = 0  # the modality's one token id: "a series starts here"
@@ -94,16 +93,8 @@ class TimeSeriesPatches(Modality):
     def prepare(self, train_payloads: Iterable[Any]) -> None:
         """Reload the saved standardisation, or fit it on the training series and save it."""
         wanted = self.options.model_dump()
-        if self._file.is_file():
-            try:
-                saved = json.loads(self._file.read_text())
-            except (OSError, json.JSONDecodeError) as exc:
-                raise MotError(f"cannot read the timeseries_patches normalizer {self._file}: {exc}") from None
-            if saved.get("options") != wanted:
-                raise MotError(
-                    f"the timeseries_patches normalizer in {self.state_dir} was made with options "
-                    f"{saved.get('options')}, but the config asks for {wanted}; use a new run.dir or the same options"
-                )
+        saved = read_fitted_state(self._file, wanted, "timeseries_patches normalizer")
+        if saved is not None:
             self.mean, self.scale = float(saved["mean"]), float(saved["scale"])
             return
         series = [to_log_space(as_series(p)) for p in train_payloads]
@@ -111,10 +102,7 @@ class TimeSeriesPatches(Modality):
             raise MotError("the timeseries_patches modality has no training series to fit its normalizer on")
         values = np.concatenate(series)
         self.mean, self.scale = float(values.mean()), float(max(values.std(), 1e-6))
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self._file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"options": wanted, "mean": self.mean, "scale": self.scale}))
-        tmp.replace(self._file)
+        write_fitted_state(self._file, wanted, {"mean": self.mean, "scale": self.scale})
 
     @property
     def vocab_size(self) -> int:
