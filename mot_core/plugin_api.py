@@ -52,6 +52,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     cfg_scale: float = 1.0  # 1 = no guidance
+    denoising_steps: int = 0  # continuous modalities: sampler steps; 0 = the modality's default
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,11 @@ class Modality(abc.ABC):
         Options: pydantic model of the ``options`` section (subclass ``PluginOptions``).
         default_loss: loss used when the config names none.
         default_evaluators: evaluators run by ``mot eval`` and during training evaluation.
-        bidirectional: True if a segment's tokens attend to each other in both directions.
+        bidirectional: True if a segment's tokens attend to each other in both directions
+            (for a modality with ``marker_modality``: its continuous positions, not its markers).
+        keep_segments_whole: True if packing must never cut a segment of this modality at a
+            row end (an image denoised as a whole). A document holding one is never split when
+            it fits in a row; the row is padded instead (padding is masked out of every loss).
 
     A modality with continuous inputs (latent patches, sensor frames, audio features) returns
     ``input_dim`` > 0, makes ``encode`` return a ``ContinuousSegment``, and builds an input
@@ -124,6 +129,7 @@ class Modality(abc.ABC):
     default_loss: ClassVar[str] = "autoregressive"
     default_evaluators: ClassVar[tuple[str, ...]] = ()
     bidirectional: ClassVar[bool] = False
+    keep_segments_whole: ClassVar[bool] = False
 
     def __init__(self, options: PluginOptions, state_dir: Path):
         """``state_dir``: folder inside the run where the tokenizer is saved and reloaded."""
@@ -150,6 +156,27 @@ class Modality(abc.ABC):
         """Size of one continuous position's input vector (after ``prepare``); None for a
         modality whose positions are all token ids."""
         return None
+
+    @property
+    def marker_modality(self) -> str | None:
+        """The discrete modality whose tower and loss process this modality's token ids (its
+        begin/end markers), or None for its own. Transfusion treats BOI/EOI as text tokens:
+        the text tower reads them and the next-token loss predicts from them (the end-of-image
+        marker predicts a caption's first word), while the modality's own tower and loss
+        see only its continuous positions. The ids stay in this modality's vocabulary."""
+        return None
+
+    def sample_values(self, runner: "SpanRunner", params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
+        """Generate one span of continuous positions (as many as one segment of this modality
+        holds) per conditional row of ``runner``, whose prompts end with the span's begin
+        marker; returns (B, count, input_dim) values, which the engine then appends to the
+        sequence as clean inputs (an adapter given no extras reads clean values). Diffusion
+        modalities denoise here; a modality that cannot generate values keeps this default."""
+        raise MotError(f"modality '{self.name}' cannot generate continuous values")
+
+    def values_to_payloads(self, values: torch.Tensor) -> list[Any]:
+        """(B, count, input_dim) generated values -> B payloads (latent patches -> images)."""
+        raise MotError(f"modality '{self.name}' cannot turn generated values into payloads")
 
     def build_adapter(self, dim: int) -> torch.nn.Module | None:
         """The input adapter of a continuous modality, built from the validated options.
@@ -228,6 +255,8 @@ class ModalitySlice:
         next_values: (n, input_dim) the value at the next position where that position is a
             continuous position of this modality (zeros elsewhere), or None.
         has_next_value: (n,) bool, where ``next_values`` holds a real target, or None.
+        followed: (n,) bool, True where the position's segment is followed by another segment
+            of its document (an image before its caption), or None.
         extras: per-position tensors (n, ...) from the loss's ``sample_extras``.
         head: this modality's own output head (``Modality.build_head``), or None.
     """
@@ -240,6 +269,7 @@ class ModalitySlice:
     values: torch.Tensor | None = None
     next_values: torch.Tensor | None = None
     has_next_value: torch.Tensor | None = None
+    followed: torch.Tensor | None = None
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     head: torch.nn.Module | None = None
 
@@ -255,6 +285,10 @@ class Loss(abc.ABC):
             a mean over valid positions; ``segment``, a mean per segment (over its valid
             positions) and then a mean over segments (a diffusion loss is a mean per image).
             Across modalities the engine always sums ``loss_weight[m] * mean_m``.
+
+    Attributes:
+        modality: the modality this loss scores, set by the engine once both are built (a
+            diffusion loss reads its noise schedule from it), or None outside a run.
     """
 
     name: ClassVar[str]
@@ -263,6 +297,7 @@ class Loss(abc.ABC):
 
     def __init__(self, options: PluginOptions):
         self.options = options
+        self.modality: Modality | None = None
 
     def sample_extras(self, piece: ModalitySlice, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Per-position tensors (n, ...) this loss needs, drawn on the host when the batch is
@@ -279,6 +314,26 @@ class Loss(abc.ABC):
         Returns (losses (n,) float, valid (n,) bool); the engine averages over valid ones as
         ``reduction`` says. ``model.head_weight`` is the shared (vocab, dim) LM head;
         ``batch.head`` is the modality's own head, if it built one."""
+
+
+class SpanRunner(abc.ABC):
+    """The model, primed with B prompts (in its KV cache), as a generating modality sees it.
+
+    The next ``count`` positions of every row form one span of the generating modality
+    (bidirectional inside if the modality is). ``predict`` runs candidate values through the
+    model WITHOUT keeping them in the cache (each denoising step sees the prompt and the
+    current candidates only); ``commit`` is the engine's, once the values are final.
+    Rows 0..B-1 are the conditional prompts; with guidance, rows B..2B-1 are their
+    unconditional twins (``guided``)."""
+
+    rows: int
+    guided: bool
+
+    @abc.abstractmethod
+    def predict(self, values: torch.Tensor, extras: dict[str, torch.Tensor]) -> torch.Tensor:
+        """values: (R, count, input_dim) candidate inputs of every row (R = 2B when guided);
+        extras: name -> (R, count, ...) adapter extras (e.g. the timestep) -> (R, count, out)
+        outputs of the modality's own head at those positions."""
 
 
 class DataSource(abc.ABC):
@@ -322,6 +377,7 @@ class EvaluationContext:
     samples: int = 0
     seed: int = 0
     span_sampler: Callable[..., list[Any]] | None = None  # set by the engine: KV-cache generation
+    text_sampler: Callable[..., list[Any]] | None = None  # set by the engine: span -> text continuation
 
     def sample_spans(self, prompts: list[Any], prompt_modality: str, span_modality: str,
                      params: SamplingParams) -> list[Any]:
@@ -330,6 +386,16 @@ class EvaluationContext:
         if self.span_sampler is None:
             raise MotError("this evaluation context was built without a generator")
         return self.span_sampler(self.model, self.vocab, prompts, prompt_modality, span_modality, params, seed=self.seed)
+
+    def continue_with_text(self, payloads: list[Any], payload_modality: str, text_modality: str,
+                           params: SamplingParams, max_tokens: int = 48) -> list[Any]:
+        """The text the model writes after each payload of ``payload_modality`` (image ->
+        caption), up to the text modality's stop token or ``max_tokens``; continuous payloads
+        enter clean."""
+        if self.text_sampler is None:
+            raise MotError("this evaluation context was built without a generator")
+        return self.text_sampler(self.model, self.vocab, payloads, payload_modality, text_modality, params,
+                                 max_tokens=max_tokens, seed=self.seed)
 
 
 class Evaluator(abc.ABC):

@@ -17,6 +17,13 @@ def generate_samples(checkpoint: Path, prompts: list[str], image_files: list[str
     from mot_core.train.runs import load_run
 
     exp, vocab, _, model, meta = load_run(checkpoint, with_data=False)
+    if image is None:  # the run's one modality emitted as whole spans (VQ codes or latent patches)
+        spans = [n for n in vocab.names if vocab.modalities[n].span_grammar() is not None]
+        if not spans:
+            raise MotError(f"this run has no modality to draw images with (it has: {', '.join(vocab.names)})")
+        if len(spans) > 1:
+            raise MotError(f"say which modality to draw with --image-modality (one of: {', '.join(spans)})")
+        image = spans[0]
     for name in (text, image):
         if name not in vocab.modalities:
             raise MotError(f"this run has no modality '{name}'; it has: {', '.join(vocab.names)}")
@@ -38,7 +45,8 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         raise MotError("give at least one --prompt TEXT (caption -> image) or --image FILE (image -> caption)")
     if ns.prompt:
         output_file(ns.out, "--out")
-    params = SamplingParams(temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p, cfg_scale=ns.cfg)
+    params = SamplingParams(temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p, cfg_scale=ns.cfg,
+                            denoising_steps=ns.steps)
     result = generate_samples(Path(ns.checkpoint), ns.prompt, ns.image, Path(ns.out), ns.samples, params,
                               ns.seed, ns.text_modality, ns.image_modality)
     if "grid" in result:
@@ -61,5 +69,8 @@ def register(sub) -> None:
     p.add_argument("--cfg", type=non_negative_float, default=3.0, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--text-modality", default="text")
-    p.add_argument("--image-modality", default="image")
+    p.add_argument("--image-modality", default=None,
+                   help="the modality to draw (default: the run's one image modality, VQ or diffusion)")
+    p.add_argument("--steps", type=non_negative_int, default=0,
+                   help="denoising steps of a diffusion image modality (0 = its configured inference_steps)")
     p.set_defaults(func=cmd_generate)

@@ -1,8 +1,11 @@
 """From raw documents to packed batches.
 
 Documents are tokenized once by their modalities, shifted into the global vocabulary, and
-packed into fixed-length rows (no padding): a document cut at the end of a row continues in
-the next row. Each row carries, per token: global id, modality id, RoPE position (restarting
+packed into fixed-length rows: a document cut at the end of a row continues in the next row.
+Segments of modalities that keep them whole (an image denoised as one) are never cut: a
+document holding one starts a fresh row when it does not fit in what is left of the row (if it
+fits in a row at all), a longer one is cut only between such segments, and the rest of the
+row is padding (its own document, no loss anywhere). Each row carries, per token: global id, modality id, RoPE position (restarting
 per document chunk), document id (attention never crosses documents), bidirectional span id
 (-1 = causal), segment id, whether it carries a continuous value, and the next-token target
 (-100 where the document ends or the next position carries a value). Continuous values travel
@@ -44,6 +47,8 @@ class Batch:
         next_values: modality index -> (n_m, input_dim) value of the next position where that is
             a continuous position of the same modality (zeros elsewhere), in slice order.
         has_next_value: bool, True where ``next_values`` holds a target.
+        followed: bool, True where the position's segment is followed by another segment of
+            its document.
         extras: modality index -> name -> (n_m, ...) per-position tensors from the modality's
             loss (``Loss.sample_extras``), in slice order.
     """
@@ -59,6 +64,7 @@ class Batch:
     segment: torch.Tensor | None = None
     is_value: torch.Tensor | None = None
     has_next_value: torch.Tensor | None = None
+    followed: torch.Tensor | None = None
     values: dict[int, torch.Tensor] = field(default_factory=dict)
     next_values: dict[int, torch.Tensor] = field(default_factory=dict)
     extras: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
@@ -72,7 +78,7 @@ class Batch:
         return Batch(
             move(self.tokens), move(self.modality), move(self.positions), move(self.document),
             move(self.span), move(self.targets), self.plan.to(device), self.layout.to(device),
-            move(self.segment), move(self.is_value), move(self.has_next_value),
+            move(self.segment), move(self.is_value), move(self.has_next_value), move(self.followed),
             {m: move(v) for m, v in self.values.items()},
             {m: move(v) for m, v in self.next_values.items()},
             {m: {k: move(v) for k, v in e.items()} for m, e in self.extras.items()},
@@ -85,6 +91,7 @@ class Batch:
         segment = None if self.segment is None else plan.sort(self.segment.reshape(-1))
         # Next-value targets exist only for continuous modalities: sort them only then.
         has_next = plan.sort(self.has_next_value.reshape(-1)) if self.next_values else None
+        followed = None if self.followed is None else plan.sort(self.followed.reshape(-1))
         slices = {}
         for index, name in enumerate(vocab.names):
             start, end = plan.bounds(index)
@@ -97,6 +104,7 @@ class Batch:
                 values=self.values.get(index),
                 next_values=self.next_values.get(index),
                 has_next_value=has_next[start:end] if index in self.next_values else None,
+                followed=None if followed is None else followed[start:end],
                 extras=dict(self.extras.get(index, {})),
             )
             slices[name] = (start, end, piece)
@@ -172,6 +180,9 @@ class PackedStream:
             source, doc_index, offset = self.current
             doc = self.sources[source][doc_index]
             taken = row.add(doc, offset)
+            if not taken:  # a whole segment does not fit in what is left of the row
+                row.pad()
+                continue
             self.current = None if offset + taken >= len(doc) else (source, doc_index, offset + taken)
         return row.arrays()
 
@@ -202,6 +213,7 @@ class _RowBuilder:
                        for k in ("tokens", "modality", "positions", "document", "span", "targets", "segment")}
         self.fields["is_value"] = np.zeros(seq_len, dtype=bool)
         self.fields["has_next_value"] = np.zeros(seq_len, dtype=bool)
+        self.fields["followed"] = np.zeros(seq_len, dtype=bool)
         self.values: dict[int, list[np.ndarray]] = {}
         self.next_values: dict[int, np.ndarray] = {}
 
@@ -209,9 +221,49 @@ class _RowBuilder:
     def full(self) -> bool:
         return self.filled == self.seq_len
 
+    def _fits(self, doc: TokenDocument, offset: int) -> int:
+        """How many tokens of doc[offset:] go into this row: as many as fit, except that a
+        document with whole segments is not split if it fits in an empty row, and a cut never
+        falls inside a whole segment (0: pad this row and start again in the next)."""
+        space = self.seq_len - self.filled
+        n = min(len(doc) - offset, space)
+        if doc.whole is None or offset + n == len(doc):
+            return n
+        if offset == 0 and len(doc) <= self.seq_len:
+            return 0
+        inside = (doc.whole[:, 0] < offset + n) & (offset + n < doc.whole[:, 1])
+        if inside.any():
+            start, end = (int(v) for v in doc.whole[np.flatnonzero(inside)[0]])
+            if end - start > self.seq_len:
+                raise MotError(
+                    f"a segment of {end - start} tokens must be packed whole but train.seq_len is {self.seq_len}; "
+                    "raise train.seq_len (and model.max_seq_len) or make the segments shorter"
+                )
+            n = max(start - offset, 0)
+        return n
+
+    def pad(self) -> None:
+        """Fill the rest of the row with padding: its own document, no targets, no values."""
+        dst = slice(self.filled, self.seq_len)
+        f = self.fields
+        f["tokens"][dst] = 0
+        f["modality"][dst] = 0
+        f["positions"][dst] = np.arange(dst.stop - dst.start)
+        f["document"][dst] = self.chunks
+        f["span"][dst] = -1
+        f["targets"][dst] = IGNORE
+        f["segment"][dst] = self.segments
+        self.segments += 1
+        self.chunks += 1
+        self.filled = self.seq_len
+
     def add(self, doc: TokenDocument, offset: int) -> int:
-        """Copy doc[offset:] into the row as far as it fits; returns tokens taken."""
-        n = min(len(doc) - offset, self.seq_len - self.filled)
+        """Copy doc[offset:] into the row as far as it may go; returns tokens taken."""
+        n = self._fits(doc, offset)
+        if not n:
+            if not self.filled:  # an empty row: cannot happen unless a whole segment is too long
+                raise MotError(f"a document cannot be packed into rows of {self.seq_len} tokens")
+            return 0
         dst = slice(self.filled, self.filled + n)
         src = slice(offset, offset + n)
         f = self.fields
@@ -224,6 +276,8 @@ class _RowBuilder:
         segment = doc.segment[src]
         f["segment"][dst] = self.segments + segment - segment[0]
         self.segments += int(segment[-1] - segment[0]) + 1
+        if doc.followed is not None:
+            f["followed"][dst] = doc.followed[src]
         if doc.values:
             self._add_values(doc, src, dst)
         self.filled += n
@@ -263,7 +317,8 @@ def fixed_batches(docs: list[TokenDocument], batch_size: int, seq_len: int, max_
     kind) and read as one stream; the rows of the budget (``max_batches`` x ``batch_size``)
     start at evenly spaced tokens of that stream. So a budget smaller than the split samples
     every part of it, long documents included (not just the first rows of the first ones),
-    and a budget as large as the split reads all of it once."""
+    and a budget as large as the split reads all of it once. A document with whole segments
+    (images) is read from its start, so its row may repeat the end of the row before."""
     if not docs:
         raise MotError("the validation split has no documents")
     ordered = [docs[i] for i in np.random.default_rng(0).permutation(len(docs))]
@@ -279,7 +334,10 @@ def fixed_batches(docs: list[TokenDocument], batch_size: int, seq_len: int, max_
     for row in range(n_rows):
         token = row * total_tokens // n_rows  # spacing >= seq_len: rows never overlap
         doc = int(np.searchsorted(starts, token, side="right") - 1)
-        stream.current = (0, doc, token - int(starts[doc]))
+        offset = token - int(starts[doc])
+        if ordered[doc].whole is not None:
+            offset = 0  # never start inside a whole segment: read the document from its start
+        stream.current = (0, doc, offset)
         stream.epochs[0], stream.cursors[0] = divmod(doc + 1, len(ordered))
         rows.append(stream.next_row())
     batches = []

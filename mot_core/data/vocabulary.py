@@ -28,6 +28,9 @@ class TokenDocument:
         is_value: bool, True where the position carries a continuous value (None: none do).
         values: modality index -> (V_m, input_dim_m) float32 values of that modality's
             continuous positions, in document order.
+        followed: bool, True where the position's segment is followed by another segment of
+            the document (None: none is).
+        whole: (K, 2) int64 [start, end) of the segments packing must not cut (None: none).
     Derived (computed once): ``next_ids`` (the next-token target of each position, IGNORE at
     the end and before a continuous position), ``value_index`` (row in ``values[modality]``,
     -1 for token positions) and ``next_value_index`` (the row of the next position's value
@@ -40,6 +43,8 @@ class TokenDocument:
     segment: np.ndarray | None = None
     is_value: np.ndarray | None = None
     values: dict[int, np.ndarray] = field(default_factory=dict)
+    followed: np.ndarray | None = None
+    whole: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         length = len(self.ids)
@@ -70,6 +75,7 @@ class Vocabulary:
     def __init__(self, modalities: dict[str, Modality]):
         self.modalities = modalities
         self.names = list(modalities)
+        self.marker_host = self._marker_hosts()
         self.offsets: dict[str, int] = {}
         total = 0
         for name, modality in modalities.items():
@@ -77,14 +83,33 @@ class Vocabulary:
             total += modality.vocab_size
         self.size = total
 
+    def _marker_hosts(self) -> dict[str, int]:
+        """name -> index of the modality that processes its token ids (itself unless it names
+        a ``marker_modality``, which must be a discrete modality of the mixture)."""
+        hosts = {}
+        for index, (name, modality) in enumerate(self.modalities.items()):
+            host = modality.marker_modality
+            if host is None:
+                hosts[name] = index
+                continue
+            if host not in self.modalities:
+                raise MotError(
+                    f"modality '{name}' hands its markers to modality '{host}', which the mixture does not declare "
+                    f"(declared: {', '.join(self.names)})"
+                )
+            if self.modalities[host].input_dim is not None or self.modalities[host].marker_modality is not None:
+                raise MotError(f"modality '{name}' hands its markers to '{host}', which must be a discrete modality")
+            hosts[name] = self.names.index(host)
+        return hosts
+
     def index(self, name: str) -> int:
         return self.names.index(name)
 
     def token_modality(self) -> torch.Tensor:
-        """(size,) long: the modality index owning each global id."""
+        """(size,) long: the modality index that processes each global id (a marker's host)."""
         table = torch.empty(self.size, dtype=torch.long)
-        for index, name in enumerate(self.names):
-            table[self.offsets[name] : self.offsets[name] + self.modalities[name].vocab_size] = index
+        for name in self.names:
+            table[self.offsets[name] : self.offsets[name] + self.modalities[name].vocab_size] = self.marker_host[name]
         return table
 
     def tokenize(self, docs: list[RawDocument], source: str) -> list[TokenDocument]:
@@ -95,23 +120,34 @@ class Vocabulary:
         for doc_index, doc in enumerate(docs):
             ids, mods, spans, segments, is_value = [], [], [], [], []
             values: dict[int, list[np.ndarray]] = {}
+            whole, length = [], 0
+            last_segment = len(doc.segments) - 1
             for seg_index, segment in enumerate(doc.segments):
                 modality = self.modalities[segment.modality]
                 index = self.index(segment.modality)
                 local, seg_values = encoded[doc_index, seg_index]
                 value_mask = local == CONTINUOUS
                 ids.append(np.where(value_mask, 0, local + self.offsets[segment.modality]))
-                mods.append(np.full(local.size, index, dtype=np.int64))
-                spans.append(np.full(local.size, seg_index if modality.bidirectional else -1, dtype=np.int64))
+                mods.append(np.where(value_mask, index, self.marker_host[segment.modality]))
+                span = np.full(local.size, seg_index if modality.bidirectional else -1, dtype=np.int64)
+                if modality.marker_modality is not None:
+                    span[~value_mask] = -1  # markers are read causally, as in generation
+                spans.append(span)
                 segments.append(np.full(local.size, seg_index, dtype=np.int64))
                 is_value.append(value_mask)
                 if seg_values is not None and seg_values.shape[0]:
                     values.setdefault(index, []).append(seg_values)
-            if ids and sum(a.size for a in ids):
+                if modality.keep_segments_whole and local.size:
+                    whole.append((length, length + local.size))
+                length += local.size
+            if length:
+                segment_ids = np.concatenate(segments)
                 out.append(TokenDocument(
-                    np.concatenate(ids), np.concatenate(mods), np.concatenate(spans), np.concatenate(segments),
+                    np.concatenate(ids), np.concatenate(mods).astype(np.int64), np.concatenate(spans), segment_ids,
                     np.concatenate(is_value) if values else None,
                     {m: np.concatenate(v) for m, v in values.items()},
+                    followed=segment_ids < last_segment if last_segment > 0 else None,
+                    whole=np.array(whole, dtype=np.int64) if whole else None,
                 ))
         return out
 

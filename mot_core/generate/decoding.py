@@ -21,9 +21,10 @@ from mot_core.data import Vocabulary
 from mot_core.errors import MotError
 from mot_core.model.kv_cache import KVCache
 from mot_core.model.routing import build_routing
-from mot_core.plugin_api import SamplingParams
+from mot_core.model.transformer import ContinuousInputs
+from mot_core.plugin_api import SamplingParams, SpanRunner
 
-__all__ = ["SamplingParams", "filter_logits", "generate", "sample"]
+__all__ = ["SamplingParams", "filter_logits", "generate", "sample", "sample_value_span"]
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -57,7 +58,7 @@ class _Grammar:
         bodies, ends, lengths, begins = [], [], [], {}
         for index, name in enumerate(vocab.names):
             grammar = vocab.modalities[name].span_grammar()
-            if grammar is None:
+            if grammar is None or vocab.modalities[name].input_dim is not None:
                 continue
             off = vocab.offsets[name]
             body = torch.zeros(size, dtype=torch.bool, device=device)
@@ -117,9 +118,15 @@ class _Grammar:
 
 class _Stream:
     """One batch of prompts decoding in lockstep with a KV cache. Prompts are left-padded;
-    pads form their own document (id 0) so no real token attends to them."""
+    pads form their own document (id 0) so no real token attends to them.
 
-    def __init__(self, model, vocab: Vocabulary, prompts: list[list[int]], capacity: int):
+    A prompt is a list of global ids in which ``-1 - m`` marks a continuous position of
+    modality m; ``prompt_values[row][m]`` holds those positions' values (V, input_dim) in order.
+    Continuous positions enter clean (their adapter gets no extras) and each run of them is
+    one bidirectional span when its modality is bidirectional."""
+
+    def __init__(self, model, vocab: Vocabulary, prompts: list[list[int]], capacity: int,
+                 prompt_values: list[dict[int, torch.Tensor]] | None = None):
         if any(not p for p in prompts):
             raise MotError("every prompt needs at least one token")
         device = model.embed.weight.device
@@ -128,25 +135,58 @@ class _Stream:
         if width + capacity > model.args.max_seq_len:
             raise MotError(f"prompt + generation ({width + capacity} tokens) exceeds model.max_seq_len={model.args.max_seq_len}")
         self.cache = KVCache.for_model(model, len(prompts), width + capacity)
-        tokens = torch.zeros(len(prompts), width, dtype=torch.long)
+        ids = torch.zeros(len(prompts), width, dtype=torch.long)
         document = torch.zeros(len(prompts), width, dtype=torch.long)
         positions = torch.zeros(len(prompts), width, dtype=torch.long)
         for row, prompt in enumerate(prompts):
-            tokens[row, width - len(prompt) :] = torch.tensor(prompt)
+            ids[row, width - len(prompt) :] = torch.tensor(prompt)
             document[row, width - len(prompt) :] = 1
             positions[row, width - len(prompt) :] = torch.arange(len(prompt))
         self.next_position = torch.tensor([len(p) for p in prompts], device=device)
         self.token_modality = vocab.token_modality().to(device)
-        self.logits = self._forward(tokens.to(device), positions.to(device), document.to(device))
+        is_value = ids < 0
+        tokens = torch.where(is_value, 0, ids)
+        modality = torch.where(is_value, -1 - ids, self.token_modality.cpu()[tokens])
+        span = self._value_spans(is_value, modality)
+        values = None
+        if bool(is_value.any()):
+            values = {}
+            for m in sorted(set((-1 - ids[is_value]).tolist())):
+                rows = [pv[m] for pv in prompt_values or [] if m in pv]
+                values[m] = torch.cat(rows).to(device, model.embed.weight.dtype)
+        self.logits = self._forward(tokens.to(device), positions.to(device), document.to(device), modality.to(device),
+                                    is_value.to(device), span.to(device), values)
 
-    def _forward(self, tokens, positions, document) -> torch.Tensor:
-        """Feed (B, T) tokens; returns (B, V) float logits of the last position."""
-        modality = self.token_modality[tokens]
-        plan = build_routing(modality, len(self.vocab.names))
-        layout = AttentionLayout(document, None, None, False)
-        hidden = plan.unsort(self.model(tokens, positions, modality, plan, layout, cache=self.cache))
+    def _value_spans(self, is_value: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+        """(B, T) span ids: each run of continuous positions of a bidirectional modality gets
+        the index of its first position; everything else is causal (-1)."""
+        span = torch.full_like(modality, -1)
+        bidirectional = torch.tensor([self.vocab.modalities[n].bidirectional for n in self.vocab.names])
+        if not bool(is_value.any()):
+            return span
+        starts = is_value & ~torch.nn.functional.pad(is_value, (1, 0))[:, :-1]
+        index = torch.arange(is_value.shape[1]).expand_as(is_value)
+        run_start = torch.cummax(torch.where(starts, index, 0), dim=1).values
+        return torch.where(is_value & bidirectional[modality], run_start, span)
+
+    def _forward(self, tokens, positions, document, modality=None, is_value=None, span=None, values=None,
+                 extras=None) -> torch.Tensor:
+        """Feed (B, T) positions; returns (B, V) float logits of the last position."""
+        hidden = self._hidden(tokens, positions, document, modality, is_value, span, values, extras)
         last = hidden.view(tokens.shape[0], tokens.shape[1], -1)[:, -1]
         return F.linear(last, self.model.head_weight).float()
+
+    def _hidden(self, tokens, positions, document, modality=None, is_value=None, span=None, values=None, extras=None):
+        """(B, T) new positions -> (B*T, dim) final hidden states in batch order."""
+        if modality is None:
+            modality = self.token_modality[tokens]
+        plan = build_routing(modality, len(self.vocab.names), is_value)
+        layout = AttentionLayout(document, span, None, False)
+        continuous = None
+        if values:
+            continuous = {m: ContinuousInputs(v, (extras or {}).get(m, {})) for m, v in values.items()}
+        self._last_plan = plan
+        return plan.unsort(self.model(tokens, positions, modality, plan, layout, cache=self.cache, continuous=continuous))
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """token: (B,) -> next (B, V) logits."""
@@ -155,6 +195,67 @@ class _Stream:
         document = torch.ones_like(positions)
         self.logits = self._forward(token[:, None], positions, document)
         return self.logits
+
+    def span_inputs(self, modality: int, count: int):
+        """Layout of a span of ``count`` continuous positions of ``modality`` after every row."""
+        rows = self.next_position.shape[0]
+        positions = self.next_position[:, None] + torch.arange(count, device=self.device)
+        bidirectional = self.vocab.modalities[self.vocab.names[modality]].bidirectional
+        span = torch.full((rows, count), 0 if bidirectional else -1, dtype=torch.long, device=self.device)
+        span = span + positions[:, :1] if bidirectional else span  # an id no cached span uses
+        return (
+            torch.zeros(rows, count, dtype=torch.long, device=self.device), positions,
+            torch.ones(rows, count, dtype=torch.long, device=self.device),
+            torch.full((rows, count), modality, dtype=torch.long, device=self.device),
+            torch.ones(rows, count, dtype=torch.bool, device=self.device), span,
+        )
+
+    def predict_span(self, modality: int, values: torch.Tensor, extras: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, count, input_dim) candidate values (+ extras (B, count, ...)) -> (B, count, out)
+        outputs of the modality's own head; the cache is left as it was."""
+        rows, count = values.shape[:2]
+        tokens, positions, document, mod, is_value, span = self.span_inputs(modality, count)
+        flat_extras = {k: v.reshape(rows * count, *v.shape[2:]) for k, v in extras.items()}
+        with self.cache.scratch():
+            hidden = self._hidden(tokens, positions, document, mod, is_value, span,
+                                  {modality: values.reshape(rows * count, -1).to(self.model.embed.weight.dtype)},
+                                  {modality: flat_extras})
+        head = self.model.modality_modules[self.vocab.names[modality]].head
+        return head(hidden).float().view(rows, count, -1)
+
+    def append_span(self, modality: int, values: torch.Tensor) -> torch.Tensor:
+        """Append (B, count, input_dim) clean values to every row; returns the next logits."""
+        rows, count = values.shape[:2]
+        tokens, positions, document, mod, is_value, span = self.span_inputs(modality, count)
+        self.next_position = self.next_position + count
+        self.logits = self._forward(tokens, positions, document, mod, is_value, span,
+                                    {modality: values.reshape(rows * count, -1).to(self.model.embed.weight.dtype)})
+        return self.logits
+
+
+class _SpanRunner(SpanRunner):
+    """``SpanRunner`` over a stream: conditional rows first, then unconditional ones."""
+
+    def __init__(self, stream: _Stream, modality: int, guided: bool):
+        self.stream, self.modality, self.guided = stream, modality, guided
+        self.rows = stream.next_position.shape[0] // (2 if guided else 1)
+
+    def predict(self, values: torch.Tensor, extras: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.stream.predict_span(self.modality, values, extras)
+
+
+def _token_modalities(vocab: Vocabulary, names: list[str] | None, device) -> torch.Tensor | None:
+    """(V,) bool of the ids token-by-token decoding may emit: those of ``names`` (default:
+    all), never a continuous modality's (its spans come from ``sample_value_span``)."""
+    continuous = [n for n in vocab.names if vocab.modalities[n].input_dim is not None]
+    if names is None and not continuous:
+        return None
+    allowed = torch.zeros(vocab.size, dtype=torch.bool, device=device)
+    for name in names if names is not None else vocab.names:
+        if name not in continuous:
+            off = vocab.offsets[name]
+            allowed[off : off + vocab.modalities[name].vocab_size] = True
+    return allowed
 
 
 @torch.no_grad()
@@ -168,6 +269,7 @@ def generate(
     allowed_modalities: list[str] | None = None,
     unconditional_prompts: list[list[int]] | None = None,
     seed: int = 0,
+    prompt_values: list[dict[int, torch.Tensor]] | None = None,
 ) -> list[list[int]]:
     """Continue each prompt (global ids) by up to ``max_new_tokens`` tokens.
 
@@ -175,6 +277,8 @@ def generate(
         stop_ids: global ids that end a row (not included in its output).
         allowed_modalities: restrict generation outside spans to these modalities' tokens.
         unconditional_prompts: enable classifier-free guidance with ``params.cfg_scale``.
+        prompt_values: continuous values of prompts that hold continuous positions (marked
+            ``-1 - m`` in the prompt), per row: modality index -> (V, input_dim).
     Returns:
         the generated global ids of each row.
     """
@@ -182,13 +286,8 @@ def generate(
     device = model.embed.weight.device
     generator = torch.Generator(device=device).manual_seed(seed)
     grammar = _Grammar(vocab, device)
-    restrict = None
-    if allowed_modalities is not None:
-        restrict = torch.zeros(vocab.size, dtype=torch.bool, device=device)
-        for name in allowed_modalities:
-            off = vocab.offsets[name]
-            restrict[off : off + vocab.modalities[name].vocab_size] = True
-    cond = _Stream(model, vocab, prompts, max_new_tokens)
+    restrict = _token_modalities(vocab, allowed_modalities, device)
+    cond = _Stream(model, vocab, prompts, max_new_tokens, prompt_values)
     uncond = None
     if unconditional_prompts is not None and params.cfg_scale != 1.0:
         if len(unconditional_prompts) != len(prompts):
@@ -217,3 +316,77 @@ def generate(
         if uncond is not None:
             uncond.step(token)
     return outputs
+
+
+@torch.no_grad()
+def sample_value_span(
+    model,
+    vocab: Vocabulary,
+    prompts: list[list[int]],
+    span_modality: str,
+    params: SamplingParams = SamplingParams(),
+    unconditional_prompts: list[list[int]] | None = None,
+    prompt_values: list[dict[int, torch.Tensor]] | None = None,
+    then: list[int] | None = None,
+    max_new_tokens: int = 0,
+    stop_ids: set[int] | frozenset[int] = frozenset(),
+    allowed_modalities: list[str] | None = None,
+    seed: int = 0,
+) -> tuple[torch.Tensor, list[list[int]]]:
+    """One span of a continuous modality after each prompt (global ids ending with the span's
+    begin marker; ``-1 - m`` marks continuous positions of modality m, whose values are in
+    ``prompt_values``), generated by the modality's ``sample_values``, with guidance when
+    ``unconditional_prompts`` are given and ``params.cfg_scale`` != 1. The clean values then
+    enter the cache, followed by the ``then`` ids (the end marker), and up to
+    ``max_new_tokens`` tokens are decoded after them, as ``generate`` would.
+
+    Returns (values (B, count, input_dim), generated ids of each row after ``then``)."""
+    model.eval()
+    index = vocab.index(span_modality)
+    modality = vocab.modalities[span_modality]
+    guided = unconditional_prompts is not None and params.cfg_scale != 1.0
+    rows = list(prompts)
+    values_in = list(prompt_values) if prompt_values is not None else None
+    if guided:
+        if len(unconditional_prompts) != len(prompts):
+            raise MotError("classifier-free guidance needs one unconditional prompt per prompt")
+        rows += unconditional_prompts
+        if values_in is not None:
+            values_in += [{}] * len(unconditional_prompts)
+    device = model.embed.weight.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    capacity = len(then or []) + max_new_tokens + _span_capacity(modality)
+    stream = _Stream(model, vocab, rows, capacity, values_in)
+    values = modality.sample_values(_SpanRunner(stream, index, guided), params, generator)
+    if not isinstance(values, torch.Tensor) or values.dim() != 3 or values.shape[0] != len(prompts):
+        shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+        raise MotError(f"modality '{span_modality}': sample_values returned {shape}, expected ({len(prompts)}, count, input_dim)")
+    if then is None and not max_new_tokens:
+        return values, [[] for _ in prompts]
+    logits = stream.append_span(index, torch.cat([values, values]) if guided else values)
+    for token in then or []:
+        logits = stream.step(torch.full((len(rows),), token, dtype=torch.long, device=device))
+    outputs: list[list[int]] = [[] for _ in prompts]
+    restrict = _token_modalities(vocab, allowed_modalities, device)
+    stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    logits = logits[: len(prompts)]  # after the span, the conditional rows lead: no guidance
+    for _ in range(max_new_tokens):
+        if restrict is not None:
+            logits = logits.masked_fill(~restrict, float("-inf"))
+        token = sample(logits, params, generator)
+        finished |= torch.isin(token, stop)
+        for row, value in enumerate(token.tolist()):
+            if not finished[row]:
+                outputs[row].append(value)
+        if bool(finished.all()):
+            break
+        logits = stream.step(torch.cat([token, token]) if guided else token)[: len(prompts)]
+    return values, outputs
+
+
+def _span_capacity(modality) -> int:
+    grammar = modality.span_grammar()
+    if grammar is None:
+        raise MotError(f"modality '{modality.name}' declares no span grammar (its span length)")
+    return grammar.length

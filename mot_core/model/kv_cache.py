@@ -8,6 +8,8 @@ cached K/V (already projected by the right tower) are reused.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -24,6 +26,7 @@ class KVCache:
         self.capacity = capacity
         self.length = 0
         self._pending = 0
+        self._keep = True
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch: int, capacity: int) -> "KVCache":
@@ -59,6 +62,17 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def commit(self) -> None:
-        """Called once all layers have seen the new tokens."""
-        self.length += self._pending
+        """Called once all layers have seen the new tokens; inside ``scratch`` they are dropped."""
+        if self._keep:
+            self.length += self._pending
         self._pending = 0
+
+    @contextlib.contextmanager
+    def scratch(self):
+        """Forward passes inside attend to the cache and to themselves but leave nothing in it
+        (each denoising step of a span sees the prompt and its current candidates only)."""
+        self._keep = False
+        try:
+            yield self
+        finally:
+            self._keep = True

@@ -52,6 +52,7 @@ def build_experiment(config: RunConfig, registry: Registry | None = None) -> Exp
         loss_opts = validate_section(loss_cls.Options, entry.loss_options, f"{where}.loss_options")
         options[f"{where}.loss_options"] = loss_opts.model_dump(mode="json")
         losses[name] = loss_cls(loss_opts)
+        losses[name].modality = modalities[name]
         weights[name] = entry.loss_weight
         names = entry.evaluators if entry.evaluators is not None else list(cls.default_evaluators)
         evaluators[name] = [registry.get("evaluators", e, f"{where}.evaluators") for e in names]

@@ -1,0 +1,72 @@
+"""Image evaluation of the Transfusion setting.
+
+Per batch (every training evaluation): ``val/image_diffusion/loss``, the diffusion loss of
+held-out images (mean per image) at timesteps and noise drawn once for the fixed validation
+batches, so every evaluation and every twin sees the same (image, t, noise) triples; this is
+the paper's main image metric and needs nothing external. ``mse_per_patch``: the same squared
+error averaged over patches instead of images.
+
+With the model (``mot eval --samples N``):
+- ``vae_psnr``: reconstruction of held-out images by the VAE (an upper bound on sample quality);
+- ``fid_local`` (or ``fid_inception`` with Inception weights): Frechet distance between held-out
+  images and images generated from their captions, through the caption-word feature network
+  of ``plugins.image_vq.fid``; NOT comparable with published FID;
+- ``clip_local`` (or ``clip_score`` with a published CLIP): image-caption similarity of those
+  generated images, x100; the local model is trained here and NOT comparable with CLIP scores;
+- ``cider``: CIDEr-D (x100, as papers report it) of captions generated from held-out images
+  against all their captions, through pycocoevalcap (see ``captioning`` for tokenization).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mot_core.plugin_api import EvaluationContext, Evaluator, SamplingParams
+
+class ImageDiffusionEvaluator(Evaluator):
+    name = "image_diffusion"
+
+    def reset(self) -> None:
+        self.total, self.patches = 0.0, 0
+
+    def update(self, losses: torch.Tensor, valid: torch.Tensor, local_targets: torch.Tensor) -> None:
+        self.total += float(losses[valid].double().sum())
+        self.patches += int(valid.sum())
+
+    def compute(self) -> dict[str, float]:
+        # The engine's loss is the mean per image; this is the mean per patch (images weigh by size).
+        return {"mse_per_patch": self.total / self.patches} if self.patches else {}
+
+    def evaluate_model(self, context: EvaluationContext) -> dict[str, float]:
+        from plugins.image_diffusion.captioning import cider_score, references_by_image
+        from plugins.image_diffusion.clip_score import image_text_scorer
+        from plugins.image_diffusion.vae import decode_latents, encode_latents
+        from plugins.image_vq.fid import frechet_distance, inception_feature_net, load_feature_net
+        from plugins.image_vq.modality import images_with_captions
+        from plugins.image_vq.vqgan import psnr_from_mse
+
+        modality = self.modality
+        opts = modality.options
+        images, captions = images_with_captions(context.val_docs, modality.name)
+        recon = decode_latents(modality.vae, encode_latents(modality.vae, images))
+        metrics = {"vae_psnr": float(psnr_from_mse(float(((recon - images) / 2).pow(2).mean())))}
+        text = opts.text_modality
+        if context.samples < 2 or text not in context.vocab.names:
+            return metrics
+        captioned = [i for i, c in enumerate(captions) if c][: context.samples]
+        prompts = [captions[i] for i in captioned]
+        params = SamplingParams(cfg_scale=opts.diffusion.cfg_scale)
+        fake = torch.stack(list(context.sample_spans(prompts, text, modality.name, params)))
+        if opts.inception_weights:
+            metrics["fid_inception"] = frechet_distance(images[captioned], fake, inception_feature_net(Path(opts.inception_weights)))
+        else:
+            metrics["fid_local"] = frechet_distance(images[captioned], fake, load_feature_net(Path(opts.tokenizer_dir)))
+        scorer = image_text_scorer(opts.clip_model, Path(opts.tokenizer_dir))
+        metrics[scorer.metric_name] = scorer.score(fake, prompts)
+        unique, references = references_by_image(images, captions)
+        unique, references = unique[: context.samples], references[: context.samples]
+        hypotheses = context.continue_with_text(list(unique), modality.name, text, SamplingParams(temperature=0.0))
+        metrics["cider"] = 100 * cider_score(references, hypotheses)
+        return metrics
