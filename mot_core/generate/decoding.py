@@ -11,7 +11,6 @@ logits: ``u + scale * (c - u)``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F

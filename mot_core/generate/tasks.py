@@ -45,7 +45,7 @@ def span_to_text(model, vocab: Vocabulary, payloads: list[Any], span_modality: s
     span, text = vocab.modalities[span_modality], vocab.modalities[text_modality]
     if text.stop_token is None:
         raise MotError(f"modality '{text_modality}' has no stop token to end generation")
-    s_off, t_off = vocab.offsets[span_modality], vocab.offsets[text_modality]
+    t_off = vocab.offsets[text_modality]
     prompts, values = prompts_of(vocab, span_modality, span.encode_batch(payloads))
     out = generate(model, vocab, prompts, max_tokens, params, stop_ids={t_off + text.stop_token},
                    allowed_modalities=[text_modality], seed=seed, prompt_values=values)

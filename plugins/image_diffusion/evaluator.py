@@ -3,8 +3,7 @@
 Per batch (every training evaluation): ``val/image_diffusion/loss``, the diffusion loss of
 held-out images (mean per image) at timesteps and noise drawn once for the fixed validation
 batches, so every evaluation and every twin sees the same (image, t, noise) triples; this is
-the paper's main image metric and needs nothing external. ``mse_per_patch``: the same squared
-error averaged over patches instead of images.
+the paper's main image metric and needs nothing external.
 
 With the model (``mot eval --samples N``):
 - ``vae_psnr``: reconstruction of held-out images by the VAE (an upper bound on sample quality);
@@ -13,6 +12,7 @@ With the model (``mot eval --samples N``):
   of ``plugins.image_vq.fid``; NOT comparable with published FID;
 - ``clip_local`` (or ``clip_score`` with a published CLIP): image-caption similarity of those
   generated images, x100; the local model is trained here and NOT comparable with CLIP scores;
+  ``clip_local_real`` is the same score of the held-out images themselves, the ceiling;
 - ``cider``: CIDEr-D (x100, as papers report it) of captions generated from held-out images
   against all their captions, through pycocoevalcap (see ``captioning`` for tokenization).
 """
@@ -29,15 +29,13 @@ class ImageDiffusionEvaluator(Evaluator):
     name = "image_diffusion"
 
     def reset(self) -> None:
-        self.total, self.patches = 0.0, 0
+        pass
 
     def update(self, losses: torch.Tensor, valid: torch.Tensor, local_targets: torch.Tensor) -> None:
-        self.total += float(losses[valid].double().sum())
-        self.patches += int(valid.sum())
+        pass  # the engine's val/image_diffusion/loss is the per-image diffusion loss already
 
     def compute(self) -> dict[str, float]:
-        # The engine's loss is the mean per image; this is the mean per patch (images weigh by size).
-        return {"mse_per_patch": self.total / self.patches} if self.patches else {}
+        return {}
 
     def evaluate_model(self, context: EvaluationContext) -> dict[str, float]:
         from plugins.image_diffusion.captioning import cider_score, references_by_image
@@ -55,7 +53,7 @@ class ImageDiffusionEvaluator(Evaluator):
         text = opts.text_modality
         if context.samples < 2 or text not in context.vocab.names:
             return metrics
-        captioned = [i for i, c in enumerate(captions) if c][: context.samples]
+        captioned = _spread([i for i, c in enumerate(captions) if c], context.samples)
         prompts = [captions[i] for i in captioned]
         params = SamplingParams(cfg_scale=opts.diffusion.cfg_scale)
         fake = torch.stack(list(context.sample_spans(prompts, text, modality.name, params)))
@@ -65,8 +63,18 @@ class ImageDiffusionEvaluator(Evaluator):
             metrics["fid_local"] = frechet_distance(images[captioned], fake, load_feature_net(Path(opts.tokenizer_dir)))
         scorer = image_text_scorer(opts.clip_model, Path(opts.tokenizer_dir))
         metrics[scorer.metric_name] = scorer.score(fake, prompts)
+        metrics[f"{scorer.metric_name}_real"] = scorer.score(images[captioned], prompts)
         unique, references = references_by_image(images, captions)
-        unique, references = unique[: context.samples], references[: context.samples]
+        chosen = _spread(list(range(len(references))), context.samples)
+        unique, references = unique[chosen], [references[i] for i in chosen]
         hypotheses = context.continue_with_text(list(unique), modality.name, text, SamplingParams(temperature=0.0))
         metrics["cider"] = 100 * cider_score(references, hypotheses)
         return metrics
+
+
+def _spread(indices: list[int], count: int) -> list[int]:
+    """``count`` of ``indices`` evenly spaced over the list: held-out documents come grouped by
+    source (emoji, then MNIST), and the first N alone would score one source only."""
+    if count >= len(indices):
+        return indices
+    return [indices[(k * len(indices)) // count] for k in range(count)]

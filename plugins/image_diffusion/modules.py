@@ -122,7 +122,6 @@ class UNetPatchHead(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        per_image = self.grid * self.grid
         h = hidden.reshape(-1, self.grid, self.grid, hidden.shape[-1]).permute(0, 3, 1, 2)
         h = self.up(h)
         for block in self.blocks:

@@ -31,6 +31,11 @@ class DiffusionOptions(PluginOptions):
     sampler: Literal["ddim", "ddpm"] = Field("ddim", description="sampler of epsilon/v models (flow models use Euler)")
     inference_steps: int = Field(250, ge=1, description="denoising steps when generating (Transfusion: 250)")
     cfg_scale: float = Field(3.0, ge=0, description="classifier-free guidance scale when generating (1 = none)")
+    clip_denoised: float | None = Field(
+        4.0, gt=0,
+        description="DDIM/DDPM samplers clamp their estimate of the clean latent to +-this (latents have unit std): "
+        "with the cosine schedule abar(T) is ~1e-9, so an epsilon model's first estimates divide by ~1e-5; null = off",
+    )
 
 
 class DiffusionProcess:
@@ -75,10 +80,13 @@ class DiffusionProcess:
         """A fresh scheduler with ``steps`` inference timesteps (``.timesteps``, noisiest first)."""
         if self.flow:
             sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.T, shift=1.0)
-        elif self.options.sampler == "ddim":
-            sched = DDIMScheduler.from_config(self.ddpm.config, set_alpha_to_one=True, timestep_spacing="trailing")
         else:
-            sched = DDPMScheduler.from_config(self.ddpm.config, timestep_spacing="trailing")
+            clip = self.options.clip_denoised
+            settings = {"timestep_spacing": "trailing", "clip_sample": clip is not None, "clip_sample_range": clip or 1.0}
+            if self.options.sampler == "ddim":
+                sched = DDIMScheduler.from_config(self.ddpm.config, set_alpha_to_one=True, **settings)
+            else:
+                sched = DDPMScheduler.from_config(self.ddpm.config, **settings)
         sched.set_timesteps(steps)
         return sched
 

@@ -22,7 +22,6 @@ import inspect
 import json
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mot_core.errors import MotError
+from plugins.images.folders import write_folder_atomically
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
@@ -335,24 +335,11 @@ def _reconstruction_metrics(vae: AutoencoderKL, images: torch.Tensor, batch_size
 def _save_atomically(vae: AutoencoderKL, report: dict, out_dir: Path) -> None:
     """``save_pretrained`` into a sibling temporary folder with ``report.json``, then rename it
     into place, so an interrupted fit never leaves a half-written VAE where load_vae looks."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    try:
-        vae.save_pretrained(str(staging), safe_serialization=True)
-        (staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        if out_dir.exists():
-            # os.replace cannot overwrite a non-empty directory: move the old one aside first.
-            retired = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-            os.replace(out_dir, retired)
-            os.replace(staging, out_dir)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+    def write(folder: Path) -> None:
+        vae.save_pretrained(str(folder), safe_serialization=True)
+        (folder / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+    write_folder_atomically(out_dir, write)
 
 
 # -- loading ---------------------------------------------------------------------------------

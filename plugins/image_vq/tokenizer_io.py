@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mot_core.errors import MotError
+from plugins.images.folders import write_folder_atomically
 from plugins.image_vq.vqgan import VQGAN, VQGANConfig, code_statistics, psnr_from_mse
 
 WEIGHTS_FILE = "vqgan.safetensors"
@@ -158,28 +157,13 @@ def fit_vq_tokenizer(
 
 def save_vq_tokenizer(model: VQGAN, report: dict, out_dir: Path) -> None:
     """Write ``vqgan.safetensors`` + ``vqgan.json`` to ``out_dir`` atomically (temp dir, rename)."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
-    try:
+    def write(folder: Path) -> None:
         weights = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
-        save_file(weights, str(staging / WEIGHTS_FILE))
+        save_file(weights, str(folder / WEIGHTS_FILE))
         meta = {"config": model.config.to_dict(), "report": report}
-        (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        if out_dir.exists():
-            # os.replace cannot overwrite a non-empty directory: move the old one aside first.
-            retired = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-            os.replace(out_dir, retired)
-            os.replace(staging, out_dir)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+    write_folder_atomically(Path(out_dir), write)
 
 
 def load_vq_tokenizer(directory: Path) -> tuple[VQGAN, dict]:
