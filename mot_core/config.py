@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
 
 from mot_core.errors import MotError
 
@@ -43,6 +43,43 @@ class UntieSection(Section):
     norm: bool = True
 
 
+class FFNSection(Section):
+    """A tower's feed-forward: SwiGLU, or a mixture of SwiGLU experts (``type: moe``)."""
+
+    type: Literal["swiglu", "moe"] = "swiglu"
+    experts: PositiveInt = Field(4, description="moe: number of experts (each the size of the SwiGLU FFN)")
+    router: Literal["expert_choice", "top_k"] = Field(
+        "expert_choice", description="moe: expert_choice (the paper's MoE baseline; not causal) or top_k token choice"
+    )
+    top_k: PositiveInt = Field(1, description="moe, top_k router: experts per token")
+    capacity_factor: PositiveFloat = Field(1.0, description="moe, expert_choice: average experts per token")
+    balance: Literal["aux_loss", "bias"] = Field(
+        "aux_loss", description="moe, top_k: load-balancing auxiliary loss (Switch) or selection bias (DeepSeek-V3)"
+    )
+    aux_loss_weight: float = Field(0.01, ge=0)
+    z_loss_weight: float = Field(0.001, ge=0, description="router z-loss (ST-MoE)")
+    bias_rate: float = Field(0.001, ge=0, description="balance: bias, the step of the selection-bias update")
+    inference_router: Literal["top_k", "expert_choice"] = Field(
+        "top_k",
+        description="moe with expert_choice, at evaluation and generation: top_k with the same router (causal) or "
+        "expert_choice (as trained; each token's route then depends on later tokens; never used when decoding)",
+    )
+    inference_top_k: PositiveInt = Field(1, description="moe: experts per token when inference_router is top_k")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value: Any) -> Any:
+        return {"type": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check(self) -> "FFNSection":
+        if self.top_k > self.experts:
+            raise ValueError(f"top_k={self.top_k} exceeds experts={self.experts}")
+        if self.inference_top_k > self.experts:
+            raise ValueError(f"inference_top_k={self.inference_top_k} exceeds experts={self.experts}")
+        return self
+
+
 class ModelSection(Section):
     dim: PositiveInt = 256
     n_layers: PositiveInt = 4
@@ -62,6 +99,7 @@ class ModelSection(Section):
         "(the MoT paper's Algorithm 1 and its Chameleon setting)",
     )
     untie: UntieSection = UntieSection()
+    ffn: FFNSection = Field(FFNSection(), description="the FFN of every tower that declares none (tower.ffn)")
     warm_start: str | None = Field(None, description="dense checkpoint dir copied into every tower")
 
 
@@ -91,7 +129,12 @@ class TrainSection(Section):
 class TowerSection(Section):
     """Per-modality tower settings (plugins may recommend defaults via mot_tower_defaults)."""
 
-    ffn: Literal["swiglu"] = "swiglu"
+    ffn: FFNSection | None = Field(None, description="this tower's FFN; default: model.ffn")
+    group: str | None = Field(
+        None,
+        description="share the tower of the modality named here (its weights, for every untied component); "
+        "default: a tower of its own. Dense = every modality in one group, MoT = one group each",
+    )
     qk_norm: bool = False
 
 
@@ -120,6 +163,38 @@ class RunConfig(Section):
     train: TrainSection = TrainSection()
     mixture: MixtureSection
 
+    @model_validator(mode="after")
+    def _resolve_towers(self) -> "RunConfig":
+        """Fill each tower's effective FFN and group (so the saved config shows them) and
+        check the groups: a group names a declared modality that leads its own group, and
+        modalities of one group declare the same FFN."""
+        modalities = self.mixture.modalities
+        for name, entry in modalities.items():
+            leader = entry.tower.group or name
+            if leader not in modalities:
+                raise ValueError(
+                    f"mixture.modalities.{name}.tower.group names '{leader}', which is not a declared modality "
+                    f"(declared: {', '.join(modalities)})"
+                )
+            if (modalities[leader].tower.group or leader) != leader:
+                raise ValueError(
+                    f"mixture.modalities.{name}.tower.group names '{leader}', which itself shares the tower of "
+                    f"'{modalities[leader].tower.group}'; name '{modalities[leader].tower.group}' directly"
+                )
+            entry.tower.group = leader
+            entry.tower.ffn = entry.tower.ffn or self.model.ffn
+        names = list(modalities)
+        for name, entry in modalities.items():
+            # Towers that must be one: the group's (untied FFN), or every modality's (tied FFN).
+            other = entry.tower.group if self.model.untie.ffn else names[0]
+            if entry.tower.ffn != modalities[other].tower.ffn:
+                why = "whose tower it shares" if self.model.untie.ffn else "with which it shares one FFN (model.untie.ffn: false)"
+                raise ValueError(
+                    f"mixture.modalities.{name}.tower.ffn ({entry.tower.ffn.type}) differs from the FFN of '{other}' "
+                    f"({modalities[other].tower.ffn.type}), {why}"
+                )
+        return self
+
 
 def _format_validation_error(exc: ValidationError, prefix: str = "") -> str:
     problems = []
@@ -129,6 +204,10 @@ def _format_validation_error(exc: ValidationError, prefix: str = "") -> str:
             problems.append(f"unknown key '{loc}'{_suggest(exc, err)}")
         elif err["type"] == "missing":
             problems.append(f"missing required key '{loc}'")
+        elif err["type"] == "value_error" and not err["loc"]:  # a whole-config check: its message names the keys
+            problems.append(str(err["msg"]).removeprefix("Value error, "))
+        elif err["type"] == "value_error":
+            problems.append(f"{loc}: {str(err['msg']).removeprefix('Value error, ')}")
         else:
             problems.append(f"{loc}: {err['msg']} (got {err['input']!r})")
     return "config error: " + "; ".join(problems)
@@ -210,6 +289,11 @@ def validate_config(data: dict[str, Any]) -> RunConfig:
 def dump_config(config: RunConfig, plugin_options: dict[str, dict[str, Any]] | None = None) -> str:
     """The resolved config as YAML, with each plugin's options filled in by its own model."""
     data = config.model_dump(mode="json")
+    ffns = [data["model"]["ffn"]] + [m["tower"]["ffn"] for m in data["mixture"]["modalities"].values()]
+    for ffn in ffns:  # a SwiGLU tower has no MoE settings to show
+        if ffn and ffn["type"] == "swiglu":
+            for key in list(ffn)[1:]:
+                del ffn[key]
     for where, options in (plugin_options or {}).items():
         node = data
         *parents, leaf = where.split(".")

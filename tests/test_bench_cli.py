@@ -21,12 +21,17 @@ def test_throughput_json_last_line(capsys):
                  "--batch", "1", "--steps", "1", "--repeats", "1", "--json"])
     assert code == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(report["results"]) == {"dense", "mot", "naive"}
-    assert report["mot_over_dense"] > 0 and report["naive_over_dense"] > 0
-    dense, mot, naive = (report["results"][v] for v in ("dense", "mot", "naive"))
+    assert set(report["results"]) == {"dense", "mot", "naive", "moe4x"}
+    assert report["mot_over_dense"] > 0 and report["naive_over_dense"] > 0 and report["moe4x_over_dense"] > 0
+    dense, mot, naive, moe4x = (report["results"][v] for v in ("dense", "mot", "naive", "moe4x"))
     # Same active size per token (iso-FLOP), MoT and naive hold one tower per modality.
     assert dense["active_params_per_token"] == mot["active_params_per_token"] == naive["active_params_per_token"]
     assert mot["params"] == naive["params"] > dense["params"]
+    # MoE-4x: 4 FFN experts, one per token on average (+ the router): about the dense FLOPs.
+    router = 4 * 32  # per layer: (experts, dim)
+    assert moe4x["active_params_per_token"] == dense["active_params_per_token"] + router
+    assert moe4x["flops_per_token"] == pytest.approx(dense["flops_per_token"] + 6 * router)
+    assert moe4x["params"] > dense["params"]
     assert dense["peak_memory_bytes"] > 0
 
 

@@ -131,8 +131,9 @@ def test_tokenizer_that_does_not_match_the_config(pipeline, capsys):
 def test_chameleon_configs_differ_only_in_tower_settings(capsys):
     loaded = {p.stem: yaml.safe_load(p.read_text()) for p in sorted(CONFIGS.glob("chameleon_*.yaml"))}
     families = {
-        "chameleon": {"chameleon_dense", "chameleon_mot", "chameleon_mot_ffn", "chameleon_mot_ffn_attn"},
-        "chameleon_speech": {"chameleon_speech_dense", "chameleon_speech_mot"},
+        "chameleon": {"chameleon_dense", "chameleon_mot", "chameleon_mot_ffn", "chameleon_mot_ffn_attn",
+                      "chameleon_moe4x", "chameleon_mot_text_moe"},
+        "chameleon_speech": {"chameleon_speech_dense", "chameleon_speech_mot", "chameleon_speech_leave_text_out"},
     }
     assert set(loaded) == set().union(*families.values())
     for family, names in families.items():
@@ -143,11 +144,21 @@ def test_chameleon_configs_differ_only_in_tower_settings(capsys):
             assert data["model"]["norm_placement"] == "post"  # the paper's Chameleon setting
             data = json.loads(json.dumps(data))
             del data["run"]["dir"], data["model"]["untie"]
+            data["model"].pop("ffn", None)  # the towers: untie, FFN kinds and groups
+            for entry in data["mixture"]["modalities"].values():
+                entry.pop("tower", None)
             stripped.append(data)
         assert all(s == stripped[0] for s in stripped), family
         assert loaded[f"{family}_dense"]["model"]["untie"] == {"ffn": False, "attention": False, "norm": False}
         assert loaded[f"{family}_mot"]["model"]["untie"] == {"ffn": True, "attention": True, "norm": True}
+    assert loaded["chameleon_moe4x"]["model"]["ffn"]["type"] == "moe"
+    assert loaded["chameleon_mot_text_moe"]["mixture"]["modalities"]["text"]["tower"]["ffn"]["type"] == "moe"
     capsys.readouterr()
     assert main(["config", "show", str(CONFIGS / "chameleon_mot.yaml")]) == 0
     towers = {m: e["tower"] for m, e in yaml.safe_load(capsys.readouterr().out)["mixture"]["modalities"].items()}
     assert towers["image"]["qk_norm"] is True and towers["text"]["qk_norm"] is False  # image plugin's default
+    # The resolved config shows the effective towers: each FFN and group.
+    assert towers["text"]["ffn"] == {"type": "swiglu"} and towers["image"]["group"] == "image"
+    assert main(["config", "show", str(CONFIGS / "chameleon_speech_leave_text_out.yaml")]) == 0
+    towers = {m: e["tower"] for m, e in yaml.safe_load(capsys.readouterr().out)["mixture"]["modalities"].items()}
+    assert [towers[m]["group"] for m in ("text", "image", "speech")] == ["text", "image", "image"]

@@ -1,6 +1,7 @@
-"""``mot bench step-match``: train dense and MoT twins on the same data and budget, then find,
-per modality, the step at which MoT first reaches the dense model's final loss (training loss
-smoothed, and validation loss), as in the paper's Figures 5 and 19."""
+"""``mot bench step-match``: train dense and MoT twins (and optionally the MoE-4x baseline) on
+the same data and budget, then find, per modality, the step at which each sparse twin first
+reaches the dense model's final loss (training loss smoothed, and validation loss), as in the
+paper's Figures 5 and 19."""
 
 from __future__ import annotations
 
@@ -15,13 +16,26 @@ from mot_core.config import validate_config
 from mot_core.plotting import finish, panels
 from mot_core.train.trainer import train
 
-TWINS = {"dense": {"ffn": False, "attention": False, "norm": False}, "mot": {"ffn": True, "attention": True, "norm": True}}
+TIED = {"ffn": False, "attention": False, "norm": False}
+UNTIED = {"ffn": True, "attention": True, "norm": True}
+# The paper's MoE-4x baseline: dense attention and norms, 4 expert-choice experts per FFN.
+MOE4X = {"type": "moe", "experts": 4, "router": "expert_choice", "capacity_factor": 1.0}
+TWINS = {"dense": (TIED, {"type": "swiglu"}), "mot": (UNTIED, {"type": "swiglu"}), "moe4x": (TIED, MOE4X)}
+LABELS = {"dense": "dense", "mot": "MoT", "moe4x": "MoE-4x"}
+COLORS = {"dense": "tab:gray", "mot": "tab:blue", "moe4x": "tab:orange"}
 
 
 def twin_config(raw: dict, variant: str, out_dir: Path, steps: int | None) -> dict:
-    """The base config with only the tower settings, run dir (and optionally steps) changed."""
+    """The base config with only the towers (untie, FFN kind; per-modality tower FFNs and
+    groups removed), the run dir and optionally the steps changed."""
     data = copy.deepcopy(raw)
-    data.setdefault("model", {})["untie"] = TWINS[variant]
+    untie, ffn = TWINS[variant]
+    model = data.setdefault("model", {})
+    model["untie"], model["ffn"] = dict(untie), dict(ffn)
+    for entry in ((data.get("mixture") or {}).get("modalities") or {}).values():
+        if isinstance(entry, dict) and isinstance(entry.get("tower"), dict):
+            entry["tower"].pop("ffn", None)
+            entry["tower"].pop("group", None)
     data.setdefault("run", {})["dir"] = str(out_dir / variant)
     if steps is not None:
         data.setdefault("train", {})["steps"] = steps
@@ -58,51 +72,60 @@ def compare(dense: dict, mot: dict, smoothing: float) -> dict[str, dict[str, Mat
     return out
 
 
-def plot(dense: dict, mot: dict, matches: dict, smoothing: float, path: Path) -> None:
-    names = list(matches)
+def plot(curves: dict[str, dict], matches: dict[str, dict], smoothing: float, path: Path) -> None:
+    """One panel per modality: every twin's smoothed training and validation curves, and a
+    star where each sparse twin reaches the dense model's final loss."""
+    names = list(next(iter(matches.values())))
     fig, axes = panels(len(names))
     for ax, m in zip(axes, names):
-        for label, curves, color in (("dense", dense, "tab:gray"), ("MoT", mot, "tab:blue")):
-            ax.plot(curves["steps"], ema(curves["train"][m], smoothing), color=color, label=f"{label} train (EMA {smoothing})")
-            val = curves["val"][m]
+        for variant, c in curves.items():
+            color, label = COLORS[variant], LABELS[variant]
+            ax.plot(c["steps"], ema(c["train"][m], smoothing), color=color, label=f"{label} train (EMA {smoothing})")
+            val = c["val"][m]
             ax.plot(val[:, 0], val[:, 1], "o--", color=color, markersize=3, label=f"{label} val")
-        for kind, style in (("train", "-"), ("val", ":")):
-            match = matches[m][kind]
-            ax.axhline(match.target, color="tab:red", linestyle=style, linewidth=0.8)
-            if match.step is not None:
-                ax.plot([match.step], [match.target], marker="*", markersize=14, color="tab:red")
-                ax.annotate(f"{kind}: {match.step_fraction:.0%} of steps", (match.step, match.target),
-                            textcoords="offset points", xytext=(-12, -14 if kind == "train" else 8), ha="right",
-                            fontsize=8, color="tab:red")
-        ax.set_title(f"{m}: MoT reaching dense's final loss")
+        for variant, per_modality in matches.items():
+            for kind, style in (("train", "-"), ("val", ":")):
+                match = per_modality[m][kind]
+                ax.axhline(match.target, color="tab:red", linestyle=style, linewidth=0.8)
+                if match.step is not None:
+                    ax.plot([match.step], [match.target], marker="*", markersize=14, color=COLORS[variant])
+                    ax.annotate(f"{LABELS[variant]} {kind}: {match.step_fraction:.0%}", (match.step, match.target),
+                                textcoords="offset points", xytext=(-12, -14 if kind == "train" else 8), ha="right",
+                                fontsize=8, color=COLORS[variant])
+        ax.set_title(f"{m}: reaching dense's final loss")
         ax.set_ylabel("loss")
     finish(fig, axes, path)
 
 
-def run_step_match(raw: dict, out_dir: Path, steps: int | None, smoothing: float) -> dict:
-    for variant in TWINS:
+def run_step_match(raw: dict, out_dir: Path, steps: int | None, smoothing: float, variants: tuple[str, ...] = ("dense", "mot")
+                   ) -> dict:
+    for variant in variants:
         train(validate_config(twin_config(raw, variant, out_dir, steps)))  # resumes if interrupted
-    dense, mot = load_curves(out_dir / "dense"), load_curves(out_dir / "mot")
-    matches = compare(dense, mot, smoothing)
+    curves = {v: load_curves(out_dir / v) for v in variants}
+    dense = curves["dense"]
+    matches = {v: compare(dense, curves[v], smoothing) for v in variants if v != "dense"}
     plot_path = out_dir / "step_match.png"
-    plot(dense, mot, matches, smoothing, plot_path)
+    plot(curves, matches, smoothing, plot_path)
     report = {
         "steps": int(dense["steps"][-1]), "smoothing": smoothing, "plot": str(plot_path),
-        "dense_seconds": float(dense["times"][-1]), "mot_seconds": float(mot["times"][-1]),
-        "modalities": {m: {k: v.as_dict() for k, v in kinds.items()} for m, kinds in matches.items()},
+        "seconds": {v: float(c["times"][-1]) for v, c in curves.items()},
+        "variants": {v: {m: {k: r.as_dict() for k, r in kinds.items()} for m, kinds in per.items()}
+                     for v, per in matches.items()},
     }
     (out_dir / "step_match.json").write_text(json.dumps(report, indent=2))
     return report
 
 
 def format_report(report: dict) -> str:
-    lines = [f"{'modality':<10} {'curve':<6} {'dense final':>11} {'MoT step':>9} {'of steps':>9} {'of time':>8}"]
-    for m, kinds in report["modalities"].items():
-        for kind, r in kinds.items():
-            step = "never" if r["step"] is None else f"{r['step']:.0f}"
-            frac = "-" if r["step_fraction"] is None else f"{r['step_fraction']:.1%}"
-            tfrac = "-" if r["time_fraction"] is None else f"{r['time_fraction']:.1%}"
-            lines.append(f"{m:<10} {kind:<6} {r['target']:>11.4f} {step:>9} {frac:>9} {tfrac:>8}")
-    lines.append(f"budget {report['steps']} steps; dense {report['dense_seconds']:.0f} s, MoT {report['mot_seconds']:.0f} s of "
-                 f"training time; train curves smoothed with EMA {report['smoothing']}; plot: {report['plot']}")
+    lines = [f"{'twin':<7} {'modality':<16} {'curve':<6} {'dense final':>11} {'step':>6} {'of steps':>9} {'of time':>8}"]
+    for variant, per_modality in report["variants"].items():
+        for m, kinds in per_modality.items():
+            for kind, r in kinds.items():
+                step = "never" if r["step"] is None else f"{r['step']:.0f}"
+                frac = "-" if r["step_fraction"] is None else f"{r['step_fraction']:.1%}"
+                tfrac = "-" if r["time_fraction"] is None else f"{r['time_fraction']:.1%}"
+                lines.append(f"{LABELS[variant]:<7} {m:<16} {kind:<6} {r['target']:>11.4f} {step:>6} {frac:>9} {tfrac:>8}")
+    seconds = ", ".join(f"{LABELS[v]} {s:.0f} s" for v, s in report["seconds"].items())
+    lines.append(f"budget {report['steps']} steps; training time: {seconds}; train curves smoothed with EMA "
+                 f"{report['smoothing']}; plot: {report['plot']}")
     return "\n".join(lines)

@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from mot_core.model.attention import AttentionLayout
 from mot_core.bench.naive import NaiveMoTTransformer
 from mot_core.launch.host import keep_freed_memory_in_heap
+from mot_core.model.moe import MoEArgs
 from mot_core.model.transformer import ModelArgs, MoTTransformer
 from mot_core.model.routing import build_routing
 
-VARIANTS = ("dense", "mot", "naive")
+VARIANTS = ("dense", "mot", "naive", "moe4x")
 # Dense peak FLOP/s by device name fragment: (bf16 tensor cores, fp32 without tensor cores).
 PEAK_FLOPS = {"H200": (989e12, 67e12), "H100": (989e12, 67e12), "A100": (312e12, 19.5e12), "L40S": (362e12, 91.6e12)}
 
@@ -49,12 +50,14 @@ class BenchSpec:
     seed: int = 0
     memory: bool = True
 
-    def model_args(self, untied: bool) -> ModelArgs:
+    def model_args(self, untied: bool, moe: MoEArgs | None = None) -> ModelArgs:
+        """The dense (untied False) or MoT twin; with ``moe``, every FFN is that MoE."""
         return ModelArgs(
             vocab_size=self.vocab_per_modality * self.modalities, num_modalities=self.modalities,
             dim=self.dim, n_layers=self.layers, n_heads=self.heads, n_kv_heads=self.kv_heads,
             untie_ffn=untied, untie_attention=untied, untie_norm=untied, max_seq_len=self.seq_len,
             attention_backend=self.backend, activation_checkpointing=self.activation_checkpointing,
+            ffn_kinds=(moe,) * self.modalities if moe is not None else (),
         )
 
 
@@ -83,7 +86,9 @@ class _Runner:
     def __init__(self, variant: str, spec: BenchSpec, device: torch.device):
         torch.manual_seed(spec.seed)
         self.variant, self.spec, self.device = variant, spec, device
-        args = spec.model_args(untied=variant != "dense")
+        # MoE-4x: the paper's baseline, dense attention and 4 expert-choice experts per FFN.
+        moe = MoEArgs(experts=4, router="expert_choice", capacity_factor=1.0) if variant == "moe4x" else None
+        args = spec.model_args(untied=variant in ("mot", "naive"), moe=moe)
         self.model = (NaiveMoTTransformer(args) if variant == "naive" else MoTTransformer(args)).to(device)
         self.forward = torch.compile(self.model) if spec.compile else self.model
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)
@@ -198,12 +203,12 @@ def run_throughput(spec: BenchSpec, progress=print) -> dict:
                 times[variant].append(time.perf_counter() - start)
         progress(f"repeat {repeat + 1}/{spec.repeats}: " + ", ".join(f"{v} {statistics.median(times[v]) * 1e3:.1f} ms" for v in VARIANTS))
     tokens = spec.batch * spec.seq_len
-    fpt = flops_per_token(spec)
     peak = _peak_flops(device, spec.dtype)
     results = {}
     for variant, runner in runners.items():
         step = statistics.median(times[variant])
         counts = runner.model.parameter_counts() if hasattr(runner.model, "parameter_counts") else _naive_counts(runner.model, spec)
+        fpt = runner.model.flops_per_token(spec.seq_len) if variant == "moe4x" else flops_per_token(spec)
         entry = {
             "step_time_s": step, "tokens_per_s": tokens / step, "params": counts["total"],
             "active_params_per_token": counts["active_per_token"], "flops_per_token": fpt,
@@ -217,6 +222,7 @@ def run_throughput(spec: BenchSpec, progress=print) -> dict:
         "threads": torch.get_num_threads(), "results": results,
         "mot_over_dense": results["mot"]["step_time_s"] / results["dense"]["step_time_s"],
         "naive_over_dense": results["naive"]["step_time_s"] / results["dense"]["step_time_s"],
+        "moe4x_over_dense": results["moe4x"]["step_time_s"] / results["dense"]["step_time_s"],
     }
 
 
@@ -251,7 +257,8 @@ def format_table(report: dict) -> str:
         f"batch {spec['batch']} x seq {spec['seq_len']}, {spec['dtype']}, {spec['backend']}, compile={spec['compile']}; "
         f"median over {spec['repeats']} repeats x {spec['steps']} batches, variants interleaved step by step"
     )
-    lines.append(f"MoT / dense step time: {report['mot_over_dense']:.3f}    naive / dense: {report['naive_over_dense']:.3f}")
+    lines.append(f"MoT / dense step time: {report['mot_over_dense']:.3f}    naive / dense: {report['naive_over_dense']:.3f}    "
+                 f"MoE-4x / dense: {report['moe4x_over_dense']:.3f}")
     return "\n".join(lines)
 
 

@@ -42,7 +42,8 @@ def cmd_bench_step_match(ns: argparse.Namespace) -> int:
     from mot_core.train.experiment import apply_tower_defaults
 
     raw = apply_tower_defaults(load_raw_config(ns.config, ns.overrides))
-    report = run_step_match(raw, Path(ns.out), ns.steps, ns.smoothing)
+    variants = ("dense", "mot", "moe4x") if ns.moe4x else ("dense", "mot")
+    report = run_step_match(raw, Path(ns.out), ns.steps, ns.smoothing, variants)
     print(json.dumps(report) if ns.json else format_report(report))
     return 0
 
@@ -71,10 +72,12 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_bench_throughput)
     p = bsub.add_parser("step-match", help="train dense and MoT twins; steps MoT needs to reach dense's final loss")
     p.add_argument("config", nargs="?", default="examples/configs/chameleon_mot.yaml",
-                   help="base config; only model.untie and run.dir differ between the twins")
+                   help="base config; only the towers and run.dir differ between the twins")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--steps", type=positive_int, default=1500, help="training budget of each twin (~10 min each on 2 CPU cores)")
     p.add_argument("--out", default="runs/step_match")
     p.add_argument("--smoothing", type=unit_fraction, default=0.95, help="EMA factor for training curves")
+    p.add_argument("--moe4x", action="store_true",
+                   help="also train the paper's MoE-4x baseline (4 expert-choice experts, dense attention)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_step_match)

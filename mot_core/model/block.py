@@ -28,7 +28,8 @@ from mot_core.model.attention import AttentionBackend
 from mot_core.model.kv_cache import KVCache
 from mot_core.model.rope import apply_rotary
 from mot_core.model.routing import RoutingPlan
-from mot_core.model.towers import TowerLinear, TowerRMSNorm, TowerSwiGLU
+from mot_core.model.moe import MoEArgs
+from mot_core.model.towers import TowerLinear, TowerRMSNorm, TowerSwiGLU, build_ffn
 
 
 @dataclass
@@ -37,6 +38,8 @@ class ForwardContext:
 
     Attributes:
         plan: routing plan, or None for the dense baseline (stream stays in original order).
+        tower_plan: the plan over tower groups (modalities sharing a tower merged), the one
+            untied components use; ``plan`` itself when every modality has its own tower.
         modality: (B, S) long modality ids in original order (for QK-norm gains).
         batch, seq: B and S.
         cos, sin: (B, 1, S, head_dim/2) RoPE tables.
@@ -53,6 +56,16 @@ class ForwardContext:
     backend: AttentionBackend
     mask: Any
     cache: KVCache | None = None
+    tower_plan: RoutingPlan | None = None
+
+    @property
+    def towers(self) -> RoutingPlan | None:
+        return self.tower_plan if self.tower_plan is not None else self.plan
+
+    @property
+    def row_modality(self) -> torch.Tensor:
+        """(N,) modality id of each row of the stream, in stream order."""
+        return self.plan.sorted_modality if self.plan is not None else self.modality.reshape(-1)
 
 
 @dataclass(frozen=True)
@@ -67,6 +80,8 @@ class BlockArgs:
     norm_towers: int
     qk_norm: tuple[bool, ...]  # per modality; empty/all False = off
     norm_placement: str = "pre"  # "pre" or "post" (see the module docstring)
+    groups: tuple[int, ...] = ()  # tower group of each modality; () = one per modality
+    ffn_kinds: tuple[MoEArgs | None, ...] = ()  # per FFN tower: None = SwiGLU, else MoE; () = all SwiGLU
 
 
 class MoTBlock(nn.Module):
@@ -82,7 +97,8 @@ class MoTBlock(nn.Module):
         self.wqkv = TowerLinear(args.attention_towers, args.dim, qkv_out)
         self.wo = TowerLinear(args.attention_towers, args.dim, args.dim)
         self.ffn_norm = TowerRMSNorm(args.norm_towers, args.dim, args.norm_eps)
-        self.ffn = TowerSwiGLU(args.ffn_towers, args.dim, args.ffn_hidden)
+        self.ffn = build_ffn(args.ffn_towers, args.dim, args.ffn_hidden, args.ffn_kinds, len(args.qk_norm) or 1)
+        self.mixed_ffn = not isinstance(self.ffn, TowerSwiGLU)
         self.norm_eps = args.norm_eps
         if args.norm_placement not in ("pre", "post"):
             raise ValueError(f"norm_placement must be 'pre' or 'post', got {args.norm_placement!r}")
@@ -94,10 +110,12 @@ class MoTBlock(nn.Module):
             self.q_norm = nn.Parameter(torch.ones(args.attention_towers, self.head_dim))
             self.k_norm = nn.Parameter(torch.ones(args.attention_towers, self.head_dim))
             self.register_buffer("qk_norm_on", torch.tensor(args.qk_norm), persistent=False)
+            groups = args.groups or tuple(range(len(args.qk_norm)))
+            self.register_buffer("tower_of", torch.tensor(groups, dtype=torch.long), persistent=False)
 
     def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """h: (N, dim) residual stream in stream order -> (N, dim)."""
-        plan = ctx.plan
+        plan = ctx.towers
         qkv = self.wqkv(h if self.post_norm else self.attn_norm(h, plan), plan)
         if plan is not None:
             qkv = plan.unsort(qkv)  # global attention runs in original token order
@@ -115,18 +133,30 @@ class MoTBlock(nn.Module):
             attn = plan.sort(attn)
         if self.post_norm:
             h = h + self.attn_norm(self.wo(attn, plan), plan)
-            return h + self.ffn_norm(self.ffn(h, plan), plan)
+            return h + self.ffn_norm(self._ffn(h, ctx), plan)
         h = h + self.wo(attn, plan)
-        return h + self.ffn(self.ffn_norm(h, plan), plan)
+        return h + self._ffn(self.ffn_norm(h, plan), ctx)
+
+    def _ffn(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        if self.mixed_ffn:
+            return self.ffn(x, ctx.towers, ctx.row_modality, ctx.cache is not None)
+        return self.ffn(x, ctx.towers)
 
     def _qk_norm(self, x: torch.Tensor, gain: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """x: (B, heads, S, hd) in original order; per-token gain and on/off by modality."""
-        tower = ctx.modality if gain.shape[0] > 1 else torch.zeros_like(ctx.modality)
+        tower = self.tower_of[ctx.modality] if gain.shape[0] > 1 else torch.zeros_like(ctx.modality)
         normed = F.rms_norm(x, (self.head_dim,), eps=self.norm_eps) * gain[tower].unsqueeze(1)
         if self.qk_norm_everywhere:
             return normed
         on = self.qk_norm_on[ctx.modality].view(ctx.batch, 1, ctx.seq, 1)
         return torch.where(on, normed, x)
+
+    def active_parameters(self) -> int:
+        """Parameters one token uses in this block: one tower of each component."""
+        stacked = [self.attn_norm.weight, self.ffn_norm.weight, self.wqkv.weight, self.wo.weight]
+        if self.uses_qk_norm:
+            stacked += [self.q_norm, self.k_norm]
+        return sum(p.numel() // p.shape[0] for p in stacked) + self.ffn.active_parameters()
 
     def reset_parameters(self, std: float, out_std: float) -> None:
         self.attn_norm.reset_parameters()

@@ -226,3 +226,18 @@ def _grouped(x_sorted: torch.Tensor, weight: torch.Tensor, plan: RoutingPlan) ->
     if _grouped_mm_usable(x_sorted, weight):
         return torch._grouped_mm(x_sorted, weight.transpose(-2, -1), offs=plan.offsets)
     return _GroupedLinearLoop.apply(x_sorted, weight, plan.counts)
+
+
+def group_plan(plan: RoutingPlan, groups: tuple[int, ...]) -> RoutingPlan:
+    """The plan of towers shared by groups of modalities: ``groups[m]`` is modality m's tower,
+    non-decreasing in m, so each tower's rows stay one contiguous block of the sorted stream
+    (the engine orders the modalities of a group next to each other)."""
+    if not groups or list(groups) == list(range(len(plan.counts))):
+        return plan
+    n_groups = max(groups) + 1
+    counts = [0] * n_groups
+    for m, g in enumerate(groups):
+        counts[g] += plan.counts[m]
+    table = torch.tensor(groups, device=plan.sorted_modality.device)
+    offsets = torch.cumsum(torch.tensor(counts), 0).to(torch.int32).to(plan.offsets.device)
+    return RoutingPlan(plan.order, plan.inverse, tuple(counts), offsets, table[plan.sorted_modality])

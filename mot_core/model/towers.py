@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mot_core.model.moe import MoEArgs, MoEFeedForward
 from mot_core.model.routing import RoutingPlan, grouped_linear, scale_by_group
 
 
@@ -73,6 +74,59 @@ class TowerSwiGLU(nn.Module):
     def reset_parameters(self, std: float, out_std: float) -> None:
         self.w13.reset_parameters(std)
         self.w2.reset_parameters(out_std)
+
+    def active_parameters(self) -> int:
+        return (self.w13.weight[0].numel() + self.w2.weight[0].numel())
+
+
+class MixedTowerFFN(nn.Module):
+    """One FFN per tower where some towers are MoE (a hybrid "MoT + text MoE-4x", or the
+    MoE-4x baseline's single shared tower). Each tower runs on its contiguous slice of the
+    sorted stream; a tower with no rows in the batch costs nothing."""
+
+    def __init__(self, dim: int, hidden: int, kinds: tuple[MoEArgs | None, ...], num_modalities: int):
+        super().__init__()
+        self.num_modalities = num_modalities
+        self.towers = nn.ModuleList(
+            TowerSwiGLU(1, dim, hidden) if kind is None else MoEFeedForward(dim, hidden, kind) for kind in kinds
+        )
+
+    def forward(self, x_sorted: torch.Tensor, plan: RoutingPlan | None, modality: torch.Tensor | None = None,
+                decoding: bool = False) -> torch.Tensor:
+        """x_sorted: (N, dim) rows in tower order; modality: (N,) their modality ids;
+        decoding: incremental decoding with a KV cache (MoE routers must then be causal)."""
+        counts = plan.counts if plan is not None and len(self.towers) > 1 else (x_sorted.shape[0],)
+        pieces, start = [], 0
+        for tower, n in zip(self.towers, counts):
+            rows = slice(start, start + n)
+            start += n
+            if not n:
+                if isinstance(tower, MoEFeedForward):
+                    tower.aux_loss, tower.stats = None, {}
+                continue
+            if isinstance(tower, MoEFeedForward):
+                pieces.append(tower(x_sorted[rows], None if modality is None else modality[rows], self.num_modalities,
+                                    decoding))
+            else:
+                pieces.append(tower(x_sorted[rows], None))
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+    def reset_parameters(self, std: float, out_std: float) -> None:
+        for tower in self.towers:
+            tower.reset_parameters(std, out_std)
+
+    def active_parameters(self) -> int:
+        """A token goes through one tower: the largest tower's active parameters."""
+        return max(t.active_parameters() for t in self.towers)
+
+
+def build_ffn(towers: int, dim: int, hidden: int, kinds: tuple[MoEArgs | None, ...], num_modalities: int) -> nn.Module:
+    """Stacked SwiGLU towers (grouped matmul) when no tower is MoE, else one module per tower."""
+    if not kinds or all(kind is None for kind in kinds):
+        return TowerSwiGLU(towers, dim, hidden)
+    if len(kinds) != towers:
+        raise ValueError(f"{towers} FFN towers but {len(kinds)} FFN kinds")
+    return MixedTowerFFN(dim, hidden, kinds, num_modalities)
 
 
 def default_ffn_hidden(dim: int, multiple_of: int = 64) -> int:

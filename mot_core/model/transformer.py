@@ -26,7 +26,8 @@ from mot_core.model.block import BlockArgs, ForwardContext, MoTBlock
 from mot_core.errors import MotError
 from mot_core.model.kv_cache import KVCache
 from mot_core.model.rope import RotaryEmbedding
-from mot_core.model.routing import RoutingPlan
+from mot_core.model.moe import MoEArgs, MoEFeedForward
+from mot_core.model.routing import RoutingPlan, group_plan
 from mot_core.model.towers import TowerRMSNorm, default_ffn_hidden
 
 
@@ -75,14 +76,46 @@ class ModelArgs:
     tie_embeddings: bool = False
     norm_placement: str = "pre"  # "pre": h + f(norm(h)); "post": h + norm(f(h)) (paper Algorithm 1)
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
+    # Tower group of each modality, non-decreasing (modalities of a group are adjacent): a group
+    # shares one tower of every untied component. () = one group per modality (MoT).
+    groups: tuple[int, ...] = ()
+    # FFN of each modality's tower: None = SwiGLU, MoEArgs = mixture of experts. () = all SwiGLU.
+    ffn_kinds: tuple[MoEArgs | None, ...] = ()
+
+    def __post_init__(self) -> None:
+        groups = self.tower_groups
+        if len(groups) != self.num_modalities or any(b - a not in (0, 1) for a, b in zip(groups, groups[1:])) or groups[0]:
+            raise ValueError(f"groups must number the modalities' towers 0, 1, ... in order, got {self.groups}")
+        kinds = self.ffn_kinds or (None,) * self.num_modalities
+        if len(kinds) != self.num_modalities:
+            raise ValueError("ffn_kinds needs one entry per modality")
+        for tower in range(self.towers(self.untie_ffn)):
+            members = {kinds[m] for m in range(self.num_modalities) if self.towers(self.untie_ffn) == 1 or groups[m] == tower}
+            if len(members) > 1:
+                raise ValueError("modalities that share an FFN tower must declare the same FFN")
+
+    @property
+    def tower_groups(self) -> tuple[int, ...]:
+        return self.groups or tuple(range(self.num_modalities))
+
+    @property
+    def num_groups(self) -> int:
+        return max(self.tower_groups) + 1
 
     @property
     def routed(self) -> bool:
-        """True when any component is untied, i.e. the model needs a routing plan."""
-        return self.num_modalities > 1 and (self.untie_ffn or self.untie_attention or self.untie_norm)
+        """True when any component has more than one tower, i.e. the model needs a routing plan."""
+        return self.num_groups > 1 and (self.untie_ffn or self.untie_attention or self.untie_norm)
 
     def towers(self, untied: bool) -> int:
-        return self.num_modalities if untied and self.num_modalities > 1 else 1
+        return self.num_groups if untied and self.num_groups > 1 else 1
+
+    def ffn_tower_kinds(self) -> tuple[MoEArgs | None, ...]:
+        """The FFN of each FFN tower (the kind its modalities declare)."""
+        kinds = self.ffn_kinds or (None,) * self.num_modalities
+        if self.towers(self.untie_ffn) == 1:
+            return (kinds[0],)
+        return tuple(kinds[self.tower_groups.index(g)] for g in range(self.num_groups))
 
 
 class MoTTransformer(nn.Module):
@@ -105,6 +138,8 @@ class MoTTransformer(nn.Module):
             norm_towers=args.towers(args.untie_norm),
             qk_norm=tuple(qk_norm),
             norm_placement=args.norm_placement,
+            groups=args.tower_groups,
+            ffn_kinds=args.ffn_tower_kinds(),
         )
         self.embed = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(MoTBlock(block_args, layer_id=i) for i in range(args.n_layers))
@@ -180,6 +215,7 @@ class MoTTransformer(nn.Module):
         cos, sin = self.rope.tables(positions)
         ctx = ForwardContext(
             plan=plan if routed else None,
+            tower_plan=group_plan(plan, self.args.tower_groups) if routed and self.args.groups else None,
             modality=modality,
             batch=batch,
             seq=seq,
@@ -198,7 +234,7 @@ class MoTTransformer(nn.Module):
             cache.commit()
         if not routed:
             h = plan.sort(h)  # the dense baseline sorts once, at the end, for per-modality heads
-        return self.final_norm(h, plan)
+        return self.final_norm(h, ctx.towers if routed else plan)
 
     def _embed_with_adapters(self, sorted_tokens: torch.Tensor, plan: RoutingPlan,
                              continuous: dict[int, ContinuousInputs]) -> torch.Tensor:
@@ -231,18 +267,57 @@ class MoTTransformer(nn.Module):
         return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
     def parameter_counts(self) -> dict[str, int]:
-        """Total parameters, and those active for one token: one tower of each component, the
-        shared embedding and head, and the largest modality-owned adapter + head (a token goes
-        through at most one modality's)."""
+        """Total parameters, and those active for one token: one tower of each component (for
+        an MoE FFN: its router and the experts a token uses on average), the shared embedding
+        and head, and the largest modality-owned adapter + head (a token goes through at most
+        one modality's)."""
         total = sum(p.numel() for p in self.parameters())
-        towered = {id(p) for layer in [*self.layers, self.final_norm] for p in layer.parameters()}
-        active = 0
-        for name, p in self.named_parameters():
-            if name.startswith("modality_modules."):
-                continue
-            active += p.numel() // p.shape[0] if id(p) in towered else p.numel()
+        active = sum(layer.active_parameters() for layer in self.layers)
+        active += self.final_norm.weight[0].numel() + self.embed.weight.numel()
+        active += 0 if self.lm_head is None else self.lm_head.weight.numel()
         owned = [sum(p.numel() for p in m.parameters()) for m in self.modality_modules.values()]
         return {"total": total, "active_per_token": active + max(owned, default=0)}
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 x the matmul parameters a token uses (embedding lookup
+        free, output head not) + causal attention (6 x layers x seq_len x dim)."""
+        counts = self.parameter_counts()["active_per_token"]
+        norms = sum(p.numel() // p.shape[0] for n, p in self.named_parameters()
+                    if "norm" in n and not n.startswith("modality_modules."))
+        matmul = counts - self.embed.weight.numel() - norms
+        return 6.0 * matmul + 6.0 * self.args.n_layers * seq_len * self.args.dim
+
+    def moe_layers(self) -> list[MoEFeedForward]:
+        return [m for m in self.modules() if isinstance(m, MoEFeedForward)]
+
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """Sum of the MoE routers' auxiliary losses (load balance, z-loss) of the last forward,
+        already weighted; None when the model has no MoE or none ran."""
+        losses = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
+        return torch.stack(losses).sum() if losses else None
+
+    def router_stats(self, names: list[str]) -> dict[str, float]:
+        """Routing statistics of the last forward per modality, over every MoE layer: each
+        expert's share of the modality's assignments, the share of its tokens no expert took
+        (expert choice), and the auxiliary loss. Reads device tensors: call when logging."""
+        layers = [m for m in self.moe_layers() if m.stats]
+        if not layers:
+            return {}
+        out: dict[str, float] = {}
+        assignments = sum(m.stats["assignments"] for m in layers)
+        tokens = sum(m.stats["tokens"] for m in layers)
+        dropped = sum(m.stats["dropped"] for m in layers)
+        for index, name in enumerate(names):
+            total = float(assignments[index].sum())
+            if not total and not float(tokens[index]):
+                continue
+            for expert, share in enumerate((assignments[index] / max(total, 1.0)).tolist()):
+                out[f"router/{name}/expert{expert}"] = share
+            out[f"router/{name}/dropped"] = float(dropped[index] / tokens[index].clamp(min=1))
+        aux = self.auxiliary_loss()
+        if aux is not None:
+            out["router/aux_loss"] = float(aux.detach())
+        return out
 
 
 def warm_start_from_dense(model: MoTTransformer, dense_state: dict[str, torch.Tensor]) -> list[str]:

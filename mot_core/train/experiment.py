@@ -16,6 +16,7 @@ from mot_core.config import RunConfig, dump_config, validate_section
 from mot_core.data import Batch, TokenDocument, Vocabulary
 from mot_core.data.packing import ExtrasSampler
 from mot_core.errors import MotError
+from mot_core.model.moe import MoEArgs
 from mot_core.model.transformer import ModalityModules, ModelArgs, MoTTransformer
 from mot_core.plugin_api import DataSource, Evaluator, Loss, Modality, RawDocument
 from registry import Registry, get_registry
@@ -68,6 +69,11 @@ def build_experiment(config: RunConfig, registry: Registry | None = None) -> Exp
                 f"dataset '{name}' yields {', '.join(source.modalities)} but mixture.modalities lacks {', '.join(missing)}"
             )
         sources[name], source_weights[name] = source, entry.weight
+    # Modalities sharing a tower sit next to each other, so each tower is one contiguous block
+    # of the modality-sorted stream (groups in order of first appearance).
+    leaders = list(dict.fromkeys(config.mixture.modalities[n].tower.group or n for n in modalities))
+    modalities = {n: modalities[n] for leader in leaders for n in modalities
+                  if (config.mixture.modalities[n].tower.group or n) == leader}
     fed = {m for source in sources.values() for m in source.modalities}
     starved = [m for m in modalities if m not in fed]
     if starved:
@@ -139,6 +145,9 @@ def model_args(config: RunConfig, vocab: Vocabulary) -> ModelArgs:
     if (m.dim // m.n_heads) % 2:
         raise MotError(f"head dimension model.dim/model.n_heads={m.dim // m.n_heads} must be even for RoPE")
     modalities = config.mixture.modalities
+    leaders = list(dict.fromkeys(modalities[name].tower.group or name for name in vocab.names))
+    groups = tuple(leaders.index(modalities[name].tower.group or name) for name in vocab.names)
+    kinds = tuple(_moe_args(modalities[name].tower.ffn or m.ffn) for name in vocab.names)
     return ModelArgs(
         vocab_size=vocab.size,
         num_modalities=len(vocab.names),
@@ -159,6 +168,18 @@ def model_args(config: RunConfig, vocab: Vocabulary) -> ModelArgs:
         tie_embeddings=m.tie_embeddings,
         norm_placement=m.norm_placement,
         activation_checkpointing=m.activation_checkpointing,
+        groups=groups if groups != tuple(range(len(groups))) else (),
+        ffn_kinds=kinds if any(kinds) else (),
+    )
+
+
+def _moe_args(ffn) -> MoEArgs | None:
+    if ffn.type != "moe":
+        return None
+    return MoEArgs(
+        experts=ffn.experts, router=ffn.router, top_k=ffn.top_k, capacity_factor=ffn.capacity_factor,
+        balance=ffn.balance, aux_loss_weight=ffn.aux_loss_weight, z_loss_weight=ffn.z_loss_weight,
+        bias_rate=ffn.bias_rate, inference_router=ffn.inference_router, inference_top_k=ffn.inference_top_k,
     )
 
 

@@ -3,7 +3,7 @@
 Loss: ``sum_m w_m * mean_m`` where ``mean_m`` is modality m's loss in the batch, reduced as its
 loss declares (a mean over valid positions, or over segments of per-segment means; see
 ``evaluation.reduce_losses``): Transfusion's L_LM + lambda * L_DDPM form. A modality absent
-from a batch contributes nothing.
+from a batch contributes nothing. MoE routers add their weighted auxiliary losses.
 """
 
 from __future__ import annotations
@@ -145,7 +145,8 @@ def _run(config: RunConfig, exp: Experiment) -> dict:
 
     counts = model.parameter_counts()
     print(
-        f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['active_per_token'] / 1e6:.2f}M active per token | "
+        f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['active_per_token'] / 1e6:.2f}M active per token, "
+        f"{model.flops_per_token(tcfg.seq_len) / 1e6:.1f} MFLOP per token per training step | "
         f"modalities: {', '.join(f'{n} ({vocab.modalities[n].vocab_size} ids)' for n in vocab.names)} | device: {device}"
     )
     log = MetricsLog(run_dir / "metrics.jsonl", step)
@@ -182,6 +183,11 @@ def _run(config: RunConfig, exp: Experiment) -> dict:
                     mean = loss_sum / count
                     total = total + exp.loss_weights[name] * mean
                     record[f"loss/{name}"] = float(mean.detach())
+            aux = model.auxiliary_loss()
+            if aux is not None:  # MoE routers: load balance and z-loss, already weighted
+                total = total + aux
+            if (step + 1) % tcfg.log_every == 0 or step + 1 == tcfg.steps:
+                record.update(model.router_stats(vocab.names))
             total_value = float(total.detach())
             if not math.isfinite(total_value) and tcfg.on_nonfinite == "stop":
                 raise MotError(
