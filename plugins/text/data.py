@@ -37,10 +37,18 @@ class WikipediaOptions(PluginOptions):
     path: str | None = Field(None, description="a MediaWiki XML(.bz2) dump; default: gensim's 206 articles")
     val_fraction: float = Field(0.05, gt=0, lt=1)
     min_chars: int = Field(500, ge=0, description="skip redirects and stubs shorter than this")
+    split_documents: Literal["article", "paragraphs"] = Field(
+        "article",
+        description="article: one document per article; paragraphs: blocks of paragraphs of at least "
+        "min_paragraph_chars (each starting with its article's title), so a mixture interleaves them with "
+        "other sources instead of one article filling many batches",
+    )
+    min_paragraph_chars: int = Field(500, ge=1, description="paragraphs: consecutive paragraphs are joined up to this")
 
 
 class Wikipedia(DataSource):
-    """Wikipedia articles (title + cleaned body), one document per article."""
+    """Wikipedia articles (title + cleaned body), one document per article or per block of
+    paragraphs. The train/val split is by article, whatever the documents."""
 
     name = "wikipedia"
     Options = WikipediaOptions
@@ -49,11 +57,15 @@ class Wikipedia(DataSource):
     def documents(self, split: Split) -> list[RawDocument]:
         opts: WikipediaOptions = self.options
         articles = _load_wikipedia(opts.path, opts.min_chars)
-        docs = [
-            RawDocument((RawSegment("text", f"{title}\n\n{body}"),))
-            for title, body in articles
-            if in_val_split(title, opts.val_fraction) == (split == "val")
-        ]
+        docs = []
+        for title, body in articles:
+            if in_val_split(title, opts.val_fraction) != (split == "val"):
+                continue
+            if opts.split_documents == "article":
+                docs.append(RawDocument((RawSegment("text", f"{title}\n\n{body}"),)))
+            else:
+                docs += [RawDocument((RawSegment("text", f"{title}\n\n{block}"),))
+                         for block in paragraph_documents(body, opts.min_paragraph_chars)]
         return _check_split(docs, split, self.name)
 
 
