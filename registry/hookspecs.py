@@ -35,7 +35,8 @@ def mot_losses():
 def mot_tower_defaults(modality):
     """Tower settings this plugin recommends for ``modality`` (a name), or None.
 
-    Returns a dict of ``mixture.modalities.<name>.tower`` keys, e.g. ``{"qk_norm": True}``.
+    Returns a dict of ``mixture.modalities.<name>.tower`` keys, e.g. ``{"qk_norm": True}`` or
+    ``{"ffn": {"type": "moe", "experts": 4}}`` (``ffn``, ``group`` and ``qk_norm`` are the keys).
     Precedence: built-in defaults < these < the YAML file < command-line overrides."""
 
 
