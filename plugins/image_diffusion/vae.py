@@ -33,7 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mot_core.errors import MotError
-from plugins.images.folders import write_folder_atomically
+from plugins.images.folders import warmup_cosine_lr, write_folder_atomically
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
@@ -171,13 +171,8 @@ def architecture_mismatches(saved_config: dict, architecture: dict | None) -> li
 
 # -- training --------------------------------------------------------------------------------
 def _learning_rate(step: int, steps: int, peak: float) -> float:
-    """Short linear warm-up (the GroupNorm statistics of a fresh net are wild for a few steps),
-    then cosine decay to 10% of the peak."""
-    warmup = max(1, min(50, steps // 20))
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+    # Warm-up of at most 50 steps (the GroupNorm statistics of a fresh net are wild for a few steps).
+    return warmup_cosine_lr(step, steps, peak, max_warmup=50)
 
 
 def fit_vae(

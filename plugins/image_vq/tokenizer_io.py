@@ -14,7 +14,6 @@ Images are float tensors (N, C, H, W) in [-1, 1] throughout; metrics map them to
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mot_core.errors import MotError
-from plugins.images.folders import write_folder_atomically
+from plugins.images.folders import warmup_cosine_lr, write_folder_atomically
 from plugins.image_vq.vqgan import VQGAN, VQGANConfig, code_statistics, psnr_from_mse
 
 WEIGHTS_FILE = "vqgan.safetensors"
@@ -54,13 +53,8 @@ def _check_image_tensor(images: torch.Tensor, what: str, config: VQGANConfig) ->
 
 
 def _learning_rate(step: int, steps: int, peak: float) -> float:
-    """Short linear warm-up, then cosine decay to 10% of the peak: the tail of the decay is
-    where most of the final PSNR is gained."""
-    warmup = max(1, min(20, steps // 20))
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+    # Warm-up of at most 20 steps (the tail of the decay is where most of the final PSNR is gained).
+    return warmup_cosine_lr(step, steps, peak, max_warmup=20)
 
 
 def fit_vq_tokenizer(

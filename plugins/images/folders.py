@@ -1,7 +1,9 @@
-"""Writing a whole folder (a tokenizer, a VAE) so that readers only ever see a complete one."""
+"""Shared by the image tokenizers (VQGAN, VAE): writing a whole folder so that readers only ever
+see a complete one, and the learning-rate schedule of their fits."""
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from pathlib import Path
@@ -29,3 +31,13 @@ def write_folder_atomically(out_dir: Path, write: Callable[[Path], None]) -> Non
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def warmup_cosine_lr(step: int, steps: int, peak: float, max_warmup: int) -> float:
+    """Learning rate of a tokenizer fit at ``step``: a short linear warm-up (at most
+    ``max_warmup`` steps, a twentieth of the run), then cosine decay to 10% of the peak."""
+    warmup = max(1, min(max_warmup, steps // 20))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
