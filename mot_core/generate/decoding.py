@@ -304,11 +304,7 @@ def generate(
         if restrict is not None:
             allowed = allowed & (restrict | (slot >= 0)[:, None])
         token = sample(logits.masked_fill(~allowed, float("-inf")), params, generator)
-        finished |= torch.isin(token, stop)
-        for row, value in enumerate(token.tolist()):
-            if not finished[row]:
-                outputs[row].append(value)
-        if bool(finished.all()):
+        if _collect(token, stop, finished, outputs):
             break
         slot, count = grammar.advance(slot, count, token)
         logits = cond.step(token)
@@ -374,14 +370,20 @@ def sample_value_span(
         if restrict is not None:
             logits = logits.masked_fill(~restrict, float("-inf"))
         token = sample(logits, params, generator)
-        finished |= torch.isin(token, stop)
-        for row, value in enumerate(token.tolist()):
-            if not finished[row]:
-                outputs[row].append(value)
-        if bool(finished.all()):
+        if _collect(token, stop, finished, outputs):
             break
         logits = stream.step(torch.cat([token, token]) if guided else token)[: len(prompts)]
     return values, outputs
+
+
+def _collect(token: torch.Tensor, stop: torch.Tensor, finished: torch.Tensor, outputs: list[list[int]]) -> bool:
+    """Append each unfinished row's new token (a stop id finishes its row, unrecorded);
+    True once every row has finished."""
+    finished |= torch.isin(token, stop)
+    for row, value in enumerate(token.tolist()):
+        if not finished[row]:
+            outputs[row].append(value)
+    return bool(finished.all())
 
 
 def _span_capacity(modality) -> int:

@@ -19,6 +19,7 @@ for a published CLIP the cosines of real pairs are positive, so the two agree in
 
 from __future__ import annotations
 
+import abc
 import json
 import math
 import os
@@ -249,14 +250,14 @@ def _check_pairs(images: torch.Tensor, captions: list[str]) -> None:
         raise MotError("CLIP scoring got no images")
 
 
-class ImageTextScorer:
+class ImageTextScorer(abc.ABC):
     """Scores how well images match captions. Subclasses set ``metric_name`` and implement ``similarities``."""
 
     metric_name: str = ""
 
+    @abc.abstractmethod
     def similarities(self, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
         """(N, 3, H, W) images in [-1, 1] and N captions -> (N,) cosine similarities on the CPU."""
-        raise NotImplementedError
 
     def score(self, images: torch.Tensor, captions: list[str]) -> float:
         """Mean of 100 * cosine over the N (image, caption) pairs. images: (N, 3, H, W) in [-1, 1]."""

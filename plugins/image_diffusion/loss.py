@@ -71,7 +71,6 @@ class DiffusionLoss(Loss):
         prediction = batch.head(hidden[first:]).float()
         extras = batch.extras
         target = process.target(batch.values.float(), extras["noise"][first:].float(), extras["t"][first:])
-        losses = hidden.new_zeros(n, dtype=torch.float32)
-        losses = torch.cat([losses[:first], (prediction - target).pow(2).mean(dim=-1)])
+        losses = torch.cat([hidden.new_zeros(first, dtype=torch.float32), (prediction - target).pow(2).mean(dim=-1)])
         valid = torch.arange(n, device=hidden.device) >= first
         return losses, valid

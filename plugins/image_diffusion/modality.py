@@ -185,7 +185,11 @@ class ImageDiffusion(Modality):
                 raise MotError(f"an image segment must be a (3, {size}, {size}) tensor (image_size {size}), got {shape}")
         cache = self._cache
         keys = [cache.key(image) for image in payloads]
-        missing = sorted({k: i for i, k in reversed(list(enumerate(keys))) if k not in cache}.values())
+        first_of_key: dict[str, int] = {}  # an image shared by several documents is encoded once
+        for i, key in enumerate(keys):
+            if key not in cache:
+                first_of_key.setdefault(key, i)
+        missing = list(first_of_key.values())
         step = self.options.encode_batch_size
         for start in range(0, len(missing), step):
             chunk = missing[start : start + step]
