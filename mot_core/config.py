@@ -126,6 +126,26 @@ class TrainSection(Section):
     )
 
 
+class LaunchSection(Section):
+    """``mot launch``: data-parallel training on a Ray cluster (ignored by ``mot train``)."""
+
+    strategy: Literal["ddp", "fsdp2"] = Field(
+        "fsdp2", description="ddp: a full replica per worker; fsdp2: parameters, gradients and optimizer state "
+        "sharded over workers (fully_shard per block)",
+    )
+    num_workers: PositiveInt = Field(2, description="data-parallel workers (--num-workers overrides)")
+    gpus_per_worker: float = Field(0, ge=0, description="0: CPU workers (gloo); >0: GPU workers (NCCL)")
+    storage_path: str | None = Field(
+        None, description="where Ray Train keeps checkpoints: a shared folder or an object-store URI "
+        "(s3://, gs://); default <run.dir>/ray",
+    )
+    max_failures: int = Field(3, ge=-1, description="restarts of the worker group from the last checkpoint; -1: no limit")
+    reshard_after_forward: bool = Field(
+        True, description="fsdp2: free each block's gathered weights after its forward (less memory, one more "
+        "all-gather in the backward)",
+    )
+
+
 class TowerSection(Section):
     """Per-modality tower settings (plugins may recommend defaults via mot_tower_defaults)."""
 
@@ -161,6 +181,7 @@ class RunConfig(Section):
     run: RunSection = RunSection()
     model: ModelSection = ModelSection()
     train: TrainSection = TrainSection()
+    launch: LaunchSection = LaunchSection()
     mixture: MixtureSection
 
     @model_validator(mode="after")

@@ -84,6 +84,40 @@ class Batch:
             {m: {k: move(v) for k, v in e.items()} for m, e in self.extras.items()},
         )
 
+    def select_rows(self, first: int, end: int) -> "Batch":
+        """Rows ``[first, end)`` as a batch of their own: what ``collate`` builds from those rows,
+        with the values, next-value targets and loss extras drawn for the whole batch kept for
+        the positions in those rows (one data-parallel worker's shard of a global batch)."""
+        seq = self.tokens.shape[1]
+        rows = slice(first, end)
+        cut = lambda t: None if t is None else t[rows]  # noqa: E731
+        modality, is_value = self.modality[rows], cut(self.is_value)
+        num_modalities = self.plan.num_modalities
+        plan = build_routing(modality, num_modalities, is_value)
+        layout = AttentionLayout.build(self.document[rows], self.span[rows])
+        flat_modality = self.modality.reshape(-1)
+        inside = lambda flat_index: (flat_index >= first * seq) & (flat_index < end * seq)  # noqa: E731
+        values, next_values, extras = {}, {}, {}
+        for m, table in self.values.items():
+            positions = torch.nonzero((flat_modality == m) & self.is_value.reshape(-1)).squeeze(1)
+            keep = inside(positions)
+            if bool(keep.any()):
+                values[m] = table[keep]
+        for m in range(num_modalities):
+            start, stop = self.plan.bounds(m)
+            if start == stop or plan.counts[m] == 0:
+                continue
+            keep = inside(self.plan.order[start:stop])  # the stable sort keeps the rows' order
+            if m in values and m in self.next_values:
+                next_values[m] = self.next_values[m][keep]
+            if m in self.extras:
+                extras[m] = {k: v[keep] for k, v in self.extras[m].items()}
+        return Batch(
+            self.tokens[rows], modality, self.positions[rows], self.document[rows], self.span[rows],
+            self.targets[rows], plan, layout, cut(self.segment), is_value, cut(self.has_next_value),
+            cut(self.followed), values, next_values, extras,
+        )
+
     def modality_slices(self, vocab: Vocabulary) -> dict[str, tuple[int, int, ModalitySlice]]:
         """name -> (start, end, slice) of each modality present, in modality-sorted order."""
         plan = self.plan

@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -154,7 +155,11 @@ class MoEFeedForward(nn.Module):
                 aux = aux + args.aux_loss_weight * args.experts * (fraction * probs.mean(0)).sum()
             if args.router == "top_k" and args.balance == "bias":
                 with torch.no_grad():  # aux-loss-free balancing: push under-loaded experts up
-                    share = load.sum(0) / load.sum()
+                    counts = load.sum(0)
+                    if dist.is_available() and dist.is_initialized():
+                        # the load over every data-parallel worker: the biases stay equal everywhere
+                        dist.all_reduce(counts)
+                    share = counts / counts.sum()
                     self.balance_bias += args.bias_rate * torch.sign(1.0 / args.experts - share)
         self.aux_loss = aux
         ids = torch.zeros(load.shape[0], dtype=torch.long, device=load.device) if modality is None else modality

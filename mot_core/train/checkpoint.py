@@ -136,7 +136,7 @@ def latest_intact(run_dir: Path, report=print) -> Path | None:
 def save_checkpoint(
     run_dir: Path,
     step: int,
-    model: torch.nn.Module,
+    model: torch.nn.Module | dict[str, torch.Tensor],
     trainer_state: dict[str, Any],
     config_yaml: str,
     model_args: Any,
@@ -144,7 +144,9 @@ def save_checkpoint(
 ) -> Path:
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(f"{final.name}.tmp{os.getpid()}")
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    """``model``: the module, or its full state dict (gathered from shards)."""
+    weights = model if isinstance(model, dict) else model.state_dict()
+    state = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise MotError(f"not saving step {step}: weights hold NaN or inf ({', '.join(bad[:3])}); the last checkpoint is kept")

@@ -22,9 +22,11 @@ def continuous_inputs(batch: Batch) -> dict[int, ContinuousInputs]:
     return out
 
 
-def forward_losses(model, batch: Batch, vocab: Vocabulary, exp: Experiment):
-    """One forward pass -> {modality: (losses (n,), valid (n,), slice)} for modalities present."""
-    hidden = model(batch.tokens, batch.positions, batch.modality, batch.plan, batch.layout,
+def forward_losses(model, batch: Batch, vocab: Vocabulary, exp: Experiment, forward=None):
+    """One forward pass -> {modality: (losses (n,), valid (n,), slice)} for modalities present.
+
+    ``forward``: what runs the pass (a data-parallel wrapper of ``model``); default ``model``."""
+    hidden = (forward or model)(batch.tokens, batch.positions, batch.modality, batch.plan, batch.layout,
                    continuous=continuous_inputs(batch) if batch.values else None)
     owned = model.modality_modules
     out = {}

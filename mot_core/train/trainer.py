@@ -11,11 +11,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -24,6 +22,7 @@ from mot_core.config import RunConfig
 from mot_core.data import PackedStream, fixed_batches
 from mot_core.errors import MotError
 from mot_core.train.evaluation import evaluate, forward_losses, reduce_losses
+from mot_core.train.runtime import LocalRuntime, Runtime
 from mot_core.train.experiment import Experiment, build_experiment, build_model, extras_sampler, model_args, prepare_data
 from mot_core.launch.device import autocast_for, keep_freed_memory_in_heap, resolve_device, seed_everything
 from mot_core.model.transformer import warm_start_from_dense
@@ -85,22 +84,51 @@ def train(config: RunConfig) -> dict:
         raise MotError(f"{run_dir} already holds checkpoints; use run.resume=auto to continue or a new run.dir")
     lock = ckpt.RunLock(run_dir)
     try:
-        return _run(config, exp)
+        removed = ckpt.clean_leftovers(run_dir)
+        if removed:
+            print(f"removed leftovers of an interrupted checkpoint save: {', '.join(removed)}")
+        return run_loop(config, exp, LocalRuntime(resolve_device(config.run.device), run_dir))
     except OSError as exc:  # metrics, config or state files: the disk, not the code
         raise ckpt.storage_error(exc, Path(exc.filename or run_dir), "training") from None
     finally:
         lock.release()
 
 
-def _run(config: RunConfig, exp: Experiment) -> dict:
-    """The body of ``train``, run while this process holds the run folder's lock."""
+def step_loss(per_modality: dict, exp: Experiment, runtime: Runtime) -> tuple[torch.Tensor, dict[str, float]]:
+    """The objective to differentiate on this worker, and each modality's loss over the GLOBAL
+    batch (every worker's rows).
+
+    Each modality's mean divides this worker's loss sum by the count over all workers, times
+    the number of workers: data-parallel gradients are averaged over workers, so the update is
+    exactly the gradient of the single-process loss of the whole global batch."""
+    names = list(per_modality)
+    reduced = [reduce_losses(losses, valid, piece, exp.losses[name].reduction)
+               for name, (losses, valid, piece) in per_modality.items()]
+    device = next(iter(reduced))[0].device if reduced else runtime.device
+    stats = torch.tensor([[float(s.detach()), float(c)] for s, c in reduced], dtype=torch.float64, device=device)
+    names_all = list(exp.losses)
+    table = torch.zeros(len(names_all), 2, dtype=torch.float64, device=device)
+    if names:
+        table[[names_all.index(n) for n in names]] = stats
+    table = runtime.all_reduce_sum(table)
+    total = torch.zeros((), device=device)
+    means = {}
+    for name, (loss_sum, _) in zip(names, reduced):
+        count = float(table[names_all.index(name), 1])
+        if count:  # present but with no scored position anywhere: contributes nothing
+            total = total + exp.loss_weights[name] * (loss_sum / count)
+    for name, (loss_sum, count) in zip(names_all, table.tolist()):
+        if count:
+            means[name] = loss_sum / count
+    return total * runtime.world if runtime.world > 1 else total, means
+
+
+def run_loop(config: RunConfig, exp: Experiment, runtime: Runtime) -> dict:
+    """The training loop of ``mot train`` and of every ``mot launch`` worker."""
     tcfg = config.train
     run_dir = exp.run_dir
-    removed = ckpt.clean_leftovers(run_dir)
-    if removed:
-        print(f"removed leftovers of an interrupted checkpoint save: {', '.join(removed)}")
-    latest = ckpt.latest_intact(run_dir)
-    device = resolve_device(config.run.device)
+    device = runtime.device
+    main = runtime.is_main
     seed_everything(config.run.seed)
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True)
@@ -110,10 +138,20 @@ def _run(config: RunConfig, exp: Experiment) -> dict:
     vocab = data.vocab
     args = model_args(config, vocab)
     config_yaml = exp.resolved_yaml()
-    (run_dir / "config.yaml").write_text(config_yaml)
+    if main:
+        (run_dir / "config.yaml").write_text(config_yaml)
 
     torch.manual_seed(config.run.seed)
     model = build_model(args, vocab).to(device)
+    counts = model.parameter_counts()
+    flops = model.flops_per_token(tcfg.seq_len)
+    latest = runtime.latest()
+    if latest is None and config.model.warm_start:
+        source = Path(config.model.warm_start)
+        warm_start_from_dense(model, ckpt.load_weights(source))
+        if main:
+            print(f"warm start: copied {source} into every tower")
+    forward = runtime.wrap(model)
     optimizer = build_optimizer(model, tcfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, tcfg.warmup_steps, tcfg.steps, tcfg.min_lr_ratio)
@@ -123,72 +161,60 @@ def _run(config: RunConfig, exp: Experiment) -> dict:
     stream = PackedStream([data.train[n] for n in names], [exp.source_weights[n] for n in names], tcfg.seq_len,
                           config.run.seed, extras=extras)
     val_batches = fixed_batches(data.val, tcfg.batch_size, tcfg.seq_len, tcfg.eval_batches, len(vocab.names), extras)
+    # Modules a plugin owns (adapters, heads) sit idle when their modality is absent from a
+    # worker's rows. A zero-weighted term gives them a zero gradient, as every tower gets, so
+    # all workers run the same collectives and AdamW treats them alike whatever the sharding.
+    # (Read after each forward: a sharded model holds its gathered parameters only then.)
+    owned = lambda: [p for p in model.modality_modules.parameters() if p.requires_grad]  # noqa: E731
 
     step = 0
     if latest is not None:
-        meta = ckpt.read_meta(latest)
-        ckpt.check_compatible(meta["model_args"], args, latest)
-        model.load_state_dict(ckpt.load_weights(latest))
-        state = ckpt.load_trainer_state(latest)
-        optimizer.load_state_dict(state["optimizer"])
+        meta, state = runtime.load(latest, model, optimizer, args)
         scheduler.load_state_dict(state["scheduler"])
         stream.load_state_dict(state["data"])
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
         step = meta["step"]
-        print(f"resuming from {latest} (step {step})")
-    elif config.model.warm_start:
-        source = Path(config.model.warm_start)
-        warm_start_from_dense(model, ckpt.load_weights(source))
-        print(f"warm start: copied {source} into every tower")
+        if main:
+            print(f"resuming from {latest} (step {step})")
 
-    counts = model.parameter_counts()
-    print(
-        f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['active_per_token'] / 1e6:.2f}M active per token, "
-        f"{model.flops_per_token(tcfg.seq_len) / 1e6:.1f} MFLOP per token per training step | "
-        f"modalities: {', '.join(f'{n} ({vocab.modalities[n].vocab_size} ids)' for n in vocab.names)} | device: {device}"
-    )
-    log = MetricsLog(run_dir / "metrics.jsonl", step)
+    if main:
+        print(
+            f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['active_per_token'] / 1e6:.2f}M active per token, "
+            f"{flops / 1e6:.1f} MFLOP per token per training step | "
+            f"modalities: {', '.join(f'{n} ({vocab.modalities[n].vocab_size} ids)' for n in vocab.names)} | "
+            f"{runtime.describe()}"
+        )
+    log = MetricsLog(run_dir / "metrics.jsonl", step) if main else None
     autocast = autocast_for(device, tcfg.precision)
 
-    def trainer_state() -> dict:
-        return {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "data": data_state,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-        }
-
-    def save() -> Path:
-        return ckpt.save_checkpoint(run_dir, step, model, trainer_state(), config_yaml, args, tcfg.keep_checkpoints)
+    def save() -> str:
+        return runtime.save(step, model, optimizer, {"scheduler": scheduler.state_dict(), "data": data_state},
+                            config_yaml, args, tcfg.keep_checkpoints, record)
 
     data_state = stream.state_dict()
     last_saved = step
     updating = False
     record: dict = {}
-    bar = tqdm(total=tcfg.steps, initial=step, disable=not tcfg.progress, desc="train", dynamic_ncols=True)
+    bar = tqdm(total=tcfg.steps, initial=step, disable=not (tcfg.progress and main), desc="train", dynamic_ncols=True)
+    write = bar.write if main else (lambda _: None)
     model.train()
     try:
         while step < tcfg.steps:
             started = time.perf_counter()
-            batch = stream.next_batch(tcfg.batch_size, len(vocab.names)).to(device)
+            batch = runtime.local_rows(stream.next_batch(tcfg.batch_size, len(vocab.names))).to(device)
             with autocast():
-                per_modality = forward_losses(model, batch, vocab, exp)
-            total = torch.zeros((), device=device)
-            record = {"step": step + 1}
-            for name, (losses, valid, piece) in per_modality.items():
-                loss_sum, count = reduce_losses(losses, valid, piece, exp.losses[name].reduction)
-                if count:
-                    mean = loss_sum / count
-                    total = total + exp.loss_weights[name] * mean
-                    record[f"loss/{name}"] = float(mean.detach())
+                per_modality = forward_losses(model, batch, vocab, exp, forward=forward)
+            total, means = step_loss(per_modality, exp, runtime)
+            record = {"step": step + 1, **{f"loss/{name}": value for name, value in means.items()}}
+            total_value = sum(exp.loss_weights[name] * value for name, value in means.items())
             aux = model.auxiliary_loss()
-            if aux is not None:  # MoE routers: load balance and z-loss, already weighted
+            if aux is not None:  # MoE routers: load balance and z-loss, already weighted, per worker
                 total = total + aux
+                total_value += float(runtime.all_reduce_sum(aux.detach().double().reshape(1))) / runtime.world
+            idle = owned()
+            if idle:
+                total = total + 0.0 * sum(p.sum() for p in idle)
             if (step + 1) % tcfg.log_every == 0 or step + 1 == tcfg.steps:
                 record.update(model.router_stats(vocab.names))
-            total_value = float(total.detach())
             if not math.isfinite(total_value) and tcfg.on_nonfinite == "stop":
                 raise MotError(
                     f"loss is {total_value} at step {step + 1}; stopped before it reached the weights "
@@ -197,13 +223,13 @@ def _run(config: RunConfig, exp: Experiment) -> dict:
             optimizer.zero_grad(set_to_none=True)
             if math.isfinite(total_value):
                 total.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or float("inf"))
+                grad_norm = runtime.clip_grad_norm(model.parameters(), tcfg.grad_clip or float("inf"))
             else:
-                grad_norm = torch.tensor(float("nan"))
-            finite_grads = math.isfinite(float(grad_norm))
+                grad_norm = float("nan")
+            finite_grads = math.isfinite(grad_norm)
             if not finite_grads and tcfg.on_nonfinite == "stop":
                 raise MotError(
-                    f"gradient norm is {float(grad_norm)} at step {step + 1}; stopped before it reached the weights "
+                    f"gradient norm is {grad_norm} at step {step + 1}; stopped before it reached the weights "
                     f"(last checkpoint: step {last_saved}; train.on_nonfinite=skip skips such steps instead)"
                 )
             updating = True  # an interrupt inside this window leaves no consistent state to save
@@ -211,30 +237,34 @@ def _run(config: RunConfig, exp: Experiment) -> dict:
                 optimizer.step()
             else:
                 record["skipped"] = 1  # the update is dropped; the schedule moves on with the step count
-                bar.write(f"step {step + 1}: gradient norm {float(grad_norm)}; update skipped (train.on_nonfinite=skip)")
+                write(f"step {step + 1}: gradient norm {grad_norm}; update skipped (train.on_nonfinite=skip)")
             scheduler.step()
             step += 1
             data_state = stream.state_dict()
             updating = False
             elapsed = time.perf_counter() - started
             record.update(
-                loss=total_value, lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
-                tokens_per_s=batch.num_tokens / elapsed, step_time_s=elapsed,
+                loss=total_value, lr=scheduler.get_last_lr()[0], grad_norm=grad_norm,
+                tokens_per_s=batch.num_tokens * runtime.world / elapsed, step_time_s=elapsed,
             )
             final = step == tcfg.steps
             if (tcfg.eval_every and step % tcfg.eval_every == 0) or final:
                 record.update(evaluate(model, val_batches, vocab, exp, device, autocast))
-            log.write(record)
+            if log is not None:
+                log.write(record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}")
-            if step % tcfg.log_every == 0 or final or any(k.startswith("val/") for k in record):
-                bar.write(_format(record, tcfg.steps))
+            logged = step % tcfg.log_every == 0 or final or any(k.startswith("val/") for k in record)
+            if logged:
+                write(_format(record, tcfg.steps))
             if (tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0) or final:
                 save()
                 last_saved = step
+            elif logged:
+                runtime.report(record)
     except KeyboardInterrupt:
-        if step > last_saved and not updating:
-            bar.write(f"interrupted: saved {save()}")
+        if step > last_saved and not updating and runtime.world == 1:
+            write(f"interrupted: saved {save()}")
         raise
     finally:
         bar.close()

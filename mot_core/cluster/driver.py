@@ -1,0 +1,178 @@
+"""``mot launch``: the driver. Checks everything it can before a worker starts, prepares the
+data once (tokenizers are fitted here, not raced by workers), then runs a Ray Train
+``TorchTrainer`` whose workers run ``worker.train_worker``.
+
+Global batch: ``train.batch_size`` rows whatever the worker count; each worker trains on its
+``batch_size / N`` rows of every batch (disjoint shards of the one deterministic stream that
+``mot train`` reads), so loss curves of 1, 2 or 64 workers compare step for step.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from mot_core.cluster import storage
+from mot_core.config import RunConfig
+from mot_core.errors import MotError
+from mot_core.train import checkpoint as ckpt
+from mot_core.train.experiment import build_experiment, prepare_data
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    num_workers: int
+    gpus_per_worker: float
+    address: str | None
+    storage_path: str
+    name: str
+    resume_from: str | None
+
+
+def check_address(address: str, timeout_s: float = 5.0) -> None:
+    """A one-line error unless something listens at ``address`` (``auto`` and ``local`` are
+    Ray's own words and pass). Ray itself would retry for a minute, then raise a traceback."""
+    if address in ("auto", "local"):
+        return
+    target = address.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise MotError(f"--address {address!r} is not HOST:PORT (e.g. 10.0.0.1:6379, or ray://10.0.0.1:10001)")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise MotError(f"no Ray cluster reachable at {address} ({reason}); start one with `ray start --head` "
+                       "on the head node, or leave out --address for a local cluster") from None
+
+
+def plan_launch(config: RunConfig, num_workers: int | None, gpus_per_worker: float | None,
+                address: str | None) -> tuple[RunConfig, LaunchPlan]:
+    """Validate the launch and resolve it; raises one-line ``MotError``s. Returns the config
+    with the command line's worker settings written into ``launch``."""
+    launch = config.launch.model_copy(update={
+        k: v for k, v in {"num_workers": num_workers, "gpus_per_worker": gpus_per_worker}.items() if v is not None
+    })
+    config = config.model_copy(update={"launch": launch})
+    if config.train.batch_size % launch.num_workers:
+        raise MotError(f"train.batch_size={config.train.batch_size} is not divisible by {launch.num_workers} workers; "
+                       "the global batch is split evenly (change one of them)")
+    if launch.gpus_per_worker == 0 and config.run.device == "cuda":
+        raise MotError("run.device is cuda but workers get no GPU; pass --gpus-per-worker 1 (or set run.device=auto)")
+    if launch.gpus_per_worker and launch.gpus_per_worker != int(launch.gpus_per_worker) and launch.gpus_per_worker > 1:
+        raise MotError(f"--gpus-per-worker {launch.gpus_per_worker}: use a whole number above 1")
+    if address is not None:
+        check_address(address)
+    run_dir = Path(config.run.dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise MotError(f"run.dir {run_dir} is a file; give a folder (it is created if missing)")
+    storage_path = launch.storage_path or str((run_dir / "ray").resolve())
+    name = run_dir.resolve().name
+    storage.check_writable(storage_path)
+    found = storage.intact_checkpoints(storage_path, name)
+    if found and config.run.resume == "never":
+        raise MotError(f"{storage.join(storage_path, name)} already holds checkpoints; use run.resume=auto to continue "
+                       "or a new run.dir")
+    if not found and ckpt.list_checkpoints(run_dir):
+        raise MotError(f"{run_dir} holds `mot train` checkpoints and {storage.join(storage_path, name)} none of "
+                       "`mot launch`; continue it with `mot train`, warm-start from it (model.warm_start), or use a "
+                       "new run.dir")
+    resume_from = found[-1][1] if found else None
+    return config, LaunchPlan(launch.num_workers, launch.gpus_per_worker, address, storage_path, name, resume_from)
+
+
+def check_resources(plan: LaunchPlan) -> None:
+    """After joining the cluster: enough CPUs and GPUs for the workers, or Ray would wait for
+    them forever."""
+    import ray
+
+    total = ray.cluster_resources()
+    if plan.gpus_per_worker:
+        per_node = max((n.get("Resources", {}).get("GPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+        if plan.gpus_per_worker > per_node:
+            raise MotError(f"--gpus-per-worker {plan.gpus_per_worker:g} but no node of the cluster has more than "
+                           f"{per_node:g} GPUs")
+        need = plan.num_workers * plan.gpus_per_worker
+        if need > total.get("GPU", 0):
+            raise MotError(f"{plan.num_workers} workers x {plan.gpus_per_worker:g} GPUs = {need:g} GPUs, "
+                           f"but the cluster has {total.get('GPU', 0):g}")
+    if plan.num_workers > total.get("CPU", 0):
+        raise MotError(f"{plan.num_workers} workers need a CPU each, but the cluster has {total.get('CPU', 0):g}; "
+                       "use fewer workers or add nodes")
+
+
+def launch(config: RunConfig, num_workers: int | None = None, gpus_per_worker: float | None = None,
+           address: str | None = None) -> dict:
+    """Run (or resume) training on Ray. Returns the final metrics Ray recorded."""
+    config, plan = plan_launch(config, num_workers, gpus_per_worker, address)
+    exp = build_experiment(config)
+    lock = ckpt.RunLock(exp.run_dir)
+    try:
+        prepare_data(exp)  # fits and saves tokenizers once, before workers read them
+        return _fit(config, plan)
+    finally:
+        lock.release()
+
+
+def _fit(config: RunConfig, plan: LaunchPlan) -> dict:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from mot_core.cluster.worker import train_worker
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=plan.address, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}})
+    try:
+        check_resources(plan)
+        resources = {"CPU": 1, **({"GPU": plan.gpus_per_worker} if plan.gpus_per_worker else {})}
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config={"config": config.model_dump(mode="json"), "resume_from": plan.resume_from},
+            scaling_config=ScalingConfig(num_workers=plan.num_workers, use_gpu=bool(plan.gpus_per_worker),
+                                         resources_per_worker=resources),
+            run_config=RayRunConfig(
+                name=plan.name, storage_path=plan.storage_path,
+                checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
+                failure_config=FailureConfig(max_failures=config.launch.max_failures),
+            ),
+        )
+        if plan.resume_from:
+            print(f"resuming from {plan.resume_from}")
+        try:
+            result = trainer.fit()
+        except Exception as exc:  # Ray wraps worker errors; report the root cause in one line
+            raise MotError(f"training on Ray failed: {_root_cause(exc)}") from None
+        if getattr(result, "error", None) is not None:
+            raise MotError(f"training on Ray failed: {_root_cause(result.error)}")
+        return dict(result.metrics or {})
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The first line of the innermost error a worker raised (a ``MotError`` message as is)."""
+    seen = set()
+    stack = [exc]
+    found: BaseException = exc
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, MotError):
+            return str(current)
+        found = current
+        failures = getattr(current, "worker_failures", None)
+        if isinstance(failures, dict):
+            stack.extend(failures.values())
+        for nested in (getattr(current, "cause", None), current.__cause__, current.__context__):
+            if isinstance(nested, BaseException):
+                stack.append(nested)
+    lines = [line for line in str(found).splitlines() if line.strip()]
+    return lines[-1] if lines else type(found).__name__

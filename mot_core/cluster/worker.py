@@ -1,0 +1,175 @@
+"""One Ray Train worker: the ``mot train`` loop (``trainer.run_loop``) with a data-parallel
+runtime.
+
+Checkpoint layout (one folder per checkpoint in Ray's storage, filled by every worker):
+    .metadata, __<rank>_0.distcp   torch distributed checkpoint of {"model", "optim"}: sharded
+                                    weights and AdamW moments, re-shardable to any worker count
+    trainer.pt                      scheduler and data-stream position (rank 0; the same on all)
+    rng_rank<r>.pt                  each worker's RNG states
+    files_rank<r>.json              each worker's files and sizes: a checkpoint is intact when
+                                    every worker's listed files are there, whole
+    meta.json, config.yaml          step, model args, worker count (rank 0)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from mot_core.config import validate_config
+from mot_core.launch import parallel
+from mot_core.data import Batch
+from mot_core.train import checkpoint as ckpt
+from mot_core.train.experiment import build_experiment
+from mot_core.train.runtime import Runtime, rng_state, set_rng_state
+from mot_core.train.trainer import run_loop
+
+
+def train_worker(loop_config: dict) -> None:
+    """``train_loop_per_worker`` of the TorchTrainer. ``loop_config``: ``config`` (the validated
+    run config as a dict), ``resume_from`` (a checkpoint URI from an earlier launch, or None),
+    ``export`` (write the final weights as a ``mot train`` checkpoint in run.dir)."""
+    import ray.train
+    import ray.train.torch
+
+    config = validate_config(loop_config["config"])
+    context = ray.train.get_context()
+    use_gpu = config.launch.gpus_per_worker > 0
+    device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    exp = build_experiment(config)
+    runtime = RayRuntime(device, context.get_world_rank(), context.get_world_size(), config.launch,
+                         config.train.precision, loop_config.get("resume_from"), exp.run_dir)
+    record = run_loop(config, exp, runtime)
+    if loop_config.get("export", True):
+        runtime.export(record, config.train.keep_checkpoints)
+
+
+class RayRuntime(Runtime):
+    """A worker of a data-parallel group: DDP or FSDP2, its rows of every global batch, sums
+    over workers, and checkpoints reported to Ray Train."""
+
+    def __init__(self, device: torch.device, rank: int, world: int, launch, precision: str,
+                 resume_from: str | None, run_dir: Path):
+        super().__init__(device)
+        self.rank, self.world = rank, world
+        self.strategy = launch.strategy
+        self.reshard_after_forward = launch.reshard_after_forward
+        self.bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+        self.resume_from = resume_from
+        self.run_dir = run_dir
+        self.model: torch.nn.Module | None = None
+        self.last: dict[str, Any] = {}
+
+    def describe(self) -> str:
+        backend = dist.get_backend() if dist.is_initialized() else "none"
+        dtype = "bf16" if self.bf16 else "fp32"
+        return f"{self.world} workers, {self.strategy}, {backend}, {dtype}, device: {self.device.type}"
+
+    def wrap(self, model):
+        self.model = model
+        if self.strategy == "ddp":
+            return parallel.apply_ddp(model)
+        return parallel.apply_fsdp2(model, self.device.type, torch.bfloat16 if self.bf16 else None,
+                                    self.reshard_after_forward)
+
+    def local_rows(self, batch: Batch) -> Batch:
+        per = batch.tokens.shape[0] // self.world
+        return batch.select_rows(self.rank * per, (self.rank + 1) * per)
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(tensor)
+        return tensor
+
+    def clip_grad_norm(self, parameters, max_norm: float) -> float:
+        return parallel.clip_grad_norm(parameters, max_norm)
+
+    # --- checkpoints -------------------------------------------------------------------
+    def latest(self):
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()  # set when Ray restarts the group after a failure
+        if checkpoint is not None:
+            return checkpoint
+        if self.resume_from:
+            return ray.train.Checkpoint(self.resume_from)
+        return None
+
+    def load(self, handle, model, optimizer, args) -> tuple[dict, dict]:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        with handle.as_directory() as folder:
+            folder = Path(folder)
+            meta = json.loads((folder / "meta.json").read_text())
+            ckpt.check_compatible(meta["model_args"], args, Path(handle.path))
+            model_state, optim_state = get_state_dict(model, optimizer)
+            state = {"model": model_state, "optim": optim_state}
+            dcp.load(state, checkpoint_id=str(folder))
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            trainer = torch.load(folder / "trainer.pt", map_location="cpu", weights_only=False)
+            own = folder / f"rng_rank{self.rank}.pt"
+            # a relaunch on more workers than wrote the checkpoint: new workers take rank 0's
+            set_rng_state(torch.load(own if own.is_file() else folder / "rng_rank0.pt", weights_only=False))
+        return meta, trainer
+
+    def save(self, step, model, optimizer, state, config_yaml, args, keep, record) -> str:
+        import ray.train
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        self.last = {"step": step, "state": state, "config_yaml": config_yaml, "args": args, "optimizer": optimizer}
+        with tempfile.TemporaryDirectory(prefix="mot-ckpt-") as folder:
+            path = Path(folder)
+            model_state, optim_state = get_state_dict(model, optimizer)
+            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=folder)
+            torch.save(rng_state(), path / f"rng_rank{self.rank}.pt")
+            if self.is_main:
+                torch.save(state, path / "trainer.pt")
+                (path / "config.yaml").write_text(config_yaml)
+                meta = {"step": step, "model_args": _as_json(args), "workers": self.world, "strategy": self.strategy}
+                (path / "meta.json").write_text(json.dumps(meta, indent=2))
+            listing = {p.name: p.stat().st_size for p in path.iterdir()}
+            (path / f"files_rank{self.rank}.json").write_text(json.dumps(listing))
+            ray.train.report(_metrics(record), checkpoint=ray.train.Checkpoint.from_directory(folder))
+        return f"checkpoint of step {step} (reported to Ray Train)"
+
+    def report(self, record: dict) -> None:
+        import ray.train
+
+        ray.train.report(_metrics(record))
+
+    def export(self, record: dict, keep: int) -> None:
+        """Gather the final weights and optimizer state (a collective: every worker calls it)
+        and write them on rank 0 as a ``mot train`` checkpoint in run.dir, which ``mot eval``,
+        ``mot generate`` and ``mot train`` (to continue on one process) read."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+        )
+
+        if not self.last:
+            return
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = get_model_state_dict(self.model, options=options)
+        optim_state = get_optimizer_state_dict(self.model, self.last["optimizer"], options=options)
+        if self.is_main:
+            trainer = {**self.last["state"], "optimizer_by_name": optim_state, "rng": rng_state()}
+            saved = ckpt.save_checkpoint(self.run_dir, self.last["step"], weights, trainer, self.last["config_yaml"],
+                                         self.last["args"], keep)
+            print(f"exported {saved} (a mot train checkpoint: mot eval / mot generate / mot train read it)")
+
+
+def _as_json(args: Any) -> dict:
+    import dataclasses
+
+    return json.loads(json.dumps(dataclasses.asdict(args)))
+
+
+def _metrics(record: dict) -> dict:
+    return {k: float(v) for k, v in record.items() if isinstance(v, (int, float))}
