@@ -65,6 +65,13 @@ def plan_launch(config: RunConfig, num_workers: int | None, gpus_per_worker: flo
         raise MotError(f"--gpus-per-worker {launch.gpus_per_worker}: use a whole number above 1")
     if address is not None:
         check_address(address)
+    elif launch.gpus_per_worker:  # a local cluster has this machine's GPUs
+        import torch
+
+        have = torch.cuda.device_count()
+        if launch.num_workers * launch.gpus_per_worker > have:
+            raise MotError(f"{launch.num_workers} workers x {launch.gpus_per_worker:g} GPUs but this machine has {have} "
+                           "CUDA GPUs; lower --gpus-per-worker or --num-workers, or join a cluster with --address")
     run_dir = Path(config.run.dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise MotError(f"run.dir {run_dir} is a file; give a folder (it is created if missing)")
@@ -132,7 +139,8 @@ def _fit(config: RunConfig, plan: LaunchPlan) -> dict:
         resources = {"CPU": 1, **({"GPU": plan.gpus_per_worker} if plan.gpus_per_worker else {})}
         trainer = TorchTrainer(
             train_worker,
-            train_loop_config={"config": config.model_dump(mode="json"), "resume_from": plan.resume_from},
+            train_loop_config={"config": config.model_dump(mode="json"), "storage_path": plan.storage_path,
+                               "name": plan.name},
             scaling_config=ScalingConfig(num_workers=plan.num_workers, use_gpu=bool(plan.gpus_per_worker),
                                          resources_per_worker=resources),
             run_config=RayRunConfig(

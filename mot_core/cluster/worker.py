@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from mot_core.cluster import storage
 from mot_core.config import validate_config
 from mot_core.launch import parallel
 from mot_core.data import Batch
@@ -33,8 +34,7 @@ from mot_core.train.trainer import run_loop
 
 def train_worker(loop_config: dict) -> None:
     """``train_loop_per_worker`` of the TorchTrainer. ``loop_config``: ``config`` (the validated
-    run config as a dict), ``resume_from`` (a checkpoint URI from an earlier launch, or None),
-    ``export`` (write the final weights as a ``mot train`` checkpoint in run.dir)."""
+    run config as a dict), ``storage_path`` and ``name`` (where the run's checkpoints are)."""
     import ray.train
     import ray.train.torch
 
@@ -45,10 +45,9 @@ def train_worker(loop_config: dict) -> None:
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     exp = build_experiment(config)
     runtime = RayRuntime(device, context.get_world_rank(), context.get_world_size(), config.launch,
-                         config.train.precision, loop_config.get("resume_from"), exp.run_dir)
-    record = run_loop(config, exp, runtime)
-    if loop_config.get("export", True):
-        runtime.export(record, config.train.keep_checkpoints)
+                         config.train.precision, loop_config["storage_path"], loop_config["name"], exp.run_dir)
+    run_loop(config, exp, runtime)
+    runtime.export(config.train.keep_checkpoints)
 
 
 class RayRuntime(Runtime):
@@ -56,13 +55,13 @@ class RayRuntime(Runtime):
     over workers, and checkpoints reported to Ray Train."""
 
     def __init__(self, device: torch.device, rank: int, world: int, launch, precision: str,
-                 resume_from: str | None, run_dir: Path):
+                 storage_path: str, name: str, run_dir: Path):
         super().__init__(device)
         self.rank, self.world = rank, world
         self.strategy = launch.strategy
         self.reshard_after_forward = launch.reshard_after_forward
         self.bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-        self.resume_from = resume_from
+        self.storage_path, self.name = storage_path, name
         self.run_dir = run_dir
         self.model: torch.nn.Module | None = None
         self.last: dict[str, Any] = {}
@@ -92,14 +91,13 @@ class RayRuntime(Runtime):
 
     # --- checkpoints -------------------------------------------------------------------
     def latest(self):
+        """The newest intact checkpoint in storage. Not ``ray.train.get_checkpoint()``: Ray
+        registers a reported checkpoint when its controller next polls the workers, so a worker
+        killed in between leaves a complete checkpoint that Ray would not hand back."""
         import ray.train
 
-        checkpoint = ray.train.get_checkpoint()  # set when Ray restarts the group after a failure
-        if checkpoint is not None:
-            return checkpoint
-        if self.resume_from:
-            return ray.train.Checkpoint(self.resume_from)
-        return None
+        found = storage.intact_checkpoints(self.storage_path, self.name)
+        return ray.train.Checkpoint(found[-1][1]) if found else None
 
     def load(self, handle, model, optimizer, args) -> tuple[dict, dict]:
         import torch.distributed.checkpoint as dcp
@@ -145,7 +143,7 @@ class RayRuntime(Runtime):
 
         ray.train.report(_metrics(record))
 
-    def export(self, record: dict, keep: int) -> None:
+    def export(self, keep: int) -> None:
         """Gather the final weights and optimizer state (a collective: every worker calls it)
         and write them on rank 0 as a ``mot train`` checkpoint in run.dir, which ``mot eval``,
         ``mot generate`` and ``mot train`` (to continue on one process) read."""

@@ -1,0 +1,241 @@
+"""``mot launch``: Ray Train workers (DDP and FSDP2) run the ``mot train`` loop step for step,
+survive a killed worker without losing or repeating a step, and refuse bad input in one line.
+
+The runs mix text with the example plugin's continuous time-series patches, so the shards
+carry continuous values and the plugin's own adapter and head are sharded and trained too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import run_mot
+from mot_core.data import PackedStream
+from mot_core.data.packing import collate
+from test_continuous_modality import ramp_documents, ramp_vocab
+
+STEPS = 24
+
+
+def test_a_workers_rows_are_what_collate_builds_from_them():
+    """``Batch.select_rows`` (one worker's shard) equals collating those rows alone, and keeps
+    the values and loss extras drawn for the global batch at the same positions."""
+    vocab = ramp_vocab()
+    docs = vocab.tokenize(ramp_documents(8), "test")
+
+    def number_positions(batch, generator):  # extras that name the flat position they belong to
+        for m in range(batch.plan.num_modalities):
+            start, end = batch.plan.bounds(m)
+            if end > start:
+                batch.extras[m] = {"flat": batch.plan.order[start:end].double(), "noise": torch.randn(end - start, generator=generator)}
+
+    whole = PackedStream([docs], [1.0], seq_len=6, seed=3, extras=number_positions).next_batch(4, 2)
+    rows_stream = PackedStream([docs], [1.0], seq_len=6, seed=3)
+    rows = [rows_stream.next_row() for _ in range(4)]
+    seq = 6
+    for first, end in ((0, 2), (2, 4), (1, 2)):
+        part = whole.select_rows(first, end)
+        alone = collate(rows[first:end], 2)
+        for field in ("tokens", "modality", "positions", "document", "span", "targets", "is_value", "has_next_value"):
+            assert torch.equal(getattr(part, field), getattr(alone, field)), field
+        assert torch.equal(part.plan.order, alone.plan.order) and part.plan.counts == alone.plan.counts
+        assert part.plan.value_counts == alone.plan.value_counts
+        assert part.values.keys() == alone.values.keys()
+        for m in alone.values:
+            assert torch.equal(part.values[m], alone.values[m])
+            assert torch.equal(part.next_values[m], alone.next_values[m])
+        for m in range(2):
+            start, stop = part.plan.bounds(m)
+            if stop > start:  # extras drawn for the whole batch, now at the shard's positions
+                assert torch.equal(part.extras[m]["flat"].long() - first * seq, part.plan.order[start:stop])
+    # the shards of a global batch hold every extra exactly once
+    halves = [whole.select_rows(0, 2), whole.select_rows(2, 4)]
+    for m in range(2):
+        joined = torch.cat([h.extras[m]["noise"] for h in halves if m in h.extras]).sort().values
+        assert torch.equal(joined, whole.extras[m]["noise"].sort().values)
+
+
+# --------------------------------------------------------------------------------------------
+# On a local Ray cluster (two CPU workers, gloo)
+# --------------------------------------------------------------------------------------------
+
+
+def _config(run_dir: Path, strategy: str, corpus: Path | None = None) -> dict:
+    return {
+        "run": {"dir": str(run_dir), "seed": 0, "device": "cpu"},
+        "model": {"dim": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 64},
+        "train": {"steps": STEPS, "batch_size": 4, "seq_len": 64, "lr": 3e-3, "warmup_steps": 2, "eval_every": 12,
+                  "eval_batches": 2, "checkpoint_every": 5, "log_every": 5, "progress": False, "keep_checkpoints": 2},
+        "launch": {"strategy": strategy, "num_workers": 2, "max_failures": 2},
+        "mixture": {
+            "modalities": {
+                "text": {"options": {"vocab_size": 300}},
+                "timeseries_patches": {"loss_options": {"learn_scale": True}, "options": {"patch_size": 8}},
+            },
+            "datasets": {"timeseries_csv": {"options": {"window": 32, "stride": 16, "val_fraction": 0.2,
+                                                        "modality": "timeseries_patches"}}},
+        },
+    }
+
+
+def _write(tmp: Path, name: str, strategy: str = "ddp") -> Path:
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(_config(tmp / name, strategy)))
+    return path
+
+
+def _launch(site: Path, cwd: Path, *args: str, on_start=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(site), "RAY_DEDUP_LOGS": "0"}
+    process = subprocess.Popen([sys.executable, "-m", "mot_core.cli", "launch", *args], cwd=cwd, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if on_start is not None:
+        threading.Thread(target=on_start, daemon=True).start()
+    out, _ = process.communicate(timeout=400)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, "")
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def launched(plugin_site, tmp_path_factory):
+    """One `mot train` run, and the same config launched with 2 DDP and 2 FSDP2 workers."""
+    tmp = tmp_path_factory.mktemp("launch")
+    single = _write(tmp, "single")
+    result = run_mot(plugin_site, tmp, "train", str(single))
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = {"single": tmp / "single"}
+    for strategy in ("ddp", "fsdp2"):
+        config = _write(tmp, strategy, strategy)
+        result = _launch(plugin_site, tmp, str(config), "--num-workers", "2")
+        assert result.returncode == 0, result.stdout[-5000:]
+        assert f"2 workers, {strategy}, gloo" in result.stdout
+        runs[strategy] = tmp / strategy
+    return tmp, runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_workers_give_mot_trains_loss_at_every_step(launched, strategy):
+    _, runs = launched
+    single, parallel = _metrics(runs["single"]), _metrics(runs[strategy])
+    assert [r["step"] for r in parallel] == list(range(1, STEPS + 1)) == [r["step"] for r in single]
+    for a, b in zip(single, parallel):
+        for key in ("loss", "loss/text", "loss/timeseries_patches", "grad_norm", "lr"):
+            if key in a or key in b:
+                assert b[key] == pytest.approx(a[key], rel=2e-5, abs=1e-6), (a["step"], key)
+    for key in ("val/text/loss", "val/timeseries_patches/loss"):
+        assert parallel[-1][key] == pytest.approx(single[-1][key], rel=2e-5)
+    # the final weights come back as a `mot train` checkpoint: equal to the single process's
+    from safetensors.torch import load_file
+
+    ours = load_file(str(runs[strategy] / "checkpoints" / f"step_{STEPS:07d}" / "model.safetensors"))
+    theirs = load_file(str(runs["single"] / "checkpoints" / f"step_{STEPS:07d}" / "model.safetensors"))
+    assert ours.keys() == theirs.keys()
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-4, atol=1e-5)
+
+
+def _kill_a_worker_once(metrics: Path, after_step: int, killed: list):
+    """Kill -9 one Ray Train worker process once the run has logged ``after_step``."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if line.endswith("}")]
+        except (OSError, ValueError):
+            steps = []
+        if steps and max(steps) >= after_step:
+            break
+        time.sleep(0.01)
+    for pid in sorted(int(p) for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            name = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+        except OSError:
+            continue
+        if name == b"ray::RayTrainWorker":
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+            return
+
+
+@pytest.mark.slow
+def test_a_killed_worker_costs_no_step_and_no_adam_moment(launched, plugin_site):
+    tmp, runs = launched
+    config = _write(tmp, "faulted", "ddp")
+    killed: list[int] = []
+    result = _launch(plugin_site, tmp, str(config), "--num-workers", "2",
+                     on_start=lambda: _kill_a_worker_once(tmp / "faulted" / "metrics.jsonl", 7, killed))
+    assert result.returncode == 0, result.stdout[-5000:]
+    assert killed, "no worker was killed"
+    assert "resuming from" in result.stdout  # the group restarted from a checkpoint
+    faulted, uninterrupted = _metrics(tmp / "faulted"), _metrics(runs["ddp"])
+    assert [r["step"] for r in faulted] == list(range(1, STEPS + 1))  # no lost or repeated step
+    for a, b in zip(uninterrupted, faulted):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=1e-7), a["step"]
+    states = [torch.load(run / "checkpoints" / f"step_{STEPS:07d}" / "trainer.pt", weights_only=False)
+              for run in (runs["ddp"], tmp / "faulted")]
+    moments = [s["optimizer_by_name"]["state"] for s in states]
+    assert moments[0].keys() == moments[1].keys() and moments[0]
+    for name, state in moments[0].items():
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(moments[1][name][key], state[key], rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.slow
+def test_mot_train_continues_a_launched_run(launched, plugin_site):
+    """The exported checkpoint holds everything: one process resumes it (optimizer included)."""
+    tmp, runs = launched
+    copy = tmp / "continued"
+    shutil.copytree(runs["fsdp2"], copy)
+    data = _config(copy, "fsdp2")
+    data["train"]["steps"] = STEPS + 2
+    path = tmp / "continue.yaml"
+    path.write_text(yaml.safe_dump(data))
+    result = run_mot(plugin_site, tmp, "train", str(path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"(step {STEPS})" in result.stdout
+    assert [r["step"] for r in _metrics(copy)] == list(range(1, STEPS + 3))
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: one line, exit 2, before any training
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra, overrides, message",
+    [
+        (["--num-workers", "0"], [], "--num-workers: expected an integer >= 1"),
+        (["--num-workers", "3"], [], "train.batch_size=4 is not divisible by 3 workers"),
+        (["--address", "127.0.0.1:9"], [], "no Ray cluster reachable at 127.0.0.1:9"),
+        (["--address", "nonsense"], [], "is not HOST:PORT"),
+        (["--gpus-per-worker", "64"], [], "GPUs but this machine has"),
+        ([], ["launch.storage_path={file}/sub"], "cannot write checkpoints to storage path"),
+        ([], ["launch.strategy=zero3"], "launch.strategy"),
+    ],
+)
+def test_bad_launch_input_is_one_line(tmp_path, plugin_site, extra, overrides, message):
+    config = _write(tmp_path, "bad")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    overrides = [o.format(file=blocker) for o in overrides]
+    started = time.monotonic()
+    result = run_mot(plugin_site, tmp_path, "launch", str(config), *overrides, *extra)
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr, result.stderr
+    assert time.monotonic() - started < 60
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists()
