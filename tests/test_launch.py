@@ -90,9 +90,12 @@ def _config(run_dir: Path, strategy: str, corpus: Path | None = None) -> dict:
     }
 
 
-def _write(tmp: Path, name: str, strategy: str = "ddp") -> Path:
+def _write(tmp: Path, name: str, strategy: str = "ddp", warm_start: Path | None = None) -> Path:
+    data = _config(tmp / name, strategy)
+    if warm_start is not None:
+        data["model"]["warm_start"] = str(warm_start)
     path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(_config(tmp / name, strategy)))
+    path.write_text(yaml.safe_dump(data))
     return path
 
 
@@ -112,17 +115,27 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def launched(plugin_site, tmp_path_factory):
-    """One `mot train` run, and the same config launched with 2 DDP and 2 FSDP2 workers."""
+    """A short dense `mot train` run; then MoT warm-started from it, trained by `mot train`, and
+    the same config launched with 2 DDP and with 2 FSDP2 workers (the dense checkpoint is
+    copied into every tower before the model is sharded)."""
     tmp = tmp_path_factory.mktemp("launch")
-    single = _write(tmp, "single")
+    dense = _config(tmp / "dense", "ddp")
+    dense["model"]["untie"] = {"ffn": False, "attention": False, "norm": False}
+    dense["train"].update(steps=4, checkpoint_every=4, eval_every=0)
+    (tmp / "dense.yaml").write_text(yaml.safe_dump(dense))
+    result = run_mot(plugin_site, tmp, "train", str(tmp / "dense.yaml"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    warm = tmp / "dense" / "checkpoints" / "step_0000004"
+    single = _write(tmp, "single", warm_start=warm)
     result = run_mot(plugin_site, tmp, "train", str(single))
     assert result.returncode == 0, result.stderr[-3000:]
-    runs = {"single": tmp / "single"}
+    runs = {"single": tmp / "single", "warm_start": warm}
     for strategy in ("ddp", "fsdp2"):
-        config = _write(tmp, strategy, strategy)
+        config = _write(tmp, strategy, strategy, warm_start=warm)
         result = _launch(plugin_site, tmp, str(config), "--num-workers", "2")
         assert result.returncode == 0, result.stdout[-5000:]
         assert f"2 workers, {strategy}, gloo" in result.stdout
+        assert f"warm start: copied {warm} into every tower" in result.stdout
         runs[strategy] = tmp / strategy
     return tmp, runs
 
@@ -174,13 +187,13 @@ def _kill_a_worker_once(metrics: Path, after_step: int, killed: list):
 @pytest.mark.slow
 def test_a_killed_worker_costs_no_step_and_no_adam_moment(launched, plugin_site):
     tmp, runs = launched
-    config = _write(tmp, "faulted", "ddp")
+    config = _write(tmp, "faulted", "ddp", warm_start=runs["warm_start"])
     killed: list[int] = []
     result = _launch(plugin_site, tmp, str(config), "--num-workers", "2",
                      on_start=lambda: _kill_a_worker_once(tmp / "faulted" / "metrics.jsonl", 7, killed))
     assert result.returncode == 0, result.stdout[-5000:]
     assert killed, "no worker was killed"
-    assert "resuming from" in result.stdout  # the group restarted from a checkpoint
+    assert "resuming from" in result.stdout  # the group restarted from a checkpoint (not a warm start again)
     faulted, uninterrupted = _metrics(tmp / "faulted"), _metrics(runs["ddp"])
     assert [r["step"] for r in faulted] == list(range(1, STEPS + 1))  # no lost or repeated step
     for a, b in zip(uninterrupted, faulted):
@@ -201,6 +214,7 @@ def test_mot_train_continues_a_launched_run(launched, plugin_site):
     copy = tmp / "continued"
     shutil.copytree(runs["fsdp2"], copy)
     data = _config(copy, "fsdp2")
+    data["model"]["warm_start"] = str(runs["warm_start"])
     data["train"]["steps"] = STEPS + 2
     path = tmp / "continue.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -239,3 +253,26 @@ def test_bad_launch_input_is_one_line(tmp_path, plugin_site, extra, overrides, m
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr, result.stderr
     assert time.monotonic() - started < 60
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_fsdp2_bf16_on_gpu(tmp_path, plugin_site, capsys):
+    """A short FSDP2 launch on every local GPU (NCCL, bf16 compute): it trains, and its
+    tokens/s is printed (run with -s to see it)."""
+    workers = 2 if torch.cuda.device_count() >= 2 else 1
+    data = _config(tmp_path / "gpu", "fsdp2")
+    data["run"]["device"] = "auto"
+    data["model"].update(dim=256, n_layers=4, n_heads=4, max_seq_len=512)
+    data["train"].update(steps=30, batch_size=8 * workers, seq_len=512, precision="bf16", eval_every=0,
+                         checkpoint_every=0, log_every=10)
+    path = tmp_path / "gpu.yaml"
+    path.write_text(yaml.safe_dump(data))
+    result = _launch(plugin_site, tmp_path, str(path), "--num-workers", str(workers), "--gpus-per-worker", "1")
+    assert result.returncode == 0, result.stdout[-5000:]
+    assert f"{workers} workers, fsdp2, nccl, bf16, device: cuda" in result.stdout
+    records = _metrics(tmp_path / "gpu")
+    assert records[-1]["loss"] < records[0]["loss"]
+    speed = sorted(r["tokens_per_s"] for r in records[5:])[len(records[5:]) // 2]
+    with capsys.disabled():
+        print(f"\nFSDP2 bf16, {workers} GPU worker(s): median {speed:,.0f} tokens/s")
