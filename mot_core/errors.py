@@ -8,3 +8,28 @@ Everything else is a bug and keeps its traceback.
 
 class MotError(Exception):
     """A user-facing error: the message alone must say what is wrong and how to fix it."""
+
+
+def plugin_boundary(where: str):
+    """Context manager around a call into plugin code: whatever escapes it becomes ONE line that
+    names ``where`` (the plugin and its hook or method, and the dataset when there is one).
+
+    A plugin's own ``MotError`` gets ``where`` prefixed; any other exception (a bug in the
+    plugin) is reported with its type, message and the plugin's file and line."""
+    import contextlib
+    import traceback
+
+    @contextlib.contextmanager
+    def boundary():
+        try:
+            yield
+        except MotError as exc:
+            message = str(exc)
+            raise MotError(message if message.startswith(where) else f"{where}: {message}") from None
+        except Exception as exc:  # noqa: BLE001 - the point is to name the plugin, whatever it raised
+            frames = traceback.extract_tb(exc.__traceback__)
+            at = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "no message"
+            raise MotError(f"{where} raised {type(exc).__name__}: {detail}{at}") from None
+
+    return boundary()

@@ -418,9 +418,9 @@ def test_each_loss_reaches_only_its_own_tower_and_modules(noisy_registry, tmp_pa
 
 
 @pytest.mark.parametrize("defect, message", [
-    ("wrong_shape", r"modality 'noisy_patches': continuous values have shape \(\d+, 5\), expected \(\d+, input_dim=4\)"),
-    ("int_dtype", r"modality 'noisy_patches': continuous values must be a floating-point tensor, got dtype torch.int64"),
-    ("nan", r"modality 'noisy_patches': continuous value row \d+ holds NaN or inf"),
+    ("wrong_shape", r"modality 'noisy_patches', encode \(dataset 'timeseries_csv'\): continuous values have shape \(\d+, 5\), expected \(\d+, input_dim=4\)"),
+    ("int_dtype", r"modality 'noisy_patches', encode \(dataset 'timeseries_csv'\): continuous values must be a floating-point tensor, got dtype torch.int64"),
+    ("nan", r"modality 'noisy_patches', encode \(dataset 'timeseries_csv'\): continuous value row \d+ holds NaN or inf"),
     ("adapter_dim", r"modality 'noisy_patches': its input adapter returned \(\d+, 33\), expected \(\d+, model.dim=32\)"),
 ])
 def test_bad_continuous_input_is_one_line_naming_the_modality(noisy_registry, tmp_path, capsys, defect, message):

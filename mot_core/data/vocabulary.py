@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from mot_core.errors import MotError
-from mot_core.plugin_api import CONTINUOUS, IGNORE_INDEX, ContinuousSegment, Modality, RawDocument
+from mot_core.errors import MotError, plugin_boundary
+from mot_core.plugin_api import CONTINUOUS, IGNORE_INDEX, ContinuousSegment, Modality, RawDocument, origin
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ class Vocabulary:
         total = 0
         for name, modality in modalities.items():
             self.offsets[name] = total
-            total += modality.vocab_size
+            total += _checked_vocab_size(name, modality)
         self.size = total
 
     def _marker_hosts(self) -> dict[str, int]:
@@ -165,9 +165,24 @@ class Vocabulary:
         for name, keys in by_modality.items():
             payloads = [docs[d].segments[s].payload for d, s in keys]
             modality = self.modalities[name]
-            for key, result in zip(keys, modality.encode_batch(payloads)):
-                encoded[key] = _checked_encoding(result, modality, f"dataset '{source}': modality '{name}'")
+            where = f"{origin(modality)}: modality '{name}', encode (dataset '{source}')"
+            with plugin_boundary(where):
+                results = modality.encode_batch(payloads)
+            if not isinstance(results, (list, tuple)) or len(results) != len(payloads):
+                got = f"{len(results)} results" if isinstance(results, (list, tuple)) else type(results).__name__
+                raise MotError(f"{where}: encode_batch returned {got} for {len(payloads)} payloads; expected one per payload")
+            for key, result in zip(keys, results):
+                encoded[key] = _checked_encoding(result, modality, where)
         return encoded
+
+
+def _checked_vocab_size(name: str, modality: Modality) -> int:
+    where = f"{origin(modality)}: modality '{name}', vocab_size"
+    with plugin_boundary(where):
+        size = modality.vocab_size
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0:
+        raise MotError(f"{where} is {size!r} ({type(size).__name__}); expected an integer >= 1 (its number of token ids)")
+    return int(size)
 
 
 def _checked_encoding(result, modality: Modality, where: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -181,10 +196,18 @@ def _checked_encoding(result, modality: Modality, where: str) -> tuple[np.ndarra
         ids, values = result.ids, result.values
     else:
         ids = result
-    ids = torch.as_tensor(ids)
+    if not isinstance(ids, torch.Tensor):
+        shown = "None" if ids is None else type(ids).__name__
+        raise MotError(f"{where} returned {shown}; expected a 1-D integer torch tensor of token ids "
+                       "(or a ContinuousSegment)")
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise MotError(f"{where}: encode returned ids of dtype {ids.dtype}; token ids must be an integer tensor")
-    ids = ids.reshape(-1).numpy().astype(np.int64)
+    if ids.dim() != 1:
+        raise MotError(f"{where}: encode returned ids of shape {tuple(ids.shape)}; expected a 1-D tensor")
+    if not ids.numel() and not modality.may_encode_empty:
+        raise MotError(f"{where}: encode returned no ids for a segment; a segment must encode to at least one "
+                       "token (set may_encode_empty = True on the modality if an empty segment is meant)")
+    ids = ids.detach().cpu().numpy().astype(np.int64)
     n_values = int((ids == CONTINUOUS).sum())
     tokens = ids[ids != CONTINUOUS]
     if tokens.size and (tokens.min() < 0 or tokens.max() >= modality.vocab_size):
