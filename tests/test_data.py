@@ -58,6 +58,65 @@ def test_mixture_weights_set_the_sampling_ratio():
     assert share == pytest.approx(0.75, abs=0.03)
 
 
+def _real_sources() -> tuple[list[TokenDocument], list[TokenDocument]]:
+    """Byte ids of real English: whole pydoc topics (long documents, modality 0) and single
+    lines of them (short documents, modality 1): mean lengths differ about 30-fold."""
+    from pydoc_data.topics import topics
+
+    texts = [topics[name] for name in sorted(topics)[:60]]
+    as_doc = lambda text, m: doc(np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64) + 1, m)  # noqa: E731
+    long_docs = [as_doc(text, 0) for text in texts if len(text) > 2000]
+    lines = [line for text in texts for line in text.splitlines() if len(line) > 20]
+    return long_docs, [as_doc(line, 1) for line in lines]
+
+
+def test_mixture_weights_are_token_shares_met_within_5_percent_over_200_batches(capsys):
+    long_docs, short_docs = _real_sources()
+    weights = [0.3, 0.7]
+    stream = PackedStream([long_docs, short_docs], weights, seq_len=128, seed=0, weight_unit="tokens")
+    mixed, counts = 0, np.zeros(2)
+    for _ in range(200):
+        batch = stream.next_batch(8, 2)
+        real = batch.targets != IGNORE  # padding excluded (none here: no whole segments)
+        per_source = np.array([int(((batch.modality == m) & real).sum()) for m in (0, 1)])
+        counts += per_source
+        mixed += bool(per_source.all())
+    shares = counts / counts.sum()
+    realized, by_modality = stream.realized_shares()
+    with capsys.disabled():
+        print(f"\ntoken shares over 200 batches: long {realized[0]:.3f} (weight 0.3), short {realized[1]:.3f} (weight 0.7); "
+              f"batches holding both sources: {mixed}/200")
+    for share, target in zip(realized, weights):
+        assert abs(share - target) <= 0.05 * target
+    assert abs(shares[0] - 0.3) <= 0.05 * 0.3  # counted from the batches themselves
+    assert by_modality[0] == pytest.approx(realized[0])
+    assert mixed >= 190  # batches mix sources instead of one long document filling batch after batch
+    # as shares of documents, the same weights give a very different token mix
+    by_docs = PackedStream([long_docs, short_docs], weights, seq_len=128, seed=0, weight_unit="documents")
+    for _ in range(200):
+        by_docs.next_batch(8, 2)
+    assert by_docs.realized_shares()[0][0] > 0.8
+
+
+def test_token_share_stream_resumes_exactly_and_legacy_state_continues():
+    long_docs, short_docs = _real_sources()
+    a = PackedStream([long_docs, short_docs], [0.5, 0.5], seq_len=64, seed=3, weight_unit="tokens")
+    for _ in range(5):
+        a.next_batch(4, 2)
+    state = a.state_dict()
+    expected = [a.next_batch(4, 2).tokens for _ in range(5)]
+    b = PackedStream([long_docs, short_docs], [0.5, 0.5], seq_len=64, seed=3, weight_unit="tokens")
+    b.load_state_dict(state)
+    assert all(torch.equal(b.next_batch(4, 2).tokens, t) for t in expected)
+    assert b.realized_shares()[0].tolist() == a.realized_shares()[0].tolist()
+    legacy = {k: v for k, v in state.items() if k not in ("open_documents", "tokens_by_source", "tokens_by_modality")}
+    legacy["current"] = [1, 3, 10]
+    c = PackedStream([long_docs, short_docs], [0.5, 0.5], seq_len=64, seed=3, weight_unit="tokens")
+    c.load_state_dict(legacy)
+    c.next_batch(4, 2)  # a run saved before token shares existed resumes, its open document first
+    assert c.open_documents[1] is None or c.open_documents[1][0] != 3 or c.open_documents[1][1] > 10
+
+
 def test_batch_carries_routing_and_layout_built_on_the_host():
     docs = [doc([1, 2, 3], modality=0), doc([4, 5, 6, 7], modality=1, span=0)]
     batch = PackedStream([docs], [1.0], seq_len=7, seed=0, shuffle=False).next_batch(2, num_modalities=2)

@@ -166,25 +166,40 @@ def collate(rows: list[dict], num_modalities: int) -> Batch:
 class PackedStream:
     """Endless, deterministic, resumable stream of packed rows from weighted sources.
 
-    Each source is read in a per-epoch random permutation; the next document's source is drawn
-    with probability proportional to its weight.
+    Each source is read in a per-epoch random permutation. ``weight_unit`` says what a weight
+    is a share of:
+      - ``tokens`` (the convention of data mixtures): each source keeps its own current
+        document, and each stretch of a row is taken from the source furthest below its share
+        of the tokens read so far. Realized shares then stay within about a row of their
+        targets at any step, whatever the seed and the document lengths, and consecutive rows
+        (so every batch) mix sources, while a long document is still read to its end;
+      - ``documents``: the next document's source is drawn at random by weight, and rows
+        continue one document after another.
     """
 
     def __init__(
         self, sources: list[list[TokenDocument]], weights: list[float], seq_len: int, seed: int, shuffle: bool = True,
-        extras: ExtrasSampler | None = None,
+        extras: ExtrasSampler | None = None, weight_unit: str = "documents",
     ):
         """``extras``: fills ``Batch.extras`` from the stream's generator when a batch is built."""
         for docs in sources:
             if not docs:
                 raise MotError("a training source has no documents")
+        if weight_unit not in ("tokens", "documents"):
+            raise ValueError(f"weight_unit must be 'tokens' or 'documents', got {weight_unit!r}")
         self.sources, self.seq_len, self.seed, self.shuffle = sources, seq_len, seed, shuffle
         self.extras = extras
-        self.weights = torch.tensor(weights, dtype=torch.float64)
+        self.target_shares = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
+        self.mean_lengths = np.array([np.mean([len(d) for d in docs]) for docs in sources], dtype=np.float64)
+        self.weights = torch.tensor(self.target_shares, dtype=torch.float64)
+        self.weight_unit = weight_unit
         self.rng = torch.Generator().manual_seed(seed)
         self.epochs = [0] * len(sources)
         self.cursors = [0] * len(sources)
-        self.current: tuple[int, int, int] | None = None  # (source, doc index, token offset)
+        self.current: tuple[int, int, int] | None = None  # documents: (source, doc index, token offset)
+        self.open_documents: list[tuple[int, int] | None] = [None] * len(sources)  # tokens: (doc, offset) per source
+        self.tokens_by_source = [0] * len(sources)
+        self.tokens_by_modality: dict[int, int] = {}
         self._perms: dict[tuple[int, int], np.ndarray] = {}
 
     def _perm(self, source: int, epoch: int) -> np.ndarray:
@@ -197,8 +212,9 @@ class PackedStream:
             self._perms[key] = rng.permutation(len(self.sources[source]))
         return self._perms[key]
 
-    def _next_document(self) -> tuple[int, int]:
-        source = int(torch.multinomial(self.weights, 1, generator=self.rng)) if len(self.sources) > 1 else 0
+    def _next_document(self, source: int | None = None) -> tuple[int, int]:
+        if source is None:
+            source = int(torch.multinomial(self.weights, 1, generator=self.rng)) if len(self.sources) > 1 else 0
         perm = self._perm(source, self.epochs[source])
         doc = int(perm[self.cursors[source]])
         self.cursors[source] += 1
@@ -209,16 +225,36 @@ class PackedStream:
     def next_row(self) -> dict[str, np.ndarray]:
         row = _RowBuilder(self.seq_len)
         while not row.full:
-            if self.current is None:
-                self.current = (*self._next_document(), 0)
-            source, doc_index, offset = self.current
+            if self.weight_unit == "tokens":
+                # the source furthest below its token share (ties: the first declared)
+                source = int(np.argmin((np.asarray(self.tokens_by_source) + 1.0) / self.target_shares))
+                if self.open_documents[source] is None:
+                    self.open_documents[source] = (self._next_document(source)[1], 0)
+                doc_index, offset = self.open_documents[source]
+            else:
+                if self.current is None:
+                    self.current = (*self._next_document(), 0)
+                source, doc_index, offset = self.current
             doc = self.sources[source][doc_index]
             taken = row.add(doc, offset)
             if not taken:  # a whole segment does not fit in what is left of the row
                 row.pad()
                 continue
-            self.current = None if offset + taken >= len(doc) else (source, doc_index, offset + taken)
+            self.tokens_by_source[source] += taken
+            for m, n in zip(*np.unique(doc.modality[offset : offset + taken], return_counts=True)):
+                self.tokens_by_modality[int(m)] = self.tokens_by_modality.get(int(m), 0) + int(n)
+            rest = None if offset + taken >= len(doc) else (doc_index, offset + taken)
+            if self.weight_unit == "tokens":
+                self.open_documents[source] = rest
+            else:
+                self.current = None if rest is None else (source, *rest)
         return row.arrays()
+
+    def realized_shares(self) -> tuple[np.ndarray, dict[int, float]]:
+        """Shares of the tokens read so far (padding excluded): per source, per modality index."""
+        total = max(1, sum(self.tokens_by_source))
+        by_source = np.asarray(self.tokens_by_source, dtype=np.float64) / total
+        return by_source, {m: n / total for m, n in sorted(self.tokens_by_modality.items())}
 
     def next_batch(self, batch_size: int, num_modalities: int) -> Batch:
         batch = collate([self.next_row() for _ in range(batch_size)], num_modalities)
@@ -232,12 +268,22 @@ class PackedStream:
             "epochs": list(self.epochs),
             "cursors": list(self.cursors),
             "current": None if self.current is None else list(self.current),
+            "open_documents": [None if d is None else list(d) for d in self.open_documents],
+            "tokens_by_source": list(self.tokens_by_source),
+            "tokens_by_modality": dict(self.tokens_by_modality),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.rng.set_state(state["rng"])
         self.epochs, self.cursors = list(state["epochs"]), list(state["cursors"])
         self.current = None if state["current"] is None else tuple(state["current"])
+        # saved before token shares existed: the document being read continues from its source
+        opened = state.get("open_documents") or [None] * len(self.sources)
+        if "open_documents" not in state and self.current is not None and self.weight_unit == "tokens":
+            opened[self.current[0]] = self.current[1:]
+        self.open_documents = [None if d is None else tuple(d) for d in opened]
+        self.tokens_by_source = list(state.get("tokens_by_source", [0] * len(self.sources)))
+        self.tokens_by_modality = {int(k): v for k, v in state.get("tokens_by_modality", {}).items()}
 
 
 class _RowBuilder:
