@@ -164,6 +164,9 @@ class ModalityEntry(Section):
     loss_weight: float = Field(1.0, ge=0)
     tower: TowerSection = TowerSection()
     evaluators: list[str] | None = None
+    evaluator_options: dict[str, dict[str, Any]] = Field(
+        {}, description="evaluator name -> its options (validated by the evaluator's own model)"
+    )
     options: dict[str, Any] = {}
 
 
@@ -175,6 +178,11 @@ class DatasetEntry(Section):
 class MixtureSection(Section):
     modalities: dict[str, ModalityEntry] = Field(min_length=1)
     datasets: dict[str, DatasetEntry] = Field(min_length=1)
+    weight_unit: Literal["tokens", "documents"] = Field(
+        "tokens",
+        description="what datasets.<name>.weight is a share of: tokens (the convention of data mixtures; a source "
+        "is drawn in proportion to weight / its mean document length) or documents drawn",
+    )
 
 
 class RunConfig(Section):

@@ -29,6 +29,13 @@ from pydantic import BaseModel, ConfigDict
 
 from mot_core.errors import MotError
 
+def origin(obj: Any) -> str:
+    """Who contributed a plugin class (or an instance of one), for error messages:
+    "plugin 'NAME' (DISTRIBUTION VERSION, module MODULE)" once the registry has indexed it."""
+    cls = obj if isinstance(obj, type) else type(obj)
+    return cls.__dict__.get("__mot_origin__") or f"{cls.__name__} (module {cls.__module__})"
+
+
 Split = Literal["train", "val"]
 Reduction = Literal["token", "segment"]
 
@@ -116,6 +123,8 @@ class Modality(abc.ABC):
         keep_segments_whole: True if packing must never cut a segment of this modality at a
             row end (an image denoised as a whole). A document holding one is never split when
             it fits in a row; the row is padded instead (padding is masked out of every loss).
+        may_encode_empty: True if ``encode`` may return no ids for a segment (the segment then
+            adds nothing); otherwise an empty result is an error, never silently dropped.
 
     A modality with continuous inputs (latent patches, sensor frames, audio features) returns
     ``input_dim`` > 0, makes ``encode`` return a ``ContinuousSegment``, and builds an input
@@ -128,6 +137,7 @@ class Modality(abc.ABC):
     Options: ClassVar[type[PluginOptions]] = PluginOptions
     default_loss: ClassVar[str] = "autoregressive"
     default_evaluators: ClassVar[tuple[str, ...]] = ()
+    may_encode_empty: ClassVar[bool] = False  # True: encode may return no ids for a segment
     bidirectional: ClassVar[bool] = False
     keep_segments_whole: ClassVar[bool] = False
 
@@ -378,6 +388,18 @@ class EvaluationContext:
     seed: int = 0
     span_sampler: Callable[..., list[Any]] | None = None  # set by the engine: KV-cache generation
     text_sampler: Callable[..., list[Any]] | None = None  # set by the engine: span -> text continuation
+    segment_generator: Callable[..., list[Any]] | None = None  # set by the engine: generate_segments
+
+    def generate(self, prompts: list[list[RawSegment]], modality: str, params: SamplingParams,
+                 max_tokens: int = 64) -> list[Any]:
+        """One payload of ``modality`` per prompt (a list of ``RawSegment``): the same entry
+        point as ``mot generate`` (``mot_core.generate.api.generate_segments``). A span
+        modality gives a whole span, a continuous one is denoised, any other runs free until
+        its stop token or ``max_tokens``."""
+        if self.segment_generator is None:
+            raise MotError("this evaluation context was built without a generator")
+        return self.segment_generator(self.model, self.vocab, prompts, modality, params, max_tokens=max_tokens,
+                                      seed=self.seed)
 
     def sample_spans(self, prompts: list[Any], prompt_modality: str, span_modality: str,
                      params: SamplingParams) -> list[Any]:
@@ -399,12 +421,21 @@ class EvaluationContext:
 
 
 class Evaluator(abc.ABC):
-    """Accumulates per-token results of one modality over validation batches."""
+    """Accumulates per-token results of one modality over validation batches.
+
+    Class attributes:
+        name: registry name, listed under ``mixture.modalities.<m>.evaluators``.
+        Options: pydantic model of ``mixture.modalities.<m>.evaluator_options.<name>`` (sample
+            counts, temperatures, lengths), validated from the YAML like modality options and
+            shown, filled with its defaults, by ``mot config show``. ``self.options`` holds it.
+    """
 
     name: ClassVar[str]
+    Options: ClassVar[type[PluginOptions]] = PluginOptions
 
-    def __init__(self, modality: Modality):
+    def __init__(self, modality: Modality, options: PluginOptions | None = None):
         self.modality = modality
+        self.options = options if options is not None else self.Options()
         self.reset()
 
     @abc.abstractmethod

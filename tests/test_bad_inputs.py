@@ -63,7 +63,7 @@ BAD_INPUTS = [
     (["generate", "{run}", "--prompt", "a", "--samples", "0"], "argument --samples: expected an integer >= 1"),
     (["generate", "{run}", "--prompt", "a", "--cfg", "nan"], "argument --cfg: expected a finite number >= 0"),
     (["generate", "{run}", "--prompt", "a", "--out", "{tmp}"], "is a folder; give a file name"),
-    (["generate", "{run}", "--prompt", "a"], "this run has no modality to draw images with"),
+    (["generate", "{run}", "--prompt", "a"], "say which modality to generate with --modality (this run has: text)"),
     (["generate", "{tmp}/nothing", "--prompt", "a"], "checkpoint not found"),
     # -- compare, bench, unknown commands -------------------------------------------------------
     (["compare", "{tmp}"], "no metrics.jsonl in"),

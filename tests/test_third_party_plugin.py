@@ -9,6 +9,7 @@ Two parts:
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -93,6 +94,30 @@ def test_mot_train_runs_a_text_and_timeseries_mixture(plugin_site, tmp_path):
     scored = json.loads(result.stdout)
     assert scored["val/timeseries/loss"] == pytest.approx(final["val/timeseries/loss"], rel=1e-5)
     assert scored["val/timeseries/bits_per_value"] == pytest.approx(final["val/timeseries/bits_per_value"], rel=1e-5)
+
+    # `mot generate`: a free-running plugin modality continued after a caption (the command in
+    # docs/writing_a_plugin.md), written through the plugin's own write_payloads.
+    caption = "Yearly sunspot numbers from 1700 to 1731:"
+    out = tmp_path / "series.csv"
+    result = run_mot(plugin_site, tmp_path, "generate", str(run_dir), "--prompt", caption, "--modality", "timeseries",
+                     "--max-tokens", "24", "--samples", "2", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert f"timeseries for 1 prompt(s) x 2: {out}" in result.stdout
+    rows = list(csv.reader(out.read_text().splitlines()))
+    assert [row[0] for row in rows] == [caption, caption]
+    centres = json.loads((run_dir / "state" / "timeseries" / "bins.json").read_text())["centres"]
+    for row in rows:
+        values = [float(v) for v in row[1:]]
+        assert len(values) == 24  # no stop token: the length limit ends it
+        assert all(min(centres) - 1e-3 <= v <= max(centres) + 1e-3 for v in values)
+    # and a series given as a file is continued by the same modality
+    start = tmp_path / "start.txt"
+    start.write_text("5\n11\n16\n23\n36\n")
+    result = run_mot(plugin_site, tmp_path, "generate", str(run_dir), "--prompt-file", str(start),
+                     "--prompt-modality", "timeseries", "--modality", "timeseries", "--max-tokens", "8",
+                     "--samples", "1", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert len(next(csv.reader(out.read_text().splitlines()))) == 1 + 8
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""``mot generate``: samples from a checkpoint (caption -> image grid, image -> caption)."""
+"""``mot generate``: samples of any modality from a checkpoint, through
+``mot_core.generate.api.generate_segments`` (the one generation entry point)."""
 
 from __future__ import annotations
 
@@ -9,68 +10,99 @@ from mot_core.cli.common import non_negative_float, non_negative_int, output_fil
 from mot_core.errors import MotError
 
 
-def generate_samples(checkpoint: Path, prompts: list[str], image_files: list[str], out: Path, samples: int,
-                     params, seed: int, text: str, image: str) -> dict:
-    """``--prompt`` payloads of the ``text`` modality become ``image`` spans written to ``out``;
-    ``--image`` files of the ``image`` modality are continued in ``text``."""
-    from mot_core.generate.tasks import prompt_to_span, span_to_text
+def _target(vocab, modality: str | None, prompt_modality: str) -> str:
+    """--modality, or the run's one span modality (an image), or its one modality that is
+    not the prompt's."""
+    if modality is not None:
+        if modality not in vocab.modalities:
+            raise MotError(f"this run has no modality '{modality}'; it has: {', '.join(vocab.names)}")
+        return modality
+    spans = [n for n in vocab.names if vocab.modalities[n].span_grammar() is not None]
+    choices = spans or [n for n in vocab.names if n != prompt_modality]
+    if len(choices) != 1:
+        raise MotError(f"say which modality to generate with --modality (this run has: {', '.join(vocab.names)})")
+    return choices[0]
+
+
+def _run_job(model, vocab, labels: list[str], payloads: list, prompt_modality: str, target: str, samples: int,
+             params, ns: argparse.Namespace) -> dict:
+    """Generate ``samples`` outputs of ``target`` per prompt payload; write them through the
+    modality's ``write_payloads`` when it has one, else return them to print."""
+    from mot_core.generate.api import generate_segments
+    from mot_core.plugin_api import Modality, RawSegment
+
+    prompts = [[RawSegment(prompt_modality, p)] for p in payloads for _ in range(samples)]
+    shown = [label for label in labels for _ in range(samples)]
+    outputs = generate_segments(model, vocab, prompts, target, params, max_tokens=ns.max_tokens, seed=ns.seed)
+    modality = vocab.modalities[target]
+    if type(modality).write_payloads is Modality.write_payloads:
+        return {"modality": target, "text": list(zip(shown, outputs)), "prompts": len(labels)}
+    written = modality.write_payloads(list(outputs), Path(ns.out), shown)
+    return {"modality": target, "file": str(written), "prompts": len(labels)}
+
+
+def generate_samples(checkpoint: Path, ns: argparse.Namespace, params) -> list[dict]:
+    """The jobs of one ``mot generate``: prompts (text or files) -> --modality, and the older
+    --image FILE -> caption."""
     from mot_core.train.runs import load_run
 
-    exp, vocab, _, model, meta = load_run(checkpoint, with_data=False)
-    if image is None:  # the run's one modality emitted as whole spans (VQ codes or latent patches)
-        spans = [n for n in vocab.names if vocab.modalities[n].span_grammar() is not None]
-        if not spans:
-            raise MotError(f"this run has no modality to draw images with (it has: {', '.join(vocab.names)})")
-        if len(spans) > 1:
-            raise MotError(f"say which modality to draw with --image-modality (one of: {', '.join(spans)})")
-        image = spans[0]
-    for name in (text, image):
-        if name not in vocab.modalities:
-            raise MotError(f"this run has no modality '{name}'; it has: {', '.join(vocab.names)}")
-    result: dict = {"step": meta["step"]}
-    if prompts:
-        captions = [p for p in prompts for _ in range(samples)]
-        images = prompt_to_span(model, vocab, captions, text, image, params, seed=seed)
-        result["grid"] = str(vocab.modalities[image].write_payloads(list(images), out, captions))
-    if image_files:
-        payloads = [vocab.modalities[image].read_payload(Path(f)) for f in image_files]
-        result["captions"] = dict(zip(image_files, span_to_text(model, vocab, payloads, image, text, params, seed=seed)))
-    return result
+    _, vocab, _, model, _ = load_run(checkpoint, with_data=False)
+    jobs = []
+    if ns.prompt or ns.prompt_file:
+        if ns.prompt_modality not in vocab.modalities:
+            raise MotError(f"this run has no modality '{ns.prompt_modality}'; it has: {', '.join(vocab.names)}")
+        target = _target(vocab, ns.modality or ns.image_modality, ns.prompt_modality)
+        source = vocab.modalities[ns.prompt_modality]
+        payloads = list(ns.prompt) + [source.read_payload(Path(f)) for f in ns.prompt_file]
+        jobs.append(_run_job(model, vocab, list(ns.prompt) + list(ns.prompt_file), payloads, ns.prompt_modality,
+                             target, ns.samples, params, ns))
+    if ns.image:
+        image = _target(vocab, ns.image_modality, ns.text_modality)
+        payloads = [vocab.modalities[image].read_payload(Path(f)) for f in ns.image]
+        jobs.append(_run_job(model, vocab, list(ns.image), payloads, image, ns.text_modality, 1, params, ns))
+    return jobs
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
     from mot_core.plugin_api import SamplingParams
 
-    if not ns.prompt and not ns.image:
-        raise MotError("give at least one --prompt TEXT (caption -> image) or --image FILE (image -> caption)")
-    if ns.prompt:
-        output_file(ns.out, "--out")
+    if not ns.prompt and not ns.image and not ns.prompt_file:
+        raise MotError("give at least one --prompt TEXT or --prompt-file FILE (or --image FILE: image -> caption)")
+    output_file(ns.out, "--out")
     params = SamplingParams(temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p, cfg_scale=ns.cfg,
                             denoising_steps=ns.steps)
-    result = generate_samples(Path(ns.checkpoint), ns.prompt, ns.image, Path(ns.out), ns.samples, params,
-                              ns.seed, ns.text_modality, ns.image_modality)
-    if "grid" in result:
-        print(f"images for {len(ns.prompt)} prompt(s) x {ns.samples}: {result['grid']}")
-    for file, caption in result.get("captions", {}).items():
-        print(f"{file}: {caption}")
+    for job in generate_samples(Path(ns.checkpoint), ns, params):
+        if "file" in job:
+            print(f"{job['modality']} for {job['prompts']} prompt(s) x {ns.samples}: {job['file']}")
+        for label, output in job.get("text", []):
+            print(f"{label}: {output}")
     return 0
 
 
 def register(sub) -> None:
-    p = sub.add_parser("generate", help="caption -> image grid (PNG) and image -> caption from a checkpoint")
+    p = sub.add_parser("generate", help="generate any modality from a checkpoint (caption -> image, series, text...)",
+                       description="Prompts are payloads of --prompt-modality (text by default); the output is "
+                       "--modality, written through its plugin's write_payloads (or printed).")
     p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its newest checkpoint)")
-    p.add_argument("--prompt", action="append", default=[], help="a caption to draw (repeatable)")
-    p.add_argument("--image", action="append", default=[], help="an image file to caption (repeatable)")
-    p.add_argument("--samples", type=positive_int, default=4, help="images per prompt")
-    p.add_argument("--out", default="samples.png", help="PNG grid of generated images")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt payload given as text (repeatable)")
+    p.add_argument("--prompt-file", action="append", default=[],
+                   help="a prompt read from a file by --prompt-modality's read_payload (repeatable)")
+    p.add_argument("--prompt-modality", default="text", help="the modality of the prompts (default: text)")
+    p.add_argument("--modality", default=None,
+                   help="the modality to generate (default: the run's image modality, or its one other modality)")
+    p.add_argument("--max-tokens", type=positive_int, default=64,
+                   help="free-running modalities: stop here if the stop token has not come")
+    p.add_argument("--samples", type=positive_int, default=4, help="samples per prompt")
+    p.add_argument("--out", default="samples.png", help="file the modality writes its samples to")
     p.add_argument("--temperature", type=non_negative_float, default=1.0, help="0 = greedy")
     p.add_argument("--top-k", type=non_negative_int, default=0, help="0 = off")
     p.add_argument("--top-p", type=probability, default=1.0, help="1 = off")
     p.add_argument("--cfg", type=non_negative_float, default=3.0, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--text-modality", default="text")
-    p.add_argument("--image-modality", default=None,
-                   help="the modality to draw (default: the run's one image modality, VQ or diffusion)")
     p.add_argument("--steps", type=non_negative_int, default=0,
-                   help="denoising steps of a diffusion image modality (0 = its configured inference_steps)")
+                   help="denoising steps of a continuous modality (0 = its configured default)")
+    p.add_argument("--image", action="append", default=[], help="an image file to caption (= --prompt-file with the "
+                   "image modality as --prompt-modality and text as --modality)")
+    p.add_argument("--text-modality", default="text", help=argparse.SUPPRESS)
+    p.add_argument("--image-modality", default=None, help="older name of --modality for images")
     p.set_defaults(func=cmd_generate)

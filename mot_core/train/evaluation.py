@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+from collections.abc import Mapping
+
 import torch
 
 from mot_core.data import IGNORE, Batch, Vocabulary
 from mot_core.model.transformer import ContinuousInputs
-from mot_core.plugin_api import EvaluationContext, ModalitySlice
+from mot_core.errors import MotError, plugin_boundary
+from mot_core.plugin_api import EvaluationContext, ModalitySlice, origin
 from mot_core.train.experiment import Experiment
 
 
@@ -32,8 +37,44 @@ def forward_losses(model, batch: Batch, vocab: Vocabulary, exp: Experiment, forw
     out = {}
     for name, (start, end, piece) in batch.modality_slices(vocab).items():
         piece.head = owned[name].head if name in owned else None
-        losses, valid = exp.losses[name].per_token(model, hidden[start:end], piece)
-        out[name] = (losses, valid, piece)
+        loss = exp.losses[name]
+        where = f"{origin(loss)}: loss '{loss.name}' of modality '{name}', per_token"
+        with plugin_boundary(where):
+            result = loss.per_token(model, hidden[start:end], piece)
+        out[name] = (*_checked_loss(result, len(piece), where), piece)
+    return out
+
+
+def _checked_loss(result, n: int, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``per_token``'s (losses, valid): a floating (n,) tensor and a bool (n,) tensor, one entry
+    per position of the modality's slice."""
+    if not isinstance(result, tuple) or len(result) != 2:
+        raise MotError(f"{where} returned {type(result).__name__}; expected (losses, valid): two tensors of shape ({n},)")
+    losses, valid = result
+    if not isinstance(losses, torch.Tensor) or not losses.is_floating_point() or tuple(losses.shape) != (n,):
+        got = f"{tuple(losses.shape)} {losses.dtype}" if isinstance(losses, torch.Tensor) else type(losses).__name__
+        raise MotError(f"{where}: losses is {got}; expected a floating tensor of shape ({n},), one per position "
+                       "of the slice (reduction is the engine's job)")
+    if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool or tuple(valid.shape) != (n,):
+        got = f"{tuple(valid.shape)} {valid.dtype}" if isinstance(valid, torch.Tensor) else type(valid).__name__
+        raise MotError(f"{where}: valid is {got}; expected a bool tensor of shape ({n},)")
+    return losses, valid
+
+
+def _checked_metrics(result, where: str) -> dict[str, float]:
+    """An evaluator's output: a mapping of metric names to finite numbers."""
+    if not isinstance(result, Mapping):
+        raise MotError(f"{where} returned {type(result).__name__}; expected a dict of metric name -> number")
+    out = {}
+    for key, value in result.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if not isinstance(key, str) or isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise MotError(f"{where} returned {{{key!r}: {type(value).__name__}}}; expected metric names (str) "
+                           "mapped to numbers")
+        if not math.isfinite(float(value)):
+            raise MotError(f"{where} returned {key} = {value}; metrics must be finite")
+        out[key] = float(value)
     return out
 
 
@@ -68,7 +109,12 @@ def evaluate(model, batches: list[Batch], vocab: Vocabulary, exp: Experiment, de
     over every segment of its per-segment means."""
     was_training = model.training
     model.eval()
-    evaluators = {name: [cls(exp.modalities[name]) for cls in classes] for name, classes in exp.evaluators.items()}
+    evaluators = {}
+    for name, classes in exp.evaluators.items():
+        evaluators[name] = []
+        for cls in classes:
+            with plugin_boundary(f"{origin(cls)}: evaluator '{cls.name}' of modality '{name}', __init__"):
+                evaluators[name].append(cls(exp.modalities[name], exp.evaluator_options.get((name, cls.name))))
     sums = {name: [0.0, 0] for name in vocab.names}
     for batch in batches:
         batch = batch.to(device)
@@ -81,15 +127,21 @@ def evaluate(model, batches: list[Batch], vocab: Vocabulary, exp: Experiment, de
             sums[name][1] += int(count)
             local = torch.where(piece.targets == IGNORE, piece.targets, piece.targets - piece.offset)
             for ev in evaluators[name]:
-                ev.update(losses, valid, local)
+                with plugin_boundary(f"{origin(ev)}: evaluator '{ev.name}' of modality '{name}', update"):
+                    ev.update(losses, valid, local)
     metrics = {}
     for name, (total, count) in sums.items():
         if count:
             metrics[f"val/{name}/loss"] = total / count
         for ev in evaluators[name]:
-            results = ev.compute()
+            where = f"{origin(ev)}: evaluator '{ev.name}' of modality '{name}'"
+            with plugin_boundary(f"{where}, compute"):
+                results = ev.compute()
+            results = _checked_metrics(results, f"{where}, compute()")
             if context is not None:
-                results.update(ev.evaluate_model(context))
+                with plugin_boundary(f"{where}, evaluate_model"):
+                    extra = ev.evaluate_model(context)
+                results.update(_checked_metrics(extra, f"{where}, evaluate_model()"))
             for key, value in results.items():
                 if key != "loss":
                     metrics[f"val/{name}/{key}"] = value

@@ -15,10 +15,10 @@ import torch
 from mot_core.config import RunConfig, dump_config, validate_section
 from mot_core.data import Batch, TokenDocument, Vocabulary
 from mot_core.data.packing import ExtrasSampler
-from mot_core.errors import MotError
+from mot_core.errors import MotError, plugin_boundary
 from mot_core.model.moe import MoEArgs
 from mot_core.model.transformer import ModalityModules, ModelArgs, MoTTransformer
-from mot_core.plugin_api import DataSource, Evaluator, Loss, Modality, RawDocument
+from mot_core.plugin_api import DataSource, Evaluator, Loss, Modality, RawDocument, RawSegment, origin
 from registry import Registry, get_registry
 
 
@@ -32,7 +32,9 @@ class Experiment:
     evaluators: dict[str, list[type[Evaluator]]]
     sources: dict[str, DataSource]
     source_weights: dict[str, float]
-    plugin_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    plugin_options: dict[str, Any] = field(default_factory=dict)
+    # (modality, evaluator name) -> the evaluator's validated options
+    evaluator_options: dict[tuple[str, str], Any] = field(default_factory=dict)
 
     def resolved_yaml(self) -> str:
         return dump_config(self.config, self.plugin_options)
@@ -42,27 +44,44 @@ def build_experiment(config: RunConfig, registry: Registry | None = None) -> Exp
     registry = registry or get_registry()
     run_dir = Path(config.run.dir)
     modalities, losses, weights, evaluators, options = {}, {}, {}, {}, {}
+    evaluator_options: dict[tuple[str, str], Any] = {}
     for name, entry in config.mixture.modalities.items():
         where = f"mixture.modalities.{name}"
         cls = registry.get("modalities", name, "mixture.modalities")
         opts = validate_section(cls.Options, entry.options, f"{where}.options")
         options[f"mixture.modalities.{name}.options"] = opts.model_dump(mode="json")
-        modalities[name] = cls(opts, run_dir / "state" / name)
+        with plugin_boundary(f"{origin(cls)}: modality '{name}', __init__"):
+            modalities[name] = cls(opts, run_dir / "state" / name)
         loss_name = entry.loss or cls.default_loss
         loss_cls = registry.get("losses", loss_name, f"{where}.loss")
         loss_opts = validate_section(loss_cls.Options, entry.loss_options, f"{where}.loss_options")
         options[f"{where}.loss_options"] = loss_opts.model_dump(mode="json")
-        losses[name] = loss_cls(loss_opts)
+        with plugin_boundary(f"{origin(loss_cls)}: loss '{loss_name}' of modality '{name}', __init__"):
+            losses[name] = loss_cls(loss_opts)
         losses[name].modality = modalities[name]
         weights[name] = entry.loss_weight
+        options[f"{where}.loss"] = loss_name  # shown resolved by `mot config show`
         names = entry.evaluators if entry.evaluators is not None else list(cls.default_evaluators)
+        options[f"{where}.evaluators"] = list(names)
         evaluators[name] = [registry.get("evaluators", e, f"{where}.evaluators") for e in names]
+        unknown = [e for e in entry.evaluator_options if e not in names]
+        if unknown:
+            raise MotError(f"{where}.evaluator_options names '{unknown[0]}', which is not one of this modality's "
+                           f"evaluators ({', '.join(names) or 'none'}); list it under {where}.evaluators")
+        resolved = {}
+        for ev_cls in evaluators[name]:
+            ev_opts = validate_section(ev_cls.Options, entry.evaluator_options.get(ev_cls.name),
+                                       f"{where}.evaluator_options.{ev_cls.name}")
+            evaluator_options[(name, ev_cls.name)] = ev_opts
+            resolved[ev_cls.name] = ev_opts.model_dump(mode="json")
+        options[f"{where}.evaluator_options"] = resolved
     sources, source_weights = {}, {}
     for name, entry in config.mixture.datasets.items():
         cls = registry.get("datasets", name, "mixture.datasets")
         opts = validate_section(cls.Options, entry.options, f"mixture.datasets.{name}.options")
         options[f"mixture.datasets.{name}.options"] = opts.model_dump(mode="json")
-        source = cls(opts)
+        with plugin_boundary(f"{origin(cls)}: dataset '{name}', __init__"):
+            source = cls(opts)
         missing = [m for m in source.modalities if m not in modalities]
         if missing:
             raise MotError(
@@ -78,7 +97,8 @@ def build_experiment(config: RunConfig, registry: Registry | None = None) -> Exp
     starved = [m for m in modalities if m not in fed]
     if starved:
         raise MotError(f"no dataset in mixture.datasets provides modality {', '.join(starved)}")
-    return Experiment(config, run_dir, modalities, losses, weights, evaluators, sources, source_weights, options)
+    return Experiment(config, run_dir, modalities, losses, weights, evaluators, sources, source_weights, options,
+                      evaluator_options)
 
 
 def apply_tower_defaults(raw: dict[str, Any], registry: Registry | None = None) -> dict[str, Any]:
@@ -109,20 +129,47 @@ def prepare_vocabulary(exp: Experiment, raw_train: dict[str, list[RawDocument]] 
     Training documents are read lazily: a run whose tokenizers are saved never loads them."""
 
     def payloads(name: str):
-        docs_by_source = raw_train if raw_train is not None else {n: s.documents("train") for n, s in exp.sources.items()}
+        docs_by_source = raw_train if raw_train is not None else {
+            n: source_documents(n, s, "train") for n, s in exp.sources.items()}
         for docs in docs_by_source.values():
             for doc in docs:
                 yield from (seg.payload for seg in doc.segments if seg.modality == name)
 
     for name, modality in exp.modalities.items():
-        modality.prepare(payloads(name))
+        with plugin_boundary(f"{origin(modality)}: modality '{name}', prepare"):
+            modality.prepare(payloads(name))
     return Vocabulary(exp.modalities)
+
+
+def source_documents(name: str, source: DataSource, split: str) -> list[RawDocument]:
+    """``source.documents(split)``, checked: a list of ``RawDocument`` whose segments are
+    ``RawSegment``s of the modalities the source declares."""
+    where = f"{origin(source)}: dataset '{name}', documents('{split}')"
+    with plugin_boundary(where):
+        docs = source.documents(split)
+        docs = list(docs) if not isinstance(docs, (list, tuple)) and hasattr(docs, "__iter__") else docs
+    if not isinstance(docs, (list, tuple)):
+        raise MotError(f"{where} returned {type(docs).__name__}; expected a list of RawDocument")
+    declared = set(source.modalities)
+    for position, doc in enumerate(docs):
+        if not isinstance(doc, RawDocument):
+            raise MotError(f"{where} item {position} is {type(doc).__name__}; expected RawDocument(segments=(RawSegment(...), ...))")
+        if not isinstance(doc.segments, (tuple, list)) or not doc.segments:
+            raise MotError(f"{where} item {position} has segments {type(doc.segments).__name__} "
+                           f"{'(empty)' if isinstance(doc.segments, (tuple, list)) else ''}; expected a non-empty tuple of RawSegment")
+        for segment in doc.segments:
+            if not isinstance(segment, RawSegment):
+                raise MotError(f"{where} item {position} holds a {type(segment).__name__} segment; expected RawSegment(modality, payload)")
+            if segment.modality not in declared:
+                raise MotError(f"{where} item {position} has a '{segment.modality}' segment but the dataset declares "
+                               f"modalities {', '.join(sorted(declared)) or 'none'}")
+    return list(docs)
 
 
 def prepare_data(exp: Experiment) -> PreparedData:
     """Load every source, fit (or reload) each modality's tokenizer on training data, tokenize."""
-    raw_train: dict[str, list[RawDocument]] = {n: s.documents("train") for n, s in exp.sources.items()}
-    raw_val: dict[str, list[RawDocument]] = {n: s.documents("val") for n, s in exp.sources.items()}
+    raw_train: dict[str, list[RawDocument]] = {n: source_documents(n, s, "train") for n, s in exp.sources.items()}
+    raw_val: dict[str, list[RawDocument]] = {n: source_documents(n, s, "val") for n, s in exp.sources.items()}
     vocab = prepare_vocabulary(exp, raw_train)
     train = {n: vocab.tokenize(docs, n) for n, docs in raw_train.items()}
     # Round-robin across sources so a limited validation budget still covers every source.
@@ -189,12 +236,17 @@ def build_model(args: ModelArgs, vocab: Vocabulary) -> MoTTransformer:
     owned = {}
     for index, name in enumerate(vocab.names):
         modality = vocab.modalities[name]
-        adapter, head = modality.build_adapter(args.dim), modality.build_head(args.dim)
-        for what, module in (("build_adapter", adapter), ("build_head", head)):
+        where = f"{origin(modality)}: modality '{name}'"
+        built = {}
+        for what in ("build_adapter", "build_head"):
+            with plugin_boundary(f"{where}, {what}"):
+                module = getattr(modality, what)(args.dim)
             if module is not None and not isinstance(module, torch.nn.Module):
-                raise MotError(f"modality '{name}': {what}() returned {type(module).__name__}, expected a torch.nn.Module or None")
+                raise MotError(f"{where}: {what}() returned {type(module).__name__}, expected a torch.nn.Module or None")
+            built[what] = module
+        adapter, head = built["build_adapter"], built["build_head"]
         if modality.input_dim is not None and adapter is None:
-            raise MotError(f"modality '{name}' declares input_dim={modality.input_dim} but build_adapter() returned None")
+            raise MotError(f"{where} declares input_dim={modality.input_dim} but build_adapter() returned None")
         if adapter is not None or head is not None:
             owned[name] = ModalityModules(index, adapter, head)
     return MoTTransformer(args, owned)

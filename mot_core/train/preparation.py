@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mot_core.config import RunConfig
 from mot_core.errors import MotError
-from mot_core.train.experiment import build_experiment
+from mot_core.train.experiment import build_experiment, source_documents
 
 
 def data_prepare(config: RunConfig, progress: bool = True) -> dict:
@@ -15,8 +15,8 @@ def data_prepare(config: RunConfig, progress: bool = True) -> dict:
 def tokenizer_fit(config: RunConfig, progress: bool = True, force: bool = False) -> dict:
     """Fit every modality tokenizer that needs a separate fitting step, on the run's data."""
     exp = build_experiment(config)
-    train = [d for s in exp.sources.values() for d in s.documents("train")]
-    val = [d for s in exp.sources.values() for d in s.documents("val")]
+    train = [d for n, s in exp.sources.items() for d in source_documents(n, s, "train")]
+    val = [d for n, s in exp.sources.items() for d in source_documents(n, s, "val")]
     reports = {}
     for name, modality in exp.modalities.items():
         report = modality.fit(train, val, progress=progress, force=force)

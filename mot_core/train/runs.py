@@ -11,6 +11,7 @@ import yaml
 from mot_core.config import validate_config
 from mot_core.data import Vocabulary, fixed_batches
 from mot_core.errors import MotError
+from mot_core.generate.api import generate_segments
 from mot_core.generate.tasks import prompt_to_span, span_to_text
 from mot_core.launch.device import autocast_for, resolve_device
 from mot_core.model.transformer import MoTTransformer
@@ -62,7 +63,8 @@ def evaluate_checkpoint(path: Path, batches: int | None = None, samples: int = 0
     val = fixed_batches(data.val, tcfg.batch_size, tcfg.seq_len, batches or tcfg.eval_batches, len(data.vocab.names),
                         extras_sampler(exp, data.vocab))
     context = EvaluationContext(model, data.vocab, data.raw_val, device, samples=samples, seed=exp.config.run.seed,
-                                span_sampler=prompt_to_span, text_sampler=span_to_text)
+                                span_sampler=prompt_to_span, text_sampler=span_to_text,
+                                segment_generator=generate_segments)
     with torch.no_grad():
         metrics = evaluate(model, val, data.vocab, exp, device, autocast_for(device, tcfg.precision), context)
     return {"step": float(meta["step"]), **metrics}

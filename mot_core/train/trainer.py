@@ -94,6 +94,34 @@ def train(config: RunConfig) -> dict:
         lock.release()
 
 
+def mix_record(stream: PackedStream, sources: list[str], modalities: list[str]) -> dict[str, float]:
+    """Token shares read so far (padding excluded), per source and per modality."""
+    by_source, by_modality = stream.realized_shares()
+    record = {f"share/source/{name}": float(share) for name, share in zip(sources, by_source)}
+    record.update({f"share/modality/{modalities[m]}": share for m, share in by_modality.items()})
+    return record
+
+
+def describe_mix(stream: PackedStream, sources: list[str], modalities: list[str], batch_size: int, unit: str,
+                 batches: int = 200) -> str:
+    """The configured token shares next to those of the next ``batches`` batches (read from a
+    copy of the stream: the run's own stream does not move)."""
+    probe = PackedStream(stream.sources, list(stream.target_shares), stream.seq_len, stream.seed,
+                         weight_unit=stream.weight_unit)
+    probe.load_state_dict(stream.state_dict())
+    probe.tokens_by_source = [0] * len(sources)
+    probe.tokens_by_modality = {}
+    batches = max(1, min(batches, 2_000_000 // (batch_size * stream.seq_len)))  # at most ~2M tokens of packing
+    for _ in range(batches * batch_size):
+        probe.next_row()
+    by_source, by_modality = probe.realized_shares()
+    parts = [f"{name} {100 * share:.1f}% (weight {100 * target:.1f}%, {length:.0f} tokens/doc)"
+             for name, share, target, length in zip(sources, by_source, stream.target_shares, stream.mean_lengths)]
+    kinds = ", ".join(f"{modalities[m]} {100 * share:.1f}%" for m, share in by_modality.items())
+    return (f"data mix over the next {batches} batches (weights are shares of {unit}): {'; '.join(parts)} | "
+            f"modalities: {kinds}")
+
+
 def step_loss(per_modality: dict, exp: Experiment, runtime: Runtime) -> tuple[torch.Tensor, dict[str, float]]:
     """The objective to differentiate on this worker, and each modality's loss over the GLOBAL
     batch (every worker's rows).
@@ -159,7 +187,7 @@ def run_loop(config: RunConfig, exp: Experiment, runtime: Runtime) -> dict:
     names = list(exp.source_weights)
     extras = extras_sampler(exp, vocab)
     stream = PackedStream([data.train[n] for n in names], [exp.source_weights[n] for n in names], tcfg.seq_len,
-                          config.run.seed, extras=extras)
+                          config.run.seed, extras=extras, weight_unit=config.mixture.weight_unit)
     val_batches = fixed_batches(data.val, tcfg.batch_size, tcfg.seq_len, tcfg.eval_batches, len(vocab.names), extras)
     # Modules a plugin owns (adapters, heads) sit idle when their modality is absent from a
     # worker's rows. A zero-weighted term gives them a zero gradient, as every tower gets, so
@@ -177,12 +205,18 @@ def run_loop(config: RunConfig, exp: Experiment, runtime: Runtime) -> dict:
             print(f"resuming from {latest} (step {step})")
 
     if main:
+        print(describe_mix(stream, names, vocab.names, tcfg.batch_size, config.mixture.weight_unit))
         print(
             f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['active_per_token'] / 1e6:.2f}M active per token, "
             f"{flops / 1e6:.1f} MFLOP per token per training step | "
             f"modalities: {', '.join(f'{n} ({vocab.modalities[n].vocab_size} ids)' for n in vocab.names)} | "
             f"{runtime.describe()}"
         )
+    # Before step 1: every modality's loss and evaluators once on a real (held-out) batch, so
+    # a plugin mistake is reported before anything trains or a checkpoint is due.
+    rng = torch.get_rng_state()
+    evaluate(model, val_batches[:1], vocab, exp, device, autocast_for(device, tcfg.precision))
+    torch.set_rng_state(rng)
     log = MetricsLog(run_dir / "metrics.jsonl", step) if main else None
     autocast = autocast_for(device, tcfg.precision)
 
@@ -215,6 +249,7 @@ def run_loop(config: RunConfig, exp: Experiment, runtime: Runtime) -> dict:
                 total = total + 0.0 * sum(p.sum() for p in idle)
             if (step + 1) % tcfg.log_every == 0 or step + 1 == tcfg.steps:
                 record.update(model.router_stats(vocab.names))
+                record.update(mix_record(stream, names, vocab.names))
             if not math.isfinite(total_value) and tcfg.on_nonfinite == "stop":
                 raise MotError(
                     f"loss is {total_value} at step {step + 1}; stopped before it reached the weights "

@@ -6,9 +6,20 @@ from pathlib import Path
 
 import torch
 
-from mot_core.plugin_api import EvaluationContext, Evaluator, SamplingParams
+from pydantic import Field
+
+from mot_core.plugin_api import EvaluationContext, Evaluator, PluginOptions, SamplingParams
 from plugins.image_vq.modality import images_with_captions
 from plugins.image_vq.tokenizer_io import reconstruction_metrics
+
+
+class ImageVQEvaluatorOptions(PluginOptions):
+    """How ``mot eval`` samples the images it scores (``evaluator_options.image_vq``)."""
+
+    temperature: float = Field(1.0, ge=0, description="0 = greedy")
+    top_k: int = Field(0, ge=0, description="0 = off")
+    top_p: float = Field(0.95, gt=0, le=1, description="1 = off")
+    cfg_scale: float = Field(3.0, ge=0, description="classifier-free guidance scale (1 = off)")
 
 
 class ImageVQEvaluator(Evaluator):
@@ -18,6 +29,7 @@ class ImageVQEvaluator(Evaluator):
     between held-out images and images generated from their captions."""
 
     name = "image_vq"
+    Options = ImageVQEvaluatorOptions
 
     def reset(self) -> None:
         self.nats, self.tokens = 0.0, 0
@@ -44,7 +56,8 @@ class ImageVQEvaluator(Evaluator):
         if len(captioned) >= 2 and text is not None:
             fake = torch.stack(list(context.sample_spans(
                 [captions[i] for i in captioned], text, modality.name,
-                SamplingParams(temperature=1.0, top_k=0, top_p=0.95, cfg_scale=3.0),
+                SamplingParams(temperature=self.options.temperature, top_k=self.options.top_k,
+                               top_p=self.options.top_p, cfg_scale=self.options.cfg_scale),
             )))
             opts = modality.options
             if opts.inception_weights:

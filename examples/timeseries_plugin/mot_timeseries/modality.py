@@ -142,6 +142,33 @@ class TimeSeries(Modality):
         ids = np.searchsorted(edges[1:-1], to_log_space(as_series(payload)), side="right")
         return torch.from_numpy(ids.astype(np.int64))
 
+    def read_payload(self, path: Path) -> np.ndarray:
+        """A series from a text file: numbers separated by commas, spaces or newlines (the
+        start of a series to continue, ``mot generate --prompt-file``)."""
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise MotError(f"cannot read series file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+        try:
+            values = np.array([float(v) for v in text.replace(",", " ").split()], dtype=np.float64)
+        except ValueError as exc:
+            raise MotError(f"series file {path} holds something that is not a number ({exc})") from None
+        if not values.size or not np.isfinite(values).all():
+            raise MotError(f"series file {path} must hold finite numbers, at least one")
+        return values
+
+    def write_payloads(self, payloads: list, path: Path, captions: list[str] | None = None) -> Path:
+        """Generated series as CSV, one per line: the prompt (quoted), then the values."""
+        import csv
+
+        path = Path(path)
+        with path.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            for index, values in enumerate(payloads):
+                label = captions[index] if captions and index < len(captions) else ""
+                writer.writerow([label, *(f"{v:.6g}" for v in np.asarray(values, dtype=np.float64))])
+        return path
+
     def decode(self, ids: torch.Tensor) -> np.ndarray:
         """(L,) bin ids -> (L,) float64 values: the mean training value of each bin."""
         _, centres = self._require_bins()
