@@ -40,6 +40,9 @@ class Glyphs(Modality):
     def encode(self, payload):
         return torch.tensor([max(0, min(95, ord(c) - 31)) for c in payload], dtype=torch.long)
 
+    def decode(self, ids):
+        return "".join(chr(int(i) + 31) if int(i) else "?" for i in ids)
+
 
 class GlyphLines(DataSource):
     name = "glyph_lines"

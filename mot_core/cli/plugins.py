@@ -1,4 +1,5 @@
-"""``mot plugins``: registered plugins and what each contributes."""
+"""``mot plugins``: registered plugins and what each contributes; ``mot plugins check``: the
+conformance check for plugin authors."""
 
 from __future__ import annotations
 
@@ -19,6 +20,21 @@ def cmd_plugins(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plugins_check(ns: argparse.Namespace) -> int:
+    from mot_core.train.conformance import check_plugins
+
+    ok = check_plugins(ns.names or None, config_paths=ns.config or None)
+    print("all checks passed" if ok else "some checks FAILED (see above)")
+    return 0 if ok else 1
+
+
 def register(sub) -> None:
-    p = sub.add_parser("plugins", help="list registered plugins and what they contribute")
+    p = sub.add_parser("plugins", help="list registered plugins and what they contribute; `mot plugins check NAME`")
     p.set_defaults(func=cmd_plugins)
+    actions = p.add_subparsers(dest="plugins_command", required=False)
+    check = actions.add_parser("check", help="conformance check of plugins (default: all): one line per check")
+    check.add_argument("names", nargs="*", help="entry-point names of the plugins to check (see `mot plugins`)")
+    check.add_argument("--config", action="append", default=[],
+                       help="take data sources, modalities and options from this run config (and its run.dir's "
+                       "fitted tokenizers) instead of each plugin's defaults; repeatable, each checked")
+    check.set_defaults(func=cmd_plugins_check)
