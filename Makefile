@@ -2,7 +2,7 @@
 #   make demo   the main job: a small Chameleon-style MoT and its dense twin on captioned images
 #   make test   the test suite
 # Both create .venv, install the package (torch pinned in constraints.txt) and the Debian
-# emoji font on first use.
+# emoji font on first use. `make setup` does the Python part alone (what a plugin author needs).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -11,7 +11,7 @@ EMOJI_FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO   := examples/configs/chameleon
 
-.PHONY: demo test install clean
+.PHONY: demo test install setup clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml constraints.txt
 $(EMOJI_FONT):
 	$(SUDO) apt-get install -y -q fonts-noto-color-emoji || \
 	  ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q fonts-noto-color-emoji)
+
+setup: $(STAMP)
 
 install: $(STAMP) $(EMOJI_FONT)
 

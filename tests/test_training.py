@@ -103,3 +103,28 @@ def test_resume_never_refuses_to_overwrite(write_config, tmp_path, capsys, unint
 def test_tokenizer_options_changed_under_an_existing_run(write_config, tmp_path, capsys, uninterrupted):
     code = main(["train", str(tmp_path / "full.yaml"), "mixture.modalities.text.options.vocab_size=400"])
     assert code == 2 and "tokenizer saved in" in capsys.readouterr().err
+
+
+def test_token_shares_are_printed_at_start_and_logged(text_corpus, tmp_path, capsys):
+    """Two real text sources of very different document lengths (pydoc topics, Wikipedia
+    articles), weighted 0.25 / 0.75 as shares of tokens."""
+    import yaml
+
+    from conftest import tiny_config_dict
+
+    data = tiny_config_dict(text_corpus, tmp_path / "mix", steps=20, log_every=10, eval_every=0, checkpoint_every=0,
+                            batch_size=4)
+    data["mixture"]["datasets"]["text_files"]["weight"] = 0.25
+    data["mixture"]["datasets"]["wikipedia"] = {"weight": 0.75, "options": {"val_fraction": 0.05}}
+    path = tmp_path / "mix.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["train", str(path)]) == 0
+    out = capsys.readouterr().out
+    start = next(line for line in out.splitlines() if line.startswith("data mix over the next"))
+    assert "(weights are shares of tokens)" in start and "text_files 25.0% (weight 25.0%" in start, start
+    assert "wikipedia 75.0% (weight 75.0%" in start and "modalities: text 100.0%" in start, start
+    logged = [r for r in read_metrics(tmp_path / "mix") if "share/source/wikipedia" in r]
+    assert [r["step"] for r in logged] == [10, 20]
+    for record in logged:
+        assert abs(record["share/source/wikipedia"] - 0.75) < 0.05 * 0.75
+        assert record["share/modality/text"] == 1.0
