@@ -85,3 +85,25 @@ def test_the_unbroken_test_plugin_passes():
     report = check_plugin(PLUGIN, build_registry((make_plugin(),)))
     assert report.ok, report.text()
     assert any(line.check == "modality glyphs: generation" and line.status == "PASS" for line in report.lines), report.text()
+
+
+def test_evaluators_generate_through_the_same_entry_point(tmp_path):
+    """``EvaluationContext.generate`` is ``generate_segments``: free-running glyphs after a
+    glyph prompt, up to ``max_tokens`` (the modality has no stop token)."""
+    from mot_core.config import validate_config
+    from mot_core.generate.api import generate_segments
+    from mot_core.plugin_api import EvaluationContext, RawSegment, SamplingParams
+    from mot_core.train.experiment import build_experiment, build_model, model_args, prepare_vocabulary
+
+    from test_plugin_contract import _config
+
+    registry = build_registry((make_plugin(),))
+    config = validate_config(_config(tmp_path / "run"))
+    exp = build_experiment(config, registry)
+    vocab = prepare_vocabulary(exp)
+    model = build_model(model_args(config, vocab), vocab).eval()
+    context = EvaluationContext(model, vocab, [], torch.device("cpu"), samples=2, segment_generator=generate_segments)
+    out = context.generate([[RawSegment("glyphs", "The quick")]] * 2, "glyphs", SamplingParams(temperature=0.0),
+                           max_tokens=5)
+    assert len(out) == 2 and all(isinstance(o, str) and len(o) == 5 for o in out)
+    assert out[0] == out[1]  # greedy: the same prompt gives the same continuation
