@@ -21,7 +21,7 @@ from mot_core.data import Vocabulary
 from mot_core.errors import MotError, plugin_boundary
 from mot_core.generate.decoding import SamplingParams, generate
 from mot_core.generate.tasks import prompt_to_span, prompts_of
-from mot_core.plugin_api import ContinuousSegment, RawSegment, origin
+from mot_core.plugin_api import RawSegment, origin
 
 
 def generate_segments(model, vocab: Vocabulary, prompts: list[list[RawSegment]], modality: str,
@@ -76,8 +76,6 @@ def _encode_prompts(vocab: Vocabulary, prompts: list[list[RawSegment]], modality
             if segment_values:
                 for m, v in segment_values[0].items():
                     row_values.setdefault(m, []).append(v)
-            if isinstance(encoded, ContinuousSegment) or continued:
-                continue
         token_prompts.append(ids)
         all_values.append({m: torch.cat(v) for m, v in row_values.items()})
     return token_prompts, (all_values if any(all_values) else None)

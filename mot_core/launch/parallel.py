@@ -16,9 +16,6 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-STRATEGIES = ("ddp", "fsdp2")
-
-
 def apply_ddp(model: torch.nn.Module) -> Callable:
     """Replicate ``model``; returns the wrapper whose call runs the forward (gradients are
     averaged over workers during the backward pass)."""

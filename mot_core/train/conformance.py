@@ -15,6 +15,7 @@ modality declares how. Each check is one line: PASS, FAIL with the reason, or SK
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -236,7 +237,7 @@ def _check_run(report: CheckReport, registry, raw: dict, owned: dict, sample_doc
     model = model_state["model"]
 
     def evaluators() -> str:
-        metrics = evaluate(model, model_state["batches"], vocab, exp, torch.device("cpu"), _no_autocast)
+        metrics = evaluate(model, model_state["batches"], vocab, exp, torch.device("cpu"), contextlib.nullcontext)
         return ", ".join(sorted(metrics)) or "no metrics"
 
     report.run("evaluators: update and compute", evaluators)
@@ -254,12 +255,6 @@ def _check_run(report: CheckReport, registry, raw: dict, owned: dict, sample_doc
         if evaluator not in {cls.name for classes in exp.evaluators.values() for cls in classes}:
             report.lines.append(CheckLine("SKIP", f"evaluator {evaluator}", "no modality of this check runs it; pass "
                                           "--config of a run that does"))
-
-
-def _no_autocast():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def _is_missing_data(exc: MotError) -> bool:
