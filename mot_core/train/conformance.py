@@ -167,6 +167,7 @@ def _check_run(report: CheckReport, registry, raw: dict, owned: dict, sample_doc
         return
     exp = state["exp"]
     docs: dict[str, dict[str, list]] = {"train": {}, "val": {}}
+    full_train: dict[str, list] = {}  # every training document: the tokenizers fit on them
     for name, source in exp.sources.items():
         for split in ("train", "val"):
             def read(name=name, source=source, split=split) -> str:
@@ -179,6 +180,8 @@ def _check_run(report: CheckReport, registry, raw: dict, owned: dict, sample_doc
                 if not found:
                     raise MotError(f"dataset '{name}' returned no '{split}' documents")
                 docs[split][name] = found[:sample_documents]
+                if split == "train":
+                    full_train[name] = found
                 return f"{len(found)} documents"
             report.run(f"dataset {name}: documents('{split}')", read)
     if not all(docs["train"].get(n) and docs["val"].get(n) for n in exp.sources):
@@ -186,9 +189,8 @@ def _check_run(report: CheckReport, registry, raw: dict, owned: dict, sample_doc
         return
 
     def vocabulary() -> str:
-        full = {n: source_documents(n, s, "train") for n, s in exp.sources.items()}
         try:
-            state["vocab"] = prepare_vocabulary(exp, full)
+            state["vocab"] = prepare_vocabulary(exp, full_train)
         except MotError as exc:
             theirs = not any(f"modality '{m}'" in str(exc) for m in owned["modalities"])
             if _is_missing_data(exc) or theirs:  # data or another plugin's modality: not this plugin's fault

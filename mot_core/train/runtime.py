@@ -68,9 +68,11 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     def load(self, handle: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer, args: Any
              ) -> tuple[dict, dict]:
-        """Check that the checkpoint was written for a model of ``args``, then restore weights, optimizer state and this process's RNG state in place; returns
-        (meta, trainer state), the trainer state holding ``scheduler`` and ``data``."""
+        """Check that the checkpoint was written for a model of ``args``, then restore weights,
+        optimizer state and this process's RNG state in place; returns (meta, trainer state),
+        the trainer state holding ``scheduler`` and ``data``."""
 
+    @abc.abstractmethod
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict,
              config_yaml: str, args: Any, keep: int, record: dict) -> str:
         """Write a checkpoint of ``step`` (``state``: scheduler and data state; ``record``: the

@@ -102,7 +102,7 @@ def mix_record(stream: PackedStream, sources: list[str], modalities: list[str]) 
     return record
 
 
-def describe_mix(stream: PackedStream, sources: list[str], modalities: list[str], batch_size: int, unit: str,
+def describe_mix(stream: PackedStream, sources: list[str], modalities: list[str], batch_size: int,
                  batches: int = 200) -> str:
     """The configured token shares next to those of the next ``batches`` batches (read from a
     copy of the stream: the run's own stream does not move)."""
@@ -118,7 +118,7 @@ def describe_mix(stream: PackedStream, sources: list[str], modalities: list[str]
     parts = [f"{name} {100 * share:.1f}% (weight {100 * target:.1f}%, {length:.0f} tokens/doc)"
              for name, share, target, length in zip(sources, by_source, stream.target_shares, stream.mean_lengths)]
     kinds = ", ".join(f"{modalities[m]} {100 * share:.1f}%" for m, share in by_modality.items())
-    return (f"data mix over the next {batches} batches (weights are shares of {unit}): {'; '.join(parts)} | "
+    return (f"data mix over the next {batches} batches (weights are shares of {stream.weight_unit}): {'; '.join(parts)} | "
             f"modalities: {kinds}")
 
 
@@ -129,25 +129,21 @@ def step_loss(per_modality: dict, exp: Experiment, runtime: Runtime) -> tuple[to
     Each modality's mean divides this worker's loss sum by the count over all workers, times
     the number of workers: data-parallel gradients are averaged over workers, so the update is
     exactly the gradient of the single-process loss of the whole global batch."""
-    names = list(per_modality)
-    reduced = [reduce_losses(losses, valid, piece, exp.losses[name].reduction)
-               for name, (losses, valid, piece) in per_modality.items()]
-    device = next(iter(reduced))[0].device if reduced else runtime.device
-    stats = torch.tensor([[float(s.detach()), float(c)] for s, c in reduced], dtype=torch.float64, device=device)
-    names_all = list(exp.losses)
-    table = torch.zeros(len(names_all), 2, dtype=torch.float64, device=device)
-    if names:
-        table[[names_all.index(n) for n in names]] = stats
-    table = runtime.all_reduce_sum(table)
-    total = torch.zeros((), device=device)
-    means = {}
-    for name, (loss_sum, _) in zip(names, reduced):
-        count = float(table[names_all.index(name), 1])
+    row = {name: i for i, name in enumerate(exp.losses)}
+    reduced = {name: reduce_losses(losses, valid, piece, exp.losses[name].reduction)
+               for name, (losses, valid, piece) in per_modality.items()}
+    # (modalities, 2) sums and counts, built on the device: one all-reduce, one host read
+    table = torch.zeros(len(row), 2, dtype=torch.float64, device=runtime.device)
+    for name, (loss_sum, count) in reduced.items():
+        table[row[name], 0] = loss_sum.detach().double()
+        table[row[name], 1] = count.double()
+    stats = runtime.all_reduce_sum(table).tolist()
+    total = torch.zeros((), device=runtime.device)
+    for name, (loss_sum, _) in reduced.items():
+        count = stats[row[name]][1]
         if count:  # present but with no scored position anywhere: contributes nothing
             total = total + exp.loss_weights[name] * (loss_sum / count)
-    for name, (loss_sum, count) in zip(names_all, table.tolist()):
-        if count:
-            means[name] = loss_sum / count
+    means = {name: stats[i][0] / stats[i][1] for name, i in row.items() if stats[i][1]}
     return total * runtime.world if runtime.world > 1 else total, means
 
 
@@ -205,7 +201,7 @@ def run_loop(config: RunConfig, exp: Experiment, runtime: Runtime) -> dict:
             print(f"resuming from {latest} (step {step})")
 
     if main:
-        print(describe_mix(stream, names, vocab.names, tcfg.batch_size, config.mixture.weight_unit))
+        print(describe_mix(stream, names, vocab.names, tcfg.batch_size))
         print(
             f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['active_per_token'] / 1e6:.2f}M active per token, "
             f"{flops / 1e6:.1f} MFLOP per token per training step | "
@@ -214,11 +210,11 @@ def run_loop(config: RunConfig, exp: Experiment, runtime: Runtime) -> dict:
         )
     # Before step 1: every modality's loss and evaluators once on a real (held-out) batch, so
     # a plugin mistake is reported before anything trains or a checkpoint is due.
+    autocast = autocast_for(device, tcfg.precision)
     rng = torch.get_rng_state()
-    evaluate(model, val_batches[:1], vocab, exp, device, autocast_for(device, tcfg.precision))
+    evaluate(model, val_batches[:1], vocab, exp, device, autocast)
     torch.set_rng_state(rng)
     log = MetricsLog(run_dir / "metrics.jsonl", step) if main else None
-    autocast = autocast_for(device, tcfg.precision)
 
     def save() -> str:
         return runtime.save(step, model, optimizer, {"scheduler": scheduler.state_dict(), "data": data_state},
