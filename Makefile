@@ -29,6 +29,8 @@ install: $(STAMP) $(EMOJI_FONT)
 demo: install
 	$(BIN)/mot data prepare $(DEMO)_mot.yaml
 	$(BIN)/mot tokenizer fit $(DEMO)_mot.yaml
+	$(BIN)/mot data tokenize $(DEMO)_dense.yaml
+	$(BIN)/mot data tokenize $(DEMO)_mot.yaml
 	$(BIN)/mot train $(DEMO)_dense.yaml
 	$(BIN)/mot train $(DEMO)_mot.yaml
 	$(BIN)/mot compare runs/chameleon_dense runs/chameleon_mot --plot runs/chameleon_loss_curves.png

@@ -146,6 +146,22 @@ class LaunchSection(Section):
     )
 
 
+class DataSection(Section):
+    """Tokenized shards: ``mot data tokenize`` (or the first ``mot train`` / ``mot launch``)
+    encodes every source once into memory-mapped Arrow shards that training streams."""
+
+    dir: str | None = Field(
+        None, description="where the shards go: a folder or an object-store URI (s3://, gs://); default "
+        "<run.dir>/tokens",
+    )
+    shard_tokens: PositiveInt = Field(1 << 24, description="tokens per shard file (2^24 int32 ids: 64 MiB)")
+    fit_sample_documents: PositiveInt = Field(
+        20_000, description="documents of each source's training split that fitted tokenizers read (the first "
+        "ones of each part): fitting is bounded whatever the corpus size",
+    )
+    encode_batch_documents: PositiveInt = Field(256, description="documents encoded per call of encode_batch")
+
+
 class TowerSection(Section):
     """Per-modality tower settings (plugins may recommend defaults via mot_tower_defaults)."""
 
@@ -190,6 +206,7 @@ class RunConfig(Section):
     model: ModelSection = ModelSection()
     train: TrainSection = TrainSection()
     launch: LaunchSection = LaunchSection()
+    data: DataSection = DataSection()
     mixture: MixtureSection
 
     @model_validator(mode="after")

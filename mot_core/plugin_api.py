@@ -20,6 +20,8 @@ Data flows one way:
 from __future__ import annotations
 
 import abc
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable, Literal
@@ -28,6 +30,30 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from mot_core.errors import MotError
+
+def fingerprint_files(paths: Iterable[Path | str], extra: str = "", contents: bool = True) -> str:
+    """sha256 over ``extra`` and the files at ``paths`` (folders: every file below, in sorted
+    order; missing paths count as missing). ``contents``: hash the bytes (for tokenizer
+    files); False: only relative names, sizes and modification times (for data, cheaply)."""
+    digest = hashlib.sha256(extra.encode("utf-8"))
+    for path in paths:
+        path = Path(path)
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            name = str(file.relative_to(path)) if path.is_dir() else file.name
+            if not file.is_file():
+                digest.update(f"\0missing {name}".encode())
+                continue
+            stat = file.stat()
+            digest.update(f"\0{name}\0{stat.st_size}".encode())
+            if not contents:
+                digest.update(f"\0{stat.st_mtime_ns}".encode())
+                continue
+            with file.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
 
 def origin(obj: Any) -> str:
     """Who contributed a plugin class (or an instance of one), for error messages:
@@ -246,6 +272,22 @@ class Modality(abc.ABC):
         which constrains decoding. None for free-running modalities."""
         return None
 
+    def fingerprint(self) -> str:
+        """A digest of everything ``encode`` depends on (after ``prepare``), stored with the
+        tokenized shards so that shards written by another tokenizer are refused, never read.
+
+        The default covers the class, the options, ``vocab_size``, ``input_dim`` and every
+        file under ``state_dir``. A modality whose tokenizer lives elsewhere (a shared
+        ``tokenizer_dir``, a published checkpoint) adds those files:
+        ``fingerprint_files([...], extra=super().fingerprint())``."""
+        described = {
+            "class": f"{type(self).__module__}.{type(self).__qualname__}",
+            "options": self.options.model_dump(mode="json"),
+            "vocab_size": self.vocab_size,
+            "input_dim": self.input_dim,
+        }
+        return fingerprint_files([self.state_dir], extra=json.dumps(described, sort_keys=True, default=str))
+
 
 @dataclass
 class ModalitySlice:
@@ -361,8 +403,33 @@ class DataSource(abc.ABC):
         self.options = options
 
     @abc.abstractmethod
-    def documents(self, split: Split) -> list[RawDocument]:
-        """All documents of a split. Raise ``MotError`` for missing or unreadable data."""
+    def documents(self, split: Split) -> Iterable[RawDocument]:
+        """The documents of a split, in the same order every time: a list, or (better for a
+        large corpus) an iterator that reads and yields them lazily, so that memory does not
+        grow with the corpus. Raise ``MotError`` for missing or unreadable data.
+
+        The engine reads them once, to tokenize them into shards (``mot data tokenize``), and
+        to fit tokenizers on a bounded sample of the first documents of each part."""
+
+    def num_parts(self, split: Split) -> int:
+        """How many independent parts a split can be read in (files, groups of files, shards
+        of the source's own). Parts are tokenized in parallel (Ray Data tasks on a cluster),
+        each into shards of its own. Default 1: the whole split is one part."""
+        return 1
+
+    def read_part(self, split: Split, part: int) -> Iterable[RawDocument]:
+        """The documents of part ``part`` (0 <= part < ``num_parts(split)``), same order every
+        time; the parts in order give ``documents(split)``. Override with ``num_parts``."""
+        if part != 0:
+            raise MotError(f"dataset '{self.name}' has one part, asked for part {part}")
+        return self.documents(split)
+
+    def fingerprint(self) -> str:
+        """A digest of the data as it is now (file names, sizes and modification times; a
+        dump's size), stored with the tokenized shards: shards of a source that has changed
+        since are refused. Keep it cheap (no reading of the data itself). Default: the
+        options, which catches a changed path or split but not a file edited in place."""
+        return fingerprint_files([], extra=json.dumps(self.options.model_dump(mode="json"), sort_keys=True, default=str))
 
     def prepare(self, progress: bool = True) -> dict[str, Any]:
         """Build the data on disk if it must be rendered or converted first (``mot data

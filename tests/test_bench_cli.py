@@ -87,3 +87,25 @@ def test_flex_training_benchmark_on_cpu_is_refused(capsys):
         pytest.skip("flex trains on CUDA")
     code = main(["bench", "throughput", "--backend", "flex", "--seq-len", "64", "--json"])
     assert code == 2 and "flex" in capsys.readouterr().err
+
+
+def test_data_bench_at_tiny_sizes(capsys, tmp_path):
+    """``mot bench data`` end to end on two tiny corpora: every figure is measured, none is
+    missing, and the corpora are real text of the asked size."""
+    code = main(["bench", "data", "--sizes", "300KB,600KB", "--out", str(tmp_path), "--steps", "1", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = report["rows"]
+    assert [r["corpus"] for r in rows] == ["300KB", "600KB"]
+    for row in rows:
+        assert row["tokens"] > 0 and row["shards"] >= 2 and row["encode_s"] > 0 and row["raw_mb_per_s"] > 0
+        assert row["first_step_s"] > 0 and row["train_peak_mb"] > 0
+    assert rows[1]["tokens"] > rows[0]["tokens"]
+    sizes = sorted(sum(f.stat().st_size for f in (tmp_path / f"corpus_{r['corpus']}").glob("*.txt")) for r in rows)
+    assert sizes[0] >= 300 << 10 and sizes[1] >= 600 << 10
+    assert report["step_time"]["ratio"] > 0 and report["step_time"]["documents"] > 0
+
+
+def test_data_bench_refuses_a_bad_size(capsys):
+    assert main(["bench", "data", "--sizes", "5XB"]) == 2
+    assert "corpus size '5XB' is not a size" in capsys.readouterr().err

@@ -163,7 +163,7 @@ def test_documents_hold_both_directions_in_order(prepared):
     root, _ = prepared
     images = source(root, caption_dropout=0.0, text_modality="caption", image_modality="pixels")
     assert images.modalities == ("caption", "pixels")
-    docs = images.documents("train")
+    docs = list(images.documents("train"))
     n_train = sum(e["split"] == "train" for n in ("emoji", "mnist") for e in read_captions(root / n))
     assert len(docs) == 2 * n_train
     for forward, backward in zip(docs[0::2], docs[1::2]):
@@ -174,14 +174,14 @@ def test_documents_hold_both_directions_in_order(prepared):
     pixels = torch.stack([d.segments[1].payload for d in docs[0::2]])
     assert pixels.shape == (n_train, 3, SIZE, SIZE) and pixels.dtype == torch.float32
     assert pixels.min() == -1.0 and pixels.max() == 1.0
-    again = images.documents("train")
+    again = list(images.documents("train"))
     assert [d.segments[0].payload for d in again[0::2]] == [d.segments[0].payload for d in docs[0::2]]
 
 
 def test_caption_dropout_removes_captions_only_from_training_caption_to_image(prepared):
     root, _ = prepared
     rate = 0.3
-    docs = source(root, caption_dropout=rate).documents("train")
+    docs = list(source(root, caption_dropout=rate).documents("train"))
     forward, backward = docs[0::2], docs[1::2]
     dropped = [len(d.segments) == 1 for d in forward]
     assert sum(dropped) / len(forward) == pytest.approx(rate, abs=0.04)
@@ -194,8 +194,8 @@ def test_caption_dropout_removes_captions_only_from_training_caption_to_image(pr
 
 def test_max_images_per_source_and_source_selection(prepared):
     root, _ = prepared
-    docs = source(root, sources=["mnist"], max_images_per_source=60, directions=["caption_to_image"],
-                  caption_dropout=0.0).documents("train")
+    docs = list(source(root, sources=["mnist"], max_images_per_source=60, directions=["caption_to_image"],
+                       caption_dropout=0.0).documents("train"))
     train_in_first_60 = sum(e["split"] == "train" for e in read_captions(root / "mnist")[:60])
     assert len(docs) == train_in_first_60
     assert all(d.segments[0].payload.startswith("handwritten digit") for d in docs)
@@ -203,10 +203,10 @@ def test_max_images_per_source_and_source_selection(prepared):
 
 def test_a_captions_file_rewritten_is_read_again(mnist_copy):
     images = source(mnist_copy, sources=["mnist"], directions=["image_to_caption"])
-    assert images.documents("train")[0].segments[1].payload.startswith("handwritten digit")
+    assert list(images.documents("train"))[0].segments[1].payload.startswith("handwritten digit")
     captions = mnist_copy / "mnist" / "captions.jsonl"
     captions.write_text(captions.read_text().replace("handwritten digit", "a digit"))
-    assert images.documents("train")[0].segments[1].payload.startswith("a digit")
+    assert list(images.documents("train"))[0].segments[1].payload.startswith("a digit")
 
 
 # --- errors ----------------------------------------------------------------------------------
@@ -214,9 +214,9 @@ def test_a_captions_file_rewritten_is_read_again(mnist_copy):
 
 def test_missing_root_or_source_says_to_prepare(prepared, tmp_path):
     with pytest.raises(MotError, match="mot data prepare"):
-        source(tmp_path / "nowhere").documents("train")
+        list(source(tmp_path / "nowhere").documents("train"))
     with pytest.raises(MotError, match=r"'flags'.*mot data prepare"):
-        source(prepared[0], sources=["emoji", "flags"]).documents("train")
+        list(source(prepared[0], sources=["emoji", "flags"]).documents("train"))
 
 
 def first_train_file(root: Path) -> Path:
@@ -228,14 +228,14 @@ def test_corrupt_image_is_named(mnist_copy):
     broken = first_train_file(mnist_copy)
     broken.write_bytes(b"\x89PNG not really an image")
     with pytest.raises(MotError, match=f"cannot read image {re.escape(str(broken))}"):
-        source(mnist_copy, sources=["mnist"]).documents("train")
+        list(source(mnist_copy, sources=["mnist"]).documents("train"))
 
 
 def test_wrong_size_image_is_named_with_both_sizes(mnist_copy):
     wrong = first_train_file(mnist_copy)
     Image.new("RGB", (20, 20), "white").save(wrong)
     with pytest.raises(MotError, match=rf"{re.escape(str(wrong))} is 20x20 pixels but image_size is {SIZE}"):
-        source(mnist_copy, sources=["mnist"]).documents("train")
+        list(source(mnist_copy, sources=["mnist"]).documents("train"))
 
 
 def test_malformed_captions_line_is_named(mnist_copy):
@@ -243,18 +243,18 @@ def test_malformed_captions_line_is_named(mnist_copy):
     lines = captions.read_text().splitlines()
     captions.write_text("\n".join(lines[:3] + ['{"file": "images/00000.png", "caption": '] + lines[3:]) + "\n")
     with pytest.raises(MotError, match=rf"{re.escape(str(captions))} line 4: not valid JSON"):
-        source(mnist_copy, sources=["mnist"]).documents("train")
+        list(source(mnist_copy, sources=["mnist"]).documents("train"))
     captions.write_text("\n".join(lines[:1] + ['{"file": "images/00000.png", "split": "train"}']) + "\n")
     with pytest.raises(MotError, match=rf"{re.escape(str(captions))} line 2: expected"):
-        source(mnist_copy, sources=["mnist"]).documents("train")
+        list(source(mnist_copy, sources=["mnist"]).documents("train"))
 
 
 def test_prepared_size_other_than_image_size_and_empty_split(mnist_copy):
     with pytest.raises(MotError, match="holds 32x32 images but image_size is 28"):
-        CaptionedImages(CaptionedImagesOptions(root=str(mnist_copy), sources=["mnist"], image_size=28)).documents("train")
+        list(CaptionedImages(CaptionedImagesOptions(root=str(mnist_copy), sources=["mnist"], image_size=28)).documents("train"))
     first_val = next(i for i, e in enumerate(read_captions(mnist_copy / "mnist")) if e["split"] == "val")
     with pytest.raises(MotError, match=r"source 'mnist' has no images in its 'val' split"):
-        source(mnist_copy, sources=["mnist"], max_images_per_source=first_val).documents("val")
+        list(source(mnist_copy, sources=["mnist"], max_images_per_source=first_val).documents("val"))
 
 
 def test_options_reject_repeats_and_shared_modality():

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from conftest import PLUGIN_SOURCE, fail_at_batch, run_mot
 from mot_core.cli import main
-from mot_core.data import IGNORE, PackedStream, Vocabulary
+from mot_core.data import IGNORE, PackedStream, Vocabulary, collate
 from mot_core.data.packing import collate
 from mot_core.errors import MotError
 from mot_core.model.transformer import ModalityModules, ModelArgs, MoTTransformer
@@ -117,7 +117,7 @@ def test_values_and_next_value_targets_follow_their_positions_through_packing():
     assert first.next_value_index.tolist() == [-1, -1, 0, 1, 2, -1, -1]
 
     stream = PackedStream([docs], [1.0], seq_len=5, seed=0, shuffle=False)  # cuts documents
-    batch = stream.next_batch(4, 2)
+    batch = collate([stream.next_row() for _ in range(4)], 2)  # one lane's rows continue its documents
     ramp = vocab.index("ramp")
     flat_value = batch.is_value.reshape(-1)
     # Values arrive in batch order: the k-th continuous position holds the k-th value.
@@ -157,8 +157,8 @@ def test_values_and_next_value_targets_follow_their_positions_through_packing():
 
 def test_adapter_sees_exactly_its_values_and_output_is_checked():
     vocab = ramp_vocab()
-    stream = PackedStream([vocab.tokenize(ramp_documents(), "test")], [1.0], seq_len=6, seed=1)
-    batch = stream.next_batch(3, 2)
+    stream = PackedStream([vocab.tokenize(ramp_documents(), "test")], [1.0], seq_len=6, seed=1, lanes=3)
+    batch = stream.next_batch(2)
     args = ModelArgs(vocab_size=vocab.size, num_modalities=2, dim=16, n_layers=1, n_heads=2, max_seq_len=16)
     ramp = _Ramp(None, Path("."))
     adapter = ramp.build_adapter(16)
@@ -184,7 +184,7 @@ def test_adapter_sees_exactly_its_values_and_output_is_checked():
 def test_dense_baseline_with_an_adapter_matches_mot_with_nothing_untied():
     """The unrouted (dense) path puts adapter outputs back in original order."""
     vocab = ramp_vocab()
-    batch = PackedStream([vocab.tokenize(ramp_documents(), "test")], [1.0], seq_len=6, seed=2).next_batch(2, 2)
+    batch = PackedStream([vocab.tokenize(ramp_documents(), "test")], [1.0], seq_len=6, seed=2, lanes=2).next_batch(2)
     args = ModelArgs(vocab_size=vocab.size, num_modalities=2, dim=16, n_layers=2, n_heads=2, max_seq_len=16,
                      untie_ffn=False, untie_attention=False, untie_norm=False)
     torch.manual_seed(0)
@@ -383,12 +383,13 @@ def test_each_loss_reaches_only_its_own_tower_and_modules(noisy_registry, tmp_pa
     projection, FFN, norms) and its own modules get exactly zero gradient; its own get some."""
     from mot_core.config import validate_config
     from mot_core.data import fixed_batches
-    from mot_core.train.experiment import build_experiment, build_model, extras_sampler, model_args, prepare_data
+    from mot_core.train.experiment import build_experiment, build_model, extras_sampler, model_args
+    from mot_core.train.tokenize import open_data, prepare_vocabulary
 
     noisy_registry()
     config = validate_config(_patch_config(tmp_path / "g", "noisy_patches"))
     exp = build_experiment(config)
-    data = prepare_data(exp)
+    data = open_data(exp, prepare_vocabulary(exp))
     torch.manual_seed(0)
     model = build_model(model_args(config, data.vocab), data.vocab)
     with torch.no_grad():  # a trained-looking head: zeros would hide gradient paths

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mot_core.data import IGNORE, PackedStream, TokenDocument, Vocabulary, fixed_batches
+from mot_core.data import IGNORE, PackedStream, TokenDocument, Vocabulary, collate, fixed_batches
 from mot_core.errors import MotError
 from mot_core.plugin_api import Modality, RawDocument, RawSegment
 from mot_core.train.trainer import lr_factor
@@ -73,10 +73,10 @@ def _real_sources() -> tuple[list[TokenDocument], list[TokenDocument]]:
 def test_mixture_weights_are_token_shares_met_within_5_percent_over_200_batches(capsys):
     long_docs, short_docs = _real_sources()
     weights = [0.3, 0.7]
-    stream = PackedStream([long_docs, short_docs], weights, seq_len=128, seed=0, weight_unit="tokens")
+    stream = PackedStream([long_docs, short_docs], weights, seq_len=128, seed=0, lanes=8, weight_unit="tokens")
     mixed, counts = 0, np.zeros(2)
     for _ in range(200):
-        batch = stream.next_batch(8, 2)
+        batch = stream.next_batch(2)
         real = batch.targets != IGNORE  # padding excluded (none here: no whole segments)
         per_source = np.array([int(((batch.modality == m) & real).sum()) for m in (0, 1)])
         counts += per_source
@@ -92,34 +92,73 @@ def test_mixture_weights_are_token_shares_met_within_5_percent_over_200_batches(
     assert by_modality[0] == pytest.approx(realized[0])
     assert mixed >= 190  # batches mix sources instead of one long document filling batch after batch
     # as shares of documents, the same weights give a very different token mix
-    by_docs = PackedStream([long_docs, short_docs], weights, seq_len=128, seed=0, weight_unit="documents")
+    by_docs = PackedStream([long_docs, short_docs], weights, seq_len=128, seed=0, lanes=8, weight_unit="documents")
     for _ in range(200):
-        by_docs.next_batch(8, 2)
+        by_docs.next_batch(2)
     assert by_docs.realized_shares()[0][0] > 0.8
 
 
-def test_token_share_stream_resumes_exactly_and_legacy_state_continues():
+def test_token_share_stream_resumes_exactly_and_an_old_state_is_refused():
     long_docs, short_docs = _real_sources()
-    a = PackedStream([long_docs, short_docs], [0.5, 0.5], seq_len=64, seed=3, weight_unit="tokens")
+    a = PackedStream([long_docs, short_docs], [0.5, 0.5], seq_len=64, seed=3, lanes=4, weight_unit="tokens")
     for _ in range(5):
-        a.next_batch(4, 2)
+        a.next_batch(2)
     state = a.state_dict()
-    expected = [a.next_batch(4, 2).tokens for _ in range(5)]
-    b = PackedStream([long_docs, short_docs], [0.5, 0.5], seq_len=64, seed=3, weight_unit="tokens")
+    expected = [a.next_batch(2).tokens for _ in range(5)]
+    b = PackedStream([long_docs, short_docs], [0.5, 0.5], seq_len=64, seed=3, lanes=4, weight_unit="tokens")
     b.load_state_dict(state)
-    assert all(torch.equal(b.next_batch(4, 2).tokens, t) for t in expected)
+    assert all(torch.equal(b.next_batch(2).tokens, t) for t in expected)
     assert b.realized_shares()[0].tolist() == a.realized_shares()[0].tolist()
-    legacy = {k: v for k, v in state.items() if k not in ("open_documents", "tokens_by_source", "tokens_by_modality")}
-    legacy["current"] = [1, 3, 10]
-    c = PackedStream([long_docs, short_docs], [0.5, 0.5], seq_len=64, seed=3, weight_unit="tokens")
-    c.load_state_dict(legacy)
-    c.next_batch(4, 2)  # a run saved before token shares existed resumes, its open document first
-    assert c.open_documents[1] is None or c.open_documents[1][0] != 3 or c.open_documents[1][1] > 10
+    legacy = {"rng": state["lanes"][0]["rng"], "epochs": [0, 0], "cursors": [3, 9], "current": [1, 3, 10]}
+    with pytest.raises(MotError, match="earlier version of the packer"):
+        PackedStream([long_docs, short_docs], [0.5, 0.5], seq_len=64, seed=3, lanes=4).load_state_dict(legacy)
+
+
+def test_lanes_built_by_several_workers_give_the_global_batch():
+    """Worker k builds only lanes [k*B/N, (k+1)*B/N): the rows, values and loss extras of
+    each worker's batch are the rows of the single-process batch, and each lane reads its
+    own documents (disjoint positions of each source's order)."""
+    long_docs, short_docs = _real_sources()
+    whole = PackedStream([long_docs, short_docs], [0.3, 0.7], seq_len=64, seed=5, lanes=4, weight_unit="tokens")
+    halves = [PackedStream([long_docs, short_docs], [0.3, 0.7], seq_len=64, seed=5, lanes=4, owned=range(k * 2, k * 2 + 2),
+                           weight_unit="tokens") for k in (0, 1)]
+    for _ in range(6):
+        full = whole.next_batch(2)
+        parts = [h.next_batch(2) for h in halves]
+        assert torch.equal(torch.cat([p.tokens for p in parts]), full.tokens)
+        assert torch.equal(torch.cat([p.targets for p in parts]), full.targets)
+    merged = {**halves[0].state_dict()["lanes"], **halves[1].state_dict()["lanes"]}
+    assert merged.keys() == whole.state_dict()["lanes"].keys()
+
+
+def test_each_worker_reads_only_the_documents_of_its_lanes():
+    from mot_core.data.stores import DocumentList
+
+    class Recording(DocumentList):
+        def __init__(self, docs):
+            super().__init__(docs)
+            self.read: set[int] = set()
+
+        def __getitem__(self, index):
+            self.read.add(index)
+            return super().__getitem__(index)
+
+    rng = np.random.default_rng(1)
+    docs = [doc(rng.integers(1, 50, rng.integers(20, 200))) for _ in range(400)]
+    stores = [Recording(docs) for _ in range(2)]
+    workers = [PackedStream([stores[k]], [1.0], seq_len=32, seed=0, lanes=4, owned=range(2 * k, 2 * k + 2))
+               for k in range(2)]
+    for _ in range(20):
+        for worker in workers:
+            worker.next_batch(1)
+    assert stores[0].read and stores[1].read and not stores[0].read & stores[1].read
+    assert len(stores[0].read) + len(stores[1].read) < len(docs)  # no worker reads the whole corpus
 
 
 def test_batch_carries_routing_and_layout_built_on_the_host():
     docs = [doc([1, 2, 3], modality=0), doc([4, 5, 6, 7], modality=1, span=0)]
-    batch = PackedStream([docs], [1.0], seq_len=7, seed=0, shuffle=False).next_batch(2, num_modalities=2)
+    stream = PackedStream([docs], [1.0], seq_len=7, seed=0, shuffle=False)
+    batch = collate([stream.next_row() for _ in range(2)], num_modalities=2)
     assert batch.plan.counts == (6, 8)
     assert batch.layout.key is not None and not batch.layout.plain_causal
     assert batch.span[0].tolist() == [-1, -1, -1, 0, 0, 0, 0]

@@ -23,48 +23,51 @@ import yaml
 
 from conftest import run_mot
 from mot_core.data import PackedStream
-from mot_core.data.packing import collate
 from test_continuous_modality import ramp_documents, ramp_vocab
 
 STEPS = 24
 
 
-def test_a_workers_rows_are_what_collate_builds_from_them():
-    """``Batch.select_rows`` (one worker's shard) equals collating those rows alone, and keeps
-    the values and loss extras drawn for the global batch at the same positions."""
+def test_a_workers_lanes_build_its_rows_of_the_global_batch():
+    """A worker builds only its lanes: its batch equals those rows of the single-process
+    batch (ids, routing, values, next-value targets), and the loss extras, drawn per row from
+    each lane's generator, land at the same positions of the global batch."""
     vocab = ramp_vocab()
     docs = vocab.tokenize(ramp_documents(8), "test")
 
-    def number_positions(batch, generator):  # extras that name the flat position they belong to
+    def number_positions(batch, generator):  # extras that name the row-local position they belong to
         for m in range(batch.plan.num_modalities):
             start, end = batch.plan.bounds(m)
             if end > start:
                 batch.extras[m] = {"flat": batch.plan.order[start:end].double(), "noise": torch.randn(end - start, generator=generator)}
 
-    whole = PackedStream([docs], [1.0], seq_len=6, seed=3, extras=number_positions).next_batch(4, 2)
-    rows_stream = PackedStream([docs], [1.0], seq_len=6, seed=3)
-    rows = [rows_stream.next_row() for _ in range(4)]
     seq = 6
-    for first, end in ((0, 2), (2, 4), (1, 2)):
-        part = whole.select_rows(first, end)
-        alone = collate(rows[first:end], 2)
-        for field in ("tokens", "modality", "positions", "document", "span", "targets", "is_value", "has_next_value"):
-            assert torch.equal(getattr(part, field), getattr(alone, field)), field
-        assert torch.equal(part.plan.order, alone.plan.order) and part.plan.counts == alone.plan.counts
-        assert part.plan.value_counts == alone.plan.value_counts
-        assert part.values.keys() == alone.values.keys()
-        for m in alone.values:
-            assert torch.equal(part.values[m], alone.values[m])
-            assert torch.equal(part.next_values[m], alone.next_values[m])
-        for m in range(2):
-            start, stop = part.plan.bounds(m)
-            if stop > start:  # extras drawn for the whole batch, now at the shard's positions
-                assert torch.equal(part.extras[m]["flat"].long() - first * seq, part.plan.order[start:stop])
-    # the shards of a global batch hold every extra exactly once
-    halves = [whole.select_rows(0, 2), whole.select_rows(2, 4)]
-    for m in range(2):
-        joined = torch.cat([h.extras[m]["noise"] for h in halves if m in h.extras]).sort().values
-        assert torch.equal(joined, whole.extras[m]["noise"].sort().values)
+    whole_stream = PackedStream([docs], [1.0], seq_len=seq, seed=3, lanes=4, extras=number_positions)
+    parts_streams = {(first, end): PackedStream([docs], [1.0], seq_len=seq, seed=3, lanes=4, owned=range(first, end),
+                                                extras=number_positions) for first, end in ((0, 2), (2, 4), (1, 2))}
+    for _ in range(3):
+        whole = whole_stream.next_batch(2)
+        for m in range(2):  # each position's extra was drawn for its own row
+            start, end = whole.plan.bounds(m)
+            order = whole.plan.order[start:end]
+            assert torch.equal(whole.extras[m]["flat"].long() + (order // seq) * seq, order)
+        halves = []
+        for (first, end), stream in parts_streams.items():
+            part = stream.next_batch(2)
+            for field in ("tokens", "modality", "positions", "document", "span", "targets", "is_value", "has_next_value"):
+                assert torch.equal(getattr(part, field), getattr(whole, field)[first:end]), field
+            for m in range(2):
+                start, stop = part.plan.bounds(m)
+                if stop > start:
+                    assert torch.equal(part.extras[m]["flat"].long() + (part.plan.order[start:stop] // seq) * seq,
+                                       part.plan.order[start:stop])
+            if (first, end) != (1, 2):
+                halves.append(part)
+        for m in range(2):  # the workers' batches hold every value and extra exactly once
+            joined = torch.cat([h.extras[m]["noise"] for h in halves if m in h.extras]).sort().values
+            assert torch.equal(joined, whole.extras[m]["noise"].sort().values)
+            if m in whole.values:
+                assert torch.equal(torch.cat([h.values[m] for h in halves if m in h.values]), whole.values[m])
 
 
 # --------------------------------------------------------------------------------------------

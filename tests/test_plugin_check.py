@@ -10,7 +10,7 @@ import yaml
 from conftest import run_mot
 from mot_core.train.conformance import check_plugin
 from registry.manager import build_registry
-from test_plugin_contract import PLUGIN, make_plugin, with_evaluator, with_modality
+from test_plugin_contract import PLUGIN, make_plugin, with_evaluator, with_modality, with_source
 
 
 def test_every_built_in_plugin_passes(plugin_site, tmp_path):
@@ -57,6 +57,11 @@ def test_the_example_plugin_passes_with_both_of_its_modalities(plugin_site, tmp_
     (with_evaluator(compute=lambda self: ["low"]), "evaluators: update and compute", "compute() returned list"),
     (with_modality(decode=lambda self, ids: 1 / 0), "modality glyphs: decode round trip", "decode raised ZeroDivisionError"),
     ({"modalities": lambda: Glyphs_class()}, "hooks return valid classes", "hook mot_modalities() returned the class"),
+    (with_source(num_parts=lambda self, split: 2, read_part=lambda self, split, part: self.documents(split)),
+     "dataset glyph_lines: parts and fingerprint",
+     "read_part must split documents() without adding or dropping any"),
+    (with_source(fingerprint=lambda self: object()), "dataset glyph_lines: parts and fingerprint",
+     "fingerprint() must return the same string"),
 ])
 def test_a_broken_plugin_fails_with_a_readable_report(broken, fails, reason):
     try:
@@ -93,7 +98,8 @@ def test_evaluators_generate_through_the_same_entry_point(tmp_path):
     from mot_core.config import validate_config
     from mot_core.generate.api import generate_segments
     from mot_core.plugin_api import EvaluationContext, RawSegment, SamplingParams
-    from mot_core.train.experiment import build_experiment, build_model, model_args, prepare_vocabulary
+    from mot_core.train.experiment import build_experiment, build_model, model_args
+    from mot_core.train.tokenize import prepare_vocabulary
 
     from test_plugin_contract import _config
 

@@ -134,14 +134,14 @@ def test_a_folder_of_own_recordings_splits_by_hash(tmp_path, clips):
     options = SpokenSentencesOptions(root=str(tmp_path), synthesis=None, val_fraction=0.2)
     source = SpokenSentences(options)
     assert source.prepare() == {}
-    train, val = source.documents("train"), source.documents("val")
+    train, val = list(source.documents("train")), list(source.documents("val"))
     assert len(train) + len(val) == 2 * len(clips) and val
     first = train[0]
     assert [s.modality for s in first.segments] == ["text", "speech"]
     assert [s.modality for s in train[1].segments] == ["speech", "text"]
     (tmp_path / "transcripts.jsonl").write_text('{"file": "rec00.flac"}\n')
     with pytest.raises(MotError, match="line 1 is not a JSON object with 'file' and 'text'"):
-        SpokenSentences(options).documents("train")
+        list(SpokenSentences(options).documents("train"))
 
 
 def test_text_and_speech_train_and_evaluate_end_to_end(tmp_path, capsys):

@@ -121,10 +121,15 @@ def test_token_shares_are_printed_at_start_and_logged(text_corpus, tmp_path, cap
     assert main(["train", str(path)]) == 0
     out = capsys.readouterr().out
     start = next(line for line in out.splitlines() if line.startswith("data mix over the next"))
-    assert "(weights are shares of tokens)" in start and "text_files 25.0% (weight 25.0%" in start, start
-    assert "wikipedia 75.0% (weight 75.0%" in start and "modalities: text 100.0%" in start, start
+    import re
+
+    assert "(weights are shares of tokens)" in start and "modalities: text 100.0%" in start, start
+    # each lane (row) meets the shares within about a row: 2 lanes x 200 rows of 64 tokens
+    shares = dict(re.findall(r"(\w+) ([\d.]+)% \(weight", start))
+    assert abs(float(shares["text_files"]) - 25.0) <= 0.5 and abs(float(shares["wikipedia"]) - 75.0) <= 0.5, start
     logged = [r for r in read_metrics(tmp_path / "mix") if "share/source/wikipedia" in r]
     assert [r["step"] for r in logged] == [10, 20]
     for record in logged:
-        assert abs(record["share/source/wikipedia"] - 0.75) < 0.05 * 0.75
+        # within about a row per lane: after n rows of each lane, 1/n of the tokens
+        assert abs(record["share/source/wikipedia"] - 0.75) <= 1 / record["step"]
         assert record["share/modality/text"] == 1.0

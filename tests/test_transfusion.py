@@ -83,8 +83,8 @@ def test_markers_go_to_the_text_tower_and_only_patches_attend_both_ways(setting)
 
 def packed_batch(vocab, seq_len=24, rows=6):
     docs = vocab.tokenize(documents(12), "t")
-    stream = PackedStream([docs], [1.0], seq_len, seed=0)
-    return stream.next_batch(rows, len(vocab.names)), docs
+    stream = PackedStream([docs], [1.0], seq_len, seed=0, lanes=rows)
+    return stream.next_batch(len(vocab.names)), docs
 
 
 def test_packing_never_cuts_an_image_and_padding_has_no_targets(setting):
@@ -108,8 +108,8 @@ def test_a_document_that_fits_a_row_is_never_split(setting):
     docs = vocab.tokenize(documents(12), "t")
     whole_docs = {tuple(d.ids.tolist()) for d in docs if d.whole is not None}
     assert all(len(d) <= 40 for d in docs if d.whole is not None)
-    stream = PackedStream([docs], [1.0], 40, seed=1)
-    batch = stream.next_batch(8, len(vocab.names))
+    stream = PackedStream([docs], [1.0], 40, seed=1, lanes=8)
+    batch = stream.next_batch(len(vocab.names))
     seen = 0
     for row in range(8):
         for chunk in batch.document[row].unique():
@@ -119,7 +119,7 @@ def test_a_document_that_fits_a_row_is_never_split(setting):
                 seen += 1
     assert seen >= 8
     with pytest.raises(MotError, match="packed whole"):
-        PackedStream([docs], [1.0], 3, seed=0).next_batch(8, 2)
+        PackedStream([docs], [1.0], 3, seed=0, lanes=8).next_batch(2)
 
 
 def test_flex_and_dense_masks_agree_on_a_packed_batch_of_images_and_text(setting):
@@ -183,10 +183,10 @@ def test_noise_is_capped_for_images_before_their_caption_and_loss_is_per_image(s
     loss = DiffusionLoss(DiffusionLossOptions())
     loss.modality = image
     docs = vocab.tokenize(documents(30), "t")
-    stream = PackedStream([docs], [1.0], 48, seed=0)
+    stream = PackedStream([docs], [1.0], 48, seed=0, lanes=4)
     followed_t, free_t = [], []
     for _ in range(20):
-        slices = stream.next_batch(4, 2).modality_slices(vocab)
+        slices = stream.next_batch(2).modality_slices(vocab)
         if "image_diffusion" not in slices:
             continue
         _, _, piece = slices["image_diffusion"]

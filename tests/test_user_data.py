@@ -110,7 +110,7 @@ def photo_copy(photos, tmp_path) -> Path:
 def test_folder_gives_both_directions_of_every_photo_at_image_size(photos):
     source = images(photos, caption_dropout=0.0)
     assert source.options.sources == []  # folders alone: no built-in data is read or needed
-    train, val = source.documents("train"), source.documents("val")
+    train, val = list(source.documents("train")), list(source.documents("val"))
     assert len(train) + len(val) == 2 * len(PATCHES)
     for split, docs in (("train", train), ("val", val)):
         captions = set()
@@ -141,7 +141,7 @@ def test_shorter_side_is_resized_then_centre_cropped_to_rgb(tmp_path):
     clear.save(folder / "clear.png")
     lines = [{"file": f, "caption": f, "split": "train"} for f in ("wide.png", "tall.jpg", "clear.png")]
     (folder / "captions.jsonl").write_text("\n".join(json.dumps(e) for e in lines) + "\n")
-    docs = images(folder, directions=["image_to_caption"]).documents("train")
+    docs = list(images(folder, directions=["image_to_caption"]).documents("train"))
     pixels = {d.segments[1].payload: d.segments[0].payload for d in docs}
     green = torch.tensor([-1.0, 1.0, -1.0]).view(3, 1, 1).expand(3, SIZE, SIZE)
     assert (pixels["wide.png"] - green).abs().mean() < 0.02
@@ -153,7 +153,7 @@ def test_shorter_side_is_resized_then_centre_cropped_to_rgb(tmp_path):
 
 def test_photo_matches_a_plain_resize_and_centre_crop(photos):
     """The whole china.jpg (640x427): shorter side to SIZE, centre crop, against the dataset."""
-    docs = images(photos, directions=["image_to_caption"]).documents("train" if not in_val("china_whole.jpg") else "val")
+    docs = list(images(photos, directions=["image_to_caption"]).documents("train" if not in_val("china_whole.jpg") else "val"))
     tensor = next(d.segments[0].payload for d in docs if d.segments[1].payload == caption_of("china_whole.jpg"))
     with Image.open(photos / "china_whole.jpg") as photo:
         width = round(photo.width * SIZE / photo.height)
@@ -164,9 +164,9 @@ def test_photo_matches_a_plain_resize_and_centre_crop(photos):
 
 
 def test_split_is_a_stable_hash_of_the_file_name_and_a_written_split_wins(photos, tmp_path):
-    first = images(photos, directions=["image_to_caption"]).documents("val")
+    first = list(images(photos, directions=["image_to_caption"]).documents("val"))
     moved = Path(shutil.copytree(photos, tmp_path / "elsewhere" / "renamed"))
-    second = images(moved, directions=["image_to_caption"]).documents("val")
+    second = list(images(moved, directions=["image_to_caption"]).documents("val"))
     assert [d.segments[1].payload for d in first] == [d.segments[1].payload for d in second]
     assert all(torch.equal(a.segments[0].payload, b.segments[0].payload) for a, b in zip(first, second))
     # A split written in the captions line is kept; the others still follow the hash.
@@ -182,8 +182,8 @@ def test_csv_captions_give_the_same_documents_and_the_name_is_configurable(photo
     (photo_copy / "captions.jsonl").unlink()
     write_csv(photo_copy)  # found by its default name
     for split in ("train", "val"):
-        a = images(photos, caption_dropout=0.0).documents(split)
-        b = images(photo_copy, caption_dropout=0.0).documents(split)
+        a = list(images(photos, caption_dropout=0.0).documents(split))
+        b = list(images(photo_copy, caption_dropout=0.0).documents(split))
         assert len(a) == len(b)
         for x, y in zip(a, b):
             assert [s.modality for s in x.segments] == [s.modality for s in y.segments]
@@ -213,7 +213,7 @@ def test_folders_next_to_built_in_sources(photos, tmp_path, monkeypatch):
     report = source.prepare(progress=False)
     assert report["mnist"]["count"] == 60 and (tmp_path / "builtin" / "mnist" / "captions.jsonl").is_file()
     assert report[str(photos)] == f"used as it is (nothing to prepare): {len(PATCHES)} images listed in {photos / 'captions.jsonl'}"
-    captions = [d.segments[1].payload for d in source.documents("train") + source.documents("val")]
+    captions = [d.segments[1].payload for d in list(source.documents("train")) + list(source.documents("val"))]
     assert sum(c.startswith("handwritten digit") for c in captions) == 60
     assert sum(not c.startswith("handwritten digit") for c in captions) == len(PATCHES)
 
@@ -234,7 +234,7 @@ def test_options_default_and_refusals():
 
 def one_line_error(source: CaptionedImages | TextFiles, split: str = "train", *fragments: str) -> str:
     with pytest.raises(MotError) as info:
-        source.documents(split)
+        list(source.documents(split))
     message = str(info.value)
     assert "\n" not in message, message
     for fragment in fragments:
@@ -250,7 +250,7 @@ def test_missing_captions_file_says_which_names_and_what_a_line_looks_like(photo
     one_line_error(images(tmp_path / "nowhere"), "train", str(tmp_path / "nowhere"), "not found")
     # A path listed under sources (built-in names only) is pointed to folders.
     with pytest.raises(MotError, match=r"for a folder of your own images write folders: \[my_photos\]"):
-        CaptionedImages(CaptionedImagesOptions(root=str(tmp_path), sources=["my_photos"])).documents("train")
+        list(CaptionedImages(CaptionedImagesOptions(root=str(tmp_path), sources=["my_photos"])).documents("train"))
 
 
 def test_missing_or_unreadable_image_is_named(photo_copy):
@@ -259,7 +259,9 @@ def test_missing_or_unreadable_image_is_named(photo_copy):
                    "captions.jsonl line 14", "remove its line")
     shutil.copy(photo_copy / "china_wall.png", photo_copy / "flower_bud.png")
     (photo_copy / "china_roof.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
-    one_line_error(images(photo_copy), "val", f"cannot read image {photo_copy / 'china_roof.jpg'}",
+    # Images are decoded as their split is read: name the split that holds the broken one.
+    one_line_error(images(photo_copy), "val" if in_val("china_roof.jpg") else "train",
+                   f"cannot read image {photo_copy / 'china_roof.jpg'}",
                    "captions.jsonl line 2", "replace the file or remove its line")
 
 
@@ -291,7 +293,7 @@ def test_a_split_without_images_names_val_fraction(tmp_path, photos):
         shutil.copy(photos / name, folder / name)
     (folder / "captions.jsonl").write_text("".join(json.dumps({"file": n, "caption": caption_of(n)}) + "\n" for n in names))
     source = images(folder, val_fraction=0.05)
-    assert len(source.documents("train")) == 4
+    assert len(list(source.documents("train"))) == 4
     one_line_error(source, "val", str(folder), "no images in its 'val' split", "raise val_fraction", "add more images")
 
 

@@ -48,6 +48,18 @@ def cmd_bench_step_match(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_data(ns: argparse.Namespace) -> int:
+    from mot_core.bench.data import format_report, parse_size, run_data_bench
+
+    sizes = [parse_size(s) for s in ns.sizes.split(",") if s.strip()]
+    if not sizes:
+        raise MotError("--sizes names no corpus size (e.g. --sizes 5MB,50MB)")
+    report = run_data_bench(sizes, Path(ns.out), ns.steps,
+                            progress=(lambda msg: print(msg, file=sys.stderr)) if not ns.json else (lambda msg: None))
+    print(json.dumps(report) if ns.json else format_report(report))
+    return 0
+
+
 def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks")
     bsub = p.add_subparsers(dest="bench_command", required=True)
@@ -81,3 +93,10 @@ def register(sub) -> None:
                    help="also train the paper's MoE-4x baseline (4 expert-choice experts, dense attention)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_step_match)
+    p = bsub.add_parser("data", help="tokenize corpora of growing size into shards, then train from them: "
+                        "throughput, time to the first step, peak memory")
+    p.add_argument("--sizes", default="5MB,50MB,500MB,2GB", help="corpus sizes, comma-separated (KB, MB, GB)")
+    p.add_argument("--out", default="runs/bench_data", help="corpora, shards and runs (corpora are reused)")
+    p.add_argument("--steps", type=positive_int, default=3, help="training steps of each run")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench_data)

@@ -24,8 +24,34 @@ def cmd_tokenizer_fit(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_tokenize(ns: argparse.Namespace) -> int:
+    from mot_core.train.experiment import build_experiment
+    from mot_core.train.tokenize import data_root, prepare_vocabulary, tokenize_locally
+
+    config = load_config(ns.config, ns.overrides)
+    exp = build_experiment(config)
+    if ns.address:
+        from mot_core.cluster.tokenize import tokenize_on_ray
+
+        report = tokenize_on_ray(config, ns.address, force=ns.force)
+    else:
+        report = tokenize_locally(exp, prepare_vocabulary(exp), force=ns.force)
+    if not report:
+        print(f"every source is already tokenized in {data_root(exp)} (--force writes them again)")
+        return 0
+    for name, counts in report.items():
+        print(f"{name}: {counts['documents']:,} documents, {counts['tokens']:,} tokens, {counts['shards']} shards")
+    print(f"shards in {data_root(exp)}")
+    return 0
+
+
 def register(sub) -> None:
     config_command(sub, "data", "prepare", "render/convert the config's datasets on disk (idempotent)", cmd_data_prepare)
+    p = config_command(sub, "data", "tokenize", "encode every source once into shards that training streams "
+                       "(missing parts only; fits tokenizers first)", cmd_data_tokenize)
+    p.add_argument("--force", action="store_true", help="delete shards that do not match and write them again")
+    p.add_argument("--address", default=None,
+                   help="run it as a Ray Data job on the Ray cluster at this address (local: a Ray instance here)")
     p = config_command(sub, "tokenizer", "fit", "train the config's learned tokenizers (e.g. the VQ image tokenizer)",
                        cmd_tokenizer_fit)
     p.add_argument("--force", action="store_true", help="refit even if a matching tokenizer is saved")

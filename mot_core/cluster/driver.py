@@ -1,10 +1,11 @@
 """``mot launch``: the driver. Checks everything it can before a worker starts, prepares the
-data once (tokenizers are fitted here, not raced by workers), then runs a Ray Train
-``TorchTrainer`` whose workers run ``worker.train_worker``.
+data once (tokenizers are fitted and every source tokenized into shards here, not raced by
+workers), then runs a Ray Train ``TorchTrainer`` whose workers run ``worker.train_worker``.
 
-Global batch: ``train.batch_size`` rows whatever the worker count; each worker trains on its
-``batch_size / N`` rows of every batch (disjoint shards of the one deterministic stream that
-``mot train`` reads), so loss curves of 1, 2 or 64 workers compare step for step.
+Global batch: ``train.batch_size`` rows whatever the worker count; each worker builds and
+trains on its ``batch_size / N`` rows of every batch (its lanes of the one deterministic
+stream that ``mot train`` reads, see ``PackedStream``), reading only the documents of those
+lanes, so loss curves of 1, 2 or 64 workers compare step for step.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from mot_core.cluster import storage
 from mot_core.config import RunConfig
 from mot_core.errors import MotError
 from mot_core.train import checkpoint as ckpt
-from mot_core.train.experiment import build_experiment, prepare_data
+from mot_core.train.experiment import build_experiment
+from mot_core.train.tokenize import open_data, prepare_vocabulary
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,8 @@ def launch(config: RunConfig, num_workers: int | None = None, gpus_per_worker: f
     exp = build_experiment(config)
     lock = ckpt.RunLock(exp.run_dir)
     try:
-        prepare_data(exp)  # fits and saves tokenizers once, before workers read them
+        # tokenizers fitted and every source tokenized into shards once, before workers read them
+        open_data(exp, prepare_vocabulary(exp))
         return _fit(config, plan)
     finally:
         lock.release()

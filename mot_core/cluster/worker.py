@@ -4,7 +4,7 @@ runtime.
 Checkpoint layout (one folder per checkpoint in Ray's storage, filled by every worker):
     .metadata, __<rank>_0.distcp   torch distributed checkpoint of {"model", "optim"}: sharded
                                     weights and AdamW moments, re-shardable to any worker count
-    trainer.pt                      scheduler and data-stream position (rank 0; the same on all)
+    trainer.pt                      scheduler and data-stream position of every worker's lanes (rank 0)
     rng_rank<r>.pt                  each worker's RNG states
     files_rank<r>.json              each worker's files and sizes: a checkpoint is intact when
                                     every worker's listed files are there, whole
@@ -25,7 +25,6 @@ import torch.distributed as dist
 from mot_core.cluster import storage
 from mot_core.config import validate_config
 from mot_core.launch import parallel
-from mot_core.data import Batch
 from mot_core.train import checkpoint as ckpt
 from mot_core.train.experiment import build_experiment
 from mot_core.train.runtime import Runtime, rng_state, set_rng_state
@@ -78,9 +77,16 @@ class RayRuntime(Runtime):
         return parallel.apply_fsdp2(model, self.device.type, torch.bfloat16 if self.bf16 else None,
                                     self.reshard_after_forward)
 
-    def local_rows(self, batch: Batch) -> Batch:
-        per = batch.tokens.shape[0] // self.world
-        return batch.select_rows(self.rank * per, (self.rank + 1) * per)
+    missing_data = "error"  # the driver tokenized everything before the workers started
+
+    def lanes(self, batch_size: int) -> range:
+        per = batch_size // self.world
+        return range(self.rank * per, (self.rank + 1) * per)
+
+    def gather_stream_state(self, state: dict) -> dict:
+        gathered: list = [None] * self.world
+        dist.all_gather_object(gathered, state)
+        return {**state, "lanes": {lane: s for part in gathered for lane, s in part["lanes"].items()}}
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(tensor)

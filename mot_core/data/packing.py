@@ -18,12 +18,14 @@ position, so a resumed run sees exactly the batches the uninterrupted run would 
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import torch
 
+from mot_core.data.stores import DocumentStore, EpochOrder, as_store
 from mot_core.data.vocabulary import TokenDocument, Vocabulary
 from mot_core.errors import MotError
 from mot_core.model.attention import AttentionLayout
@@ -84,40 +86,6 @@ class Batch:
             {m: {k: move(v) for k, v in e.items()} for m, e in self.extras.items()},
         )
 
-    def select_rows(self, first: int, end: int) -> "Batch":
-        """Rows ``[first, end)`` as a batch of their own: what ``collate`` builds from those rows,
-        with the values, next-value targets and loss extras drawn for the whole batch kept for
-        the positions in those rows (one data-parallel worker's shard of a global batch)."""
-        seq = self.tokens.shape[1]
-        rows = slice(first, end)
-        cut = lambda t: None if t is None else t[rows]  # noqa: E731
-        modality, is_value = self.modality[rows], cut(self.is_value)
-        num_modalities = self.plan.num_modalities
-        plan = build_routing(modality, num_modalities, is_value)
-        layout = AttentionLayout.build(self.document[rows], self.span[rows])
-        flat_modality = self.modality.reshape(-1)
-        inside = lambda flat_index: (flat_index >= first * seq) & (flat_index < end * seq)  # noqa: E731
-        values, next_values, extras = {}, {}, {}
-        for m, table in self.values.items():
-            positions = torch.nonzero((flat_modality == m) & self.is_value.reshape(-1)).squeeze(1)
-            keep = inside(positions)
-            if bool(keep.any()):
-                values[m] = table[keep]
-        for m in range(num_modalities):
-            start, stop = self.plan.bounds(m)
-            if start == stop or plan.counts[m] == 0:
-                continue
-            keep = inside(self.plan.order[start:stop])  # the stable sort keeps the rows' order
-            if m in values and m in self.next_values:
-                next_values[m] = self.next_values[m][keep]
-            if m in self.extras:
-                extras[m] = {k: v[keep] for k, v in self.extras[m].items()}
-        return Batch(
-            self.tokens[rows], modality, self.positions[rows], self.document[rows], self.span[rows],
-            self.targets[rows], plan, layout, cut(self.segment), is_value, cut(self.has_next_value),
-            cut(self.followed), values, next_values, extras,
-        )
-
     def modality_slices(self, vocab: Vocabulary) -> dict[str, tuple[int, int, ModalitySlice]]:
         """name -> (start, end, slice) of each modality present, in modality-sorted order."""
         plan = self.plan
@@ -164,126 +132,225 @@ def collate(rows: list[dict], num_modalities: int) -> Batch:
 
 
 class PackedStream:
-    """Endless, deterministic, resumable stream of packed rows from weighted sources.
+    """Endless, deterministic, resumable stream of packed batches from weighted sources.
 
-    Each source is read in a per-epoch random permutation. ``weight_unit`` says what a weight
-    is a share of:
-      - ``tokens`` (the convention of data mixtures): each source keeps its own current
-        document, and each stretch of a row is taken from the source furthest below its share
-        of the tokens read so far. Realized shares then stay within about a row of their
-        targets at any step, whatever the seed and the document lengths, and consecutive rows
-        (so every batch) mix sources, while a long document is still read to its end;
-      - ``documents``: the next document's source is drawn at random by weight, and rows
-        continue one document after another.
+    The stream runs in ``lanes`` (one per row of the global batch): row r of every batch is
+    the next row of lane r, and lane r reads only the documents at positions r, r + lanes,
+    r + 2 lanes, ... of each source's ``EpochOrder``. Lanes share nothing, so a data-parallel
+    worker builds only the lanes of its rows (``owned``), reading only its share of the data,
+    and the global batch is the same whatever the number of workers. Loss extras (noise,
+    timesteps) are drawn per row from the lane's own generator for the same reason.
+
+    ``weight_unit`` says what a weight is a share of:
+      - ``tokens`` (the convention of data mixtures): each lane keeps one open document per
+        source, and each stretch of a row is taken from the source furthest below its share
+        of the tokens the lane has read. Realized shares stay within about a row of their
+        targets, every batch mixes sources, and a long document is still read to its end;
+      - ``documents``: the next document's source is drawn at random by weight, and a lane's
+        rows continue one document after another.
+
+    The position is a few integers per lane and source (documents taken, the open document
+    and its offset) and each lane's generator state: ``state_dict`` is small whatever the
+    corpus, and a resumed run sees exactly the batches of the uninterrupted run.
     """
 
     def __init__(
-        self, sources: list[list[TokenDocument]], weights: list[float], seq_len: int, seed: int, shuffle: bool = True,
-        extras: ExtrasSampler | None = None, weight_unit: str = "documents",
+        self, sources: list[DocumentStore | list[TokenDocument]], weights: list[float], seq_len: int, seed: int,
+        lanes: int = 1, owned: range | None = None, shuffle: bool = True, extras: ExtrasSampler | None = None,
+        weight_unit: str = "documents",
     ):
-        """``extras``: fills ``Batch.extras`` from the stream's generator when a batch is built."""
-        for docs in sources:
-            if not docs:
+        """``owned``: the lanes this process builds (default all); ``extras``: fills
+        ``Batch.extras`` of one row's batch from the lane's generator."""
+        self.sources = [as_store(s) for s in sources]
+        for store in self.sources:
+            if not len(store):
                 raise MotError("a training source has no documents")
         if weight_unit not in ("tokens", "documents"):
             raise ValueError(f"weight_unit must be 'tokens' or 'documents', got {weight_unit!r}")
-        self.sources, self.seq_len, self.seed, self.shuffle = sources, seq_len, seed, shuffle
+        self.seq_len, self.seed, self.shuffle, self.lanes = seq_len, seed, shuffle, lanes
+        self.owned = range(lanes) if owned is None else owned
         self.extras = extras
         self.target_shares = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
-        self.mean_lengths = np.array([np.mean([len(d) for d in docs]) for docs in sources], dtype=np.float64)
+        self.mean_lengths = np.array([s.total_tokens() / len(s) for s in self.sources], dtype=np.float64)
         self.weights = torch.tensor(self.target_shares, dtype=torch.float64)
         self.weight_unit = weight_unit
-        self.rng = torch.Generator().manual_seed(seed)
-        self.epochs = [0] * len(sources)
-        self.cursors = [0] * len(sources)
-        self.current: tuple[int, int, int] | None = None  # documents: (source, doc index, token offset)
-        self.open_documents: list[tuple[int, int] | None] = [None] * len(sources)  # tokens: (doc, offset) per source
-        self.tokens_by_source = [0] * len(sources)
-        self.tokens_by_modality: dict[int, int] = {}
-        self._perms: dict[tuple[int, int], np.ndarray] = {}
+        self.orders = [EpochOrder(s.block_sizes, seed, i, shuffle) for i, s in enumerate(self.sources)]
+        self._lanes = {lane: _Lane.start(lane, seed, len(self.sources)) for lane in self.owned}
+        self._open: OrderedDict[tuple[int, int], TokenDocument] = OrderedDict()
 
-    def _perm(self, source: int, epoch: int) -> np.ndarray:
-        key = (source, epoch)
-        if key not in self._perms:
-            if not self.shuffle:
-                return np.arange(len(self.sources[source]))
-            self._perms = {k: v for k, v in self._perms.items() if k[0] != source}
-            rng = np.random.default_rng([self.seed, source, epoch])
-            self._perms[key] = rng.permutation(len(self.sources[source]))
-        return self._perms[key]
+    def _document(self, lane: "_Lane", source: int, taken: int) -> tuple[int, TokenDocument]:
+        """The lane's ``taken``-th document of ``source``: (document index, document)."""
+        epoch, position = divmod(lane.index + taken * self.lanes, len(self.orders[source]))
+        index = self.orders[source].document(epoch, position)
+        key = (source, index)
+        doc = self._open.get(key)
+        if doc is None:
+            doc = self.sources[source][index]
+            self._open[key] = doc
+            if len(self._open) > len(self._lanes) * len(self.sources) + 4:  # the documents the lanes have open
+                self._open.popitem(last=False)
+        return index, doc
 
-    def _next_document(self, source: int | None = None) -> tuple[int, int]:
-        if source is None:
-            source = int(torch.multinomial(self.weights, 1, generator=self.rng)) if len(self.sources) > 1 else 0
-        perm = self._perm(source, self.epochs[source])
-        doc = int(perm[self.cursors[source]])
-        self.cursors[source] += 1
-        if self.cursors[source] == len(perm):
-            self.epochs[source], self.cursors[source] = self.epochs[source] + 1, 0
-        return source, doc
-
-    def next_row(self) -> dict[str, np.ndarray]:
+    def _next_row(self, lane: "_Lane") -> dict[str, np.ndarray]:
         row = _RowBuilder(self.seq_len)
         while not row.full:
             if self.weight_unit == "tokens":
                 # the source furthest below its token share (ties: the first declared)
-                source = int(np.argmin((np.asarray(self.tokens_by_source) + 1.0) / self.target_shares))
-                if self.open_documents[source] is None:
-                    self.open_documents[source] = (self._next_document(source)[1], 0)
-                doc_index, offset = self.open_documents[source]
+                source = int(np.argmin((np.asarray(lane.tokens_by_source) + 1.0) / self.target_shares))
+                if lane.open[source] is None:
+                    lane.open[source] = (lane.taken[source], 0)
+                    lane.taken[source] += 1
+                taken, offset = lane.open[source]
             else:
-                if self.current is None:
-                    self.current = (*self._next_document(), 0)
-                source, doc_index, offset = self.current
-            doc = self.sources[source][doc_index]
-            taken = row.add(doc, offset)
-            if not taken:  # a whole segment does not fit in what is left of the row
+                if lane.current is None:
+                    source = int(torch.multinomial(self.weights, 1, generator=lane.rng)) if len(self.sources) > 1 else 0
+                    lane.current = (source, lane.taken[source], 0)
+                    lane.taken[source] += 1
+                source, taken, offset = lane.current
+            _, doc = self._document(lane, source, taken)
+            count = row.add(doc, offset)
+            if not count:  # a whole segment does not fit in what is left of the row
                 row.pad()
                 continue
-            self.tokens_by_source[source] += taken
-            for m, n in zip(*np.unique(doc.modality[offset : offset + taken], return_counts=True)):
-                self.tokens_by_modality[int(m)] = self.tokens_by_modality.get(int(m), 0) + int(n)
-            rest = None if offset + taken >= len(doc) else (doc_index, offset + taken)
+            lane.tokens_by_source[source] += count
+            for m, n in zip(*np.unique(doc.modality[offset : offset + count], return_counts=True)):
+                lane.tokens_by_modality[int(m)] = lane.tokens_by_modality.get(int(m), 0) + int(n)
+            rest = None if offset + count >= len(doc) else (taken, offset + count)
             if self.weight_unit == "tokens":
-                self.open_documents[source] = rest
+                lane.open[source] = rest
             else:
-                self.current = None if rest is None else (source, *rest)
+                lane.current = None if rest is None else (source, *rest)
         return row.arrays()
 
     def realized_shares(self) -> tuple[np.ndarray, dict[int, float]]:
-        """Shares of the tokens read so far (padding excluded): per source, per modality index."""
-        total = max(1, sum(self.tokens_by_source))
-        by_source = np.asarray(self.tokens_by_source, dtype=np.float64) / total
-        return by_source, {m: n / total for m, n in sorted(self.tokens_by_modality.items())}
+        """Shares of the tokens this process's lanes read so far (padding excluded): per
+        source, per modality index."""
+        by_source, by_modality = self.token_counts()
+        total = max(1, int(by_source.sum()))
+        return by_source / total, {m: n / total for m, n in sorted(by_modality.items())}
 
-    def next_batch(self, batch_size: int, num_modalities: int) -> Batch:
-        batch = collate([self.next_row() for _ in range(batch_size)], num_modalities)
+    def token_counts(self) -> tuple[np.ndarray, dict[int, int]]:
+        """Tokens read so far by this process's lanes: per source, per modality index."""
+        by_source = np.zeros(len(self.sources), dtype=np.float64)
+        by_modality: dict[int, int] = {}
+        for lane in self._lanes.values():
+            by_source += lane.tokens_by_source
+            for m, n in lane.tokens_by_modality.items():
+                by_modality[m] = by_modality.get(m, 0) + n
+        return by_source, by_modality
+
+    def next_row(self) -> dict[str, np.ndarray]:
+        """The next row of a stream that builds one lane."""
+        if len(self.owned) != 1:
+            raise ValueError(f"next_row() reads a one-lane stream; this one builds {len(self.owned)} lanes")
+        return self._next_row(self._lanes[self.owned[0]])
+
+    def next_batch(self, num_modalities: int) -> Batch:
+        """The next rows of this process's lanes, as one batch."""
+        lanes = [self._lanes[i] for i in self.owned]
+        rows = [self._next_row(lane) for lane in lanes]
+        batch = collate(rows, num_modalities)
         if self.extras is not None:
-            self.extras(batch, self.rng)
+            drawn = []
+            for lane, row in zip(lanes, rows):
+                single = collate([row], num_modalities)
+                self.extras(single, lane.rng)
+                drawn.append(single)
+            batch.extras = merge_row_extras(batch, drawn)
         return batch
 
     def state_dict(self) -> dict:
-        return {
-            "rng": self.rng.get_state(),
-            "epochs": list(self.epochs),
-            "cursors": list(self.cursors),
-            "current": None if self.current is None else list(self.current),
-            "open_documents": [None if d is None else list(d) for d in self.open_documents],
-            "tokens_by_source": list(self.tokens_by_source),
-            "tokens_by_modality": dict(self.tokens_by_modality),
-        }
+        """Each owned lane's position, keyed by lane index (workers' dicts merge by update)."""
+        return {"format": "lanes/1", "lanes": {lane.index: lane.state() for lane in self._lanes.values()}}
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("format") != "lanes/1":
+            raise MotError(
+                "this checkpoint's data-stream position was saved by an earlier version of the packer (all "
+                "documents in memory); continue it with that version, or start a new run.dir (model.warm_start "
+                "can copy its weights)"
+            )
+        missing = [i for i in self._lanes if i not in state["lanes"] and str(i) not in state["lanes"]]
+        if missing:
+            raise MotError(f"the checkpoint's data-stream position has no lane {missing[0]}; it was saved by a run "
+                           f"with another train.batch_size")
+        for index, lane in self._lanes.items():
+            lane.load(state["lanes"].get(index, state["lanes"].get(str(index))))
+
+    def preview_shares(self, rows_per_lane: int) -> tuple[np.ndarray, dict[int, float]]:
+        """The token shares (per source, per modality index) of this process's next
+        ``rows_per_lane`` rows of every lane, read from a copy: this stream does not move."""
+        probe = PackedStream(self.sources, list(self.target_shares), self.seq_len, self.seed, self.lanes, self.owned,
+                             self.shuffle, None, self.weight_unit)
+        probe.load_state_dict(self.state_dict())
+        for lane in probe._lanes.values():
+            lane.tokens_by_source = [0] * len(self.sources)
+            lane.tokens_by_modality = {}
+            for _ in range(rows_per_lane):
+                probe._next_row(lane)
+        return probe.realized_shares()
+
+
+@dataclass
+class _Lane:
+    """One lane's position: documents taken per source, the open document of each source
+    (``tokens``: (taken index, offset)) or the current one (``documents``: (source, taken
+    index, offset)), token counts, and the generator of its draws."""
+
+    index: int
+    rng: torch.Generator
+    taken: list[int]
+    open: list[tuple[int, int] | None]
+    current: tuple[int, int, int] | None
+    tokens_by_source: list[int]
+    tokens_by_modality: dict[int, int]
+
+    @staticmethod
+    def start(index: int, seed: int, num_sources: int) -> "_Lane":
+        lane_seed = int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+        return _Lane(index, torch.Generator().manual_seed(lane_seed), [0] * num_sources, [None] * num_sources, None,
+                     [0] * num_sources, {})
+
+    def state(self) -> dict:
+        return {
+            "rng": self.rng.get_state(), "taken": list(self.taken),
+            "open": [None if o is None else list(o) for o in self.open],
+            "current": None if self.current is None else list(self.current),
+            "tokens_by_source": list(self.tokens_by_source), "tokens_by_modality": dict(self.tokens_by_modality),
+        }
+
+    def load(self, state: dict) -> None:
         self.rng.set_state(state["rng"])
-        self.epochs, self.cursors = list(state["epochs"]), list(state["cursors"])
+        self.taken = list(state["taken"])
+        self.open = [None if o is None else tuple(o) for o in state["open"]]
         self.current = None if state["current"] is None else tuple(state["current"])
-        # saved before token shares existed: the document being read continues from its source
-        opened = state.get("open_documents") or [None] * len(self.sources)
-        if "open_documents" not in state and self.current is not None and self.weight_unit == "tokens":
-            opened[self.current[0]] = self.current[1:]
-        self.open_documents = [None if d is None else tuple(d) for d in opened]
-        self.tokens_by_source = list(state.get("tokens_by_source", [0] * len(self.sources)))
-        self.tokens_by_modality = {int(k): v for k, v in state.get("tokens_by_modality", {}).items()}
+        self.tokens_by_source = list(state["tokens_by_source"])
+        self.tokens_by_modality = {int(k): int(v) for k, v in state["tokens_by_modality"].items()}
+
+
+def merge_row_extras(batch: Batch, rows: list[Batch]) -> dict[int, dict[str, torch.Tensor]]:
+    """Loss extras drawn for each one-row batch -> the extras of the batch of those rows, in
+    its modality-sorted slice order (each row's slice lists its token positions before its
+    value positions, as the batch's does over all rows: a scatter, not a concatenation)."""
+    seq = batch.tokens.shape[1]
+    merged: dict[int, dict[str, torch.Tensor]] = {}
+    for m in range(batch.plan.num_modalities):
+        start, end = batch.plan.bounds(m)
+        parts = [(r, row.extras[m]) for r, row in enumerate(rows) if m in row.extras]
+        if start == end or not parts:
+            continue
+        rank = torch.empty(batch.tokens.numel(), dtype=torch.long)
+        rank[batch.plan.order[start:end]] = torch.arange(end - start)
+        out: dict[str, torch.Tensor] = {}
+        for r, extras in parts:
+            row_start, row_end = rows[r].plan.bounds(m)
+            where = rank[rows[r].plan.order[row_start:row_end] + r * seq]
+            for key, value in extras.items():
+                if key not in out:
+                    out[key] = value.new_zeros((end - start, *value.shape[1:]))
+                out[key][where] = value
+        merged[m] = out
+    return merged
 
 
 class _RowBuilder:
@@ -389,41 +456,60 @@ class _RowBuilder:
         }
 
 
-def fixed_batches(docs: list[TokenDocument], batch_size: int, seq_len: int, max_batches: int, num_modalities: int,
-                  extras: ExtrasSampler | None = None) -> list[Batch]:
-    """Validation batches, the same every time, spread over the WHOLE held-out set.
+def fixed_batches(sources: list[DocumentStore | list[TokenDocument]] | list[TokenDocument], batch_size: int, seq_len: int,
+                  max_batches: int, num_modalities: int, extras: ExtrasSampler | None = None) -> list[Batch]:
+    """Validation batches, the same every time, spread over the WHOLE held-out set of every
+    source.
 
-    The documents are put in one fixed-seed random order (sources often store them grouped by
-    kind) and read as one stream; the rows of the budget (``max_batches`` x ``batch_size``)
-    start at evenly spaced tokens of that stream. So a budget smaller than the split samples
-    every part of it, long documents included (not just the first rows of the first ones),
-    and a budget as large as the split reads all of it once. A document with whole segments
-    (images) is read from its start, so its row may repeat the end of the row before."""
-    if not docs:
+    The documents of all sources are put in one fixed-seed random order and read as one
+    stream; the rows of the budget (``max_batches`` x ``batch_size``) start at evenly spaced
+    tokens of that stream. So a budget smaller than the split samples every part of it, long
+    documents included, and a budget as large as the split reads all of it once. Only the
+    documents those rows read are loaded. A document with whole segments (images) is read
+    from its start, so its row may repeat the end of the row before."""
+    if sources and isinstance(sources[0], TokenDocument):  # the documents of one source
+        sources = [sources]
+    stores = [as_store(s) for s in sources]
+    counts = [len(s) for s in stores]
+    if not sum(counts):
         raise MotError("the validation split has no documents")
-    ordered = [docs[i] for i in np.random.default_rng(0).permutation(len(docs))]
-    lengths = np.array([len(d) for d in ordered], dtype=np.int64)
+    first = np.concatenate([[0], np.cumsum(counts)])
+    ordered = np.random.default_rng(0).permutation(int(first[-1]))  # index into the sources' documents, in turn
+    lengths = np.concatenate([s.lengths() for s in stores])[ordered]
+
+    def document(rank: int) -> TokenDocument:
+        index = int(ordered[rank % len(ordered)])
+        source = int(np.searchsorted(first, index, side="right") - 1)
+        return stores[source][index - int(first[source])]
+
     total_tokens = int(lengths.sum())
     rows_available = max(1, total_tokens // seq_len)
     n_batches = max(1, min(max_batches, rows_available // batch_size))
     rows_per_batch = min(batch_size, rows_available)
     n_rows = n_batches * rows_per_batch
     starts = np.cumsum(np.concatenate([[0], lengths]))
-    stream = PackedStream([ordered], [1.0], seq_len, seed=0, shuffle=False, extras=extras)
     rows = []
-    for row in range(n_rows):
-        token = row * total_tokens // n_rows  # spacing >= seq_len: rows never overlap
-        doc = int(np.searchsorted(starts, token, side="right") - 1)
-        offset = token - int(starts[doc])
-        if ordered[doc].whole is not None:
-            offset = 0  # never start inside a whole segment: read the document from its start
-        stream.current = (0, doc, offset)
-        stream.epochs[0], stream.cursors[0] = divmod(doc + 1, len(ordered))
-        rows.append(stream.next_row())
+    for row_index in range(n_rows):
+        token = row_index * total_tokens // n_rows  # spacing >= seq_len: rows never overlap
+        rank = int(np.searchsorted(starts, token, side="right") - 1)
+        doc = document(rank)
+        offset = 0 if doc.whole is not None else token - int(starts[rank])  # never start inside a whole segment
+        row = _RowBuilder(seq_len)
+        while not row.full:
+            count = row.add(doc, offset)
+            if not count:
+                row.pad()
+                continue
+            offset += count
+            if offset >= len(doc):
+                rank, offset = rank + 1, 0
+                doc = document(rank)
+        rows.append(row.arrays())
+    generator = torch.Generator().manual_seed(0)
     batches = []
-    for first in range(0, n_rows, rows_per_batch):
-        batch = collate(rows[first : first + rows_per_batch], num_modalities)
+    for start in range(0, n_rows, rows_per_batch):
+        batch = collate(rows[start : start + rows_per_batch], num_modalities)
         if extras is not None:
-            extras(batch, stream.rng)
+            extras(batch, generator)
         batches.append(batch)
     return batches

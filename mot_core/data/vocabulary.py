@@ -69,6 +69,27 @@ class TokenDocument:
         return len(self.ids)
 
 
+@dataclass(frozen=True)
+class EncodedDocument:
+    """A document as the shards store it: everything else is derived from the vocabulary.
+
+    Attributes:
+        ids: (L,) int32 global ids; -1 where the position carries a continuous value.
+        seg_modality: (K,) int16 modality index (vocabulary order) of each segment.
+        seg_length: (K,) int32 positions of each segment (0 for a segment encoded empty).
+        values: (sum of V_k * input_dim_k,) float32, the continuous values of every segment,
+            flattened in document order.
+    """
+
+    ids: np.ndarray
+    seg_modality: np.ndarray
+    seg_length: np.ndarray
+    values: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
 class Vocabulary:
     """The run's modalities in mixture order and the global id range each owns."""
 
@@ -114,42 +135,70 @@ class Vocabulary:
 
     def tokenize(self, docs: list[RawDocument], source: str) -> list[TokenDocument]:
         """Encode every segment (batched per modality); ids and continuous values are checked
-        against the modality's vocabulary and ``input_dim``."""
+        against the modality's vocabulary and ``input_dim``. Documents that encode to nothing
+        are left out."""
+        return [self.expand(doc) for doc in self.encode_documents(docs, source)]
+
+    def encode_documents(self, docs: list[RawDocument], source: str) -> list[EncodedDocument]:
+        """Documents in the compact form the shards store (``EncodedDocument``); documents that
+        encode to nothing are left out."""
         encoded = self._encode_all(docs, source)
         out = []
         for doc_index, doc in enumerate(docs):
-            ids, mods, spans, segments, is_value = [], [], [], [], []
-            values: dict[int, list[np.ndarray]] = {}
-            whole, length = [], 0
-            last_segment = len(doc.segments) - 1
+            ids, seg_modality, seg_length, values = [], [], [], []
             for seg_index, segment in enumerate(doc.segments):
-                modality = self.modalities[segment.modality]
-                index = self.index(segment.modality)
                 local, seg_values = encoded[doc_index, seg_index]
-                value_mask = local == CONTINUOUS
-                ids.append(np.where(value_mask, 0, local + self.offsets[segment.modality]))
-                mods.append(np.where(value_mask, index, self.marker_host[segment.modality]))
-                span = np.full(local.size, seg_index if modality.bidirectional else -1, dtype=np.int64)
-                if modality.marker_modality is not None:
-                    span[~value_mask] = -1  # markers are read causally, as in generation
-                spans.append(span)
-                segments.append(np.full(local.size, seg_index, dtype=np.int64))
-                is_value.append(value_mask)
+                ids.append(np.where(local == CONTINUOUS, -1, local + self.offsets[segment.modality]))
+                seg_modality.append(self.index(segment.modality))
+                seg_length.append(local.size)
                 if seg_values is not None and seg_values.shape[0]:
-                    values.setdefault(index, []).append(seg_values)
-                if modality.keep_segments_whole and local.size:
-                    whole.append((length, length + local.size))
-                length += local.size
-            if length:
-                segment_ids = np.concatenate(segments)
-                out.append(TokenDocument(
-                    np.concatenate(ids), np.concatenate(mods).astype(np.int64), np.concatenate(spans), segment_ids,
-                    np.concatenate(is_value) if values else None,
-                    {m: np.concatenate(v) for m, v in values.items()},
-                    followed=segment_ids < last_segment if last_segment > 0 else None,
-                    whole=np.array(whole, dtype=np.int64) if whole else None,
+                    values.append(seg_values.reshape(-1))
+            if sum(seg_length):
+                out.append(EncodedDocument(
+                    np.concatenate(ids).astype(np.int32), np.asarray(seg_modality, dtype=np.int16),
+                    np.asarray(seg_length, dtype=np.int32),
+                    np.concatenate(values) if values else np.zeros(0, dtype=np.float32),
                 ))
         return out
+
+    def expand(self, doc: EncodedDocument) -> TokenDocument:
+        """The compact form -> the flat per-position arrays packing reads (vectorized per
+        segment: a document holds a handful of segments)."""
+        length = int(doc.seg_length.sum())
+        ids = doc.ids.astype(np.int64)
+        value_mask = ids < 0
+        has_values = bool(value_mask.any())
+        seg_of = np.repeat(np.arange(doc.seg_length.size, dtype=np.int64), doc.seg_length)
+        modality = np.empty(length, dtype=np.int64)
+        span = np.full(length, -1, dtype=np.int64)
+        values: dict[int, list[np.ndarray]] = {}
+        whole, start, value_start = [], 0, 0
+        for seg_index, (index, size) in enumerate(zip(doc.seg_modality.tolist(), doc.seg_length.tolist())):
+            name = self.names[index]
+            module = self.modalities[name]
+            here = slice(start, start + size)
+            mask = value_mask[here]
+            modality[here] = np.where(mask, index, self.marker_host[name])
+            if module.bidirectional:
+                # markers of a modality read by another one are causal, as in generation
+                span[here] = np.where(mask | (module.marker_modality is None), seg_index, -1)
+            count = int(mask.sum())
+            if count:
+                width = module.input_dim
+                values.setdefault(index, []).append(
+                    doc.values[value_start : value_start + count * width].reshape(count, width))
+                value_start += count * width
+            if module.keep_segments_whole and size:
+                whole.append((start, start + size))
+            start += size
+        last_segment = doc.seg_length.size - 1
+        return TokenDocument(
+            np.where(value_mask, 0, ids), modality, span, seg_of,
+            value_mask if has_values else None,
+            {m: np.concatenate(v) for m, v in values.items()},
+            followed=seg_of < last_segment if last_segment > 0 else None,
+            whole=np.array(whole, dtype=np.int64) if whole else None,
+        )
 
     def _encode_all(self, docs: list[RawDocument], source: str) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray | None]]:
         by_modality: dict[str, list[tuple[int, int]]] = {}

@@ -149,12 +149,33 @@ def _config_for(registry, owned: dict, config_path, root: Path, report: CheckRep
     return raw
 
 
+def _check_parts(name: str, source, split: str, sampled: int) -> str:
+    """``num_parts`` / ``read_part`` agree with ``documents`` (the parts in order give its
+    documents) and ``fingerprint`` is a stable string: what the sharded tokenizer relies on."""
+    from mot_core.errors import plugin_boundary
+    from mot_core.plugin_api import origin
+    from mot_core.train.tokenize import iter_documents, num_parts
+
+    where = f"{origin(source)}: dataset '{name}'"
+    parts = num_parts(name, source, split)
+    counts = [sum(1 for _ in iter_documents(name, source, split, part)) for part in range(parts)] if parts > 1 else []
+    whole = sum(1 for _ in iter_documents(name, source, split))
+    if parts > 1 and sum(counts) != whole:
+        raise MotError(f"{where}: its {parts} parts of '{split}' hold {sum(counts)} documents, documents('{split}') "
+                       f"{whole}; read_part must split documents() without adding or dropping any")
+    with plugin_boundary(f"{where}, fingerprint"):
+        first, second = source.fingerprint(), source.fingerprint()
+    if not isinstance(first, str) or first != second:
+        raise MotError(f"{where}: fingerprint() must return the same string while the data is unchanged "
+                       f"(got {first!r}, then {second!r})")
+    return f"{parts} part{'s' if parts > 1 else ''}, {whole} documents, fingerprint stable"
+
+
 def _check_run(report: CheckReport, registry, raw: dict, owned: dict, sample_documents: int, root: Path) -> None:
     from mot_core.data import fixed_batches
     from mot_core.train.evaluation import evaluate, forward_losses, reduce_losses
-    from mot_core.train.experiment import (
-        build_experiment, build_model, extras_sampler, model_args, prepare_vocabulary, source_documents,
-    )
+    from mot_core.train.experiment import build_experiment, build_model, extras_sampler, model_args
+    from mot_core.train.tokenize import prepare_vocabulary, source_documents
 
     state: dict[str, Any] = {}
 
@@ -167,7 +188,6 @@ def _check_run(report: CheckReport, registry, raw: dict, owned: dict, sample_doc
         return
     exp = state["exp"]
     docs: dict[str, dict[str, list]] = {"train": {}, "val": {}}
-    full_train: dict[str, list] = {}  # every training document: the tokenizers fit on them
     for name, source in exp.sources.items():
         for split in ("train", "val"):
             def read(name=name, source=source, split=split) -> str:
@@ -180,17 +200,18 @@ def _check_run(report: CheckReport, registry, raw: dict, owned: dict, sample_doc
                 if not found:
                     raise MotError(f"dataset '{name}' returned no '{split}' documents")
                 docs[split][name] = found[:sample_documents]
-                if split == "train":
-                    full_train[name] = found
                 return f"{len(found)} documents"
-            report.run(f"dataset {name}: documents('{split}')", read)
+            if report.run(f"dataset {name}: documents('{split}')", read):
+                report.run(f"dataset {name}: parts and fingerprint of '{split}'",
+                           lambda name=name, source=source, split=split: _check_parts(name, source, split,
+                                                                                        len(docs[split][name])))
     if not all(docs["train"].get(n) and docs["val"].get(n) for n in exp.sources):
         report.lines.append(CheckLine("SKIP", "encoding and model checks", "a data source gave no documents"))
         return
 
     def vocabulary() -> str:
         try:
-            state["vocab"] = prepare_vocabulary(exp, full_train)
+            state["vocab"] = prepare_vocabulary(exp)
         except MotError as exc:
             theirs = not any(f"modality '{m}'" in str(exc) for m in owned["modalities"])
             if _is_missing_data(exc) or theirs:  # data or another plugin's modality: not this plugin's fault

@@ -5,7 +5,6 @@ This is where registry lookups and plugin option validation happen, once, before
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,12 +12,12 @@ from typing import Any
 import torch
 
 from mot_core.config import RunConfig, dump_config, validate_section
-from mot_core.data import Batch, TokenDocument, Vocabulary
+from mot_core.data import Batch, Vocabulary
 from mot_core.data.packing import ExtrasSampler
 from mot_core.errors import MotError, plugin_boundary
 from mot_core.model.moe import MoEArgs
 from mot_core.model.transformer import ModalityModules, ModelArgs, MoTTransformer
-from mot_core.plugin_api import DataSource, Evaluator, Loss, Modality, RawDocument, RawSegment, origin
+from mot_core.plugin_api import DataSource, Evaluator, Loss, Modality, origin
 from registry import Registry, get_registry
 
 
@@ -113,72 +112,6 @@ def apply_tower_defaults(raw: dict[str, Any], registry: Registry | None = None) 
                 entry["tower"] = {**defaults, **(entry.get("tower") or {})}
                 modalities[name] = entry
     return raw
-
-
-@dataclass
-class PreparedData:
-    vocab: Vocabulary
-    train: dict[str, list[TokenDocument]]
-    val: list[TokenDocument]
-    raw_val: list[RawDocument]  # the held-out documents before tokenization (model-level metrics)
-
-
-def prepare_vocabulary(exp: Experiment, raw_train: dict[str, list[RawDocument]] | None = None) -> Vocabulary:
-    """Reload (or fit, on the training payloads) each modality's tokenizer.
-
-    Training documents are read lazily: a run whose tokenizers are saved never loads them."""
-
-    def payloads(name: str):
-        docs_by_source = raw_train if raw_train is not None else {
-            n: source_documents(n, s, "train") for n, s in exp.sources.items()}
-        for docs in docs_by_source.values():
-            for doc in docs:
-                yield from (seg.payload for seg in doc.segments if seg.modality == name)
-
-    for name, modality in exp.modalities.items():
-        with plugin_boundary(f"{origin(modality)}: modality '{name}', prepare"):
-            modality.prepare(payloads(name))
-    return Vocabulary(exp.modalities)
-
-
-def source_documents(name: str, source: DataSource, split: str) -> list[RawDocument]:
-    """``source.documents(split)``, checked: a list of ``RawDocument`` whose segments are
-    ``RawSegment``s of the modalities the source declares."""
-    where = f"{origin(source)}: dataset '{name}', documents('{split}')"
-    with plugin_boundary(where):
-        docs = source.documents(split)
-        docs = list(docs) if not isinstance(docs, (list, tuple)) and hasattr(docs, "__iter__") else docs
-    if not isinstance(docs, (list, tuple)):
-        raise MotError(f"{where} returned {type(docs).__name__}; expected a list of RawDocument")
-    declared = set(source.modalities)
-    for position, doc in enumerate(docs):
-        if not isinstance(doc, RawDocument):
-            raise MotError(f"{where} item {position} is {type(doc).__name__}; expected RawDocument(segments=(RawSegment(...), ...))")
-        if not isinstance(doc.segments, (tuple, list)) or not doc.segments:
-            raise MotError(f"{where} item {position} has segments {type(doc.segments).__name__} "
-                           f"{'(empty)' if isinstance(doc.segments, (tuple, list)) else ''}; expected a non-empty tuple of RawSegment")
-        for segment in doc.segments:
-            if not isinstance(segment, RawSegment):
-                raise MotError(f"{where} item {position} holds a {type(segment).__name__} segment; expected RawSegment(modality, payload)")
-            if segment.modality not in declared:
-                raise MotError(f"{where} item {position} has a '{segment.modality}' segment but the dataset declares "
-                               f"modalities {', '.join(sorted(declared)) or 'none'}")
-    return list(docs)
-
-
-def prepare_data(exp: Experiment) -> PreparedData:
-    """Load every source, fit (or reload) each modality's tokenizer on training data, tokenize."""
-    raw_train: dict[str, list[RawDocument]] = {n: source_documents(n, s, "train") for n, s in exp.sources.items()}
-    raw_val: dict[str, list[RawDocument]] = {n: source_documents(n, s, "val") for n, s in exp.sources.items()}
-    vocab = prepare_vocabulary(exp, raw_train)
-    train = {n: vocab.tokenize(docs, n) for n, docs in raw_train.items()}
-    # Round-robin across sources so a limited validation budget still covers every source.
-    val_by_source = [vocab.tokenize(docs, n) for n, docs in raw_val.items()]
-    val = [doc for group in itertools.zip_longest(*val_by_source) for doc in group if doc is not None]
-    for name, docs in train.items():
-        if not docs:
-            raise MotError(f"dataset '{name}' produced no tokens in its 'train' split")
-    return PreparedData(vocab, train, val, [d for docs in raw_val.values() for d in docs])
 
 
 def model_args(config: RunConfig, vocab: Vocabulary) -> ModelArgs:

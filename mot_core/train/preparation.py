@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from mot_core.config import RunConfig
 from mot_core.errors import MotError
-from mot_core.train.experiment import build_experiment, source_documents
+from mot_core.train.experiment import build_experiment
+from mot_core.train.tokenize import sample_documents
 
 
 def data_prepare(config: RunConfig, progress: bool = True) -> dict:
@@ -13,10 +14,12 @@ def data_prepare(config: RunConfig, progress: bool = True) -> dict:
 
 
 def tokenizer_fit(config: RunConfig, progress: bool = True, force: bool = False) -> dict:
-    """Fit every modality tokenizer that needs a separate fitting step, on the run's data."""
+    """Fit every modality tokenizer that needs a separate fitting step, on a bounded sample
+    of the run's data (``data.fit_sample_documents`` documents of each source and split)."""
     exp = build_experiment(config)
-    train = [d for n, s in exp.sources.items() for d in source_documents(n, s, "train")]
-    val = [d for n, s in exp.sources.items() for d in source_documents(n, s, "val")]
+    limit = config.data.fit_sample_documents
+    train = [d for n, s in exp.sources.items() for d in sample_documents(n, s, "train", limit)]
+    val = [d for n, s in exp.sources.items() for d in sample_documents(n, s, "val", limit)]
     reports = {}
     for name, modality in exp.modalities.items():
         report = modality.fit(train, val, progress=progress, force=force)

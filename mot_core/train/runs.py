@@ -18,14 +18,13 @@ from mot_core.model.transformer import MoTTransformer
 from mot_core.plugin_api import EvaluationContext
 from mot_core.train import checkpoint as ckpt
 from mot_core.train.evaluation import evaluate
-from mot_core.train.experiment import (
-    Experiment, PreparedData, build_experiment, build_model, extras_sampler, model_args, prepare_data, prepare_vocabulary,
-)
+from mot_core.train.experiment import Experiment, build_experiment, build_model, extras_sampler, model_args
+from mot_core.train.tokenize import OpenedData, open_data, prepare_vocabulary, source_documents
 
 
-def load_run(checkpoint: Path, with_data: bool = True) -> tuple[Experiment, Vocabulary, PreparedData | None, MoTTransformer, dict]:
+def load_run(checkpoint: Path, with_data: bool = True) -> tuple[Experiment, Vocabulary, OpenedData | None, MoTTransformer, dict]:
     """Checkpoint folder (or run folder: its newest checkpoint) -> experiment, vocabulary,
-    tokenized data (None unless ``with_data``), model, meta."""
+    held-out data (the run's shards; None unless ``with_data``), model, meta."""
     if not checkpoint.exists():
         raise MotError(f"checkpoint not found: {checkpoint}")
     if not (checkpoint / "meta.json").is_file():
@@ -45,8 +44,8 @@ def load_run(checkpoint: Path, with_data: bool = True) -> tuple[Experiment, Voca
     run_folder = checkpoint.resolve().parent.parent
     config = config.model_copy(update={"run": config.run.model_copy(update={"dir": str(run_folder)})})
     exp = build_experiment(config)
-    data = prepare_data(exp) if with_data else None
-    vocab = data.vocab if data is not None else prepare_vocabulary(exp)
+    vocab = prepare_vocabulary(exp)
+    data = open_data(exp, vocab, missing="memory", splits=("val",)) if with_data else None
     args = model_args(config, vocab)
     ckpt.check_compatible(meta["model_args"], args, checkpoint)
     model = build_model(args, vocab).to(resolve_device(config.run.device))
@@ -62,7 +61,8 @@ def evaluate_checkpoint(path: Path, batches: int | None = None, samples: int = 0
     device = model.embed.weight.device
     val = fixed_batches(data.val, tcfg.batch_size, tcfg.seq_len, batches or tcfg.eval_batches, len(data.vocab.names),
                         extras_sampler(exp, data.vocab))
-    context = EvaluationContext(model, data.vocab, data.raw_val, device, samples=samples, seed=exp.config.run.seed,
+    raw_val = [doc for name, source in exp.sources.items() for doc in source_documents(name, source, "val")]
+    context = EvaluationContext(model, data.vocab, raw_val, device, samples=samples, seed=exp.config.run.seed,
                                 span_sampler=prompt_to_span, text_sampler=span_to_text,
                                 segment_generator=generate_segments)
     with torch.no_grad():

@@ -14,7 +14,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from mot_core.data import Batch
 from mot_core.train import checkpoint as ckpt
 
 
@@ -48,9 +47,17 @@ class Runtime(abc.ABC):
         its forward pass. Called before the optimizer is built."""
         return model
 
-    def local_rows(self, batch: Batch) -> Batch:
-        """This worker's rows of a global batch."""
-        return batch
+    missing_data = "tokenize"
+    """What ``open_data`` does with sources not tokenized yet: ``tokenize`` them, or (a worker,
+    which reads what its driver wrote) ``error``."""
+
+    def lanes(self, batch_size: int) -> range:
+        """The rows of every global batch this worker builds and trains on (its stream lanes)."""
+        return range(batch_size)
+
+    def gather_stream_state(self, state: dict) -> dict:
+        """Every worker's stream lanes in one state (a collective where there are several)."""
+        return state
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """The element-wise sum of ``tensor`` over all workers (every worker gets it)."""

@@ -23,7 +23,8 @@ from mot_core.data import PackedStream, fixed_batches
 from mot_core.errors import MotError
 from mot_core.train.evaluation import evaluate, forward_losses, reduce_losses
 from mot_core.train.runtime import LocalRuntime, Runtime
-from mot_core.train.experiment import Experiment, build_experiment, build_model, extras_sampler, model_args, prepare_data
+from mot_core.train.experiment import Experiment, build_experiment, build_model, extras_sampler, model_args
+from mot_core.train.tokenize import open_data, prepare_vocabulary
 from mot_core.launch.device import autocast_for, keep_freed_memory_in_heap, resolve_device, seed_everything
 from mot_core.model.transformer import warm_start_from_dense
 
@@ -94,27 +95,25 @@ def train(config: RunConfig) -> dict:
         lock.release()
 
 
-def mix_record(stream: PackedStream, sources: list[str], modalities: list[str]) -> dict[str, float]:
-    """Token shares read so far (padding excluded), per source and per modality."""
-    by_source, by_modality = stream.realized_shares()
-    record = {f"share/source/{name}": float(share) for name, share in zip(sources, by_source)}
-    record.update({f"share/modality/{modalities[m]}": share for m, share in by_modality.items()})
+def mix_record(stream: PackedStream, sources: list[str], modalities: list[str], runtime: Runtime) -> dict[str, float]:
+    """Token shares read so far by every worker (padding excluded), per source and per modality."""
+    by_source, by_modality = stream.token_counts()
+    counts = torch.tensor([*by_source, *(by_modality.get(m, 0) for m in range(len(modalities)))], dtype=torch.float64,
+                          device=runtime.device)
+    counts = runtime.all_reduce_sum(counts).cpu().numpy()
+    total = max(1.0, float(counts[: len(sources)].sum()))
+    record = {f"share/source/{name}": float(counts[i]) / total for i, name in enumerate(sources)}
+    record.update({f"share/modality/{name}": float(counts[len(sources) + m]) / total
+                   for m, name in enumerate(modalities) if counts[len(sources) + m]})
     return record
 
 
-def describe_mix(stream: PackedStream, sources: list[str], modalities: list[str], batch_size: int,
-                 batches: int = 200) -> str:
-    """The configured token shares next to those of the next ``batches`` batches (read from a
-    copy of the stream: the run's own stream does not move)."""
-    probe = PackedStream(stream.sources, list(stream.target_shares), stream.seq_len, stream.seed,
-                         weight_unit=stream.weight_unit)
-    probe.load_state_dict(stream.state_dict())
-    probe.tokens_by_source = [0] * len(sources)
-    probe.tokens_by_modality = {}
-    batches = max(1, min(batches, 2_000_000 // (batch_size * stream.seq_len)))  # at most ~2M tokens of packing
-    for _ in range(batches * batch_size):
-        probe.next_row()
-    by_source, by_modality = probe.realized_shares()
+def describe_mix(stream: PackedStream, sources: list[str], modalities: list[str], batches: int = 200) -> str:
+    """The configured token shares next to those of the next ``batches`` batches of this
+    process's rows (read from a copy of the stream: the run's own stream does not move)."""
+    rows = len(stream.owned)
+    batches = max(1, min(batches, 2_000_000 // (rows * stream.seq_len)))  # at most ~2M tokens of packing
+    by_source, by_modality = stream.preview_shares(batches)
     parts = [f"{name} {100 * share:.1f}% (weight {100 * target:.1f}%, {length:.0f} tokens/doc)"
              for name, share, target, length in zip(sources, by_source, stream.target_shares, stream.mean_lengths)]
     kinds = ", ".join(f"{modalities[m]} {100 * share:.1f}%" for m, share in by_modality.items())
@@ -158,8 +157,8 @@ def run_loop(config: RunConfig, exp: Experiment, runtime: Runtime) -> dict:
         torch.use_deterministic_algorithms(True)
         keep_freed_memory_in_heap()
 
-    data = prepare_data(exp)
-    vocab = data.vocab
+    vocab = prepare_vocabulary(exp)
+    data = open_data(exp, vocab, missing=runtime.missing_data, progress=main)
     args = model_args(config, vocab)
     config_yaml = exp.resolved_yaml()
     if main:
@@ -183,7 +182,8 @@ def run_loop(config: RunConfig, exp: Experiment, runtime: Runtime) -> dict:
     names = list(exp.source_weights)
     extras = extras_sampler(exp, vocab)
     stream = PackedStream([data.train[n] for n in names], [exp.source_weights[n] for n in names], tcfg.seq_len,
-                          config.run.seed, extras=extras, weight_unit=config.mixture.weight_unit)
+                          config.run.seed, lanes=tcfg.batch_size, owned=runtime.lanes(tcfg.batch_size), extras=extras,
+                          weight_unit=config.mixture.weight_unit)
     val_batches = fixed_batches(data.val, tcfg.batch_size, tcfg.seq_len, tcfg.eval_batches, len(vocab.names), extras)
     # Modules a plugin owns (adapters, heads) sit idle when their modality is absent from a
     # worker's rows. A zero-weighted term gives them a zero gradient, as every tower gets, so
@@ -201,7 +201,7 @@ def run_loop(config: RunConfig, exp: Experiment, runtime: Runtime) -> dict:
             print(f"resuming from {latest} (step {step})")
 
     if main:
-        print(describe_mix(stream, names, vocab.names, tcfg.batch_size))
+        print(describe_mix(stream, names, vocab.names))
         print(
             f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['active_per_token'] / 1e6:.2f}M active per token, "
             f"{flops / 1e6:.1f} MFLOP per token per training step | "
@@ -217,8 +217,8 @@ def run_loop(config: RunConfig, exp: Experiment, runtime: Runtime) -> dict:
     log = MetricsLog(run_dir / "metrics.jsonl", step) if main else None
 
     def save() -> str:
-        return runtime.save(step, model, optimizer, {"scheduler": scheduler.state_dict(), "data": data_state},
-                            config_yaml, args, tcfg.keep_checkpoints, record)
+        state = {"scheduler": scheduler.state_dict(), "data": runtime.gather_stream_state(data_state)}
+        return runtime.save(step, model, optimizer, state, config_yaml, args, tcfg.keep_checkpoints, record)
 
     data_state = stream.state_dict()
     last_saved = step
@@ -230,7 +230,7 @@ def run_loop(config: RunConfig, exp: Experiment, runtime: Runtime) -> dict:
     try:
         while step < tcfg.steps:
             started = time.perf_counter()
-            batch = runtime.local_rows(stream.next_batch(tcfg.batch_size, len(vocab.names))).to(device)
+            batch = stream.next_batch(len(vocab.names)).to(device)
             with autocast():
                 per_modality = forward_losses(model, batch, vocab, exp, forward=forward)
             total, means = step_loss(per_modality, exp, runtime)
@@ -245,7 +245,7 @@ def run_loop(config: RunConfig, exp: Experiment, runtime: Runtime) -> dict:
                 total = total + 0.0 * sum(p.sum() for p in idle)
             if (step + 1) % tcfg.log_every == 0 or step + 1 == tcfg.steps:
                 record.update(model.router_stats(vocab.names))
-                record.update(mix_record(stream, names, vocab.names))
+                record.update(mix_record(stream, names, vocab.names, runtime))
             if not math.isfinite(total_value) and tcfg.on_nonfinite == "stop":
                 raise MotError(
                     f"loss is {total_value} at step {step + 1}; stopped before it reached the weights "

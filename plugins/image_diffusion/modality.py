@@ -23,15 +23,15 @@ from pydantic import Field, model_validator
 
 from mot_core.errors import MotError
 from mot_core.plugin_api import (
-    ContinuousSegment, Modality, PluginOptions, RawDocument, SamplingParams, SpanGrammar, SpanRunner,
+    ContinuousSegment, Modality, PluginOptions, RawDocument, SamplingParams, SpanGrammar, SpanRunner, fingerprint_files,
 )
 from plugins.image_diffusion.modules import (
     LinearPatchAdapter, LinearPatchHead, UNetPatchAdapter, UNetPatchHead, patchify, unpatchify,
 )
 from plugins.image_diffusion.process import DiffusionOptions, DiffusionProcess
 from plugins.image_diffusion.vae import (
-    DEFAULT_FIT_BATCH_SIZE, DEFAULT_FIT_LR, DEFAULT_FIT_STEPS, DEFAULT_KL_WEIGHT, LatentCache, decode_latents,
-    downsample_factor, encode_latents, fit_vae, load_vae, resolve_architecture, weights_digest,
+    CONFIG_FILE, DEFAULT_FIT_BATCH_SIZE, DEFAULT_FIT_LR, DEFAULT_FIT_STEPS, DEFAULT_KL_WEIGHT, WEIGHTS_FILE, LatentCache,
+    decode_latents, downsample_factor, encode_latents, fit_vae, load_vae, resolve_architecture, weights_digest,
 )
 
 BEGIN_OF_IMAGE, END_OF_IMAGE = 0, 1
@@ -136,6 +136,13 @@ class ImageDiffusion(Modality):
         if not file.is_file() or file.read_text() != record:  # a reopened run folder may be read-only
             self.state_dir.mkdir(parents=True, exist_ok=True)
             file.write_text(record)
+
+    def fingerprint(self) -> str:
+        """The default (options, vocabulary, ``state_dir``) and the VAE's bytes: its
+        ``config.json`` and weights, in ``tokenizer_dir`` or ``pretrained_vae``. Not the rest of
+        those folders: the latent cache grows as images are encoded, and the evaluation
+        networks (feature net, CLIP) do not change the latents."""
+        return fingerprint_files([self.vae_dir / CONFIG_FILE, self.vae_dir / WEIGHTS_FILE], extra=super().fingerprint())
 
     def _require(self):
         if self.vae is None:

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from diffusers.models.embeddings import TimestepEmbedding, Timesteps
-from diffusers.models.resnet import ResnetBlock2D
+
+# diffusers is imported inside the constructors: it costs ~4 s to import (it pulls in
+# torch._dynamo) and every `mot` command loads this plugin; only runs that use it pay.
 
 TIME_FREQUENCIES = 256
 
@@ -42,6 +43,8 @@ class _TimeEmbedding(nn.Module):
     """(V,) timesteps -> (V, dim): sinusoidal frequencies, then an MLP (as DDPM U-Nets and DiT)."""
 
     def __init__(self, dim: int):
+        from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+
         super().__init__()
         self.frequencies = Timesteps(TIME_FREQUENCIES, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.mlp = TimestepEmbedding(TIME_FREQUENCIES, dim)
@@ -89,6 +92,8 @@ class UNetPatchAdapter(nn.Module):
     """(V, C p p) patches of whole images (V = images * grid^2, consecutive) -> (V, dim)."""
 
     def __init__(self, channels: int, grid: int, patch: int, dim: int, width: int = 64):
+        from diffusers.models.resnet import ResnetBlock2D
+
         super().__init__()
         self.channels, self.grid, self.patch = channels, grid, patch
         self.time = _TimeEmbedding(width)
@@ -112,6 +117,8 @@ class UNetPatchHead(nn.Module):
     """(n, dim) states of whole images (n = images * grid^2) -> (n, C p p) predictions."""
 
     def __init__(self, dim: int, channels: int, grid: int, patch: int, width: int = 64):
+        from diffusers.models.resnet import ResnetBlock2D
+
         super().__init__()
         self.channels, self.grid, self.patch = channels, grid, patch
         self.up = nn.ConvTranspose2d(dim, width, patch, stride=patch)

@@ -14,10 +14,12 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from pydantic import Field
 
 from mot_core.plugin_api import PluginOptions
+
+# The diffusers schedulers are imported where they are used: diffusers costs ~4 s to import and
+# every `mot` command loads this plugin (and DiffusionOptions); only runs that use it pay.
 
 SCHEDULES = {"cosine": "squaredcos_cap_v2", "linear": "linear"}
 
@@ -42,6 +44,8 @@ class DiffusionProcess:
     """Forward noising, training target and sampler of one ``DiffusionOptions``."""
 
     def __init__(self, options: DiffusionOptions):
+        from diffusers import DDPMScheduler
+
         self.options = options
         self.T = options.train_timesteps
         self.flow = options.prediction == "flow"
@@ -78,6 +82,8 @@ class DiffusionProcess:
 
     def sampler(self, steps: int):
         """A fresh scheduler with ``steps`` inference timesteps (``.timesteps``, noisiest first)."""
+        from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
         if self.flow:
             sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.T, shift=1.0)
         else:
@@ -93,6 +99,8 @@ class DiffusionProcess:
     @staticmethod
     def step(sched, output: torch.Tensor, t: torch.Tensor, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """One sampler step from x at timestep t given the model output -> the next x."""
+        from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
         if isinstance(sched, FlowMatchEulerDiscreteScheduler):
             return sched.step(output, t, x).prev_sample
         if isinstance(sched, DDPMScheduler):

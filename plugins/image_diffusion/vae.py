@@ -24,16 +24,20 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mot_core.errors import MotError
 from plugins.images.folders import warmup_cosine_lr, write_folder_atomically
+
+# AutoencoderKL is imported where it is used: diffusers costs ~4 s to import and every `mot`
+# command loads this plugin; only runs that use it pay.
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
@@ -72,6 +76,8 @@ _PSNR_CAP_DB = 100.0
 
 def _architecture_keys() -> dict[str, Any]:
     """Configurable AutoencoderKL constructor arguments and their diffusers defaults."""
+    from diffusers import AutoencoderKL
+
     parameters = inspect.signature(AutoencoderKL.__init__).parameters
     return {
         name: parameter.default
@@ -142,6 +148,8 @@ def build_vae(architecture: dict | None) -> AutoencoderKL:
 
     Unknown keys or bad values raise a one-line :class:`MotError` naming the key.
     """
+    from diffusers import AutoencoderKL
+
     resolved = resolve_architecture(architecture)
     try:
         return AutoencoderKL(**resolved)
@@ -366,6 +374,8 @@ def load_vae(directory: Path, architecture: dict | None, *, modality: str = "<na
                 f"image VAE in {directory} does not match the config ({'; '.join(problems)}); run "
                 f"`mot tokenizer fit --force` or fix mixture.modalities.{modality}.options.vae"
             )
+    from diffusers import AutoencoderKL
+
     try:
         vae, info = AutoencoderKL.from_pretrained(
             str(directory), local_files_only=True, use_safetensors=True,

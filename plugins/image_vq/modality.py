@@ -18,11 +18,13 @@ from pydantic import Field, model_validator
 
 from mot_core.errors import MotError
 from mot_core.plugin_api import SpanGrammar
-from mot_core.plugin_api import Modality, PluginOptions, RawDocument
+from mot_core.plugin_api import Modality, PluginOptions, RawDocument, fingerprint_files
 from plugins.image_vq.tokenizer_io import (
     DEFAULT_FIT_BATCH_SIZE,
     DEFAULT_FIT_LR,
     DEFAULT_FIT_STEPS,
+    META_FILE,
+    WEIGHTS_FILE,
     fit_vq_tokenizer,
     load_taming_checkpoint,
     load_vq_tokenizer,
@@ -122,6 +124,18 @@ class ImageVQ(Modality):
         if not file.is_file() or file.read_text() != record:  # a reopened run folder may be read-only
             self.state_dir.mkdir(parents=True, exist_ok=True)
             file.write_text(record)
+
+    def fingerprint(self) -> str:
+        """The default (options, vocabulary, ``state_dir``) and the tokenizer's bytes: the
+        published taming config and checkpoint, or the local ``vqgan.safetensors`` and
+        ``vqgan.json``. Not the rest of ``tokenizer_dir``: its code cache grows as images are
+        encoded, and the FID feature network does not change the codes."""
+        opts: ImageVQOptions = self.options
+        if opts.taming_checkpoint:
+            files = [Path(opts.taming_config), Path(opts.taming_checkpoint)]
+        else:
+            files = [Path(opts.tokenizer_dir) / WEIGHTS_FILE, Path(opts.tokenizer_dir) / META_FILE]
+        return fingerprint_files(files, extra=super().fingerprint())
 
     def _require(self) -> VQGAN:
         if self.tokenizer is None:

@@ -25,7 +25,7 @@ import math
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, Iterator, Literal
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from pydantic import Field, field_validator, model_validator
 
 from mot_core.errors import MotError
-from mot_core.plugin_api import DataSource, PluginOptions, RawDocument, RawSegment, Split
+from mot_core.plugin_api import DataSource, PluginOptions, RawDocument, RawSegment, Split, fingerprint_files
 
 Direction = Literal["caption_to_image", "image_to_caption"]
 PREPARE_HINT = "run `mot data prepare` first"
@@ -46,6 +46,7 @@ CAPTIONS_FORMAT = (
 CAPTION_FONT_PX = 10
 CAPTION_LINES = 2
 MIN_CAPTIONED_TILE_PX = 96  # captions need about this much width to be legible
+IMAGES_PER_PART = 4096  # a split is read in parts of at most this many images of one source or folder
 
 
 class CaptionedImagesOptions(PluginOptions):
@@ -159,28 +160,71 @@ class CaptionedImages(DataSource):
             report[folder] = f"used as it is (nothing to prepare): {count} images listed in {captions}"
         return report
 
-    def documents(self, split: Split) -> list[RawDocument]:
+    def documents(self, split: Split) -> Iterator[RawDocument]:
         """All documents of ``split``, in a fixed order: sources as listed, then folders as
-        listed, images in captions-file order, and for each image its directions as listed."""
+        listed, images in captions-file order, and for each image its directions as listed.
+
+        The captions files are read (and checked) when called; each image is decoded when its
+        documents are taken, so memory does not grow with the number of images."""
+        plans = self._plans(split)
+        return (doc for plan in plans for doc in self._plan_documents(plan, plan.chosen, split))
+
+    def num_parts(self, split: Split) -> int:
+        """Each source and folder in parts of at most ``IMAGES_PER_PART`` images of the split."""
+        return len(self._parts(self._plans(split)))
+
+    def read_part(self, split: Split, part: int) -> Iterator[RawDocument]:
+        parts = self._parts(self._plans(split))
+        if not 0 <= part < len(parts):
+            raise MotError(f"dataset '{self.name}' has {len(parts)} parts in its '{split}' split, asked for part {part}")
+        plan, start, stop = parts[part]
+        return self._plan_documents(plan, plan.chosen[start:stop], split)
+
+    def fingerprint(self) -> str:
+        """Names, sizes and modification times of each captions file, meta.json and the images
+        they name (no image is read), and the options."""
+        opts: CaptionedImagesOptions = self.options
+        paths: list[Path] = []
+        for source in opts.sources:
+            folder = Path(opts.root) / source
+            paths += [folder / "captions.jsonl", folder / "meta.json"]
+            try:
+                listing = _load_source(Path(opts.root), source, opts.image_size)
+            except MotError:  # documents() will say what is wrong
+                continue
+            paths += [folder / file for file in listing.files[: opts.max_images_per_source]]
+        for folder in map(Path, opts.folders):
+            try:
+                captions = _find_captions(folder, opts.captions_file)
+                listing = _load_folder(folder, opts.captions_file, opts.image_size, opts.val_fraction)
+            except MotError:
+                paths += [folder / name for name in ((opts.captions_file,) if opts.captions_file else CAPTIONS_NAMES)]
+                continue
+            paths += [captions, *(folder / file for file in listing.files[: opts.max_images_per_source])]
+        return fingerprint_files(paths, extra=super().fingerprint(), contents=False)
+
+    def _plans(self, split: Split) -> list["_Plan"]:
+        """Each source and folder, in order, with the images of ``split`` (captions files read
+        and checked; no image decoded)."""
         opts: CaptionedImagesOptions = self.options
         root = Path(opts.root)
         if opts.sources and not root.is_dir():
             raise MotError(f"dataset '{self.name}': no captioned images at {root}; {PREPARE_HINT}")
-        docs: list[RawDocument] = []
+        plans: list[_Plan] = []
         for source in opts.sources:
             loaded = _load_source(root, source, opts.image_size)
             usable = len(loaded.files) if opts.max_images_per_source is None else opts.max_images_per_source
-            chosen = [i for i, s in enumerate(loaded.splits[:usable]) if s == split]
+            chosen = tuple(i for i, s in enumerate(loaded.splits[:usable]) if s == split)
             if not chosen:
                 limited = f" among its first {usable} images (max_images_per_source)" if opts.max_images_per_source else ""
                 raise MotError(
                     f"dataset '{self.name}': source '{source}' has no images in its '{split}' split{limited} ({root / source})"
                 )
-            self._add_documents(docs, loaded, chosen, source, split)
+            plans.append(_Plan(loaded, chosen, source))
         for folder in opts.folders:
             loaded = _load_folder(Path(folder), opts.captions_file, opts.image_size, opts.val_fraction)
             usable = len(loaded.files) if opts.max_images_per_source is None else opts.max_images_per_source
-            chosen = [i for i, s in enumerate(loaded.splits[:usable]) if s == split]
+            chosen = tuple(i for i, s in enumerate(loaded.splits[:usable]) if s == split)
             if not chosen:
                 count = min(usable, len(loaded.files))
                 limited = " (max_images_per_source)" if opts.max_images_per_source else ""
@@ -190,26 +234,31 @@ class CaptionedImages(DataSource):
                     f"{'raise val_fraction, ' if split == 'val' else 'lower val_fraction, '}"
                     f"add more images, or give some captions lines \"split\": \"{split}\""
                 )
-            self._add_documents(docs, loaded, chosen, Path(folder).resolve().name, split)
-        return docs
+            plans.append(_Plan(loaded, chosen, Path(folder).resolve().name))
+        return plans
 
-    def _add_documents(self, docs: list[RawDocument], loaded: "_LoadedSource", chosen: list[int], label: str,
-                       split: Split) -> None:
+    @staticmethod
+    def _parts(plans: list["_Plan"]) -> list[tuple["_Plan", int, int]]:
+        """(plan, start, stop) of each part: consecutive runs of a plan's chosen images."""
+        return [(plan, start, min(start + IMAGES_PER_PART, len(plan.chosen)))
+                for plan in plans for start in range(0, len(plan.chosen), IMAGES_PER_PART)]
+
+    def _plan_documents(self, plan: "_Plan", chosen: tuple[int, ...], split: Split) -> Iterator[RawDocument]:
         opts: CaptionedImagesOptions = self.options
-        # One independent tensor per image (not views of one batch), so a payload carries
-        # only its own pixels when pickled, and no consumer can alter the cached data.
-        images = _to_signed_float(loaded.pixels[chosen])
-        for row, index in enumerate(chosen):
+        loaded = plan.loaded
+        for index in chosen:
+            # One independent tensor per image, decoded now: a payload carries only its own
+            # pixels when pickled, and nothing holds the images already taken.
             caption = RawSegment(opts.text_modality, loaded.captions[index])
-            image = RawSegment(opts.image_modality, images[row].clone())
+            image = RawSegment(opts.image_modality, _to_signed_float(loaded.pixels(index)))
             for direction in opts.directions:
                 if direction == "image_to_caption":
-                    docs.append(RawDocument((image, caption)))
-                elif split == "train" and _drops_caption(f"{label}/{loaded.files[index]}", opts.caption_dropout):
+                    yield RawDocument((image, caption))
+                elif split == "train" and _drops_caption(f"{plan.label}/{loaded.files[index]}", opts.caption_dropout):
                     # Validation keeps every caption: it measures conditional generation.
-                    docs.append(RawDocument((image,)))
+                    yield RawDocument((image,))
                 else:
-                    docs.append(RawDocument((caption, image)))
+                    yield RawDocument((caption, image))
 
 
 def _unknown_source_message(source: str, captions: Path) -> str:
@@ -233,12 +282,33 @@ def _to_signed_float(pixels: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class _LoadedSource:
-    """One source folder decoded: parallel tuples and pixels (N, 3, S, S) uint8."""
+    """One source folder's captions file read: parallel tuples, and where to find each image.
+    ``pixels(i)`` decodes image ``i`` -> (3, S, S) uint8, contiguous."""
 
+    folder: Path
     files: tuple[str, ...]
     captions: tuple[str, ...]
     splits: tuple[str, ...]
-    pixels: torch.Tensor
+    image_size: int
+    lines: tuple[int, ...] | None = None  # folders of one's own: captions-file line of each image, for errors
+    captions_name: str = ""
+
+    def pixels(self, index: int) -> torch.Tensor:
+        path = self.folder / self.files[index]
+        if self.lines is None:
+            array = _read_rgb(path, self.image_size)
+        else:
+            array = _read_any_image(path, self.image_size, f"{self.captions_name} line {self.lines[index]}")
+        return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A source or folder and the indices of its images in one split."""
+
+    loaded: _LoadedSource
+    chosen: tuple[int, ...]
+    label: str  # names the image in the caption-dropout hash
 
 
 def _load_source(root: Path, source: str, image_size: int) -> _LoadedSource:
@@ -251,8 +321,9 @@ def _load_source(root: Path, source: str, image_size: int) -> _LoadedSource:
     return _load_source_cached(str(folder.resolve()), image_size, (stat.st_mtime_ns, stat.st_size, stat.st_ino))
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=64)
 def _load_source_cached(folder: str, image_size: int, captions_identity: tuple[int, int, int]) -> _LoadedSource:
+    """The captions file, read once per process (its images are decoded as they are used)."""
     source_dir = Path(folder)
     meta_size = _prepared_size(source_dir / "meta.json")
     if meta_size is not None and meta_size != image_size:
@@ -261,10 +332,7 @@ def _load_source_cached(folder: str, image_size: int, captions_identity: tuple[i
             f"set image_size: {meta_size} or run `mot data prepare` at size {image_size}"
         )
     files, captions, splits = _read_captions(source_dir / "captions.jsonl")
-    pixels = torch.empty((len(files), 3, image_size, image_size), dtype=torch.uint8)
-    for i, file in enumerate(files):
-        pixels[i] = torch.from_numpy(_read_rgb(source_dir / file, image_size)).permute(2, 0, 1)
-    return _LoadedSource(tuple(files), tuple(captions), tuple(splits), pixels)
+    return _LoadedSource(source_dir, tuple(files), tuple(captions), tuple(splits), image_size)
 
 
 def _prepared_size(meta_path: Path) -> int | None:
@@ -431,18 +499,16 @@ def _load_folder(folder: Path, captions_file: str | None, image_size: int, val_f
     return _load_folder_cached(str(captions.resolve()), image_size, val_fraction, (stat.st_mtime_ns, stat.st_size, stat.st_ino))
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=64)
 def _load_folder_cached(captions: str, image_size: int, val_fraction: float,
                         captions_identity: tuple[int, int, int]) -> _LoadedSource:
-    """Decoded once per process and captions file (the train and val splits, evaluators and
-    tokenizer fitting all read the same pixels)."""
+    """The captions file, read once per process and file (the train and val splits,
+    evaluators and tokenizer fitting all read the same list); images are decoded as used."""
     path = Path(captions)
     lines = _read_folder_captions(path, val_fraction)
-    pixels = torch.empty((len(lines), 3, image_size, image_size), dtype=torch.uint8)
-    for i, line in enumerate(lines):
-        pixels[i] = torch.from_numpy(_read_any_image(path.parent / line.file, image_size, f"{path.name} line {line.number}")).permute(2, 0, 1)
     return _LoadedSource(
-        tuple(line.file for line in lines), tuple(line.caption for line in lines), tuple(line.split for line in lines), pixels
+        path.parent, tuple(line.file for line in lines), tuple(line.caption for line in lines),
+        tuple(line.split for line in lines), image_size, tuple(line.number for line in lines), path.name,
     )
 
 

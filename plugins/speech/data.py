@@ -18,18 +18,19 @@ import time
 import unicodedata
 import zlib
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 from pydantic import Field, model_validator
 
 from mot_core.errors import MotError
-from mot_core.plugin_api import DataSource, PluginOptions, RawDocument, RawSegment, Split
+from mot_core.plugin_api import DataSource, PluginOptions, RawDocument, RawSegment, Split, fingerprint_files
 from plugins.speech.audio import Audio, load_audio_file, save_wav, to_rate
 
 Direction = Literal["transcript_to_speech", "speech_to_transcript"]
 TRANSCRIPTS = "transcripts.jsonl"
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 EMOJI_BLOCKS = ((0x1F300, 0x1F5FF), (0x1F600, 0x1F64F), (0x1F680, 0x1F6FF), (0x1F900, 0x1F9FF))
+CLIPS_PER_PART = 4096  # a split is read in parts of at most this many clips
 
 
 class VoiceSpec(PluginOptions):
@@ -84,7 +85,7 @@ class SpokenSentences(DataSource):
     def __init__(self, options: SpokenSentencesOptions):
         super().__init__(options)
         self.modalities = (options.text_modality, options.speech_modality)
-        self._clips: list[tuple[str, Audio, str]] | None = None
+        self._lines: tuple[tuple[int, int, int], list[tuple[str, str, str]]] | None = None
 
     def prepare(self, progress: bool = True) -> dict:
         opts: SpokenSentencesOptions = self.options
@@ -92,16 +93,19 @@ class SpokenSentences(DataSource):
             return {}
         return synthesize_folder(Path(opts.root), opts.synthesis, progress)
 
-    def _load(self) -> list[tuple[str, Audio, str]]:
-        """(text, clip, split) for every line of the transcripts file."""
-        if self._clips is not None:
-            return self._clips
+    def _entries(self) -> list[tuple[str, str, str]]:
+        """(text, clip file relative to root, split) for every line of the transcripts file (up
+        to ``max_clips``), read and checked; kept while the file is unchanged. No clip is read."""
         opts: SpokenSentencesOptions = self.options
         root = Path(opts.root)
         file = root / TRANSCRIPTS
         if not file.is_file():
             hint = "run `mot data prepare` first" if opts.synthesis is not None else f"write {TRANSCRIPTS} there"
             raise MotError(f"dataset 'spoken_sentences': no {file}; {hint}")
+        stat = file.stat()
+        identity = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        if self._lines is not None and self._lines[0] == identity:
+            return self._lines[1]
         out = []
         for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
@@ -116,24 +120,54 @@ class SpokenSentences(DataSource):
                 raise MotError(f"dataset 'spoken_sentences': {file} line {number}: split must be 'train' or 'val', got {split!r}")
             if not text:
                 raise MotError(f"dataset 'spoken_sentences': {file} line {number} has an empty transcript")
-            out.append((text, load_audio_file(root / name), split))
+            out.append((text, name, split))
             if opts.max_clips and len(out) >= opts.max_clips:
                 break
-        self._clips = out
+        self._lines = (identity, out)
         return out
 
-    def documents(self, split: Split) -> list[RawDocument]:
+    def _chosen(self, split: Split) -> list[tuple[str, str]]:
+        """(text, clip file) of the clips of ``split``; an empty split is an error."""
         opts: SpokenSentencesOptions = self.options
-        docs = []
-        for text, clip, clip_split in self._load():
-            if clip_split != split:
-                continue
-            speech, words = RawSegment(opts.speech_modality, clip), RawSegment(opts.text_modality, text)
-            for direction in opts.directions:
-                docs.append(RawDocument((words, speech) if direction == "transcript_to_speech" else (speech, words)))
-        if not docs:
+        chosen = [(text, name) for text, name, clip_split in self._entries() if clip_split == split]
+        if not chosen:
             raise MotError(f"dataset 'spoken_sentences' has no clips in its '{split}' split ({opts.root})")
-        return docs
+        return chosen
+
+    def documents(self, split: Split) -> Iterator[RawDocument]:
+        """The transcripts are read (and checked) when called; each clip is loaded when its
+        documents are taken, so memory does not grow with the number of clips."""
+        return self._documents(self._chosen(split))
+
+    def num_parts(self, split: Split) -> int:
+        """Parts of at most ``CLIPS_PER_PART`` clips of the split, in transcripts order."""
+        return -(-len(self._chosen(split)) // CLIPS_PER_PART)
+
+    def read_part(self, split: Split, part: int) -> Iterator[RawDocument]:
+        chosen = self._chosen(split)
+        parts = -(-len(chosen) // CLIPS_PER_PART)
+        if not 0 <= part < parts:
+            raise MotError(f"dataset '{self.name}' has {parts} parts in its '{split}' split, asked for part {part}")
+        return self._documents(chosen[part * CLIPS_PER_PART : (part + 1) * CLIPS_PER_PART])
+
+    def fingerprint(self) -> str:
+        """Names, sizes and modification times of the transcripts file and the clips it names
+        (no audio is read), and the options."""
+        root = Path(self.options.root)
+        try:
+            clips = [root / name for _, name, _ in self._entries()]
+        except MotError:  # documents() will say what is wrong
+            clips = []
+        return fingerprint_files([root / TRANSCRIPTS, *clips], extra=super().fingerprint(), contents=False)
+
+    def _documents(self, chosen: list[tuple[str, str]]) -> Iterator[RawDocument]:
+        opts: SpokenSentencesOptions = self.options
+        root = Path(opts.root)
+        for text, name in chosen:
+            speech = RawSegment(opts.speech_modality, load_audio_file(root / name))
+            words = RawSegment(opts.text_modality, text)
+            for direction in opts.directions:
+                yield RawDocument((words, speech) if direction == "transcript_to_speech" else (speech, words))
 
 
 def _hash_fraction(name: str) -> float:

@@ -16,7 +16,7 @@ import torch
 from pydantic import Field, model_validator
 
 from mot_core.errors import MotError
-from mot_core.plugin_api import Modality, PluginOptions, RawDocument
+from mot_core.plugin_api import Modality, PluginOptions, RawDocument, fingerprint_files
 from plugins.speech.audio import Audio, load_audio_file, to_rate
 from plugins.speech.units import SILENCE_RMS, FeatureConfig, UnitTokenizer, deduplicate, features, fit_units, unit_statistics
 
@@ -114,6 +114,17 @@ class Speech(Modality):
                 "or fix mixture.modalities.speech.options"
             )
         self.tokenizer = tokenizer
+
+    def fingerprint(self) -> str:
+        """The default (options, vocabulary, ``state_dir``) and the unit tokenizer's bytes: the
+        k-means ``units.safetensors`` and ``units.json`` in ``tokenizer_dir``, or the HuBERT
+        folder and its k-means file."""
+        opts: SpeechOptions = self.options
+        if opts.encoder == "hubert":
+            files = [Path(opts.hubert_dir), Path(opts.kmeans_path)]
+        else:
+            files = [Path(opts.tokenizer_dir) / "units.safetensors", Path(opts.tokenizer_dir) / "units.json"]
+        return fingerprint_files(files, extra=super().fingerprint())
 
     def _require(self):
         """The unit tokenizer: ``UnitTokenizer`` (MFCC + k-means) or ``HubertUnits``."""

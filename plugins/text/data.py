@@ -13,24 +13,19 @@ import glob
 import re
 import zlib
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 from pydantic import Field
 
 from mot_core.errors import MotError
-from mot_core.plugin_api import DataSource, PluginOptions, RawDocument, RawSegment, Split
+from mot_core.plugin_api import DataSource, PluginOptions, RawDocument, RawSegment, Split, fingerprint_files
 
 GENSIM_WIKI = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+MAX_TEXT_PARTS = 64  # text_files: a split is read in at most this many parts (contiguous groups of files)
 
 
 def in_val_split(name: str, val_fraction: float) -> bool:
     return zlib.crc32(name.encode("utf-8")) % 10_000 < val_fraction * 10_000
-
-
-def _check_split(docs: list[RawDocument], split: Split, source: str) -> list[RawDocument]:
-    if not docs:
-        raise MotError(f"dataset '{source}' has no documents in its '{split}' split")
-    return docs
 
 
 class WikipediaOptions(PluginOptions):
@@ -54,43 +49,75 @@ class Wikipedia(DataSource):
     Options = WikipediaOptions
     modalities = ("text",)
 
-    def documents(self, split: Split) -> list[RawDocument]:
+    def documents(self, split: Split) -> Iterator[RawDocument]:
+        """Read lazily: a dump of one's own (``path``) is parsed as the documents are taken, never
+        held whole; gensim's small default dump is parsed once per process and kept."""
         opts: WikipediaOptions = self.options
-        articles = _load_wikipedia(opts.path, opts.min_chars)
-        docs = []
+        file = _dump_path(opts.path)
+        if not file.is_file():
+            raise MotError(f"wikipedia dump not found: {file}")
+        if opts.path is None:
+            articles = iter(_load_wikipedia(None, opts.min_chars))
+        else:
+            wanted = lambda title: in_val_split(title, opts.val_fraction) == (split == "val")  # noqa: E731
+            articles = _iter_wikipedia(file, opts.min_chars, wanted)
+        return self._documents(articles, split)
+
+    def _documents(self, articles, split: Split) -> Iterator[RawDocument]:
+        opts: WikipediaOptions = self.options
+        count = 0
         for title, body in articles:
             if in_val_split(title, opts.val_fraction) != (split == "val"):
                 continue
             if opts.split_documents == "article":
-                docs.append(RawDocument((RawSegment("text", f"{title}\n\n{body}"),)))
+                count += 1
+                yield RawDocument((RawSegment("text", f"{title}\n\n{body}"),))
             else:
-                docs += [RawDocument((RawSegment("text", f"{title}\n\n{block}"),))
-                         for block in paragraph_documents(body, opts.min_paragraph_chars)]
-        return _check_split(docs, split, self.name)
+                for block in paragraph_documents(body, opts.min_paragraph_chars):
+                    count += 1
+                    yield RawDocument((RawSegment("text", f"{title}\n\n{block}"),))
+        if not count:
+            raise MotError(f"dataset '{self.name}' has no documents in its '{split}' split")
+
+    def fingerprint(self) -> str:
+        """The dump's name, size and modification time, and the options."""
+        return fingerprint_files([_dump_path(self.options.path)], extra=super().fingerprint(), contents=False)
 
 
-@functools.lru_cache(maxsize=4)
-def _load_wikipedia(path: str | None, min_chars: int) -> tuple[tuple[str, str], ...]:
-    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
-
+def _dump_path(path: str | None) -> Path:
     if path is None:
         from gensim.test.utils import datapath
 
         path = datapath(GENSIM_WIKI)
-    file = Path(path)
+    return Path(path)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_wikipedia(path: str | None, min_chars: int) -> tuple[tuple[str, str], ...]:
+    """Every article of a dump, parsed once per process and kept: for gensim's small default
+    dump (``path`` None). A dump of one's own is read with ``_iter_wikipedia``, lazily."""
+    file = _dump_path(path)
     if not file.is_file():
         raise MotError(f"wikipedia dump not found: {file}")
+    return tuple(_iter_wikipedia(file, min_chars))
+
+
+def _iter_wikipedia(file: Path, min_chars: int, wanted=None) -> Iterator[tuple[str, str]]:
+    """(title, cleaned body) of each article of a dump, in order, parsed as they are taken;
+    ``wanted(title)`` False skips an article without cleaning its markup."""
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+
     opener = bz2.open if file.suffix == ".bz2" else open
-    articles = []
     try:
         with opener(file, "rb") as handle:
             for title, markup, *_ in extract_pages(handle):
+                if wanted is not None and not wanted(title):
+                    continue
                 body = _clean(filter_wiki(markup))
                 if not body.upper().startswith("#REDIRECT") and len(body) >= min_chars:
-                    articles.append((title, body))
+                    yield title, body
     except (OSError, EOFError, SyntaxError) as exc:  # SyntaxError: ElementTree's ParseError
         raise MotError(f"cannot read wikipedia dump {file}: {exc}") from None
-    return tuple(articles)
 
 
 def _clean(text: str) -> str:
@@ -121,26 +148,61 @@ class TextFiles(DataSource):
     Options = TextFilesOptions
     modalities = ("text",)
 
-    def documents(self, split: Split) -> list[RawDocument]:
+    def _files(self, strict: bool = True) -> list[Path]:
+        """The files, in order: patterns as listed, each pattern's matches sorted. ``strict``:
+        a pattern that matches no file is an error (else it adds nothing, or its path)."""
         opts: TextFilesOptions = self.options
         files: list[Path] = []
         for pattern in opts.paths:
             matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-            if not matches or not all(Path(m).is_file() for m in matches):
+            if strict and (not matches or not all(Path(m).is_file() for m in matches)):
                 raise MotError(f"dataset 'text_files': no file found at '{pattern}'")
             files.extend(Path(m) for m in matches)
-        docs, total, empty = [], 0, 0
+        return files
+
+    @staticmethod
+    def _groups(count: int) -> list[tuple[int, int]]:
+        """[start, stop) indices of the contiguous groups of files that make the parts."""
+        parts = min(count, MAX_TEXT_PARTS)
+        return [(part * count // parts, (part + 1) * count // parts) for part in range(parts)]
+
+    def num_parts(self, split: Split) -> int:
+        """One part per file, or per contiguous group of files when there are more than 64."""
+        return len(self._groups(len(self._files())))
+
+    def read_part(self, split: Split, part: int) -> Iterator[RawDocument]:
+        """The documents of one group of files; a part may be empty (its files all in the other
+        split): only ``documents`` knows that a whole split is empty."""
+        files = self._files()
+        groups = self._groups(len(files))
+        if not 0 <= part < len(groups):
+            raise MotError(f"dataset 'text_files' has {len(groups)} parts, asked for part {part}")
+        start, stop = groups[part]
+        return self._read_files(files[start:stop], split, {"total": 0, "empty": 0})
+
+    def documents(self, split: Split) -> Iterator[RawDocument]:
+        """Read lazily, one file at a time."""
+        return self._documents(self._files(), split)
+
+    def fingerprint(self) -> str:
+        """Each matched file's name, size and modification time, and the options."""
+        return fingerprint_files(self._files(), extra=super().fingerprint(), contents=False)
+
+    def _read_files(self, files: list[Path], split: Split, counts: dict[str, int]) -> Iterator[RawDocument]:
+        """The documents of ``split`` in ``files``; ``counts`` gathers the documents of both
+        splits ("total") and the empty files ("empty"), for the message of an empty split."""
+        opts: TextFilesOptions = self.options
         for file in files:
             if opts.split_documents == "file":
                 # By file name, not path: the split must not change when the corpus moves.
-                total += 1
+                counts["total"] += 1
                 if in_val_split(file.name, opts.val_fraction) != (split == "val"):
                     continue
                 text = _read(file)
                 if text.strip():
-                    docs.append(RawDocument((RawSegment("text", text),)))
+                    yield RawDocument((RawSegment("text", text),))
                 else:
-                    empty += 1
+                    counts["empty"] += 1
                 continue
             text = _read(file)
             pieces = (
@@ -148,12 +210,22 @@ class TextFiles(DataSource):
                 if opts.split_documents == "paragraphs"
                 else chunk_documents(text, opts.chunk_chars)
             )
-            total += len(pieces)
+            del text
+            counts["total"] += len(pieces)
             for index, piece in enumerate(pieces):
                 if in_val_split(f"{file.name}#{index}", opts.val_fraction) == (split == "val"):
-                    docs.append(RawDocument((RawSegment("text", piece),)))
-        if docs:
-            return docs
+                    yield RawDocument((RawSegment("text", piece),))
+
+    def _documents(self, files: list[Path], split: Split) -> Iterator[RawDocument]:
+        opts: TextFilesOptions = self.options
+        counts = {"total": 0, "empty": 0}
+        yielded = 0
+        for doc in self._read_files(files, split, counts):
+            yielded += 1
+            yield doc
+        if yielded:
+            return
+        total, empty = counts["total"], counts["empty"]
         if opts.split_documents == "file":
             if len(files) == 1:
                 raise MotError(

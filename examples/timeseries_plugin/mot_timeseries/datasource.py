@@ -20,7 +20,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from mot_core.errors import MotError
-from mot_core.plugin_api import DataSource, PluginOptions, RawDocument, RawSegment, Split
+from mot_core.plugin_api import DataSource, PluginOptions, RawDocument, RawSegment, Split, fingerprint_files
 
 DATA_DIR = Path(__file__).parent / "data"
 MISSING = {"", "na", "nan", "null"}
@@ -116,6 +116,10 @@ class TimeSeriesCSV(DataSource):
                 spans = held_out_windows(split_at, len(series.values), opts.window)
             docs.extend(series.document(a, b, opts.modality) for a, b in spans)
         return docs
+
+    def fingerprint(self) -> str:
+        """Name, size and modification time of each CSV file, and the options."""
+        return fingerprint_files([spec.path for spec in self.options.files], extra=super().fingerprint(), contents=False)
 
 
 def split_point(length: int, val_fraction: float, path: str) -> int:

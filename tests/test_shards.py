@@ -1,0 +1,209 @@
+"""Tokenized shards: what they store, how they resume, and every way they can be wrong.
+
+Shards round-trip every field packing reads (ids, modalities, spans, segments, continuous
+values, whole segments); ``mot data tokenize`` continues after the shards an interrupted run
+finished and writes the same bytes as an uninterrupted one; training refuses shards that do
+not match (truncated, missing, another index, another tokenizer, a changed source) with one
+line naming the shard and the fix, before anything trains.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import ROOT, tiny_config_dict
+from mot_core.data.shards import ShardedDocuments, ShardWriter, Fingerprints, write_index, read_index
+from test_continuous_modality import ramp_documents, ramp_vocab
+
+
+def test_shards_round_trip_every_field_packing_reads(tmp_path):
+    vocab = ramp_vocab()
+    raw = ramp_documents(7)
+    expected = vocab.tokenize(raw, "ramp")
+    prints = Fingerprints("v", {}, "s")
+    writer = ShardWriter(str(tmp_path), "ramp", "train", 0, prints, shard_tokens=20)  # several shards
+    for start in range(0, len(raw), 3):
+        chunk = raw[start : start + 3]
+        writer.add(vocab.encode_documents(chunk, "ramp"), len(chunk))
+    shards = writer.finish()
+    assert len(shards) > 1
+    index = write_index(str(tmp_path), "ramp", "train", prints, 1, shards, vocab.names)
+    store = ShardedDocuments(str(tmp_path), "ramp", "train", index, vocab.expand)
+    assert len(store) == len(expected) and store.total_tokens() == sum(len(d) for d in expected)
+    assert store.lengths().tolist() == [len(d) for d in expected]
+    for got, want in zip((store[i] for i in range(len(store))), expected):
+        for field in ("ids", "modality", "span", "segment", "is_value", "followed", "whole", "next_ids", "value_index",
+                      "next_value_index"):
+            a, b = getattr(got, field), getattr(want, field)
+            assert (a is None) == (b is None) and (a is None or np.array_equal(a, b)), field
+        assert got.values.keys() == want.values.keys()
+        assert all(np.array_equal(got.values[m], want.values[m]) for m in want.values)
+
+
+def _write(tmp_path: Path, corpus: Path, name: str = "run", **data) -> Path:
+    config = tiny_config_dict(corpus, tmp_path / name, steps=2, eval_every=0, checkpoint_every=0)
+    config["data"] = {"shard_tokens": 2000, "encode_batch_documents": 4, **data}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _mot(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mot_core.cli", *args], capture_output=True, text=True,
+                          cwd=cwd or ROOT, timeout=600, env={**os.environ, **(env or {})})
+
+
+def _shard_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.arrow"))}
+
+
+_INTERRUPT = """
+import sys
+from mot_core.data import vocabulary
+calls, stop_at = [0], int(sys.argv[1])
+original = vocabulary.Vocabulary.encode_documents
+def encode_documents(self, docs, source):
+    calls[0] += 1
+    if calls[0] == stop_at:
+        import os
+        os._exit(137)  # as kill -9 would: no cleanup
+    return original(self, docs, source)
+vocabulary.Vocabulary.encode_documents = encode_documents
+from mot_core.cli import main
+sys.exit(main(["data", "tokenize", sys.argv[2]]))
+"""
+
+
+def test_an_interrupted_tokenize_continues_and_writes_the_same_shards(tmp_path, text_corpus):
+    """One file cut into paragraphs: one part of many documents, interrupted after a few shards."""
+    book = tmp_path / "book"
+    book.mkdir()
+    (book / "book.txt").write_text("\n\n".join(p.read_text() for p in sorted(text_corpus.glob("*.txt"))))
+
+    def write(name: str) -> Path:
+        path = _write(tmp_path, book, name)
+        data = yaml.safe_load(path.read_text())
+        data["mixture"]["datasets"]["text_files"]["options"]["split_documents"] = "paragraphs"
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    clean = write("clean")
+    result = _mot("data", "tokenize", str(clean))
+    assert result.returncode == 0, result.stderr
+    assert "text_files/train:" in result.stdout and "shards in" in result.stdout
+    again = _mot("data", "tokenize", str(clean))
+    assert again.returncode == 0 and "already tokenized" in again.stdout
+
+    killed = write("killed")
+    script = tmp_path / "interrupt.py"
+    script.write_text(_INTERRUPT)
+    stopped = subprocess.run([sys.executable, str(script), "9", str(killed)], cwd=ROOT, capture_output=True, text=True)
+    assert stopped.returncode == 137
+    train_folder = tmp_path / "killed" / "tokens" / "text_files" / "train"
+    progress = json.loads((train_folder / "part-00000.json").read_text())
+    assert progress["shards"] and not progress["done"] and not (train_folder / "index.json").exists()
+    kept = _shard_bytes(train_folder)
+    resumed = _mot("data", "tokenize", str(killed))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"continuing after {progress['documents_read']} documents already in shards" in resumed.stdout
+    clean_folder = tmp_path / "clean" / "tokens" / "text_files" / "train"
+    final = _shard_bytes(train_folder)
+    assert all(final[name] == data for name, data in kept.items())  # finished shards were kept as they were
+    assert final == _shard_bytes(clean_folder)
+    index, clean_index = (json.loads((f / "index.json").read_text()) for f in (train_folder, clean_folder))
+    assert index["shards"] == clean_index["shards"]
+
+
+def _damage_cases():
+    def truncate(folder: Path, corpus: Path) -> None:
+        shard = sorted(folder.glob("*.arrow"))[0]
+        shard.write_bytes(shard.read_bytes()[:-100])
+
+    def remove(folder: Path, corpus: Path) -> None:
+        sorted(folder.glob("*.arrow"))[-1].unlink()
+
+    def foreign_index(folder: Path, corpus: Path) -> None:
+        index = json.loads((folder / "index.json").read_text())
+        index["shards"][0]["documents"] += 1
+        (folder / "index.json").write_text(json.dumps(index))
+
+    def edit_source(folder: Path, corpus: Path) -> None:
+        file = sorted(corpus.glob("*.txt"))[0]
+        file.write_text(file.read_text() + "\nOne more line.\n")
+
+    def not_arrow(folder: Path, corpus: Path) -> None:
+        shard = sorted(folder.glob("*.arrow"))[0]
+        shard.write_bytes(b"x" * shard.stat().st_size)
+
+    return [
+        ("truncated", truncate, r"shard .*part-00000-00000\.arrow has \d+ bytes where its index says \d+ \(truncated or replaced\); run `mot data tokenize CONFIG --force`"),
+        ("missing", remove, r"shard .*part-\d+-\d+\.arrow is missing; run `mot data tokenize CONFIG --force` to write them again"),
+        ("index", foreign_index, r"the index does not match its shards; run `mot data tokenize CONFIG --force`"),
+        ("source", edit_source, r"dataset 'text_files' has changed since it was tokenized into .*mot data tokenize CONFIG --force"),
+        ("garbage", not_arrow, r"shard .*part-00000-00000\.arrow cannot be read .*; run `mot data tokenize CONFIG --force`"),
+    ]
+
+
+@pytest.mark.parametrize("case,damage,message", _damage_cases(), ids=[c[0] for c in _damage_cases()])
+def test_shards_that_do_not_match_are_refused_in_one_line_before_training(tmp_path, text_corpus, case, damage, message):
+    import re
+    import shutil
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(text_corpus, corpus)
+    config = _write(tmp_path, corpus)
+    assert _mot("data", "tokenize", str(config)).returncode == 0
+    damage(tmp_path / "run" / "tokens" / "text_files" / "train", corpus)
+    result = _mot("train", str(config))
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert re.search(message, lines[0]), lines[0]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "checkpoints").exists()
+    if case in ("source", "index", "missing"):  # the fix the line names works
+        assert _mot("data", "tokenize", str(config), "--force").returncode == 0
+        assert _mot("train", str(config)).returncode == 0
+
+
+def test_shards_of_another_tokenizer_are_refused_in_a_shared_data_dir(tmp_path, text_corpus):
+    shared = tmp_path / "shared_tokens"
+    first = _write(tmp_path, text_corpus, "first", dir=str(shared))
+    assert _mot("train", str(first)).returncode == 0
+    data = yaml.safe_load(first.read_text())
+    data["run"]["dir"] = str(tmp_path / "second")
+    data["mixture"]["modalities"]["text"]["options"]["vocab_size"] = 320
+    second = tmp_path / "second.yaml"
+    second.write_text(yaml.safe_dump(data))
+    result = _mot("train", str(second))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"error: the shards in {shared}/text_files/train were written by another tokenizer of modality 'text'; they "
+        f"would give wrong ids. run `mot data tokenize CONFIG --force` to write them again (they are in {shared})"
+    )
+    assert not (tmp_path / "second" / "metrics.jsonl").exists()
+
+
+def test_tokenize_as_a_ray_data_job_writes_the_same_shards(tmp_path, text_corpus):
+    local = _write(tmp_path, text_corpus, "local")
+    on_ray = _write(tmp_path, text_corpus, "ray")
+    assert _mot("data", "tokenize", str(local)).returncode == 0
+    # the same tokenizer for both: the Ray job must reproduce the local shards byte for byte
+    (tmp_path / "ray" / "state").mkdir(parents=True)
+    import shutil
+
+    shutil.copytree(tmp_path / "local" / "state" / "text", tmp_path / "ray" / "state" / "text")
+    result = _mot("data", "tokenize", str(on_ray), "--address", "local")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for split in ("train", "val"):
+        a, b = (tmp_path / name / "tokens" / "text_files" / split for name in ("local", "ray"))
+        assert _shard_bytes(a) == _shard_bytes(b)
+        assert read_index(str(tmp_path / "ray" / "tokens"), "text_files", split)["shards"] == \
+            read_index(str(tmp_path / "local" / "tokens"), "text_files", split)["shards"]
