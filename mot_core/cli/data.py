@@ -49,7 +49,7 @@ def register(sub) -> None:
     config_command(sub, "data", "prepare", "render/convert the config's datasets on disk (idempotent)", cmd_data_prepare)
     p = config_command(sub, "data", "tokenize", "encode every source once into shards that training streams "
                        "(missing parts only; fits tokenizers first)", cmd_data_tokenize)
-    p.add_argument("--force", action="store_true", help="delete shards that do not match and write them again")
+    p.add_argument("--force", action="store_true", help="delete the config's shards and write them again")
     p.add_argument("--address", default=None,
                    help="run it as a Ray Data job on the Ray cluster at this address (local: a Ray instance here)")
     p = config_command(sub, "tokenizer", "fit", "train the config's learned tokenizers (e.g. the VQ image tokenizer)",

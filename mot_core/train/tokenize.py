@@ -169,7 +169,8 @@ def tokenize_part(exp: Experiment, vocab: Vocabulary, task: PartTask, prints: Fi
 def plan(exp: Experiment, vocab: Vocabulary, force: bool = False, splits: Iterable[str] = SPLITS
          ) -> tuple[list[PartTask], dict[tuple[str, str], tuple[Fingerprints, int]]]:
     """The parts still to tokenize, and each (source, split)'s fingerprints and part count.
-    Shards that do not match are refused unless ``force`` (then they are deleted)."""
+    Shards that do not match are refused; ``force`` deletes every split's shards and writes
+    them again."""
     root = data_root(exp)
     tasks, splits_todo = [], {}
     for name, source in exp.sources.items():
@@ -177,14 +178,9 @@ def plan(exp: Experiment, vocab: Vocabulary, force: bool = False, splits: Iterab
         for split in splits:
             index = read_index(root, name, split)
             where = split_folder(root, name, split)
-            if index is not None:
-                try:
-                    check_index(index, where, prints, retokenize_hint(exp))
-                    ShardedDocuments(root, name, split, index, vocab.expand, retokenize_hint(exp))  # checks every shard
-                    continue  # up to date
-                except MotError:
-                    if not force:
-                        raise
+            if index is not None and not force:
+                check_index(index, where, prints, retokenize_hint(exp))
+                continue  # up to date (its shards are checked one by one when they are opened)
             if force:
                 _clear(where)
             parts = num_parts(name, source, split)
