@@ -124,6 +124,11 @@ class TrainSection(Section):
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="a NaN/inf loss or gradient: stop the run (nothing non-finite is saved) or skip that update"
     )
+    max_consecutive_skips: int = Field(
+        5, ge=0, description="on_nonfinite=skip: more updates skipped in a row stop the run (exit 2, naming the last "
+        "good checkpoint)",
+    )
+    max_total_skips: int = Field(20, ge=0, description="on_nonfinite=skip: more skipped updates in all stop the run")
 
 
 class LaunchSection(Section):

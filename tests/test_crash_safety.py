@@ -251,7 +251,7 @@ def test_moved_run_folder_is_self_contained_and_eval_writes_nothing(write_config
 @pytest.mark.parametrize("failure, message", [
     (OSError(28, "No space left on device"), "no space left on the device of"),
     (RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0"), "no space left on the device of"),
-    (OSError(30, "Read-only file system"), "Read-only file system; the run folder must be writable to train"),
+    (OSError(30, "Read-only file system"), "the file system is read-only; the run folder must be writable to train"),
 ])
 def test_storage_errors_are_one_line_and_keep_the_previous_checkpoint(write_config, tmp_path, capsys, monkeypatch,
                                                                        failure, message):

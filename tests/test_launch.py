@@ -227,6 +227,35 @@ def test_mot_train_continues_a_launched_run(launched, plugin_site):
     assert [r["step"] for r in _metrics(copy)] == list(range(1, STEPS + 3))
 
 
+def test_a_launch_with_relative_paths_writes_where_mot_train_would(plugin_site, tmp_path, text_corpus):
+    """The README's example from an empty folder: relative run.dir, data path and storage path.
+    Every file lands under run.dir as `mot train` would put it, the last line says where, and
+    `mot eval run.dir` reads it."""
+    import shutil
+
+    shutil.copytree(text_corpus, tmp_path / "corpus")
+    data = {
+        "run": {"dir": "runs/rel", "seed": 0, "device": "cpu"},
+        "model": {"dim": 32, "n_layers": 1, "n_heads": 2, "max_seq_len": 64},
+        "train": {"steps": 4, "batch_size": 2, "seq_len": 64, "eval_every": 0, "eval_batches": 1,
+                  "checkpoint_every": 2, "log_every": 1, "progress": False},
+        "launch": {"strategy": "ddp", "storage_path": "ray_storage", "max_failures": 0},
+        "mixture": {"modalities": {"text": {"options": {"vocab_size": 300}}},
+                    "datasets": {"text_files": {"options": {"paths": ["corpus/*.txt"], "val_fraction": 0.2}}}},
+    }
+    (tmp_path / "rel.yaml").write_text(yaml.safe_dump(data))
+    result = _launch(plugin_site, tmp_path, "rel.yaml", "--num-workers", "2")
+    assert result.returncode == 0, result.stdout[-5000:]
+    run = (tmp_path / "runs" / "rel").resolve()
+    assert f"done: metrics in {run / 'metrics.jsonl'}, the final checkpoint in {run / 'checkpoints'}" in result.stdout
+    assert [r["step"] for r in _metrics(run)] == [1, 2, 3, 4]
+    assert (run / "config.yaml").is_file() and (run / "checkpoints" / "step_0000004" / "meta.json").is_file()
+    assert (tmp_path / "ray_storage" / "rel").is_dir()  # a relative storage path is a local folder
+    evaluated = run_mot(plugin_site, tmp_path, "eval", "runs/rel")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "val/text/loss" in evaluated.stdout
+
+
 # --------------------------------------------------------------------------------------------
 # Bad input: one line, exit 2, before any training
 # --------------------------------------------------------------------------------------------

@@ -23,6 +23,10 @@ def compare_runs(runs: list[Path], plot: Path | None) -> str:
             raise MotError(f"no metrics.jsonl in {run}")
         records[run.name] = [json.loads(line) for line in file.read_text().splitlines() if line]
     finals = {name: next((r for r in reversed(recs) if any(k.startswith("val/") for k in r)), {}) for name, recs in records.items()}
+    missing = [name for name, final in finals.items() if not final]
+    if missing:
+        raise MotError(f"run {missing[0]} has no validation metrics in its metrics.jsonl (it logs them every "
+                       "train.eval_every steps and at its last step): let it reach one, or run `mot eval` on it")
     keys = sorted({k for f in finals.values() for k in f if k.startswith("val/") and k.endswith("/loss")})
     width = max(len(k) for k in keys + ["metric"])
     names = list(records)

@@ -13,7 +13,8 @@ def cmd_launch(ns: argparse.Namespace) -> int:
 
     config = load_config(ns.config, ns.overrides)
     launch(config, ns.num_workers, ns.gpus_per_worker, ns.address)
-    print(f"done: metrics in {Path(config.run.dir) / 'metrics.jsonl'}")
+    run_dir = Path(config.run.dir).resolve()
+    print(f"done: metrics in {run_dir / 'metrics.jsonl'}, the final checkpoint in {run_dir / 'checkpoints'}")
     return 0
 
 

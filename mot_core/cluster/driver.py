@@ -10,6 +10,7 @@ lanes, so loss curves of 1, 2 or 64 workers compare step for step.
 
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +78,14 @@ def plan_launch(config: RunConfig, num_workers: int | None, gpus_per_worker: flo
     run_dir = Path(config.run.dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise MotError(f"run.dir {run_dir} is a file; give a folder (it is created if missing)")
-    storage_path = launch.storage_path or str((run_dir / "ray").resolve())
+    # Workers run in Ray's own working folders: every path they see must be absolute (their
+    # working directory is set to this one, for the relative paths inside plugin options).
+    run_dir = run_dir.resolve()
+    config = config.model_copy(update={"run": config.run.model_copy(update={"dir": str(run_dir)})})
+    storage_path = launch.storage_path or str(run_dir / "ray")
+    if "://" not in storage_path:
+        storage_path = os.path.abspath(storage_path)
+        config = config.model_copy(update={"launch": config.launch.model_copy(update={"storage_path": storage_path})})
     name = run_dir.resolve().name
     storage.check_writable(storage_path)
     found = storage.intact_checkpoints(storage_path, name)
@@ -143,7 +151,7 @@ def _fit(config: RunConfig, plan: LaunchPlan) -> dict:
         trainer = TorchTrainer(
             train_worker,
             train_loop_config={"config": config.model_dump(mode="json"), "storage_path": plan.storage_path,
-                               "name": plan.name},
+                               "name": plan.name, "cwd": os.getcwd()},
             scaling_config=ScalingConfig(num_workers=plan.num_workers, use_gpu=bool(plan.gpus_per_worker),
                                          resources_per_worker=resources),
             run_config=RayRunConfig(

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from mot_core.cluster import storage
 from mot_core.config import validate_config
+from mot_core.errors import MotError
 from mot_core.launch import parallel
 from mot_core.train import checkpoint as ckpt
 from mot_core.train.experiment import build_experiment
@@ -37,6 +38,12 @@ def train_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    # Relative paths in plugin options (data folders, tokenizer folders) mean what they meant
+    # where `mot launch` was started: the same folder on every node of a shared file system.
+    if not os.path.isdir(loop_config["cwd"]):
+        raise MotError(f"the folder `mot launch` was started from, {loop_config['cwd']}, does not exist on this "
+                       "worker's node; give absolute paths on a file system every node mounts")
+    os.chdir(loop_config["cwd"])
     config = validate_config(loop_config["config"])
     context = ray.train.get_context()
     use_gpu = config.launch.gpus_per_worker > 0
@@ -104,6 +111,10 @@ class RayRuntime(Runtime):
 
         found = storage.intact_checkpoints(self.storage_path, self.name)
         return ray.train.Checkpoint(found[-1][1]) if found else None
+
+    def saved_config(self, handle) -> str:
+        with handle.as_directory() as folder:
+            return (Path(folder) / "config.yaml").read_text()
 
     def load(self, handle, model, optimizer, args) -> tuple[dict, dict]:
         import torch.distributed.checkpoint as dcp

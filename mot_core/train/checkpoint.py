@@ -39,6 +39,14 @@ def storage_error(exc: BaseException, path: Path, doing: str) -> MotError:
     """One line naming the path and the cause of a failed write: no space (torch reports a full
     disk as a bare "file write failed"), a read-only file system, or missing permission."""
     code = getattr(exc, "errno", None)
+    target = getattr(exc, "filename", None) or path
+    # the error code first: a read-only file system also reports no free space
+    if code == errno.EROFS:
+        return MotError(f"cannot write {target} while {doing}: the file system is read-only; the run folder must be "
+                        "writable to train (remount it read-write or use another run.dir)")
+    if code in (errno.EACCES, errno.EPERM):
+        return MotError(f"cannot write {target} while {doing}: {exc.strerror} (no permission); the run folder must "
+                        "be writable to train")
     try:
         free = shutil.disk_usage(path if path.exists() else path.parent).free
     except OSError:
@@ -46,9 +54,6 @@ def storage_error(exc: BaseException, path: Path, doing: str) -> MotError:
     if code == errno.ENOSPC or (free is not None and free < 64 << 20):
         room = f" ({free >> 20} MiB free)" if free is not None else ""
         return MotError(f"no space left on the device of {path} while {doing}{room}; free space or use another run.dir")
-    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return MotError(f"cannot write {getattr(exc, 'filename', None) or path} while {doing}: {exc.strerror}; "
-                        "the run folder must be writable to train")
     detail = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
     return MotError(f"writing {path} failed while {doing}: {detail}")
 
@@ -96,6 +101,18 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _json_digest(data: dict) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def unchecksummed(path: Path) -> bool:
+    """A checkpoint written before checksums existed (its files can only be checked for presence)."""
+    try:
+        return "sha256" not in json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def damage(path: Path) -> str | None:
     """Why the checkpoint at ``path`` cannot be trusted, or None if it is intact. Checkpoints
     written before checksums existed are checked for their files only."""
@@ -105,6 +122,8 @@ def damage(path: Path) -> str | None:
         return f"meta.json unreadable ({exc})"
     if not isinstance(meta, dict) or "step" not in meta:
         return "meta.json has no step"
+    if "meta_sha256" in meta and _json_digest({k: v for k, v in meta.items() if k != "meta_sha256"}) != meta["meta_sha256"]:
+        return "meta.json does not match its checksum"
     for name in CHECKSUMMED:
         if not (path / name).is_file():
             return f"{name} missing"
@@ -125,6 +144,9 @@ def latest_intact(run_dir: Path, report=print) -> Path | None:
         if reason is None:
             for bad, why in damaged:
                 report(f"checkpoint {bad} is damaged ({why}); using {path.name} instead")
+            if unchecksummed(path):
+                report(f"checkpoint {path} has no checksums (written by an earlier version): its files could only be "
+                       "checked for presence")
             return path
         damaged.append((path.name, reason))
     if damaged:
@@ -168,6 +190,7 @@ def _write_checkpoint(tmp: Path, final: Path, run_dir: Path, step: int, state: d
         _fsync(tmp / name)
     meta = {"step": step, "model_args": dataclasses.asdict(model_args),
             "sha256": {name: _sha256(tmp / name) for name in CHECKSUMMED}}
+    meta["meta_sha256"] = _json_digest(meta)  # meta.json checks itself too
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     _fsync(tmp / "meta.json")
     if final.exists():  # the same step saved again: move the old one aside, never delete first

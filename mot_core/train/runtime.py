@@ -73,6 +73,10 @@ class Runtime(abc.ABC):
         """The newest intact checkpoint to resume from, or None."""
 
     @abc.abstractmethod
+    def saved_config(self, handle: Any) -> str:
+        """The resolved config (YAML) the checkpoint was written with."""
+
+    @abc.abstractmethod
     def load(self, handle: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer, args: Any
              ) -> tuple[dict, dict]:
         """Check that the checkpoint was written for a model of ``args``, then restore weights,
@@ -101,6 +105,9 @@ class LocalRuntime(Runtime):
 
     def latest(self) -> Path | None:
         return ckpt.latest_intact(self.run_dir)
+
+    def saved_config(self, handle: Path) -> str:
+        return (handle / "config.yaml").read_text()
 
     def load(self, handle: Path, model, optimizer, args) -> tuple[dict, dict]:
         meta = ckpt.read_meta(handle)

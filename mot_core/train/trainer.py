@@ -24,6 +24,7 @@ from mot_core.errors import MotError
 from mot_core.train.evaluation import evaluate, forward_losses, reduce_losses
 from mot_core.train.runtime import LocalRuntime, Runtime
 from mot_core.train.experiment import Experiment, build_experiment, build_model, extras_sampler, model_args
+from mot_core.train.resume import apply_optimizer_settings, resume_changes
 from mot_core.train.tokenize import open_data, prepare_vocabulary
 from mot_core.launch.device import autocast_for, keep_freed_memory_in_heap, resolve_device, seed_everything
 from mot_core.model.transformer import warm_start_from_dense
@@ -152,6 +153,9 @@ def run_loop(config: RunConfig, exp: Experiment, runtime: Runtime) -> dict:
     run_dir = exp.run_dir
     device = runtime.device
     main = runtime.is_main
+    if config.model.attention_backend == "flex" and device.type == "cpu":  # before torch warns about it
+        raise MotError("attention backend 'flex' has no backward pass on CPU in this torch; train with "
+                       "model.attention_backend=sdpa (flex works on CPU for eval and generation)")
     seed_everything(config.run.seed)
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True)
@@ -161,14 +165,16 @@ def run_loop(config: RunConfig, exp: Experiment, runtime: Runtime) -> dict:
     data = open_data(exp, vocab, missing=runtime.missing_data, progress=main)
     args = model_args(config, vocab)
     config_yaml = exp.resolved_yaml()
+    latest = runtime.latest()
+    # Settings that may not change on resume are refused here, before the run folder changes.
+    changes = resume_changes(runtime.saved_config(latest), config_yaml, str(latest)) if latest is not None else []
     if main:
-        (run_dir / "config.yaml").write_text(config_yaml)
+        (run_dir / "config.yaml").write_text(config_yaml)  # what runs from now on
 
     torch.manual_seed(config.run.seed)
     model = build_model(args, vocab).to(device)
     counts = model.parameter_counts()
     flops = model.flops_per_token(tcfg.seq_len)
-    latest = runtime.latest()
     if latest is None and config.model.warm_start:
         source = Path(config.model.warm_start)
         warm_start_from_dense(model, ckpt.load_weights(source))
@@ -191,14 +197,17 @@ def run_loop(config: RunConfig, exp: Experiment, runtime: Runtime) -> dict:
     # (Read after each forward: a sharded model holds its gathered parameters only then.)
     owned = lambda: [p for p in model.modality_modules.parameters() if p.requires_grad]  # noqa: E731
 
-    step = 0
+    step, skipped_total = 0, 0
     if latest is not None:
         meta, state = runtime.load(latest, model, optimizer, args)
         scheduler.load_state_dict(state["scheduler"])
+        apply_optimizer_settings(optimizer, scheduler, tcfg)  # the config's lr, schedule, betas, decay
         stream.load_state_dict(state["data"])
-        step = meta["step"]
+        step, skipped_total = meta["step"], state.get("skipped_updates", 0)
         if main:
             print(f"resuming from {latest} (step {step})")
+            if changes:
+                print(f"changed on resume, in effect from step {step + 1}: {'; '.join(changes)}")
 
     if main:
         print(describe_mix(stream, names, vocab.names))
@@ -217,11 +226,13 @@ def run_loop(config: RunConfig, exp: Experiment, runtime: Runtime) -> dict:
     log = MetricsLog(run_dir / "metrics.jsonl", step) if main else None
 
     def save() -> str:
-        state = {"scheduler": scheduler.state_dict(), "data": runtime.gather_stream_state(data_state)}
+        state = {"scheduler": scheduler.state_dict(), "data": runtime.gather_stream_state(data_state),
+                 "skipped_updates": skipped_total}
         return runtime.save(step, model, optimizer, state, config_yaml, args, tcfg.keep_checkpoints, record)
 
     data_state = stream.state_dict()
     last_saved = step
+    consecutive_skips = 0
     updating = False
     record: dict = {}
     bar = tqdm(total=tcfg.steps, initial=step, disable=not (tcfg.progress and main), desc="train", dynamic_ncols=True)
@@ -263,12 +274,28 @@ def run_loop(config: RunConfig, exp: Experiment, runtime: Runtime) -> dict:
                     f"gradient norm is {grad_norm} at step {step + 1}; stopped before it reached the weights "
                     f"(last checkpoint: step {last_saved}; train.on_nonfinite=skip skips such steps instead)"
                 )
+            if finite_grads:
+                consecutive_skips = 0
+            else:
+                consecutive_skips, skipped_total = consecutive_skips + 1, skipped_total + 1
+                over = ("consecutive", consecutive_skips, tcfg.max_consecutive_skips) \
+                    if consecutive_skips > tcfg.max_consecutive_skips else \
+                    ("total", skipped_total, tcfg.max_total_skips) if skipped_total > tcfg.max_total_skips else None
+                if over is not None:
+                    kind, count, limit = over
+                    raise MotError(
+                        f"{count} {kind} updates skipped for a non-finite gradient at step {step + 1} "
+                        f"(train.max_{kind}_skips={limit}): the run diverged; "
+                        + (f"the last good checkpoint is step {last_saved} in {run_dir}: resume it with a lower train.lr "
+                           "(it may change on resume)" if last_saved else "no checkpoint was saved: lower train.lr")
+                    )
             updating = True  # an interrupt inside this window leaves no consistent state to save
             if finite_grads:
                 optimizer.step()
             else:
                 record["skipped"] = 1  # the update is dropped; the schedule moves on with the step count
-                write(f"step {step + 1}: gradient norm {grad_norm}; update skipped (train.on_nonfinite=skip)")
+                write(f"step {step + 1}: gradient norm {grad_norm}; update skipped (train.on_nonfinite=skip, "
+                      f"{consecutive_skips} in a row, {skipped_total} in all)")
             scheduler.step()
             step += 1
             data_state = stream.state_dict()

@@ -22,6 +22,7 @@ import csv
 import functools
 import json
 import math
+import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,12 +92,25 @@ class CaptionedImagesOptions(PluginOptions):
         None, ge=1, description="use only the first N images of each source and folder (before the train/val split)"
     )
 
-    @field_validator("sources", "folders", "directions")
+    @field_validator("sources", "directions")
     @classmethod
     def _no_repeats(cls, values: list[str] | None) -> list[str] | None:
         repeated = sorted({v for v in values if values.count(v) > 1}) if values else []
         if repeated:
             raise ValueError(f"listed more than once: {', '.join(repeated)}")
+        return values
+
+    @field_validator("folders")
+    @classmethod
+    def _no_repeated_folders(cls, values: list[str]) -> list[str]:
+        """One folder under two spellings (``data/x`` and ``data/x/``, a relative and an
+        absolute path, a symlink) would be read twice: folders are compared resolved."""
+        seen: dict[str, str] = {}
+        for value in values:
+            resolved = os.path.realpath(value)
+            if resolved in seen:
+                raise ValueError(f"'{seen[resolved]}' and '{value}' are the same folder ({resolved}); list it once")
+            seen[resolved] = value
         return values
 
     @field_validator("sources")
