@@ -4,8 +4,10 @@ A plugin module implements hooks from ``registry.hookspecs`` that return these c
 engine instantiates them from the run config; plugins never see the config of other plugins.
 
 Data flows one way:
-    DataSource.documents(split) -> [RawDocument]          raw payloads tagged by modality
-    Modality.encode(payload)    -> (L,) local token ids   the modality's own vocabulary
+    DataSource.documents(split) -> RawDocuments           raw payloads tagged by modality (a list,
+                                                          or an iterator reading them lazily)
+    Modality.encode(payload)    -> (L,) local token ids   the modality's own vocabulary (once:
+                                                          ``mot data tokenize`` writes shards)
                                 or ContinuousSegment      ids + (V, input_dim) real-valued inputs
     engine packing              -> Batch                  global ids, continuous inputs, routing,
                                                           attention layout, segments

@@ -1,8 +1,8 @@
-"""From raw documents to packed batches.
+"""From tokenized documents to packed batches.
 
-Documents are tokenized once by their modalities, shifted into the global vocabulary, and
-packed into fixed-length rows: a document cut at the end of a row continues in the next row.
-Segments of modalities that keep them whole (an image denoised as one) are never cut: a
+Documents, tokenized once by their modalities into the global vocabulary (and read from shards
+or memory through a ``DocumentStore``), are packed into fixed-length rows: a document cut at
+the end of a row continues in the next row of its lane. Segments of modalities that keep them whole (an image denoised as one) are never cut: a
 document holding one starts a fresh row when it does not fit in what is left of the row (if it
 fits in a row at all), a longer one is cut only between such segments, and the rest of the
 row is padding (its own document, no loss anywhere). Each row carries, per token: global id, modality id, RoPE position (restarting
@@ -10,7 +10,7 @@ per document chunk), document id (attention never crosses documents), bidirectio
 (-1 = causal), segment id, whether it carries a continuous value, and the next-token target
 (-100 where the document ends or the next position carries a value). Continuous values travel
 per modality, in batch order, next to the ids; losses may add per-position extras (noise,
-timesteps) drawn from the stream's generator when the batch is built.
+timesteps) drawn from each lane's generator when the batch is built.
 
 ``PackedStream`` is deterministic given its seed and its ``state_dict`` fully describes its
 position, so a resumed run sees exactly the batches the uninterrupted run would have seen.
@@ -174,7 +174,7 @@ class PackedStream:
         self.mean_lengths = np.array([s.total_tokens() / len(s) for s in self.sources], dtype=np.float64)
         self.weights = torch.tensor(self.target_shares, dtype=torch.float64)
         self.weight_unit = weight_unit
-        self.orders = [EpochOrder(s.block_sizes, seed, i, shuffle) for i, s in enumerate(self.sources)]
+        self.orders = [EpochOrder(s.block_sizes, seed, i, shuffle, s.chunk_docs) for i, s in enumerate(self.sources)]
         self._lanes = {lane: _Lane.start(lane, seed, len(self.sources)) for lane in self.owned}
         self._open: OrderedDict[tuple[int, int], TokenDocument] = OrderedDict()
 

@@ -215,16 +215,20 @@ class ShardedDocuments:
 
     def __init__(self, root: str, source: str, split: str, index: dict,
                  expand: Callable[[EncodedDocument], TokenDocument], fix: str = "run `mot data tokenize CONFIG --force`",
-                 cached_shards: int = 4):
+                 cached_shards: int | None = None):
         """``fix``: what an error about a damaged shard tells the user to do."""
         self.fs, self.folder = filesystem(split_folder(root, source, split))
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
         self.index, self.expand, self.fix = index, expand, fix
         self.shards = index["shards"]
         self.block_sizes = [int(s["documents"]) for s in self.shards]
+        # mapped shards are read anywhere at no cost: shuffle in chunks across all of them; a
+        # shard fetched from an object store is read whole, so its documents are read together
+        self.chunk_docs = 64 if self.local else None
         self.first = np.concatenate([[0], np.cumsum(self.block_sizes)]).astype(np.int64)
         self._open: OrderedDict[int, list[tuple[np.ndarray, np.ndarray]]] = OrderedDict()
-        self._cached = cached_shards
+        # mapped shards cost address space, not memory: keep them all; fetched ones: a few
+        self._cached = cached_shards or (1 << 16 if self.local else 4)
         self._check_files()
 
     def _check_files(self) -> None:

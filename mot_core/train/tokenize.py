@@ -93,10 +93,10 @@ def sample_documents(name: str, source: DataSource, split: str, limit: int) -> I
     if parts == 1:
         yield from itertools.islice(iter_documents(name, source, split), limit)
         return
-    share = -(-limit // parts)
     count = 0
     for part in range(parts):
-        for doc in itertools.islice(iter_documents(name, source, split, part), min(share, limit - count)):
+        share = -(-(limit - count) // (parts - part))  # what earlier parts left unused goes to the later ones
+        for doc in itertools.islice(iter_documents(name, source, split, part), share):
             count += 1
             yield doc
         if count >= limit:

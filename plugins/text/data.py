@@ -148,14 +148,14 @@ class TextFiles(DataSource):
     Options = TextFilesOptions
     modalities = ("text",)
 
-    def _files(self, strict: bool = True) -> list[Path]:
-        """The files, in order: patterns as listed, each pattern's matches sorted. ``strict``:
-        a pattern that matches no file is an error (else it adds nothing, or its path)."""
+    def _files(self) -> list[Path]:
+        """The files, in order: patterns as listed, each pattern's matches sorted; a pattern
+        that matches no file is an error."""
         opts: TextFilesOptions = self.options
         files: list[Path] = []
         for pattern in opts.paths:
             matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-            if strict and (not matches or not all(Path(m).is_file() for m in matches)):
+            if not matches or not all(Path(m).is_file() for m in matches):
                 raise MotError(f"dataset 'text_files': no file found at '{pattern}'")
             files.extend(Path(m) for m in matches)
         return files
