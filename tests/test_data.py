@@ -288,3 +288,19 @@ def test_validation_rows_are_spread_over_the_whole_held_out_set():
     everything = fixed_batches([long_doc, *short], batch_size=2, seq_len=16, max_batches=10_000, num_modalities=1)
     seen = torch.cat([b.tokens.reshape(-1) for b in everything])
     assert seen.numel() <= 10_400 and set(range(100, 10_100)) <= set(seen.tolist())  # all of it, once
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_every_epoch_reads_every_document_once(monkeypatch, full):
+    """A permutation of the documents per epoch, whether the source is small enough for one
+    permutation of all of them or read in chunks (above ``FULL_PERMUTATION`` documents)."""
+    from mot_core.data.stores import EpochOrder
+
+    if not full:
+        monkeypatch.setattr(EpochOrder, "FULL_PERMUTATION", 10)
+    order = EpochOrder([5, 130, 0, 70], seed=3, source=1, chunk_docs=64)
+    assert order.full == full
+    epochs = [[order.document(epoch, i) for i in range(len(order))] for epoch in range(3)]
+    assert all(sorted(e) == list(range(205)) for e in epochs)
+    assert epochs[0] != epochs[1] != epochs[2]
+    assert [order.document(1, i) for i in range(len(order))] == epochs[1]  # a function of (epoch, position)

@@ -6,11 +6,11 @@ sit in memory (``DocumentList``: small held-out sets, tests, the conformance che
 memory-mapped shards on disk or in an object store (``shards.ShardedDocuments``), read one
 document at a time: memory does not grow with the corpus.
 
-``EpochOrder`` is the order a source is read in, a two-level shuffle: each epoch visits chunks
-of consecutive documents in a random order and the documents of each chunk in a random order.
-It needs memory for a table of at most 2^20 chunks and the permutations of the few chunks being
-read, not a permutation of the corpus (10^9 documents would take 8 GB per worker), and it is a
-function of (seed, source, epoch, position), so a stream's position is two integers.
+``EpochOrder`` is the order a source is read in: a permutation of its documents per epoch up to
+2^24 documents (64 MB), and above that a two-level shuffle of chunks of consecutive documents
+and of the documents of each chunk, whose table holds at most 2^20 chunks (a permutation of 10^9
+documents would take 4 GB per worker). It is a function of (seed, source, epoch, position), so a
+stream's position is two integers.
 """
 
 from __future__ import annotations
@@ -66,22 +66,28 @@ def as_store(docs: "DocumentStore | list[TokenDocument]") -> DocumentStore:
 class EpochOrder:
     """Position ``i`` of epoch ``e`` -> document index, for one source.
 
-    Each epoch visits the chunks of the source in a random order and the documents of each
-    chunk in a random order. A chunk is a run of at most ``chunk_docs`` consecutive documents
-    of one block (shard), so documents stored together (a source's parts: emoji, then digits)
-    are spread over the whole epoch, not read one block after the other. The chunk table
-    holds at most ``MAX_CHUNKS`` entries (chunks grow for larger corpora): memory is bounded
-    whatever the corpus. ``chunk_docs=None`` keeps whole blocks (a store that reads a block at
+    A source of up to ``FULL_PERMUTATION`` documents (2^24: 64 MB as int32) is read in one
+    random permutation per epoch, as an in-memory dataset would be. A larger one visits chunks
+    in a random order and the documents of each chunk in a random order: a chunk is a run of at
+    least ``chunk_docs`` consecutive documents of one block (shard), and the chunk table holds at
+    most ``MAX_CHUNKS`` entries (chunks grow with the corpus), so memory is bounded whatever the
+    corpus. (Documents stored in order, such as digits by class, then stay together within a
+    chunk: shuffle a very large corpus when writing it, as its sources usually are.) ``chunk_docs=None`` keeps whole blocks (a store that reads a block at
     a time, as from an object store). ``shuffle=False`` reads the documents in stored order."""
 
     MAX_CHUNKS = 1 << 20
+    FULL_PERMUTATION = 1 << 24  # up to this many documents: one permutation of all of them (int32, 64 MB)
 
     def __init__(self, block_sizes: Sequence[int], seed: int, source: int, shuffle: bool = True,
                  chunk_docs: int | None = 64, cached_chunks: int = 64):
         sizes = np.asarray(block_sizes, dtype=np.int64)
         first = np.concatenate([[0], np.cumsum(sizes)])[:-1]
         self.count = int(sizes.sum())
-        if chunk_docs is not None and self.count:
+        self.full = chunk_docs is not None and self.count <= self.FULL_PERMUTATION
+        self._permutation: tuple[int, np.ndarray] | None = None
+        if self.full:
+            self.first = self.sizes = None  # no chunk table: every document is its own chunk
+        elif chunk_docs is not None and self.count:
             chunk = max(chunk_docs, -(-self.count // self.MAX_CHUNKS))
             per_block = -(-sizes // chunk)
             starts = np.repeat(first, per_block) + chunk * (np.arange(int(per_block.sum())) -
@@ -101,6 +107,11 @@ class EpochOrder:
     def document(self, epoch: int, position: int) -> int:
         if not self.shuffle:
             return position
+        if self.full:
+            if self._permutation is None or self._permutation[0] != epoch:
+                order = np.random.default_rng([self.seed, self.source, epoch]).permutation(self.count)
+                self._permutation = (epoch, order.astype(np.int32))
+            return int(self._permutation[1][position])
         if self._epoch is None or self._epoch[0] != epoch:
             chunks = np.random.default_rng([self.seed, self.source, epoch]).permutation(len(self.sizes))
             self._epoch = (epoch, chunks, np.cumsum(self.sizes[chunks]))
