@@ -92,7 +92,7 @@ def test_resume_refuses_a_different_model(write_config, tmp_path, capsys, uninte
     shutil.copy(tmp_path / "full.yaml", tmp_path / "again.yaml")
     code = main(["train", str(tmp_path / "again.yaml"), "model.dim=64", "train.steps=8"])
     err = capsys.readouterr().err
-    assert code == 2 and "different model" in err and "dim" in err
+    assert code == 2 and "model.dim was 32" in err and "it cannot change when a run resumes" in err
 
 
 def test_resume_never_refuses_to_overwrite(write_config, tmp_path, capsys, uninterrupted):

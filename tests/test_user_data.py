@@ -223,7 +223,7 @@ def test_options_default_and_refusals():
     assert CaptionedImagesOptions(folders=["x"], sources=["emoji"]).sources == ["emoji"]
     with pytest.raises(ValueError, match=r"folders: \[path/to/folder\]"):
         CaptionedImagesOptions(sources=[])
-    with pytest.raises(ValueError, match="more than once"):
+    with pytest.raises(ValueError, match="are the same folder .*; list it once"):
         CaptionedImagesOptions(folders=["x", "x"])
     with pytest.raises(ValueError, match=r"'data/my_photos' is a path.*write folders: \[data/my_photos\]"):
         CaptionedImagesOptions(sources=["emoji", "data/my_photos"])
