@@ -111,3 +111,22 @@ def fail_at_batch(monkeypatch, call_number: int, exc: BaseException):
             return super().next_batch(*args, **kwargs)
 
     monkeypatch.setattr("mot_core.train.trainer.PackedStream", FailingStream)
+
+
+def nan_losses_on(monkeypatch, poisoned) -> None:
+    """Make the text loss NaN on the training forward passes whose number (1-based) satisfies
+    ``poisoned`` (evaluation passes are not counted)."""
+    from plugins.autoregressive import AutoregressiveLoss
+
+    real = AutoregressiveLoss.per_token
+    calls = [0]
+
+    def per_token(self, model, hidden, batch):
+        losses, valid = real(self, model, hidden, batch)
+        if model.training:
+            calls[0] += 1
+            if poisoned(calls[0]):
+                losses = losses * float("nan")
+        return losses, valid
+
+    monkeypatch.setattr(AutoregressiveLoss, "per_token", per_token)

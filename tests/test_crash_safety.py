@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import fail_at_batch
+from conftest import fail_at_batch, nan_losses_on
 from mot_core.cli import main
 from mot_core.train import checkpoint as ckpt
 
@@ -149,20 +149,7 @@ def test_torn_metrics_line_does_not_block_resume(write_config, tmp_path, uninter
 @pytest.fixture
 def nan_at_step_3(monkeypatch):
     """The text loss is NaN on the 3rd training forward pass only."""
-    from plugins.autoregressive import AutoregressiveLoss
-
-    real = AutoregressiveLoss.per_token
-    calls = [0]
-
-    def per_token(self, model, hidden, batch):
-        losses, valid = real(self, model, hidden, batch)
-        if model.training:
-            calls[0] += 1
-            if calls[0] == 3:
-                losses = losses * float("nan")
-        return losses, valid
-
-    monkeypatch.setattr(AutoregressiveLoss, "per_token", per_token)
+    nan_losses_on(monkeypatch, lambda call: call == 3)
 
 
 def test_nonfinite_loss_stops_before_reaching_the_weights(write_config, tmp_path, capsys, nan_at_step_3):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import nan_losses_on
 from mot_core.cli import main
 from mot_core.train.trainer import lr_factor
 
@@ -84,20 +85,7 @@ def test_a_setting_that_defines_the_run_is_refused_on_resume_and_nothing_changes
 @pytest.fixture
 def nan_from_step_3(monkeypatch):
     """The text loss is NaN on every training forward pass from the 3rd on: a diverged run."""
-    from plugins.autoregressive import AutoregressiveLoss
-
-    real = AutoregressiveLoss.per_token
-    calls = [0]
-
-    def per_token(self, model, hidden, batch):
-        losses, valid = real(self, model, hidden, batch)
-        if model.training:
-            calls[0] += 1
-            if calls[0] >= 3:
-                losses = losses * float("nan")
-        return losses, valid
-
-    monkeypatch.setattr(AutoregressiveLoss, "per_token", per_token)
+    nan_losses_on(monkeypatch, lambda call: call >= 3)
 
 
 def test_skipped_updates_stop_at_their_limit(write_config, tmp_path, capsys, nan_from_step_3):
