@@ -23,7 +23,7 @@ class _TokenizeParts:
     def __init__(self, config: dict):
         self.exp = build_experiment(validate_config(config))
         self.vocab = prepare_vocabulary(self.exp)  # loads what the driver fitted: nothing is refitted here
-        self.prints = {name: fingerprints(self.exp, self.vocab, name) for name in self.exp.sources}
+        self.prints = fingerprints(self.exp, self.vocab)
 
     def __call__(self, rows: dict) -> dict:
         out = {"source": [], "split": [], "part": [], "shards": [], "error": []}

@@ -127,16 +127,20 @@ def prepare_vocabulary(exp: Experiment) -> Vocabulary:
     return Vocabulary(exp.modalities)
 
 
-def fingerprints(exp: Experiment, vocab: Vocabulary, name: str) -> Fingerprints:
+def fingerprints(exp: Experiment, vocab: Vocabulary) -> dict[str, Fingerprints]:
+    """Each source's fingerprints: the vocabulary's (every modality's tokenizer state, hashed
+    once for all sources) and the source's own."""
     modalities = {}
     for modality_name, modality in vocab.modalities.items():
         with plugin_boundary(f"{origin(modality)}: modality '{modality_name}', fingerprint"):
             modalities[modality_name] = str(modality.fingerprint())
     layout = json.dumps([[n, vocab.offsets[n], vocab.modalities[n].vocab_size, modalities[n]] for n in vocab.names])
-    source = exp.sources[name]
-    with plugin_boundary(f"{origin(source)}: dataset '{name}', fingerprint"):
-        source_fp = str(source.fingerprint())
-    return Fingerprints(hashlib.sha256(layout.encode()).hexdigest(), modalities, source_fp)
+    vocabulary = hashlib.sha256(layout.encode()).hexdigest()
+    out = {}
+    for name, source in exp.sources.items():
+        with plugin_boundary(f"{origin(source)}: dataset '{name}', fingerprint"):
+            out[name] = Fingerprints(vocabulary, modalities, str(source.fingerprint()))
+    return out
 
 
 @dataclass(frozen=True)
@@ -166,25 +170,26 @@ def tokenize_part(exp: Experiment, vocab: Vocabulary, task: PartTask, prints: Fi
     return writer.finish()
 
 
-def plan(exp: Experiment, vocab: Vocabulary, force: bool = False, splits: Iterable[str] = SPLITS
+def plan(exp: Experiment, vocab: Vocabulary, force: bool = False, splits: Iterable[str] = SPLITS,
+         prints: dict[str, Fingerprints] | None = None
          ) -> tuple[list[PartTask], dict[tuple[str, str], tuple[Fingerprints, int]]]:
     """The parts still to tokenize, and each (source, split)'s fingerprints and part count.
     Shards that do not match are refused; ``force`` deletes every split's shards and writes
     them again."""
     root = data_root(exp)
     tasks, splits_todo = [], {}
+    prints = prints or fingerprints(exp, vocab)
     for name, source in exp.sources.items():
-        prints = fingerprints(exp, vocab, name)
         for split in splits:
             index = read_index(root, name, split)
             where = split_folder(root, name, split)
             if index is not None and not force:
-                check_index(index, where, prints, retokenize_hint(exp))
+                check_index(index, where, prints[name], retokenize_hint(exp))
                 continue  # up to date (its shards are checked one by one when they are opened)
             if force:
                 _clear(where)
             parts = num_parts(name, source, split)
-            splits_todo[(name, split)] = (prints, parts)
+            splits_todo[(name, split)] = (prints[name], parts)
             tasks += [PartTask(name, split, part) for part in range(parts)]
     return tasks, splits_todo
 
@@ -209,9 +214,10 @@ def finish(exp: Experiment, vocab: Vocabulary, splits_todo: dict, shards: dict[P
     return report
 
 
-def tokenize_locally(exp: Experiment, vocab: Vocabulary, force: bool = False, progress: bool = True) -> dict:
+def tokenize_locally(exp: Experiment, vocab: Vocabulary, force: bool = False, progress: bool = True,
+                     prints: dict[str, Fingerprints] | None = None) -> dict:
     """Tokenize every missing split in this process; returns a report per split written."""
-    tasks, splits_todo = plan(exp, vocab, force)
+    tasks, splits_todo = plan(exp, vocab, force, prints=prints)
     shards = {}
     started = time.perf_counter()
     for number, task in enumerate(tasks, 1):
@@ -241,14 +247,14 @@ def open_data(exp: Experiment, vocab: Vocabulary, missing: str = "tokenize", spl
     train``, the ``mot launch`` driver), an error (``error``: a launch worker, which must
     read what the driver wrote), or tokenized into memory without writing (``memory``: ``mot
     eval`` never writes into a run folder)."""
+    prints = fingerprints(exp, vocab)
     if missing == "tokenize":
-        for name, counts in tokenize_locally(exp, vocab, progress=progress).items():
+        for name, counts in tokenize_locally(exp, vocab, progress=progress, prints=prints).items():
             print(f"tokenized {name}: {counts['documents']:,} documents, {counts['tokens']:,} tokens in "
                   f"{counts['shards']} shards", flush=True)
     root = data_root(exp)
     stores: dict[str, dict[str, DocumentStore]] = {split: {} for split in splits}
     for name in exp.sources:
-        prints = fingerprints(exp, vocab, name)
         for split in splits:
             index = read_index(root, name, split)
             where = split_folder(root, name, split)
@@ -260,6 +266,6 @@ def open_data(exp: Experiment, vocab: Vocabulary, missing: str = "tokenize", spl
                     raise MotError(f"dataset '{name}' produced no tokens in its '{split}' split")
                 stores[split][name] = DocumentList(docs)
                 continue
-            check_index(index, where, prints, retokenize_hint(exp))
+            check_index(index, where, prints[name], retokenize_hint(exp))
             stores[split][name] = ShardedDocuments(root, name, split, index, vocab.expand, retokenize_hint(exp))
     return OpenedData(vocab, stores.get("train", {}), list(stores.get("val", {}).values()))
