@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ import yaml
 
 from conftest import run_mot
 from mot_core.data import PackedStream
+from mot_core.errors import MotError
 from test_continuous_modality import ramp_documents, ramp_vocab
 
 STEPS = 24
@@ -254,6 +256,66 @@ def test_a_launch_with_relative_paths_writes_where_mot_train_would(plugin_site, 
     evaluated = run_mot(plugin_site, tmp_path, "eval", "runs/rel")
     assert evaluated.returncode == 0, evaluated.stderr
     assert "val/text/loss" in evaluated.stdout
+
+
+def test_a_worker_error_that_repeats_ends_the_launch_on_its_first_attempt(plugin_site, tmp_path):
+    """A setting only the workers can check (flex attention has no CPU backward) fails the same
+    way on every attempt: one attempt, one line, although launch.max_failures allows 2 more."""
+    config = _write(tmp_path, "flex")
+    started = time.monotonic()
+    result = _launch(plugin_site, tmp_path, str(config), "model.attention_backend=flex", "--num-workers", "2")
+    assert result.returncode == 2, result.stdout[-5000:]
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("error: training on Ray failed: attention backend 'flex' has no backward pass on CPU"), last
+    assert "restarting it from the last checkpoint" not in result.stdout
+    assert time.monotonic() - started < 120
+
+
+class _FakeTrainer:
+    def __init__(self, outcomes: list):
+        self.outcomes = outcomes
+
+    def fit(self):
+        outcome = self.outcomes.pop(0)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return types.SimpleNamespace(error=None, metrics={"loss": outcome})
+
+
+def _wrapped(error: BaseException) -> RuntimeError:
+    """As Ray reports a worker's error: nested in a group error's worker_failures."""
+    group = RuntimeError("Training failed due to worker errors")
+    group.worker_failures = {0: error}
+    return group
+
+
+@pytest.mark.parametrize(
+    "outcomes, max_failures, fits, message",
+    [
+        ([_wrapped(RuntimeError("node lost")), _wrapped(RuntimeError("node lost")), 1.5], 2, 3, None),
+        ([_wrapped(RuntimeError("node lost"))] * 2, 1, 2, "training on Ray failed (after 2 attempts): node lost"),
+        ([_wrapped(RuntimeError("node lost"))], 0, 1, "training on Ray failed: node lost"),
+        ([_wrapped(MotError("no file x.txt"))], 3, 1, "training on Ray failed: no file x.txt"),
+        ([_wrapped(RuntimeError("node lost"))] * 3 + [2.0], -1, 4, None),
+    ],
+)
+def test_the_driver_restarts_a_failed_group_but_not_a_repeating_error(outcomes, max_failures, fits, message):
+    from mot_core.cluster.driver import fit_with_retries
+
+    made: list[int] = []
+    queue = list(outcomes)
+
+    def make_trainer():
+        made.append(1)
+        return _FakeTrainer(queue)
+
+    if message is None:
+        assert fit_with_retries(make_trainer, max_failures) == {"loss": outcomes[-1]}
+    else:
+        with pytest.raises(MotError) as raised:
+            fit_with_retries(make_trainer, max_failures)
+        assert str(raised.value) == message
+    assert len(made) == fits
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from mot_core.config import RunConfig
 from mot_core.errors import MotError
 from mot_core.train import checkpoint as ckpt
 from mot_core.train.experiment import build_experiment
+from mot_core.train.resume import resume_changes
 from mot_core.train.tokenize import open_data, prepare_vocabulary
 
 
@@ -125,6 +126,9 @@ def launch(config: RunConfig, num_workers: int | None = None, gpus_per_worker: f
     """Run (or resume) training on Ray. Returns the final metrics Ray recorded."""
     config, plan = plan_launch(config, num_workers, gpus_per_worker, address)
     exp = build_experiment(config)
+    if plan.resume_from:  # refused here, before any worker starts (the workers check it again)
+        resume_changes(storage.read_text(storage.join(plan.resume_from, "config.yaml")), exp.resolved_yaml(),
+                       plan.resume_from)
     lock = ckpt.RunLock(exp.run_dir)
     try:
         # tokenizers fitted and every source tokenized into shards once, before workers read them
@@ -148,50 +152,84 @@ def _fit(config: RunConfig, plan: LaunchPlan) -> dict:
     try:
         check_resources(plan)
         resources = {"CPU": 1, **({"GPU": plan.gpus_per_worker} if plan.gpus_per_worker else {})}
-        trainer = TorchTrainer(
-            train_worker,
-            train_loop_config={"config": config.model_dump(mode="json"), "storage_path": plan.storage_path,
-                               "name": plan.name, "cwd": os.getcwd()},
-            scaling_config=ScalingConfig(num_workers=plan.num_workers, use_gpu=bool(plan.gpus_per_worker),
-                                         resources_per_worker=resources),
-            run_config=RayRunConfig(
-                name=plan.name, storage_path=plan.storage_path,
-                checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
-                failure_config=FailureConfig(max_failures=config.launch.max_failures),
-            ),
-        )
+
+        def make_trainer():
+            return TorchTrainer(
+                train_worker,
+                train_loop_config={"config": config.model_dump(mode="json"), "storage_path": plan.storage_path,
+                                   "name": plan.name, "cwd": os.getcwd()},
+                scaling_config=ScalingConfig(num_workers=plan.num_workers, use_gpu=bool(plan.gpus_per_worker),
+                                             resources_per_worker=resources),
+                run_config=RayRunConfig(
+                    name=plan.name, storage_path=plan.storage_path,
+                    checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
+                    # the driver restarts the group itself (fit_with_retries): Ray would retry
+                    # an error that fails the same way on every attempt
+                    failure_config=FailureConfig(max_failures=0),
+                ),
+            )
+
         if plan.resume_from:
             print(f"resuming from {plan.resume_from}")
-        try:
-            result = trainer.fit()
-        except Exception as exc:  # Ray wraps worker errors; report the root cause in one line
-            raise MotError(f"training on Ray failed: {_root_cause(exc)}") from None
-        if getattr(result, "error", None) is not None:
-            raise MotError(f"training on Ray failed: {_root_cause(result.error)}")
-        return dict(result.metrics or {})
+        return fit_with_retries(make_trainer, config.launch.max_failures)
     finally:
         if started_here:
             ray.shutdown()
 
 
-def _root_cause(exc: BaseException) -> str:
-    """The first line of the innermost error a worker raised (a ``MotError`` message as is)."""
+def fit_with_retries(make_trainer, max_failures: int) -> dict:
+    """Fit, and after a failure fit a new worker group that resumes from the newest intact
+    checkpoint (the workers find it in storage), at most ``max_failures`` times (-1: no limit).
+    A ``MotError`` from a worker (a missing file, a bad setting, the skip limit) fails the same
+    way on every attempt: it ends the launch at once with its one line."""
+    failures = 0
+    while True:
+        try:
+            result = make_trainer().fit()
+            error = getattr(result, "error", None)
+        except Exception as exc:  # Ray wraps worker errors in its own
+            error = exc
+        if error is None:
+            return dict(result.metrics or {})
+        fatal = _mot_error(error)
+        if fatal is not None:
+            raise MotError(f"training on Ray failed: {fatal}")
+        failures += 1
+        if 0 <= max_failures < failures:
+            tried = f" (after {failures} attempts)" if failures > 1 else ""
+            raise MotError(f"training on Ray failed{tried}: {_root_cause(error)}")
+        left = "no limit" if max_failures < 0 else f"{max_failures - failures + 1} left"
+        print(f"worker group failed ({_root_cause(error)}); restarting it from the last checkpoint "
+              f"(launch.max_failures: {left})", flush=True)
+
+
+def _errors(exc: BaseException):
+    """Every error nested in ``exc``: causes, contexts and each worker's failure."""
     seen = set()
     stack = [exc]
-    found: BaseException = exc
     while stack:
         current = stack.pop()
         if id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, MotError):
-            return str(current)
-        found = current
+        yield current
         failures = getattr(current, "worker_failures", None)
         if isinstance(failures, dict):
             stack.extend(failures.values())
         for nested in (getattr(current, "cause", None), current.__cause__, current.__context__):
             if isinstance(nested, BaseException):
                 stack.append(nested)
+
+
+def _mot_error(exc: BaseException) -> str | None:
+    return next((str(e) for e in _errors(exc) if isinstance(e, MotError)), None)
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The first line of the innermost error a worker raised (a ``MotError`` message as is)."""
+    fatal = _mot_error(exc)
+    if fatal is not None:
+        return fatal
+    found = list(_errors(exc))[-1]
     lines = [line for line in str(found).splitlines() if line.strip()]
     return lines[-1] if lines else type(found).__name__
