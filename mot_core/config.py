@@ -80,6 +80,25 @@ class FFNSection(Section):
         return self
 
 
+class RopeScalingSection(Section):
+    """RoPE frequency scaling of long-context checkpoints (read from an HF config.json)."""
+
+    type: Literal["linear", "llama3"]
+    factor: PositiveFloat
+    low_freq_factor: PositiveFloat = 1.0
+    high_freq_factor: PositiveFloat = 4.0
+    original_max_position_embeddings: PositiveInt = 8192
+
+
+class InitFromSection(Section):
+    """A pretrained checkpoint the run starts from (its first start only)."""
+
+    format: Literal["hf"] = Field("hf", description="hf: a local Hugging Face Llama-family folder (config.json + "
+                                  "safetensors); nothing is downloaded")
+    path: str = Field(description="the checkpoint folder")
+    modality: str = Field("text", description="the modality whose tower and vocabulary rows it fills")
+
+
 class ModelSection(Section):
     dim: PositiveInt = 256
     n_layers: PositiveInt = 4
@@ -101,6 +120,11 @@ class ModelSection(Section):
     untie: UntieSection = UntieSection()
     ffn: FFNSection = Field(FFNSection(), description="the FFN of every tower that declares none (tower.ffn)")
     warm_start: str | None = Field(None, description="dense checkpoint dir copied into every tower")
+    init_from: InitFromSection | None = Field(
+        None, description="a pretrained LM loaded into one modality's tower (shapes come from its config.json); "
+        "other towers start as a copy of it or from scratch (tower.init)",
+    )
+    rope_scaling: RopeScalingSection | None = None
 
 
 class TrainSection(Section):
@@ -177,6 +201,14 @@ class TowerSection(Section):
         "default: a tower of its own. Dense = every modality in one group, MoT = one group each",
     )
     qk_norm: bool = False
+    init: Literal["copy", "scratch"] = Field(
+        "copy", description="with model.init_from or model.warm_start: start this tower as a copy of the pretrained "
+        "tower (the paper's and Bagel's warm start) or from the model's own random init",
+    )
+    trainable: bool = Field(True, description="false: this tower (every untied component) does not train (LMFusion)")
+    vocab_rows_trainable: bool = Field(
+        True, description="false: this modality's rows of the shared embedding and LM head do not train",
+    )
 
 
 class ModalityEntry(Section):
@@ -244,6 +276,28 @@ class RunConfig(Section):
                     f"mixture.modalities.{name}.tower.ffn ({entry.tower.ffn.type}) differs from the FFN of '{other}' "
                     f"({modalities[other].tower.ffn.type}), {why}"
                 )
+            leader = modalities[entry.tower.group]
+            for key in ("trainable", "init"):
+                if getattr(entry.tower, key) != getattr(leader.tower, key):
+                    raise ValueError(f"mixture.modalities.{name}.tower.{key} differs from that of '{entry.tower.group}', "
+                                     "whose tower it shares; set both alike")
+        frozen = {n for n, e in modalities.items() if not e.tower.trainable}
+        if frozen and frozen != set(names):
+            for component, untied in (("ffn", self.model.untie.ffn), ("attention", self.model.untie.attention),
+                                      ("norm", self.model.untie.norm)):
+                if not untied:
+                    raise ValueError(
+                        f"mixture.modalities.{sorted(frozen)[0]}.tower.trainable is false but model.untie.{component} "
+                        "is false: that component is one tower shared with modalities that train; untie it or "
+                        "freeze every modality's tower"
+                    )
+        init_from = self.model.init_from
+        if init_from is not None:
+            if init_from.modality not in modalities:
+                raise ValueError(f"model.init_from.modality '{init_from.modality}' is not a declared modality "
+                                 f"(declared: {', '.join(names)})")
+            if self.model.warm_start:
+                raise ValueError("model.init_from and model.warm_start both give the starting weights; keep one")
         return self
 
 

@@ -38,8 +38,9 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 
 def cmd_config_show(ns: argparse.Namespace) -> int:
     from mot_core.train.experiment import build_experiment
+    from mot_core.train.pretrained import resolve_init_from
 
-    config = load_config(ns.config, ns.overrides)
+    config = resolve_init_from(load_config(ns.config, ns.overrides))
     print(build_experiment(config).resolved_yaml(), end="")
     return 0
 

@@ -20,6 +20,7 @@ from mot_core.config import RunConfig
 from mot_core.errors import MotError
 from mot_core.train import checkpoint as ckpt
 from mot_core.train.experiment import build_experiment
+from mot_core.train.pretrained import resolve_init_from
 from mot_core.train.resume import resume_changes
 from mot_core.train.tokenize import open_data, prepare_vocabulary
 
@@ -124,7 +125,7 @@ def check_resources(plan: LaunchPlan) -> None:
 def launch(config: RunConfig, num_workers: int | None = None, gpus_per_worker: float | None = None,
            address: str | None = None) -> dict:
     """Run (or resume) training on Ray. Returns the final metrics Ray recorded."""
-    config, plan = plan_launch(config, num_workers, gpus_per_worker, address)
+    config, plan = plan_launch(resolve_init_from(config), num_workers, gpus_per_worker, address)
     exp = build_experiment(config)
     if plan.resume_from:  # refused here, before any worker starts (the workers check it again)
         resume_changes(storage.read_text(storage.join(plan.resume_from, "config.yaml")), exp.resolved_yaml(),

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mot_core.model.attention import AttentionBackend
+from mot_core.model.frozen import assembled, split_rows
 from mot_core.model.kv_cache import KVCache
 from mot_core.model.rope import apply_rotary
 from mot_core.model.routing import RoutingPlan
@@ -123,7 +124,8 @@ class MoTBlock(nn.Module):
             [self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=1
         )
         if self.uses_qk_norm:
-            q, k = self._qk_norm(q, self.q_norm, ctx), self._qk_norm(k, self.k_norm, ctx)
+            q = self._qk_norm(q, assembled(self, "q_norm"), ctx)
+            k = self._qk_norm(k, assembled(self, "k_norm"), ctx)
         q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer_id, k, v)
@@ -158,12 +160,22 @@ class MoTBlock(nn.Module):
             stacked += [self.q_norm, self.k_norm]
         return sum(p.numel() // p.shape[0] for p in stacked) + self.ffn.active_parameters()
 
+    def freeze_towers(self, attention: tuple[int, ...], ffn: tuple[int, ...], norm: tuple[int, ...]) -> None:
+        """Stop training these towers (indices of each component's towers)."""
+        self.attn_norm.freeze_towers(norm)
+        self.ffn_norm.freeze_towers(norm)
+        self.wqkv.freeze_towers(attention)
+        self.wo.freeze_towers(attention)
+        self.ffn.freeze_towers(ffn)
+        if self.uses_qk_norm:
+            split_rows(self, "q_norm", attention)
+            split_rows(self, "k_norm", attention)
+
     def reset_parameters(self, std: float, out_std: float) -> None:
         self.attn_norm.reset_parameters()
         self.ffn_norm.reset_parameters()
         self.wqkv.reset_parameters(std)
         self.wo.reset_parameters(out_std)
         self.ffn.reset_parameters(std, out_std)
-        if self.uses_qk_norm:
-            nn.init.ones_(self.q_norm)
-            nn.init.ones_(self.k_norm)
+        for name, gain in self.named_parameters(recurse=False):  # q_norm, k_norm (and frozen parts)
+            nn.init.ones_(gain)

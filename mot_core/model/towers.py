@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mot_core.model.frozen import assembled, split_rows, total_rows
 from mot_core.model.moe import MoEArgs, MoEFeedForward
 from mot_core.model.routing import RoutingPlan, grouped_linear, scale_by_group
 
@@ -27,14 +28,18 @@ class TowerLinear(nn.Module):
 
     @property
     def towers(self) -> int:
-        return self.weight.shape[0]
+        return total_rows(self, "weight")
 
     def forward(self, x_sorted: torch.Tensor, plan: RoutingPlan | None) -> torch.Tensor:
         """x_sorted: (N, in) -> (N, out)."""
-        return grouped_linear(x_sorted, self.weight, plan if self.towers > 1 else None)
+        return grouped_linear(x_sorted, assembled(self, "weight"), plan if self.towers > 1 else None)
 
     def reset_parameters(self, std: float) -> None:
-        nn.init.trunc_normal_(self.weight, std=std, a=-3 * std, b=3 * std)
+        for weight in self.parameters():
+            nn.init.trunc_normal_(weight, std=std, a=-3 * std, b=3 * std)
+
+    def freeze_towers(self, towers: tuple[int, ...]) -> None:
+        split_rows(self, "weight", towers)
 
 
 class TowerRMSNorm(nn.Module):
@@ -49,12 +54,17 @@ class TowerRMSNorm(nn.Module):
         """x_sorted: (N, dim) -> (N, dim). The RMS statistic is per token, so only the gain
         depends on the modality: each contiguous modality slice is scaled by its tower's gain."""
         shape = (x_sorted.shape[-1],)
-        if self.weight.shape[0] == 1:
-            return F.rms_norm(x_sorted, shape, weight=self.weight[0], eps=self.eps)
-        return scale_by_group(F.rms_norm(x_sorted, shape, eps=self.eps), self.weight, plan)
+        weight = assembled(self, "weight")
+        if weight.shape[0] == 1:
+            return F.rms_norm(x_sorted, shape, weight=weight[0], eps=self.eps)
+        return scale_by_group(F.rms_norm(x_sorted, shape, eps=self.eps), weight, plan)
 
     def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
+        for weight in self.parameters():
+            nn.init.ones_(weight)
+
+    def freeze_towers(self, towers: tuple[int, ...]) -> None:
+        split_rows(self, "weight", towers)
 
 
 class TowerSwiGLU(nn.Module):
@@ -77,6 +87,10 @@ class TowerSwiGLU(nn.Module):
 
     def active_parameters(self) -> int:
         return (self.w13.weight[0].numel() + self.w2.weight[0].numel())
+
+    def freeze_towers(self, towers: tuple[int, ...]) -> None:
+        self.w13.freeze_towers(towers)
+        self.w2.freeze_towers(towers)
 
 
 class MixedTowerFFN(nn.Module):
@@ -118,6 +132,10 @@ class MixedTowerFFN(nn.Module):
     def active_parameters(self) -> int:
         """A token goes through one tower: the largest tower's active parameters."""
         return max(t.active_parameters() for t in self.towers)
+
+    def freeze_towers(self, towers: tuple[int, ...]) -> None:
+        for index in towers:  # each tower is a module of its own here
+            self.towers[index].requires_grad_(False)
 
 
 def build_ffn(towers: int, dim: int, hidden: int, kinds: tuple[MoEArgs | None, ...], num_modalities: int) -> nn.Module:

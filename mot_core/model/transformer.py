@@ -19,13 +19,15 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from mot_core.model.attention import AttentionLayout, MaskCache, SDPABackend, make_backend
 from mot_core.model.block import BlockArgs, ForwardContext, MoTBlock
 from mot_core.errors import MotError
 from mot_core.model.kv_cache import KVCache
-from mot_core.model.rope import RotaryEmbedding
+from mot_core.model.frozen import assembled, split_rows, total_rows, write_rows
+from mot_core.model.rope import RopeScaling, RotaryEmbedding
 from mot_core.model.moe import MoEArgs, MoEFeedForward
 from mot_core.model.routing import RoutingPlan, group_plan
 from mot_core.model.towers import TowerRMSNorm, default_ffn_hidden
@@ -81,6 +83,11 @@ class ModelArgs:
     groups: tuple[int, ...] = ()
     # FFN of each modality's tower: None = SwiGLU, MoEArgs = mixture of experts. () = all SwiGLU.
     ffn_kinds: tuple[MoEArgs | None, ...] = ()
+    rope_scaling: RopeScaling | None = None
+    # Tower groups that do not train (LMFusion: a pretrained text tower kept fixed), and
+    # [start, end) ranges of vocabulary rows of the shared embedding and head that do not.
+    frozen_groups: tuple[int, ...] = ()
+    frozen_rows: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         groups = self.tower_groups
@@ -93,6 +100,17 @@ class ModelArgs:
             members = {kinds[m] for m in range(self.num_modalities) if self.towers(self.untie_ffn) == 1 or groups[m] == tower}
             if len(members) > 1:
                 raise ValueError("modalities that share an FFN tower must declare the same FFN")
+        if any(not 0 <= g < self.num_groups for g in self.frozen_groups):
+            raise ValueError(f"frozen_groups {self.frozen_groups} outside 0..{self.num_groups - 1}")
+
+    def frozen_towers(self, untied: bool) -> tuple[int, ...]:
+        """The towers of a component that do not train: the frozen groups' own towers when the
+        component is untied; its one shared tower only when every group is frozen."""
+        if not self.frozen_groups:
+            return ()
+        if self.towers(untied) > 1:
+            return tuple(sorted(set(self.frozen_groups)))
+        return (0,) if set(self.frozen_groups) == set(range(self.num_groups)) else ()
 
     @property
     def tower_groups(self) -> tuple[int, ...]:
@@ -145,11 +163,12 @@ class MoTTransformer(nn.Module):
         self.layers = nn.ModuleList(MoTBlock(block_args, layer_id=i) for i in range(args.n_layers))
         self.final_norm = TowerRMSNorm(block_args.norm_towers, args.dim, args.norm_eps)
         self.lm_head = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
-        self.rope = RotaryEmbedding(args.dim // args.n_heads, args.max_seq_len, args.rope_theta)
+        self.rope = RotaryEmbedding(args.dim // args.n_heads, args.max_seq_len, args.rope_theta, args.rope_scaling)
         self.backend = make_backend(args.attention_backend)
         self.decode_backend = SDPABackend()  # rectangular (new x cached) masks
         self.mask_cache = MaskCache()
         self.reset_parameters()
+        self._freeze()
         self.modality_modules = nn.ModuleDict(modality_modules or {})
         self._adapters: dict[int, tuple[str, nn.Module]] = {}
         for name, modules in self.modality_modules.items():
@@ -163,17 +182,33 @@ class MoTTransformer(nn.Module):
         statistically identical. Residual output projections are scaled by 1/sqrt(2L)."""
         std = self.args.init_std
         out_std = std / math.sqrt(2 * self.args.n_layers)
-        nn.init.normal_(self.embed.weight, std=std)
+        for table in (self.embed, self.lm_head):
+            for weight in ([] if table is None else table.parameters()):
+                nn.init.normal_(weight, std=std)
         for layer in self.layers:
             layer.reset_parameters(std, out_std)
         self.final_norm.reset_parameters()
+
+    def _freeze(self) -> None:
+        """Move the frozen towers and vocabulary rows (``args.frozen_*``) out of training."""
+        args = self.args
+        attention, ffn, norm = (args.frozen_towers(u) for u in (args.untie_attention, args.untie_ffn, args.untie_norm))
+        for layer in self.layers:
+            layer.freeze_towers(attention, ffn, norm)
+        self.final_norm.freeze_towers(norm)
+        rows = [r for start, end in args.frozen_rows for r in range(start, end)]
+        split_rows(self.embed, "weight", rows)
         if self.lm_head is not None:
-            nn.init.normal_(self.lm_head.weight, std=std)
+            split_rows(self.lm_head, "weight", rows)
+
+    def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """(...) global ids -> (..., dim) rows of the shared embedding."""
+        return F.embedding(ids, assembled(self.embed, "weight"))
 
     @property
     def head_weight(self) -> torch.Tensor:
         """(vocab, dim) output projection over the global vocabulary."""
-        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return assembled(self.embed if self.lm_head is None else self.lm_head, "weight")
 
     def forward(
         self,
@@ -211,7 +246,7 @@ class MoTTransformer(nn.Module):
             if not routed:
                 h = plan.unsort(h)
         else:
-            h = self.embed(plan.sort(flat_tokens) if routed else flat_tokens)
+            h = self.embed_ids(plan.sort(flat_tokens) if routed else flat_tokens)
         cos, sin = self.rope.tables(positions)
         ctx = ForwardContext(
             plan=plan if routed else None,
@@ -246,7 +281,7 @@ class MoTTransformer(nn.Module):
             start, end = plan.bounds(m)
             n_values = plan.num_values(m)
             if end - n_values > start:
-                pieces.append(self.embed(sorted_tokens[start : end - n_values]))
+                pieces.append(self.embed_ids(sorted_tokens[start : end - n_values]))
             if not n_values:
                 continue
             if m not in self._adapters:
@@ -273,8 +308,8 @@ class MoTTransformer(nn.Module):
         one modality's)."""
         total = sum(p.numel() for p in self.parameters())
         active = sum(layer.active_parameters() for layer in self.layers)
-        active += self.final_norm.weight[0].numel() + self.embed.weight.numel()
-        active += 0 if self.lm_head is None else self.lm_head.weight.numel()
+        table = self.args.vocab_size * self.args.dim
+        active += self.args.dim + table * (1 if self.lm_head is None else 2)  # a final-norm tower, embedding, head
         owned = [sum(p.numel() for p in m.parameters()) for m in self.modality_modules.values()]
         return {"total": total, "active_per_token": active + max(owned, default=0)}
 
@@ -283,8 +318,8 @@ class MoTTransformer(nn.Module):
         free, output head not) + causal attention (6 x layers x seq_len x dim)."""
         counts = self.parameter_counts()["active_per_token"]
         norms = sum(p.numel() // p.shape[0] for n, p in self.named_parameters()
-                    if "norm" in n and not n.startswith("modality_modules."))
-        matmul = counts - self.embed.weight.numel() - norms
+                    if "norm" in n and not n.startswith("modality_modules.") and not n.endswith("_frozen"))
+        matmul = counts - self.args.vocab_size * self.args.dim - norms
         return 6.0 * matmul + 6.0 * self.args.n_layers * seq_len * self.args.dim
 
     def moe_layers(self) -> list[MoEFeedForward]:
@@ -320,28 +355,51 @@ class MoTTransformer(nn.Module):
         return out
 
 
+def whole_tensors(model: nn.Module) -> dict[str, tuple[nn.Module, str, tuple[int, ...]]]:
+    """State-dict name -> (module, attribute, whole shape) of every tensor as the model uses it:
+    a tensor split into trainable and frozen rows appears once, under its own name, with the
+    shape of both parts together."""
+    out = {}
+    for key in model.state_dict():
+        prefix, _, attr = key.rpartition(".")
+        if attr.endswith("_frozen"):
+            continue
+        module = model.get_submodule(prefix) if prefix else model
+        tensor = getattr(module, attr)
+        if tensor.dim() == 0:
+            out[key] = (module, attr, ())
+            continue
+        rows = total_rows(module, attr) if isinstance(tensor, nn.Parameter) else tensor.shape[0]
+        out[key] = (module, attr, (rows, *tensor.shape[1:]))
+    return out
+
+
 def warm_start_from_dense(model: MoTTransformer, dense_state: dict[str, torch.Tensor]) -> list[str]:
     """Copy a dense checkpoint into every tower of ``model`` (paper: MoT from a dense init).
 
     Tower weights are stacked (G, ...): a dense tensor (1, ...) is broadcast to all G towers;
     shared tensors must match exactly. Returns the names copied; raises MotError on mismatch.
     """
-    own = model.state_dict()
+    own = whole_tensors(model)
     missing = sorted(set(own) - set(dense_state))
     unexpected = sorted(set(dense_state) - set(own))
     if missing or unexpected:
         raise MotError(
             f"warm start: checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
-    for name, target in own.items():  # check every shape before touching any weight
+    for name, (_, _, shape) in own.items():  # check every shape before touching any weight
         source = dense_state[name]
-        broadcastable = source.dim() == target.dim() and source.shape[0] == 1 and source.shape[1:] == target.shape[1:]
-        if source.shape != target.shape and not broadcastable:
+        broadcastable = len(shape) > 0 and source.dim() == len(shape) and source.shape[0] == 1 and tuple(
+            source.shape[1:]) == shape[1:]
+        if tuple(source.shape) != shape and not broadcastable:
             raise MotError(
-                f"warm start: '{name}' has shape {tuple(source.shape)} in the checkpoint, "
-                f"{tuple(target.shape)} in the model"
+                f"warm start: '{name}' has shape {tuple(source.shape)} in the checkpoint, {shape} in the model"
             )
     with torch.no_grad():
-        for name, target in own.items():
-            target.copy_(dense_state[name].expand_as(target))
+        for name, (module, attr, shape) in own.items():
+            target = getattr(module, attr)
+            if isinstance(target, nn.Parameter) and shape:
+                write_rows(module, attr, range(shape[0]), dense_state[name])
+            else:
+                target.copy_(dense_state[name].expand_as(target))
     return list(own)

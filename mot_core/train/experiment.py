@@ -16,6 +16,7 @@ from mot_core.data import Batch, Vocabulary
 from mot_core.data.packing import ExtrasSampler
 from mot_core.errors import MotError, plugin_boundary
 from mot_core.model.moe import MoEArgs
+from mot_core.model.rope import RopeScaling
 from mot_core.model.transformer import ModalityModules, ModelArgs, MoTTransformer
 from mot_core.plugin_api import DataSource, Evaluator, Loss, Modality, origin
 from registry import Registry, get_registry
@@ -150,6 +151,14 @@ def model_args(config: RunConfig, vocab: Vocabulary) -> ModelArgs:
         activation_checkpointing=m.activation_checkpointing,
         groups=groups if groups != tuple(range(len(groups))) else (),
         ffn_kinds=kinds if any(kinds) else (),
+        rope_scaling=None if m.rope_scaling is None else RopeScaling(
+            kind=m.rope_scaling.type, factor=m.rope_scaling.factor, low_freq_factor=m.rope_scaling.low_freq_factor,
+            high_freq_factor=m.rope_scaling.high_freq_factor,
+            original_max_position=m.rope_scaling.original_max_position_embeddings),
+        frozen_groups=tuple(sorted({groups[i] for i, name in enumerate(vocab.names)
+                                    if not modalities[name].tower.trainable})),
+        frozen_rows=tuple((vocab.offsets[name], vocab.offsets[name] + vocab.modalities[name].vocab_size)
+                          for name in vocab.names if not modalities[name].tower.vocab_rows_trainable),
     )
 
 

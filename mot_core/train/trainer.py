@@ -24,6 +24,7 @@ from mot_core.errors import MotError
 from mot_core.train.evaluation import evaluate, forward_losses, reduce_losses
 from mot_core.train.runtime import LocalRuntime, Runtime
 from mot_core.train.experiment import Experiment, build_experiment, build_model, extras_sampler, model_args
+from mot_core.train.pretrained import check_tensors, check_vocabulary, read_checkpoint, resolve_init_from, start_from_pretrained
 from mot_core.train.resume import apply_optimizer_settings, resume_changes
 from mot_core.train.tokenize import open_data, prepare_vocabulary
 from mot_core.launch.device import autocast_for, keep_freed_memory_in_heap, resolve_device, seed_everything
@@ -41,6 +42,8 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
     decay, no_decay = [], []
     for name, param in model.named_parameters():
+        if not param.requires_grad:  # frozen towers and rows: no optimizer state
+            continue
         # norm gains and biases (of plugin-owned modules) are not decayed, matrices are
         (no_decay if "norm" in name or param.ndim < 2 else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -78,6 +81,7 @@ class MetricsLog:
 
 def train(config: RunConfig) -> dict:
     """Run (or resume) training. Returns the last step's metrics and final validation metrics."""
+    config = resolve_init_from(config)
     exp = build_experiment(config)
     run_dir = exp.run_dir
     if run_dir.exists() and not run_dir.is_dir():
@@ -168,6 +172,12 @@ def run_loop(config: RunConfig, exp: Experiment, runtime: Runtime) -> dict:
     latest = runtime.latest()
     # Settings that may not change on resume are refused here, before the run folder changes.
     changes = resume_changes(runtime.saved_config(latest), config_yaml, str(latest)) if latest is not None else []
+    pretrained = None
+    if latest is None and config.model.init_from is not None:
+        init = config.model.init_from
+        pretrained = read_checkpoint(init.path)
+        check_vocabulary(pretrained, vocab.modalities[init.modality].vocab_size, init.modality, init.path)
+        check_tensors(pretrained, args)
     if main:
         (run_dir / "config.yaml").write_text(config_yaml)  # what runs from now on
 
@@ -180,6 +190,10 @@ def run_loop(config: RunConfig, exp: Experiment, runtime: Runtime) -> dict:
         warm_start_from_dense(model, ckpt.load_weights(source))
         if main:
             print(f"warm start: copied {source} into every tower")
+    if pretrained is not None:
+        message = start_from_pretrained(model, pretrained, config, vocab)
+        if main:
+            print(message)
     forward = runtime.wrap(model)
     optimizer = build_optimizer(model, tcfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

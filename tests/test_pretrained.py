@@ -1,0 +1,209 @@
+"""Starting from a pretrained Llama-family checkpoint (a local Hugging Face folder): logits equal
+`transformers`' own, towers copied from it, frozen towers and rows, export back, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import tiny_config_dict
+from mot_core.cli import main
+from mot_core.config import validate_config
+from mot_core.errors import MotError
+from mot_core.model.attention import AttentionLayout
+from mot_core.model.routing import build_routing
+from mot_core.train.experiment import build_experiment, build_model, model_args
+from mot_core.train.pretrained import read_checkpoint, resolve_init_from, start_from_pretrained
+from mot_core.train.tokenize import prepare_vocabulary
+
+transformers = pytest.importorskip("transformers")
+
+SHAPES = {"hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "max_position_embeddings": 256}
+
+
+def _tokenizer(corpus: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([p.read_text() for p in sorted(corpus.glob("*.txt"))], trainer=trainer)
+    return tok
+
+
+def hf_folder(root: Path, corpus: Path, name: str, **config) -> Path:
+    """A random-weight Llama saved by `transformers` with a BPE tokenizer of the test corpus."""
+    folder = root / name
+    tok = _tokenizer(corpus)
+    torch.manual_seed(0)
+    settings = {**SHAPES, "vocab_size": tok.get_vocab_size(), "rms_norm_eps": 1e-5, **config}
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**settings))
+    with torch.no_grad():  # norm gains away from 1, so a misplaced norm shows
+        for name_, param in model.named_parameters():
+            if "norm" in name_:
+                param.uniform_(0.5, 1.5)
+    model.save_pretrained(folder)
+    tok.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, text_corpus):
+    root = tmp_path_factory.mktemp("hf")
+    return {
+        "gqa": hf_folder(root, text_corpus, "gqa", num_attention_heads=4, num_key_value_heads=2),
+        "tied": hf_folder(root, text_corpus, "tied", num_attention_heads=4, num_key_value_heads=4,
+                          tie_word_embeddings=True),
+        "llama3_rope": hf_folder(root, text_corpus, "llama3_rope", num_attention_heads=4, num_key_value_heads=1,
+                                 rope_theta=50000.0,
+                                 rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+    }
+
+
+def run_config(corpus: Path, run_dir: Path, folder: Path, **model) -> dict:
+    data = tiny_config_dict(corpus, run_dir)
+    data["model"] = {"max_seq_len": 64, "init_from": {"path": str(folder)}, **model}
+    data["mixture"]["modalities"]["text"]["options"] = {"tokenizer_path": str(folder / "tokenizer.json")}
+    return data
+
+
+def build(data: dict):
+    config = resolve_init_from(validate_config(data))
+    exp = build_experiment(config)
+    vocab = prepare_vocabulary(exp)
+    model = build_model(model_args(config, vocab), vocab)
+    return config, vocab, model
+
+
+def logits(model, ids: torch.Tensor, modality: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, S) ids -> (B, S, vocab) logits of a causal forward, one document per row."""
+    batch, seq = ids.shape
+    modality = torch.zeros_like(ids) if modality is None else modality
+    plan = build_routing(modality.reshape(-1), model.args.num_modalities)
+    layout = AttentionLayout.build(torch.zeros_like(ids))
+    positions = torch.arange(seq).expand(batch, seq)
+    hidden = plan.unsort(model(ids, positions, modality, plan, layout))
+    return (hidden @ model.head_weight.T).view(batch, seq, -1)
+
+
+@pytest.mark.parametrize("name", ["gqa", "tied", "llama3_rope"])
+def test_a_loaded_llama_gives_transformers_logits(folders, text_corpus, tmp_path, name):
+    folder = folders[name]
+    config, vocab, model = build(run_config(text_corpus, tmp_path / "run", folder))
+    start_from_pretrained(model, read_checkpoint(folder), config, vocab)
+    reference = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = torch.randint(0, vocab.size, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = reference(ids).logits
+        got = logits(model.eval(), ids)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    hf = json.loads((folder / "config.json").read_text())
+    assert config.model.dim == hf["hidden_size"] and config.model.n_kv_heads == hf["num_key_value_heads"]
+    assert config.model.tie_embeddings == hf.get("tie_word_embeddings", False)
+
+
+def test_towers_copied_from_the_checkpoint_give_the_dense_models_outputs(folders):
+    """At step 0, MoT whose every tower is a copy of the pretrained one computes what the dense
+    model (one shared tower) computes, on an interleaved sequence of two modalities."""
+    from mot_core.model.transformer import ModelArgs, MoTTransformer
+    from mot_core.train.pretrained import load_llama
+
+    checkpoint = read_checkpoint(folders["gqa"])
+    s = checkpoint.settings
+    shape = dict(dim=s["dim"], n_layers=s["n_layers"], n_heads=s["n_heads"], n_kv_heads=s["n_kv_heads"],
+                 ffn_hidden=s["ffn_hidden"], norm_eps=s["norm_eps"], rope_theta=s["rope_theta"], max_seq_len=64)
+    vocab = checkpoint.vocab_size + 40  # a second modality's 40 ids after the checkpoint's
+    models = {}
+    for name, untie in (("dense", False), ("mot", True)):
+        torch.manual_seed(3)  # the same random rows for the second modality's ids
+        args = ModelArgs(vocab_size=vocab, num_modalities=2, untie_ffn=untie, untie_attention=untie,
+                         untie_norm=untie, **shape)
+        models[name] = MoTTransformer(args).eval()
+        load_llama(models[name], checkpoint, source_group=0, copy_groups=[1], row_offset=0)
+    modality = (torch.arange(48) % 7 > 3).long().expand(2, 48).contiguous()
+    ids = torch.where(modality == 1, torch.randint(checkpoint.vocab_size, vocab, (2, 48)),
+                      torch.randint(0, checkpoint.vocab_size, (2, 48)))
+    with torch.no_grad():
+        dense, mot = logits(models["dense"], ids, modality), logits(models["mot"], ids, modality)
+    torch.testing.assert_close(mot, dense, rtol=0, atol=1e-5)
+    assert models["mot"].layers[0].wqkv.weight.shape[0] == 2 and models["dense"].layers[0].wqkv.weight.shape[0] == 1
+
+
+def test_a_trained_run_exports_as_a_llama_that_transformers_loads(folders, text_corpus, tmp_path, capsys):
+    """Train from the checkpoint, export the text tower: `transformers` gives the run's logits."""
+    from mot_core.train.runs import load_run
+
+    data = run_config(text_corpus, tmp_path / "run", folders["gqa"])
+    data["train"].update(steps=3, eval_every=0, checkpoint_every=0)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(data))
+    assert main(["train", str(tmp_path / "run.yaml")]) == 0
+    assert "init from" in capsys.readouterr().out
+    out = tmp_path / "exported"
+    assert main(["export", str(tmp_path / "run"), "--format", "hf", "--modality", "text", "--out", str(out)]) == 0
+    assert f"to {out}" in capsys.readouterr().out
+    _, vocab, _, model, _ = load_run(tmp_path / "run", with_data=False)
+    reference = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.randint(0, vocab.size, (2, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(logits(model.eval(), ids), reference(ids).logits, rtol=0, atol=1e-5)
+    trained = model.layers[0].wqkv.weight[0]
+    original = transformers.LlamaForCausalLM.from_pretrained(folders["gqa"]).model.layers[0].self_attn.q_proj.weight
+    assert not torch.equal(trained[: original.shape[0]], original)  # it did train
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert tokenizer.eos_token == "<|endoftext|>"
+    assert main(["export", str(tmp_path / "run"), "--out", str(out)]) == 2  # not over an existing export
+    assert "is not an empty folder" in capsys.readouterr().err
+
+
+def _drop_tensor(folder: Path, name: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(folder / "model.safetensors"))
+    del state[name]
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("no_config", "has no config.json: not a Hugging Face checkpoint folder"),
+        ("qwen", "architecture 'Qwen2ForCausalLM' is not supported"),
+        ("missing_tensor", "lacks the tensor model.layers.1.mlp.down_proj.weight"),
+        ("own_tokenizer", "modality 'text' has 300 ids but the checkpoint"),
+        ("contradiction", "model.dim=32 contradicts the checkpoint"),
+        ("yarn", "RoPE scaling 'yarn' is not supported"),
+    ],
+)
+def test_bad_pretrained_input_is_one_line(folders, text_corpus, tmp_path, capsys, damage, message):
+    import shutil
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(folders["gqa"], folder)
+    data = run_config(text_corpus, tmp_path / "run", folder)
+    hf = json.loads((folder / "config.json").read_text())
+    if damage == "no_config":
+        (folder / "config.json").unlink()
+    elif damage == "qwen":
+        hf["architectures"] = ["Qwen2ForCausalLM"]
+    elif damage == "missing_tensor":
+        _drop_tensor(folder, "model.layers.1.mlp.down_proj.weight")
+    elif damage == "own_tokenizer":
+        data["mixture"]["modalities"]["text"]["options"] = {"vocab_size": 300}
+    elif damage == "contradiction":
+        data["model"]["dim"] = 32
+    elif damage == "yarn":
+        hf["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
+    if damage in ("qwen", "yarn"):
+        (folder / "config.json").write_text(json.dumps(hf))
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(data))
+    assert main(["train", str(tmp_path / "run.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "config.yaml").exists()
