@@ -298,6 +298,10 @@ class RunConfig(Section):
                                  f"(declared: {', '.join(names)})")
             if self.model.warm_start:
                 raise ValueError("model.init_from and model.warm_start both give the starting weights; keep one")
+        scratch = [n for n, e in modalities.items() if e.tower.init == "scratch"]
+        if scratch and self.model.warm_start:
+            raise ValueError(f"mixture.modalities.{scratch[0]}.tower.init is scratch but model.warm_start copies a "
+                             "dense checkpoint into every tower; drop one of them")
         return self
 
 

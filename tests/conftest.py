@@ -130,3 +130,18 @@ def nan_losses_on(monkeypatch, poisoned) -> None:
         return losses, valid
 
     monkeypatch.setattr(AutoregressiveLoss, "per_token", per_token)
+
+
+@pytest.fixture(scope="session")
+def prepared_vq(tmp_path_factory) -> tuple[Path, Path]:
+    """(data root, VQ tokenizer folder): the captioned images prepared and a tiny VQGAN fitted
+    once per session, for every test of the Chameleon setting (``tiny_chameleon``)."""
+    from mot_core.cli import main
+    from test_chameleon_pipeline import tiny_chameleon
+
+    base = tmp_path_factory.mktemp("prepared_vq")
+    config = base / "prepare.yaml"
+    config.write_text(yaml.safe_dump(tiny_chameleon(base / "data", base / "tok", base / "run")))
+    assert main(["data", "prepare", str(config)]) == 0
+    assert main(["tokenizer", "fit", str(config)]) == 0
+    return base / "data", base / "tok"

@@ -37,14 +37,15 @@ def tiny_chameleon(root: Path, tokenizer: Path, run: Path, **model) -> dict:
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    """Prepare real data, fit a tiny tokenizer and train a tiny MoT once for the module."""
+def pipeline(tmp_path_factory, prepared_vq):
+    """Real data prepared and a tiny tokenizer fitted (once per session), and a tiny MoT
+    trained once for the module."""
     base = tmp_path_factory.mktemp("chameleon")
+    for name, folder in zip(("data", "tok"), prepared_vq):
+        (base / name).symlink_to(folder, target_is_directory=True)
     config = base / "mot.yaml"
     data = tiny_chameleon(base / "data", base / "tok", base / "run")
     config.write_text(yaml.safe_dump(data))
-    assert main(["data", "prepare", str(config)]) == 0
-    assert main(["tokenizer", "fit", str(config)]) == 0
     assert main(["train", str(config)]) == 0
     return base, config, data
 

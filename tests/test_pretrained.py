@@ -207,3 +207,53 @@ def test_bad_pretrained_input_is_one_line(folders, text_corpus, tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "config.yaml").exists()
+
+
+@pytest.mark.slow
+def test_a_frozen_pretrained_text_tower_stays_bit_identical_while_the_image_tower_learns(folders, tmp_path, capsys,
+                                                                                        prepared_vq):
+    """LMFusion-style: text + VQ images from the checkpoint, the text tower and the text rows of
+    the embedding and head frozen, the image tower starting as a copy of the text tower. After
+    training, every frozen weight is the checkpoint's, bit for bit; the image tower and image
+    rows moved; the optimizer holds no state for a frozen tensor."""
+    from safetensors.torch import load_file
+
+    from test_chameleon_pipeline import tiny_chameleon
+
+    folder = folders["gqa"]
+    data = tiny_chameleon(*prepared_vq, tmp_path / "run")
+    data["model"] = {"max_seq_len": 160, "init_from": {"path": str(folder)}}
+    data["train"].update(steps=6, eval_every=0, checkpoint_every=0, lr=1e-2)
+    text = data["mixture"]["modalities"]["text"]
+    text["options"] = {"tokenizer_path": str(folder / "tokenizer.json")}
+    text["tower"] = {"trainable": False, "vocab_rows_trainable": False}
+    data["mixture"]["modalities"]["image"]["tower"] = {"init": "copy"}
+    config = tmp_path / "frozen.yaml"
+    config.write_text(yaml.safe_dump(data))
+    assert main(["train", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "towers copied from it: image" in out
+    step = tmp_path / "run" / "checkpoints" / "step_0000006"
+    state = load_file(str(step / "model.safetensors"))
+    hf = load_file(str(folder / "model.safetensors"))
+    text_rows = hf["model.embed_tokens.weight"].shape[0]
+    assert torch.equal(state["embed.weight_frozen"], hf["model.embed_tokens.weight"])  # text rows come first
+    assert torch.equal(state["lm_head.weight_frozen"], hf["lm_head.weight"])
+    for i in range(2):
+        layer = f"model.layers.{i}."
+        qkv = torch.cat([hf[layer + f"self_attn.{p}_proj.weight"] for p in "qkv"])
+        assert torch.equal(state[f"layers.{i}.wqkv.weight_frozen"][0], qkv)
+        assert torch.equal(state[f"layers.{i}.wo.weight_frozen"][0], hf[layer + "self_attn.o_proj.weight"])
+        assert torch.equal(state[f"layers.{i}.ffn.w2.weight_frozen"][0], hf[layer + "mlp.down_proj.weight"])
+        assert torch.equal(state[f"layers.{i}.attn_norm.weight_frozen"][0], hf[layer + "input_layernorm.weight"])
+        # the image tower started as this copy and learned
+        assert (state[f"layers.{i}.wqkv.weight"][0] - qkv).abs().max() > 1e-4
+    assert torch.equal(state["final_norm.weight_frozen"][0], hf["model.norm.weight"])
+    assert state["embed.weight"].shape[0] == state["lm_head.weight"].shape[0] > 0  # the image rows train
+    moments = torch.load(step / "trainer.pt", weights_only=False)["optimizer"]["state"].values()
+    trainable = sum(v.numel() for k, v in state.items() if not k.endswith("_frozen"))
+    frozen = sum(v.numel() for k, v in state.items() if k.endswith("_frozen"))
+    assert sum(m["exp_avg"].numel() for m in moments) == trainable and frozen > 0  # no state for a frozen weight
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["loss/image"] < records[0]["loss/image"]
+    assert state["embed.weight_frozen"].shape[0] == text_rows

@@ -163,17 +163,28 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
         raise MotError(f"{single} is not a readable safetensors file ({exc})") from None
 
 
-def resolve_init_from(config: RunConfig) -> RunConfig:
+def resolve_init_from(config: RunConfig, saved_yaml: str | None = None) -> RunConfig:
     """The config with the model's shape read from ``model.init_from``'s config.json. A model
     setting given in the run's config that contradicts the checkpoint is a one-line error
-    naming the key; the rest are filled in, so the run's config.yaml records what runs."""
+    naming the key; the rest are filled in, so the run's config.yaml records what runs.
+
+    ``saved_yaml``: the run's own config.yaml when it has started before; a run resumes with
+    the shape it recorded when the pretrained folder is no longer where it was."""
     init = config.model.init_from
     if init is None:
         return config
-    checkpoint = read_checkpoint(init.path)
+    if saved_yaml is not None and not Path(init.path).exists():
+        import yaml
+
+        saved = (yaml.safe_load(saved_yaml) or {}).get("model") or {}
+        settings = {key: saved.get(key) for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden",
+                                                    "norm_eps", "rope_theta", "rope_scaling", "tie_embeddings",
+                                                    "norm_placement")}
+    else:
+        settings = read_checkpoint(init.path).settings
     given = config.model.model_fields_set
     updates: dict[str, Any] = {}
-    for key, value in checkpoint.settings.items():
+    for key, value in settings.items():
         current = getattr(config.model, key)
         current = current.model_dump() if hasattr(current, "model_dump") else current
         if key in given and current != value:

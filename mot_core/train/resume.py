@@ -24,7 +24,7 @@ CHANGEABLE = (
     "train.keep_checkpoints", "train.log_every", "train.progress", "train.on_nonfinite", "train.max_consecutive_skips",
     "train.max_total_skips", "train.precision",
     "run.dir", "run.device", "run.resume",  # where the run lives and runs, not what it is
-    "model.warm_start",  # read only by a run's first start
+    "model.warm_start", "model.init_from.path",  # read only by a run's first start
     "model.activation_checkpointing", "model.attention_backend",  # memory and kernels: the same maths
     "launch.",
     "data.dir", "data.fit_sample_documents", "data.encode_batch_documents",  # shards are checked by fingerprint

@@ -81,7 +81,9 @@ class MetricsLog:
 
 def train(config: RunConfig) -> dict:
     """Run (or resume) training. Returns the last step's metrics and final validation metrics."""
-    config = resolve_init_from(config)
+    saved = Path(config.run.dir) / "config.yaml"
+    started = saved.is_file() and bool(ckpt.list_checkpoints(saved.parent))
+    config = resolve_init_from(config, saved.read_text() if started else None)
     exp = build_experiment(config)
     run_dir = exp.run_dir
     if run_dir.exists() and not run_dir.is_dir():
