@@ -70,7 +70,7 @@ def folders(tmp_path_factory, text_corpus):
 def run_config(corpus: Path, run_dir: Path, folder: Path, **model) -> dict:
     data = tiny_config_dict(corpus, run_dir)
     data["model"] = {"max_seq_len": 64, "init_from": {"path": str(folder)}, **model}
-    data["mixture"]["modalities"]["text"]["options"] = {"tokenizer_path": str(folder / "tokenizer.json")}
+    data["mixture"]["modalities"]["text"]["options"] = {"tokenizer_path": str(folder)}  # the checkpoint folder
     return data
 
 
@@ -225,7 +225,7 @@ def test_a_frozen_pretrained_text_tower_stays_bit_identical_while_the_image_towe
     data["model"] = {"max_seq_len": 160, "init_from": {"path": str(folder)}}
     data["train"].update(steps=6, eval_every=0, checkpoint_every=0, lr=1e-2)
     text = data["mixture"]["modalities"]["text"]
-    text["options"] = {"tokenizer_path": str(folder / "tokenizer.json")}
+    text["options"] = {"tokenizer_path": str(folder)}
     text["tower"] = {"trainable": False, "vocab_rows_trainable": False}
     data["mixture"]["modalities"]["image"]["tower"] = {"init": "copy"}
     config = tmp_path / "frozen.yaml"
