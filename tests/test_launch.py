@@ -370,3 +370,41 @@ def test_fsdp2_bf16_on_gpu(tmp_path, plugin_site, capsys):
     speed = sorted(r["tokens_per_s"] for r in records[5:])[len(records[5:]) // 2]
     with capsys.disabled():
         print(f"\nFSDP2 bf16, {workers} GPU worker(s): median {speed:,.0f} tokens/s")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
+def test_a_launch_from_a_pretrained_lm_keeps_its_frozen_tower_bit_identical(plugin_site, tmp_path, text_corpus,
+                                                                            strategy):
+    """`mot launch` from a local HF Llama folder: the text tower and rows frozen, the time-series
+    tower a copy of the text tower. With FSDP2 each worker builds on the meta device and loads
+    its own shards; either way the exported weights hold the checkpoint's text tower unchanged."""
+    from safetensors.torch import load_file
+
+    from test_pretrained import hf_folder
+
+    folder = hf_folder(tmp_path, text_corpus, "llama", num_attention_heads=4, num_key_value_heads=2)
+    data = _config(tmp_path / "run", strategy)
+    data["model"] = {"max_seq_len": 64, "init_from": {"path": str(folder)}}
+    data["train"].update(steps=4, eval_every=0, checkpoint_every=2)
+    text = data["mixture"]["modalities"]["text"]
+    text["options"] = {"tokenizer_path": str(folder)}
+    text["tower"] = {"trainable": False, "vocab_rows_trainable": False}
+    data["mixture"]["datasets"]["text_files"] = {"options": {"paths": [str(text_corpus / "*.txt")]}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(data))
+    result = _launch(plugin_site, tmp_path, "run.yaml", "--num-workers", "2")
+    assert result.returncode == 0, result.stdout[-5000:]
+    assert "towers copied from it: timeseries_patches" in result.stdout
+    if strategy == "fsdp2":
+        started = {line[line.index("start-up:"):] for line in result.stdout.splitlines() if "start-up:" in line}
+        assert len(started) == 2 and all("its own shards, built on the meta device" in line for line in started)
+    state = load_file(str(tmp_path / "run" / "checkpoints" / "step_0000004" / "model.safetensors"))
+    hf = load_file(str(folder / "model.safetensors"))
+    assert torch.equal(state["embed.weight_frozen"], hf["model.embed_tokens.weight"])
+    for i in range(2):
+        layer = f"model.layers.{i}."
+        qkv = torch.cat([hf[layer + f"self_attn.{p}_proj.weight"] for p in "qkv"])
+        assert torch.equal(state[f"layers.{i}.wqkv.weight_frozen"][0], qkv)
+        assert torch.equal(state[f"layers.{i}.ffn.w13.weight_frozen"][0],
+                           torch.cat([hf[layer + "mlp.gate_proj.weight"], hf[layer + "mlp.up_proj.weight"]]))
+        assert not torch.equal(state[f"layers.{i}.wqkv.weight"][0], qkv)  # the copied tower learned

@@ -257,3 +257,15 @@ def test_a_frozen_pretrained_text_tower_stays_bit_identical_while_the_image_towe
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["loss/image"] < records[0]["loss/image"]
     assert state["embed.weight_frozen"].shape[0] == text_rows
+
+
+def test_the_lmfusion_example_resolves_against_a_checkpoint(folders, capsys):
+    """The example config, pointed at a checkpoint folder, takes the model's shape from it."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "configs" / "lmfusion_smollm.yaml"
+    folder = folders["gqa"]
+    assert main(["config", "show", str(example), f"model.init_from.path={folder}"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    hf = json.loads((folder / "config.json").read_text())
+    assert shown["model"]["dim"] == hf["hidden_size"] and shown["model"]["n_layers"] == hf["num_hidden_layers"]
+    assert shown["mixture"]["modalities"]["text"]["options"]["tokenizer_path"] == str(folder)
+    assert shown["mixture"]["modalities"]["text"]["tower"]["trainable"] is False

@@ -60,6 +60,17 @@ def cmd_bench_data(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_startup(ns: argparse.Namespace) -> int:
+    from mot_core.bench.startup import format_report, run_startup_bench
+
+    if ns.dim % ns.heads:
+        raise MotError(f"--dim {ns.dim} is not divisible by --heads {ns.heads}")
+    report = run_startup_bench(Path(ns.out), ns.dim, ns.layers, ns.heads, ns.workers,
+                               progress=(lambda msg: print(msg, file=sys.stderr)) if not ns.json else (lambda msg: None))
+    print(json.dumps(report) if ns.json else format_report(report))
+    return 0
+
+
 def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks")
     bsub = p.add_subparsers(dest="bench_command", required=True)
@@ -100,3 +111,12 @@ def register(sub) -> None:
     p.add_argument("--steps", type=positive_int, default=3, help="training steps of each run")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_data)
+    p = bsub.add_parser("startup-memory", help="peak host memory at start-up of a large warm-started model: "
+                        "one process against FSDP2 workers that build on the meta device")
+    p.add_argument("--dim", type=positive_int, default=1024)
+    p.add_argument("--layers", type=positive_int, default=28, help="28 x dim 1024: 363M parameters")
+    p.add_argument("--heads", type=positive_int, default=16)
+    p.add_argument("--workers", type=positive_int, default=2)
+    p.add_argument("--out", default="runs/bench_startup")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench_startup)

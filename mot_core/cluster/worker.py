@@ -71,6 +71,7 @@ class RayRuntime(Runtime):
         self.run_dir = run_dir
         self.model: torch.nn.Module | None = None
         self.last: dict[str, Any] = {}
+        self.shards_at_build = self.strategy == "fsdp2"
 
     def describe(self) -> str:
         backend = dist.get_backend() if dist.is_initialized() else "none"

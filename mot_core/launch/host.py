@@ -27,3 +27,20 @@ def keep_freed_memory_in_heap(limit_bytes: int = 1 << 30) -> bool:
     except (OSError, AttributeError):
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, limit_bytes)) and bool(mallopt(_M_TRIM_THRESHOLD, limit_bytes))
+
+
+def host_memory_mb() -> dict[str, float]:
+    """This process's memory in MB, from /proc/self/status: ``rss`` (resident), ``peak``
+    (VmHWM, the resident peak, file-backed pages such as memory-mapped checkpoints included)
+    and ``anon`` (RssAnon: what the process itself allocated). Empty where /proc is not there."""
+    keys = {"VmRSS:": "rss", "VmHWM:": "peak", "RssAnon:": "anon"}
+    values: dict[str, float] = {}
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                parts = line.split()
+                if parts and parts[0] in keys:
+                    values[keys[parts[0]]] = int(parts[1]) / 1024
+    except OSError:
+        return {}
+    return values

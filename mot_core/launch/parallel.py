@@ -1,8 +1,8 @@
 """Data parallelism for the MoT transformer: DDP replicas or FSDP2 shards (torch only).
 
 FSDP2 (``fully_shard``) shards every block on its own, so each block's towers (one weight
-tensor per component, stacked over modalities) are all-gathered just before the block runs
-and freed after it; the root keeps the embedding, the final norm, the LM head and the
+tensor per component, stacked over modalities, sharded along its features) are all-gathered
+just before the block runs and freed after it; the root keeps the embedding, the final norm, the LM head and the
 modules plugins own. The root is not resharded after its forward, so its parameters stay
 gathered until the backward pass ends: that lets losses use ``model.head_weight`` and plugin
 heads after ``forward`` returns.
@@ -10,6 +10,7 @@ heads after ``forward`` returns.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -38,12 +39,23 @@ def apply_fsdp2(model: torch.nn.Module, device_type: str, param_dtype: torch.dty
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    from torch.distributed.tensor import Shard
+
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    # Tower weights are stacked (G, ...) with G = 1..4 towers: sharded on that axis, G < N
+    # workers would leave most workers without a shard (and G = 1, a dense layer, all on one).
+    # They are sharded on their next axis (output features, or the norm's dim) instead.
+    towers = {id(p) for p in [*model.layers.parameters(), *model.final_norm.parameters()] if p.dim() >= 2}
+
+    def placement(param: torch.nn.Parameter):
+        return Shard(1) if id(param) in towers else None
+
     for block in model.layers:
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward,
+                    shard_placement_fn=placement)
     # The root stays gathered after its forward: losses read its LM head and plugin heads then.
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False, shard_placement_fn=placement)
     return model
 
 
@@ -54,3 +66,48 @@ def clip_grad_norm(parameters, max_norm: float) -> float:
     if isinstance(norm, DTensor):
         norm = norm.full_tensor()
     return float(norm)
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Modules built inside get their parameters on the meta device (no memory), buffers as
+    usual (RoPE tables, index maps: small, and computed at build). A parameter is allocated
+    for a moment, one at a time, then replaced by its meta twin."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and not param.is_meta:
+            param = torch.nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def real_tensors(model: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """Copies of what a model built by ``parameters_on_meta`` holds for real (plugin-built
+    modules' parameters, every buffer), to put back after ``materialize``."""
+    return {
+        "params": {n: p.detach().clone() for n, p in model.named_parameters() if not p.is_meta},
+        "buffers": {n: b.detach().clone() for n, b in model.named_buffers() if not b.is_meta},
+    }
+
+
+def materialize(model: torch.nn.Module, device: torch.device, kept: dict[str, dict[str, torch.Tensor]],
+                initialize: Callable[[], None]) -> None:
+    """Allocate a sharded model built on the meta device: each worker allocates only its own
+    shards, ``initialize()`` fills them (random init, sharded), then ``kept`` (from
+    ``real_tensors``, taken before sharding) is put back."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    model.to_empty(device=device)
+    with torch.no_grad():
+        initialize()
+        for name, buffer in model.named_buffers():
+            if name in kept["buffers"]:
+                buffer.copy_(kept["buffers"][name])
+    if kept["params"]:
+        set_model_state_dict(model, kept["params"], options=StateDictOptions(full_state_dict=True, strict=False))

@@ -62,20 +62,52 @@ def total_rows(module: nn.Module, name: str) -> int:
     return own + (getattr(module, f"{name}_frozen").shape[0] if is_split(module, name) else 0)
 
 
+def _local_part(param: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(the part of ``param`` this process holds, the sharded dim, the global index of its
+    first entry along that dim). FSDP2 shards one dim (``Shard(d)``) in torch.chunk's split:
+    rank r holds [r * ceil(n / world), ...); a tensor that is not sharded is held whole."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(param, DTensor):
+        return param, 0, 0
+    (placement,) = param.placements
+    if not isinstance(placement, Shard):
+        raise ValueError(f"writing rows of a DTensor needs one Shard placement, got {param.placements}")
+    dim = placement.dim
+    world, rank = param.device_mesh.size(), param.device_mesh.get_local_rank()
+    chunk = -(-param.shape[dim] // world)
+    return param.to_local(), dim, min(rank * chunk, param.shape[dim])
+
+
+def _write(param: torch.Tensor, rows: torch.Tensor, value: torch.Tensor) -> None:
+    """param[rows] = value for the entries this process holds (all of them unless sharded)."""
+    local, dim, first = _local_part(param)
+    if dim == 0:
+        held = (rows >= first) & (rows < first + local.shape[0])
+        if bool(held.any()):
+            local[(rows[held] - first).to(local.device)] = value[held].to(local.device, local.dtype)
+        return
+    if local.shape[dim] == 0:
+        return
+    part = value.narrow(dim, first, local.shape[dim])
+    local[rows.to(local.device)] = part.to(local.device, local.dtype)
+
+
 @torch.no_grad()
 def write_rows(module: nn.Module, name: str, rows: Sequence[int], value: torch.Tensor) -> None:
     """Copy ``value`` (len(rows), ...) or (1, ...) (broadcast) into rows ``rows`` of the whole
-    tensor, wherever they are stored (loading pretrained weights into a frozen tower)."""
-    rows = list(rows)
+    tensor, wherever they are stored: the trainable or the frozen part, and under FSDP2 only
+    the rows this process holds (loading pretrained weights into a sharded model)."""
+    rows = torch.as_tensor(list(rows), dtype=torch.long)
     value = value.expand(len(rows), *value.shape[1:]) if value.shape[0] == 1 else value
     if not is_split(module, name):
-        getattr(module, name)[rows] = value.to(getattr(module, name).dtype)
+        _write(getattr(module, name), rows, value)
         return
     own, fixed = getattr(module, name), getattr(module, f"{name}_frozen")
-    places = getattr(module, f"{name}_order")[torch.tensor(rows, device=own.device)]
+    places = getattr(module, f"{name}_order").cpu()[rows]
     in_own = places < own.shape[0]
-    own[places[in_own]] = value[in_own.to(value.device)].to(own.dtype)
-    fixed[places[~in_own] - own.shape[0]] = value[(~in_own).to(value.device)].to(fixed.dtype)
+    _write(own, places[in_own], value[in_own])
+    _write(fixed, places[~in_own] - own.shape[0], value[~in_own])
 
 
 def read_rows(module: nn.Module, name: str, rows: Sequence[int]) -> torch.Tensor:

@@ -15,6 +15,7 @@ into the residual stream, on that modality's contiguous slice of the sorted batc
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -374,11 +375,13 @@ def whole_tensors(model: nn.Module) -> dict[str, tuple[nn.Module, str, tuple[int
     return out
 
 
-def warm_start_from_dense(model: MoTTransformer, dense_state: dict[str, torch.Tensor]) -> list[str]:
+def warm_start_from_dense(model: MoTTransformer, dense_state: Mapping[str, torch.Tensor]) -> list[str]:
     """Copy a dense checkpoint into every tower of ``model`` (paper: MoT from a dense init).
 
     Tower weights are stacked (G, ...): a dense tensor (1, ...) is broadcast to all G towers;
     shared tensors must match exactly. Returns the names copied; raises MotError on mismatch.
+    ``dense_state`` may read lazily (``checkpoint.LazyWeights``: a ``shape(name)`` method spares
+    reading a tensor twice); under FSDP2 each worker writes only the rows it holds.
     """
     own = whole_tensors(model)
     missing = sorted(set(own) - set(dense_state))
@@ -387,14 +390,12 @@ def warm_start_from_dense(model: MoTTransformer, dense_state: dict[str, torch.Te
         raise MotError(
             f"warm start: checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
+    shape_of = getattr(dense_state, "shape", None) or (lambda n: tuple(dense_state[n].shape))
     for name, (_, _, shape) in own.items():  # check every shape before touching any weight
-        source = dense_state[name]
-        broadcastable = len(shape) > 0 and source.dim() == len(shape) and source.shape[0] == 1 and tuple(
-            source.shape[1:]) == shape[1:]
-        if tuple(source.shape) != shape and not broadcastable:
-            raise MotError(
-                f"warm start: '{name}' has shape {tuple(source.shape)} in the checkpoint, {shape} in the model"
-            )
+        source = shape_of(name)
+        broadcastable = len(shape) > 0 and len(source) == len(shape) and source[0] == 1 and source[1:] == shape[1:]
+        if source != shape and not broadcastable:
+            raise MotError(f"warm start: '{name}' has shape {source} in the checkpoint, {shape} in the model")
     with torch.no_grad():
         for name, (module, attr, shape) in own.items():
             target = getattr(module, attr)

@@ -15,6 +15,8 @@ the newest intact one. Leftovers of an interrupted save are ignored and cleaned.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import dataclasses
 import errno
 import hashlib
@@ -221,6 +223,34 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     if not file.is_file():
         raise MotError(f"checkpoint has no model.safetensors: {path}")
     return load_file(str(file))
+
+
+class LazyWeights(Mapping):
+    """A checkpoint's ``model.safetensors`` read one tensor at a time from the memory-mapped
+    file: a warm start holds one tensor beyond the model, never the whole checkpoint."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        file = path / "model.safetensors"
+        if not file.is_file():
+            raise MotError(f"checkpoint has no model.safetensors: {path}")
+        self._handle = safe_open(str(file), framework="pt")
+        self._keys = list(self._handle.keys())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._keys:
+            raise KeyError(name)
+        return self._handle.get_tensor(name)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle.get_slice(name).get_shape())
 
 
 def load_trainer_state(path: Path) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from mot_core.config import RunConfig, dump_config, validate_section
 from mot_core.data import Batch, Vocabulary
 from mot_core.data.packing import ExtrasSampler
 from mot_core.errors import MotError, plugin_boundary
+from mot_core.launch.parallel import parameters_on_meta
 from mot_core.model.moe import MoEArgs
 from mot_core.model.rope import RopeScaling
 from mot_core.model.transformer import ModalityModules, ModelArgs, MoTTransformer
@@ -172,9 +173,13 @@ def _moe_args(ffn) -> MoEArgs | None:
     )
 
 
-def build_model(args: ModelArgs, vocab: Vocabulary) -> MoTTransformer:
+def build_model(args: ModelArgs, vocab: Vocabulary, empty_core: bool = False) -> MoTTransformer:
     """The MoT model with every modality's own modules (input adapter, output head) built
-    from its validated options. A modality with continuous inputs must build an adapter."""
+    from its validated options. A modality with continuous inputs must build an adapter.
+
+    ``empty_core``: the engine's parameters (embedding, towers, head) on the meta device, for
+    a sharded start that allocates each worker's shards only (``parallel.materialize``);
+    plugin modules are built for real, with their own initialisation."""
     owned = {}
     for index, name in enumerate(vocab.names):
         modality = vocab.modalities[name]
@@ -191,6 +196,9 @@ def build_model(args: ModelArgs, vocab: Vocabulary) -> MoTTransformer:
             raise MotError(f"{where} declares input_dim={modality.input_dim} but build_adapter() returned None")
         if adapter is not None or head is not None:
             owned[name] = ModalityModules(index, adapter, head)
+    if empty_core:
+        with parameters_on_meta():
+            return MoTTransformer(args, owned)
     return MoTTransformer(args, owned)
 
 

@@ -47,6 +47,11 @@ class Runtime(abc.ABC):
         its forward pass. Called before the optimizer is built."""
         return model
 
+    shards_at_build = False
+    """True for a worker that shards the model (FSDP2): when its weights are loaded anyway
+    (a checkpoint, a warm start, a pretrained model) it builds the engine's parameters on the
+    meta device and allocates only its own shards."""
+
     missing_data = "tokenize"
     """What ``open_data`` does with sources not tokenized yet: ``tokenize`` them, or (a worker,
     which reads what its driver wrote) ``error``."""

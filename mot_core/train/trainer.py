@@ -28,6 +28,8 @@ from mot_core.train.pretrained import check_tensors, check_vocabulary, read_chec
 from mot_core.train.resume import apply_optimizer_settings, resume_changes
 from mot_core.train.tokenize import open_data, prepare_vocabulary
 from mot_core.launch.device import autocast_for, keep_freed_memory_in_heap, resolve_device, seed_everything
+from mot_core.launch.host import host_memory_mb
+from mot_core.launch.parallel import materialize, real_tensors
 from mot_core.model.transformer import warm_start_from_dense
 
 
@@ -183,20 +185,42 @@ def run_loop(config: RunConfig, exp: Experiment, runtime: Runtime) -> dict:
     if main:
         (run_dir / "config.yaml").write_text(config_yaml)  # what runs from now on
 
+    held_before = host_memory_mb().get("anon", 0.0)
     torch.manual_seed(config.run.seed)
-    model = build_model(args, vocab).to(device)
+    # A sharding worker whose weights all come from somewhere (its checkpoint, a warm start, a
+    # pretrained model) allocates only its own shards: the engine's parameters start on the
+    # meta device, and nothing holds the whole model (Bagel's users' start-up OOM).
+    sharded_start = runtime.shards_at_build and (
+        latest is not None or pretrained is not None or bool(config.model.warm_start))
+    model = build_model(args, vocab, empty_core=sharded_start)
     counts = model.parameter_counts()
     flops = model.flops_per_token(tcfg.seq_len)
+    if sharded_start:
+        kept = real_tensors(model)
+        forward = runtime.wrap(model)
+        materialize(model, device, kept, model.reset_parameters)
+    else:
+        model = model.to(device)
     if latest is None and config.model.warm_start:
         source = Path(config.model.warm_start)
-        warm_start_from_dense(model, ckpt.load_weights(source))
+        warm_start_from_dense(model, ckpt.LazyWeights(source))
         if main:
             print(f"warm start: copied {source} into every tower")
     if pretrained is not None:
         message = start_from_pretrained(model, pretrained, config, vocab)
         if main:
             print(message)
-    forward = runtime.wrap(model)
+    if not sharded_start:
+        forward = runtime.wrap(model)
+    memory = host_memory_mb()
+    if memory:
+        # Allocated memory (RssAnon) is the measure: the resident peak also counts the pages of
+        # memory-mapped checkpoints read, which the kernel drops first under pressure.
+        who = f" on worker {runtime.rank}" if runtime.world > 1 else ""
+        print(f"start-up: host memory {memory['anon']:,.0f} MB allocated{who} "
+              f"({memory['anon'] - held_before:+,.0f} MB for the model: "
+              f"{'its own shards, built on the meta device' if sharded_start else 'built whole'}; "
+              f"resident peak {memory['peak']:,.0f} MB)", flush=True)
     optimizer = build_optimizer(model, tcfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, tcfg.warmup_steps, tcfg.steps, tcfg.min_lr_ratio)
