@@ -142,6 +142,10 @@ class TrainSection(Section):
     log_every: PositiveInt = 10
     eval_every: int = Field(100, ge=0, description="0: evaluate only at the end")
     eval_batches: PositiveInt = 8
+    eval_at_start: bool = Field(
+        False, description="validate before the first step too (a step-0 record in metrics.jsonl): where a "
+        "pretrained or warm-started model begins",
+    )
     checkpoint_every: int = Field(100, ge=0, description="0: checkpoint only at the end")
     keep_checkpoints: PositiveInt = 2
     progress: bool = True

@@ -109,3 +109,23 @@ def test_data_bench_at_tiny_sizes(capsys, tmp_path):
 def test_data_bench_refuses_a_bad_size(capsys):
     assert main(["bench", "data", "--sizes", "5XB"]) == 2
     assert "corpus size '5XB' is not a size" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_startup_memory_bench_at_a_tiny_size(capsys, tmp_path):
+    """``mot bench startup-memory`` end to end on a tiny model: one process and two FSDP2
+    workers each report their start-up memory, and the workers built on the meta device."""
+    code = main(["bench", "startup-memory", "--dim", "64", "--layers", "2", "--heads", "2", "--out", str(tmp_path),
+                 "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["parameters"] > 0 and report["workers"] == 2
+    assert [w["worker"] for w in report["launched"]] == [0, 1]
+    for row in [report["single"], *report["launched"]]:
+        assert row["allocated_mb"] > 0 and row["peak_rss_mb"] >= row["allocated_mb"]
+    assert (tmp_path / "dense" / "model.safetensors").is_file()
+
+
+def test_startup_memory_bench_refuses_heads_that_do_not_divide(capsys):
+    assert main(["bench", "startup-memory", "--dim", "64", "--heads", "5"]) == 2
+    assert "--dim 64 is not divisible by --heads 5" in capsys.readouterr().err

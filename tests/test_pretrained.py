@@ -269,3 +269,47 @@ def test_the_lmfusion_example_resolves_against_a_checkpoint(folders, capsys):
     assert shown["model"]["dim"] == hf["hidden_size"] and shown["model"]["n_layers"] == hf["num_hidden_layers"]
     assert shown["mixture"]["modalities"]["text"]["options"]["tokenizer_path"] == str(folder)
     assert shown["mixture"]["modalities"]["text"]["tower"]["trainable"] is False
+
+
+def test_a_run_where_nothing_would_train_is_one_line(folders, text_corpus, tmp_path, capsys):
+    data = run_config(text_corpus, tmp_path / "run", folders["gqa"])
+    data["mixture"]["modalities"]["text"]["tower"] = {"trainable": False, "vocab_rows_trainable": False}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(data))
+    assert main(["train", str(tmp_path / "run.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nothing would train: every tower and every vocabulary row is frozen" in err[0]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_validation_at_step_0_equals_the_checkpoints_own_loss_on_the_same_data(folders, text_corpus, tmp_path):
+    """`train.eval_at_start`: the run's step-0 validation loss is the checkpoint's own loss as
+    `transformers` computes it on the same held-out rows, document by document (each packed
+    document alone, with the run's positions), to fp32 precision."""
+    from mot_core.data import fixed_batches
+    from mot_core.plugin_api import IGNORE_INDEX
+    from mot_core.train.runs import load_run
+
+    folder = folders["gqa"]
+    data = run_config(text_corpus, tmp_path / "run", folder)
+    data["train"].update(steps=1, eval_every=0, eval_at_start=True, eval_batches=3, batch_size=2)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(data))
+    assert main(["train", str(tmp_path / "run.yaml")]) == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["step"] == 0 and "loss/text" not in records[0]
+    exp, vocab, opened, _, _ = load_run(tmp_path / "run")
+    tcfg = exp.config.train
+    batches = fixed_batches(opened.val, tcfg.batch_size, tcfg.seq_len, tcfg.eval_batches, len(vocab.names), None)
+    reference = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in batches:
+            for row in range(batch.tokens.shape[0]):
+                for document in batch.document[row].unique():
+                    where = batch.document[row] == document
+                    ids, targets = batch.tokens[row][where], batch.targets[row][where]
+                    out = reference(ids[None], position_ids=batch.positions[row][where][None]).logits[0]
+                    valid = targets != IGNORE_INDEX
+                    losses = torch.nn.functional.cross_entropy(out[valid], targets[valid], reduction="sum")
+                    total, count = total + float(losses), count + int(valid.sum())
+    assert count > 100
+    assert records[0]["val/text/loss"] == pytest.approx(total / count, rel=1e-5)

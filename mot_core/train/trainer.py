@@ -48,6 +48,9 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
             continue
         # norm gains and biases (of plugin-owned modules) are not decayed, matrices are
         (no_decay if "norm" in name or param.ndim < 2 else decay).append(param)
+    if not decay and not no_decay:
+        raise MotError("nothing would train: every tower and every vocabulary row is frozen (tower.trainable, "
+                       "tower.vocab_rows_trainable); let one of them train")
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # fused: one kernel over all parameters (CPU and CUDA); MoT holds a tower per modality,
     # so optimizer cost, unlike FLOPs, grows with the number of towers.
@@ -264,6 +267,14 @@ def run_loop(config: RunConfig, exp: Experiment, runtime: Runtime) -> dict:
     evaluate(model, val_batches[:1], vocab, exp, device, autocast)
     torch.set_rng_state(rng)
     log = MetricsLog(run_dir / "metrics.jsonl", step) if main else None
+    if tcfg.eval_at_start and step == 0:
+        rng = torch.get_rng_state()
+        start = {"step": 0, **evaluate(model, val_batches, vocab, exp, device, autocast)}
+        torch.set_rng_state(rng)
+        if log is not None:
+            log.write(start)
+            print(" | ".join([f"step 0/{tcfg.steps} (before training)",
+                              *(f"{k} {v:.4f}" for k, v in start.items() if k.startswith("val/"))]))
 
     def save() -> str:
         state = {"scheduler": scheduler.state_dict(), "data": runtime.gather_stream_state(data_state),
