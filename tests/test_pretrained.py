@@ -223,7 +223,7 @@ def test_a_frozen_pretrained_text_tower_stays_bit_identical_while_the_image_towe
     folder = folders["gqa"]
     data = tiny_chameleon(*prepared_vq, tmp_path / "run")
     data["model"] = {"max_seq_len": 160, "init_from": {"path": str(folder)}}
-    data["train"].update(steps=6, eval_every=0, checkpoint_every=0, lr=1e-2)
+    data["train"].update(steps=6, eval_every=0, checkpoint_every=0, lr=1e-2, eval_at_start=True)
     text = data["mixture"]["modalities"]["text"]
     text["options"] = {"tokenizer_path": str(folder)}
     text["tower"] = {"trainable": False, "vocab_rows_trainable": False}
@@ -255,7 +255,8 @@ def test_a_frozen_pretrained_text_tower_stays_bit_identical_while_the_image_towe
     frozen = sum(v.numel() for k, v in state.items() if k.endswith("_frozen"))
     assert sum(m["exp_avg"].numel() for m in moments) == trainable and frozen > 0  # no state for a frozen weight
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert records[-1]["loss/image"] < records[0]["loss/image"]
+    assert records[0]["step"] == 0 and records[-1]["step"] == 6
+    assert records[-1]["loss/image"] < records[1]["loss/image"]
     assert state["embed.weight_frozen"].shape[0] == text_rows
 
 
