@@ -179,6 +179,27 @@ class LaunchSection(Section):
     )
 
 
+class SweepSection(Section):
+    """``mot sweep``: trials of ``mot train`` on Ray Tune (ignored by ``mot train``). Each
+    trial is one combination of the grid's values and one of the variants."""
+
+    grid: dict[str, list[Any]] = Field(
+        {}, description="dotted config key -> the values to try (every combination is a trial)")
+    variants: dict[str, dict[str, Any]] = Field(
+        {}, description="name -> dotted config key -> value: named sets of settings tried like one more grid axis "
+        "(e.g. the tower grid: dense, MoE-4x, MoT)",
+    )
+    samples: PositiveInt = Field(1, description="repeats of every combination (seed = run.seed + repeat)")
+    scheduler: Literal["fifo", "asha"] = Field("fifo", description="asha: stop weak trials early on `metric`")
+    metric: str | None = Field(None, description="the metric that ranks trials (and asha stops on); default: the "
+                               "first modality's val/<modality>/loss")
+    mode: Literal["min", "max"] = "min"
+    grace_steps: PositiveInt = Field(50, description="asha: steps every trial runs before it may be stopped")
+    cpus_per_trial: PositiveFloat = 1.0
+    gpus_per_trial: float = Field(0, ge=0)
+    max_concurrent: int = Field(0, ge=0, description="trials at once; 0: as many as the resources allow")
+
+
 class DataSection(Section):
     """Tokenized shards: ``mot data tokenize`` (or the first ``mot train`` / ``mot launch``)
     encodes every source once into memory-mapped Arrow shards that training streams."""
@@ -248,6 +269,7 @@ class RunConfig(Section):
     train: TrainSection = TrainSection()
     launch: LaunchSection = LaunchSection()
     data: DataSection = DataSection()
+    sweep: SweepSection = SweepSection()
     mixture: MixtureSection
 
     @model_validator(mode="after")

@@ -27,7 +27,7 @@ CHANGEABLE = (
     "run.dir", "run.device", "run.resume",  # where the run lives and runs, not what it is
     "model.warm_start", "model.init_from.path",  # read only by a run's first start
     "model.activation_checkpointing", "model.attention_backend",  # memory and kernels: the same maths
-    "launch.",
+    "launch.", "sweep.",
     "data.dir", "data.fit_sample_documents", "data.encode_batch_documents",  # shards are checked by fingerprint
 )
 CHANGEABLE_IN_MODALITIES = ("loss_weight", "evaluators", "evaluator_options")
