@@ -128,6 +128,21 @@ class ModelSection(Section):
 
 
 class TrainSection(Section):
+    class Tracker(Section):
+        """Where the experiment trackers of ``train.loggers`` put the run (all optional)."""
+
+        project: str = Field("mot", min_length=1, description="W&B project and MLflow experiment name")
+        name: str | None = Field(None, description="the run's name in W&B and MLflow; default: the run folder's name")
+        mlflow_tracking_uri: str | None = Field(
+            None, description="MLflow tracking URI (a folder, file://, sqlite:// or http(s)://); default: a file store "
+            "in <run.dir>/mlruns",
+        )
+        wandb_mode: Literal["offline", "online"] = Field(
+            "offline", description="offline: the W&B run is written under wandb_dir only (`wandb sync` uploads it "
+            "later); online: streamed to W&B as it runs (needs `wandb login`)",
+        )
+        wandb_dir: str | None = Field(None, description="the folder W&B writes its wandb/ folder in; default: <run.dir>")
+
     steps: PositiveInt = 200
     batch_size: PositiveInt = 8
     seq_len: PositiveInt = 256
@@ -140,6 +155,12 @@ class TrainSection(Section):
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     log_every: PositiveInt = 10
+    loggers: list[Literal["jsonl", "tensorboard", "wandb", "mlflow"]] = Field(
+        ["jsonl"], description="where every metrics record goes: jsonl is <run.dir>/metrics.jsonl, always written "
+        "whatever this list says (the framework reads it back: resume, mot compare); tensorboard (<run.dir>/tensorboard), "
+        "wandb and mlflow each need their extra: pip install 'mot-framework[NAME]'",
+    )
+    tracker: Tracker = Field(default_factory=Tracker, description="project, run name and stores of the trackers")
     eval_every: int = Field(100, ge=0, description="0: evaluate only at the end")
     eval_batches: PositiveInt = 8
     eval_at_start: bool = Field(

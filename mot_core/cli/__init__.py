@@ -6,11 +6,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mot_core.cli import bench, compare, data, export, generate, launch, plugins, train
+from mot_core.cli import bench, compare, data, export, generate, launch, plugins, sweep, train
 from mot_core.cli.common import Parser
 from mot_core.errors import MotError
 
-COMMAND_MODULES = (train, launch, plugins, data, generate, compare, export, bench)
+COMMAND_MODULES = (train, launch, sweep, plugins, data, generate, compare, export, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,8 +14,29 @@ from mot_core.errors import MotError
 from mot_core.plotting import finish, panels
 
 
+def expand_sweeps(runs: list[Path]) -> list[Path]:
+    """A sweep's folder (``mot sweep``: sweep.json and trials/) stands for its trials that ran."""
+    out = []
+    for run in runs:
+        if (run / "sweep.json").is_file() and (run / "trials").is_dir():
+            trials = sorted(t for t in (run / "trials").iterdir() if (t / "metrics.jsonl").is_file())
+            if not trials:
+                raise MotError(f"the sweep {run} has no trial with metrics yet")
+            out.extend(trials)
+        else:
+            out.append(run)
+    return out
+
+
+def plot_runs(runs: list[Path], path: Path) -> None:
+    """The loss curves of these runs (training EMA and validation points) in one figure."""
+    _plot({run.name: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+           for run in runs}, path)
+
+
 def compare_runs(runs: list[Path], plot: Path | None) -> str:
     """A table of each run's final validation metrics side by side, and their loss curves."""
+    runs = expand_sweeps(runs)
     records = {}
     for run in runs:
         file = run / "metrics.jsonl"

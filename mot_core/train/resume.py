@@ -24,6 +24,7 @@ CHANGEABLE = (
     "train.checkpoint_every",
     "train.keep_checkpoints", "train.log_every", "train.progress", "train.on_nonfinite", "train.max_consecutive_skips",
     "train.max_total_skips", "train.precision",
+    "train.loggers", "train.tracker.",  # where metrics are sent: a tracker added on resume is backfilled
     "run.dir", "run.device", "run.resume",  # where the run lives and runs, not what it is
     "model.warm_start", "model.init_from.path",  # read only by a run's first start
     "model.activation_checkpointing", "model.attention_backend",  # memory and kernels: the same maths

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import time
+import sys
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -25,6 +25,7 @@ from mot_core.data.stores import DocumentList, DocumentStore
 from mot_core.data.vocabulary import Vocabulary
 from mot_core.errors import MotError, plugin_boundary
 from mot_core.plugin_api import DataSource, RawDocument, RawSegment, origin
+from mot_core.plugin_api import progress as progress_display
 from mot_core.train.experiment import Experiment
 
 SPLITS = ("train", "val")
@@ -151,9 +152,11 @@ class PartTask:
 
 
 def tokenize_part(exp: Experiment, vocab: Vocabulary, task: PartTask, prints: Fingerprints,
-                  report: Callable[[str], None] = lambda line: None) -> list[dict]:
+                  report: Callable[[str], None] = lambda line: None,
+                  advance: Callable[[int], None] = lambda documents: None) -> list[dict]:
     """Encode one part of a split into shards; continues after the shards an interrupted run
-    finished. Returns the part's shard records."""
+    finished. Returns the part's shard records. ``advance(n)`` is called after each chunk of
+    ``n`` documents encoded (progress within a long part)."""
     cfg = exp.config.data
     writer = ShardWriter(data_root(exp), task.source, task.split, task.part, prints, cfg.shard_tokens)
     if writer.done:
@@ -167,6 +170,7 @@ def tokenize_part(exp: Experiment, vocab: Vocabulary, task: PartTask, prints: Fi
         report(f"{task.source}/{task.split} part {task.part}: continuing after {skipped} documents already in shards")
     for chunk in batched(docs, cfg.encode_batch_documents):
         writer.add(vocab.encode_documents(chunk, task.source), len(chunk))
+        advance(len(chunk))
     return writer.finish()
 
 
@@ -216,18 +220,28 @@ def finish(exp: Experiment, vocab: Vocabulary, splits_todo: dict, shards: dict[P
 
 def tokenize_locally(exp: Experiment, vocab: Vocabulary, force: bool = False, progress: bool = True,
                      prints: dict[str, Fingerprints] | None = None) -> dict:
-    """Tokenize every missing split in this process; returns a report per split written."""
+    """Tokenize every missing split in this process; returns a report per split written.
+
+    ``progress``: a display over the parts (a bar on a terminal, else a plain line every tenth
+    of the parts or 30 s, mid-part included), with the documents and tokens encoded so far. It
+    goes to stdout, with the rest of the tokenize report (stderr keeps only errors)."""
     tasks, splits_todo = plan(exp, vocab, force, prints=prints)
     shards = {}
-    started = time.perf_counter()
-    for number, task in enumerate(tasks, 1):
-        shards[task] = tokenize_part(exp, vocab, task, splits_todo[(task.source, task.split)][0],
-                                     print if progress else (lambda line: None))
-        if progress:
-            tokens = sum(s["tokens"] for s in shards[task])
-            print(f"tokenized {task.source}/{task.split} part {task.part + 1}/{splits_todo[(task.source, task.split)][1]}: "
-                  f"{tokens:,} tokens, {len(shards[task])} shards ({number}/{len(tasks)} parts, "
-                  f"{time.perf_counter() - started:.1f} s)", flush=True)
+    counts = {"documents": 0, "tokens": 0}
+    bar = progress_display(total=len(tasks), desc="tokenize", unit="part", disable=not progress or not tasks,
+                           file=sys.stdout)
+
+    def advance(documents: int) -> None:
+        counts["documents"] += documents
+        bar.set_postfix(documents=f"{counts['documents']:,}", tokens=f"{counts['tokens']:,}")
+
+    with bar:
+        for task in tasks:
+            shards[task] = tokenize_part(exp, vocab, task, splits_todo[(task.source, task.split)][0],
+                                         bar.write if progress else (lambda line: None), advance)
+            counts["tokens"] += sum(s["tokens"] for s in shards[task])
+            bar.set_postfix(documents=f"{counts['documents']:,}", tokens=f"{counts['tokens']:,}", refresh=False)
+            bar.update(1)
     return finish(exp, vocab, splits_todo, shards)
 
 

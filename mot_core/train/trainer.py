@@ -15,22 +15,24 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from mot_core.train import checkpoint as ckpt
 from mot_core.config import RunConfig
 from mot_core.data import PackedStream, fixed_batches
 from mot_core.errors import MotError
+from mot_core.plugin_api import progress
 from mot_core.train.evaluation import evaluate, forward_losses, reduce_losses
 from mot_core.train.runtime import LocalRuntime, Runtime
 from mot_core.train.experiment import Experiment, build_experiment, build_model, extras_sampler, model_args
 from mot_core.train.pretrained import check_tensors, check_vocabulary, read_checkpoint, resolve_init_from, start_from_pretrained
 from mot_core.train.resume import apply_optimizer_settings, resume_changes
 from mot_core.train.tokenize import open_data, prepare_vocabulary
+from mot_core.train.trackers import check_trackers, open_trackers, read_records
 from mot_core.launch.device import autocast_for, keep_freed_memory_in_heap, resolve_device, seed_everything
 from mot_core.launch.host import host_memory_mb
 from mot_core.launch.parallel import materialize, real_tensors
 from mot_core.model.transformer import warm_start_from_dense
+from mot_core.plotting import run_loss_curves
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -84,8 +86,10 @@ class MetricsLog:
             handle.write(json.dumps(record) + "\n")
 
 
-def train(config: RunConfig) -> dict:
-    """Run (or resume) training. Returns the last step's metrics and final validation metrics."""
+def train(config: RunConfig, make_runtime=LocalRuntime) -> dict:
+    """Run (or resume) training. Returns the last step's metrics and final validation metrics.
+    ``make_runtime(device, run_dir)``: a ``LocalRuntime`` or a subclass (a sweep's trial
+    reports its metrics to Ray Tune)."""
     saved = Path(config.run.dir) / "config.yaml"
     started = saved.is_file() and bool(ckpt.list_checkpoints(saved.parent))
     config = resolve_init_from(config, saved.read_text() if started else None)
@@ -95,12 +99,13 @@ def train(config: RunConfig) -> dict:
         raise MotError(f"run.dir {run_dir} is a file; give a folder (it is created if missing)")
     if ckpt.list_checkpoints(run_dir) and config.run.resume == "never":
         raise MotError(f"{run_dir} already holds checkpoints; use run.resume=auto to continue or a new run.dir")
+    check_trackers(config.train.loggers)  # before the run folder is created
     lock = ckpt.RunLock(run_dir)
     try:
         removed = ckpt.clean_leftovers(run_dir)
         if removed:
             print(f"removed leftovers of an interrupted checkpoint save: {', '.join(removed)}")
-        return run_loop(config, exp, LocalRuntime(resolve_device(config.run.device), run_dir))
+        return run_loop(config, exp, make_runtime(resolve_device(config.run.device), run_dir))
     except OSError as exc:  # metrics, config or state files: the disk, not the code
         raise ckpt.storage_error(exc, Path(exc.filename or run_dir), "training") from None
     finally:
@@ -167,6 +172,8 @@ def run_loop(config: RunConfig, exp: Experiment, runtime: Runtime) -> dict:
     if config.model.attention_backend == "flex" and device.type == "cpu":  # before torch warns about it
         raise MotError("attention backend 'flex' has no backward pass on CPU in this torch; train with "
                        "model.attention_backend=sdpa (flex works on CPU for eval and generation)")
+    if main:  # the trackers' packages (the main process logs), before anything is written
+        check_trackers(tcfg.loggers)
     seed_everything(config.run.seed)
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True)
@@ -267,14 +274,7 @@ def run_loop(config: RunConfig, exp: Experiment, runtime: Runtime) -> dict:
     evaluate(model, val_batches[:1], vocab, exp, device, autocast)
     torch.set_rng_state(rng)
     log = MetricsLog(run_dir / "metrics.jsonl", step) if main else None
-    if tcfg.eval_at_start and step == 0:
-        rng = torch.get_rng_state()
-        start = {"step": 0, **evaluate(model, val_batches, vocab, exp, device, autocast)}
-        torch.set_rng_state(rng)
-        if log is not None:
-            log.write(start)
-            print(" | ".join([f"step 0/{tcfg.steps} (before training)",
-                              *(f"{k} {v:.4f}" for k, v in start.items() if k.startswith("val/"))]))
+    trackers = open_trackers(config, run_dir, step, main)  # after MetricsLog has cut the file at `step`
 
     def save() -> str:
         state = {"scheduler": scheduler.state_dict(), "data": runtime.gather_stream_state(data_state),
@@ -286,10 +286,23 @@ def run_loop(config: RunConfig, exp: Experiment, runtime: Runtime) -> dict:
     consecutive_skips = 0
     updating = False
     record: dict = {}
-    bar = tqdm(total=tcfg.steps, initial=step, disable=not (tcfg.progress and main), desc="train", dynamic_ncols=True)
-    write = bar.write if main else (lambda _: None)
-    model.train()
+    bar = None
+    failure: BaseException | None = None
+    write = print if main else (lambda _: None)
     try:
+        if tcfg.eval_at_start and step == 0:
+            rng = torch.get_rng_state()
+            start = {"step": 0, **evaluate(model, val_batches, vocab, exp, device, autocast)}
+            torch.set_rng_state(rng)
+            if log is not None:
+                log.write(start)
+                trackers.log(start)
+                print(" | ".join([f"step 0/{tcfg.steps} (before training)",
+                                  *(f"{k} {v:.4f}" for k, v in start.items() if k.startswith("val/"))]))
+        bar = progress(total=tcfg.steps, initial=step, disable=not (tcfg.progress and main), desc="train",
+                       dynamic_ncols=True)
+        write = bar.write if main else write
+        model.train()
         while step < tcfg.steps:
             started = time.perf_counter()
             batch = stream.next_batch(len(vocab.names)).to(device)
@@ -361,8 +374,9 @@ def run_loop(config: RunConfig, exp: Experiment, runtime: Runtime) -> dict:
                 record.update(evaluate(model, val_batches, vocab, exp, device, autocast))
             if log is not None:
                 log.write(record)
+                trackers.log(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)  # shown by the update
             bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.3f}")
             logged = step % tcfg.log_every == 0 or final or any(k.startswith("val/") for k in record)
             if logged:
                 write(_format(record, tcfg.steps))
@@ -371,13 +385,25 @@ def run_loop(config: RunConfig, exp: Experiment, runtime: Runtime) -> dict:
                 last_saved = step
             elif logged:
                 runtime.report(record)
-    except KeyboardInterrupt:
-        if step > last_saved and not updating and runtime.world == 1:
+        if trackers:
+            trackers.log_images(step, run_figures(run_dir))
+    except BaseException as exc:
+        failure = exc  # what the trackers record as the run's end (failed, or killed by an interrupt)
+        if isinstance(exc, KeyboardInterrupt) and step > last_saved and not updating and runtime.world == 1:
             write(f"interrupted: saved {save()}")
         raise
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
+        trackers.close(failure)
     return record
+
+
+def run_figures(run_dir: Path) -> dict[str, Path]:
+    """The figures of a finished run, sent to its trackers (tag -> PNG): the loss curves of its
+    ``metrics.jsonl`` (``loss_curves.png`` in the run folder; training writes no other figure)."""
+    path = run_dir / "loss_curves.png"
+    return {"loss_curves": path} if run_loss_curves(read_records(run_dir / "metrics.jsonl"), path, run_dir.name) else {}
 
 
 def _format(record: dict, total_steps: int) -> str:

@@ -32,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mot_core.errors import MotError
+from mot_core.plugin_api import progress as progress_display
 from plugins.images.folders import warmup_cosine_lr, write_folder_atomically
 
 # AutoencoderKL is imported where it is used: diffusers costs ~4 s to import and every `mot`
@@ -237,9 +238,7 @@ def fit_vae(
     recent_losses: list[float] = []
     bar = None
     if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=steps, desc="image vae", unit="step")
+        bar = progress_display(total=steps, desc="image vae", unit="step")
     try:
         for step in range(steps):
             if cursor + batch_size > len(order):
@@ -261,9 +260,10 @@ def fit_vae(
             optimizer.step()
             recent_losses = (recent_losses + [float(loss.detach())])[-20:]
             if bar is not None:
+                if step % 10 == 0 or step == steps - 1:  # before the update, which shows it
+                    bar.set_postfix(loss=f"{sum(recent_losses) / len(recent_losses):.4f}", kl=f"{float(kl.detach()):.1f}",
+                                    refresh=False)
                 bar.update(1)
-                if step % 10 == 0 or step == steps - 1:
-                    bar.set_postfix(loss=f"{sum(recent_losses) / len(recent_losses):.4f}", kl=f"{float(kl.detach()):.1f}")
     finally:
         if bar is not None:
             bar.close()

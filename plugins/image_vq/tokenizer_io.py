@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mot_core.errors import MotError
+from mot_core.plugin_api import progress as progress_display
 from plugins.images.folders import warmup_cosine_lr, write_folder_atomically
 from plugins.image_vq.vqgan import VQGAN, VQGANConfig, code_statistics, psnr_from_mse
 
@@ -102,9 +103,7 @@ def fit_vq_tokenizer(
         recent_losses: list[float] = []
         bar = None
         if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=steps, desc="vq tokenizer", unit="step")
+            bar = progress_display(total=steps, desc="vq tokenizer", unit="step")
         for step in range(steps):
             if cursor + batch_size > len(order):
                 order = torch.randperm(len(train_images), generator=batch_generator)
@@ -123,10 +122,10 @@ def fit_vq_tokenizer(
             optimizer.step()
             recent_losses = (recent_losses + [float(loss.detach())])[-20:]
             if bar is not None:
-                bar.update(1)
-                if step % 10 == 0 or step == steps - 1:
+                if step % 10 == 0 or step == steps - 1:  # before the update, which shows it
                     bar.set_postfix(loss=f"{sum(recent_losses) / len(recent_losses):.4f}",
-                                    ppl=f"{stats['perplexity']:.0f}")
+                                    ppl=f"{stats['perplexity']:.0f}", refresh=False)
+                bar.update(1)
         if bar is not None:
             bar.close()
     model.eval()

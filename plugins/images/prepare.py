@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from PIL import Image, ImageDraw, ImageFont
-from tqdm import tqdm
 
 from mot_core.errors import MotError
+from mot_core.plugin_api import progress as progress_display
 
 NOTO_COLOR_EMOJI = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
 # The font stores its glyphs as 109 px colour bitmaps (CBDT); FreeType refuses any other size.
@@ -134,7 +134,7 @@ def _write_source(folder: Path, items: Iterator[RenderedItem], total: int, sourc
     images.mkdir(parents=True)
     counts = {"train": 0, "val": 0}
     with open(folder / "captions.jsonl", "w", encoding="utf-8") as captions, \
-            tqdm(total=total, desc=f"prepare {source}", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+            progress_display(total=total, desc=f"prepare {source}", unit="img", disable=not progress, dynamic_ncols=True) as bar:
         for item_id, caption, image in items:
             file = f"images/{item_id}.png"
             image.save(folder / file, format="PNG", optimize=False)

@@ -24,6 +24,7 @@ from pydantic import Field, model_validator
 
 from mot_core.errors import MotError
 from mot_core.plugin_api import DataSource, PluginOptions, RawDocument, RawSegment, Split, fingerprint_files
+from mot_core.plugin_api import progress as progress_display
 from plugins.speech.audio import Audio, load_audio_file, save_wav, to_rate
 
 Direction = Literal["transcript_to_speech", "speech_to_transcript"]
@@ -203,8 +204,6 @@ def spoken_texts(options: SynthesisOptions) -> list[str]:
 def synthesize_folder(root: Path, options: SynthesisOptions, progress: bool = True) -> dict:
     """Synthesise ``spoken_texts`` into ``root`` (WAV clips + transcripts.jsonl); idempotent:
     a folder made with the same options is kept."""
-    from tqdm import tqdm
-
     from plugins.speech.synth import Voice, synthesize
 
     wanted = options.model_dump(mode="json")
@@ -218,7 +217,7 @@ def synthesize_folder(root: Path, options: SynthesisOptions, progress: bool = Tr
     clips_dir = root / "clips"
     clips_dir.mkdir(parents=True, exist_ok=True)
     lines, seconds = [], 0.0
-    for index, text in enumerate(tqdm(texts, desc="synthesise speech", disable=not progress, unit="clip")):
+    for index, text in enumerate(progress_display(texts, desc="synthesise speech", disable=not progress, unit="clip")):
         spec = options.voices[index % len(options.voices)]
         samples, rate = synthesize(text, Voice(spec.name, spec.variant, spec.speed))
         clip = Audio(to_rate(Audio(samples, rate, text), options.sample_rate), options.sample_rate, text)

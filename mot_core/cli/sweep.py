@@ -1,0 +1,62 @@
+"""``mot sweep``: a grid of ``mot train`` runs on Ray Tune, then their table and loss curves."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from mot_core.cli.common import positive_int
+
+
+def format_table(rows: list[dict], metric: str) -> str:
+    """One line per trial, best first: the swept values, its status, the ranking metric and
+    the final per-modality validation losses (read from the trial's metrics.jsonl)."""
+    columns = list(dict.fromkeys(k for r in rows for k in r["values"]))
+    losses = sorted({k for r in rows for k in r["val_losses"]})
+    header = ["trial", *columns, "status", metric, *[k for k in losses if k != metric]]
+    lines = [" | ".join(header)]
+    for row in rows:
+        cells = [row["trial"], *(json.dumps(row["values"].get(c)) if not isinstance(row["values"].get(c), str)
+                                 else row["values"][c] for c in columns)]
+        status = row["status"] if row["status"] != "stopped early" else f"stopped at step {row['steps']}"
+        cells += [status, "-" if row["metric"] is None else f"{row['metric']:.4f}"]
+        cells += [f"{row['val_losses'][k]:.4f}" if k in row["val_losses"] else "-" for k in losses if k != metric]
+        lines.append(" | ".join(str(c) for c in cells))
+    return "\n".join(lines)
+
+
+def cmd_sweep(ns: argparse.Namespace) -> int:
+    from mot_core.cli.compare import plot_runs
+    from mot_core.cluster.driver import check_address
+    from mot_core.cluster.sweep import plan_sweep, read_results, run_sweep
+
+    plan = plan_sweep(ns.config, ns.overrides, ns.grid, ns.out, ns.samples, ns.scheduler, ns.metric)
+    if ns.address:
+        check_address(ns.address)
+    print(f"sweep: {len(plan.trials)} trials in {plan.out / 'trials'} (ranked by {plan.metric}, "
+          f"scheduler {plan.sweep.scheduler})", flush=True)
+    run_sweep(plan, ns.address)
+    rows = read_results(plan)
+    table = format_table(rows, plan.metric)
+    (plan.out / "results.md").write_text(table + "\n")
+    (plan.out / "results.json").write_text(json.dumps(rows, indent=2))
+    figure = plan.out / "loss_curves.png"
+    plot_runs([Path(r["run"]) for r in rows if r["steps"]], figure)
+    print(table)
+    print(f"table: {plan.out / 'results.md'}; loss curves: {figure}; `mot compare {plan.out}` compares the trials")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("sweep", help="run a grid of mot train trials on Ray Tune (resumable), then their table")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the base config")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a config key and the values to try (repeatable; adds to the config's sweep.grid)")
+    p.add_argument("--samples", type=positive_int, default=None, help="repeats of every combination (seeds differ)")
+    p.add_argument("--scheduler", choices=["fifo", "asha"], default=None, help="asha: stop weak trials early")
+    p.add_argument("--metric", default=None, help="the metric that ranks trials (default val/<first modality>/loss)")
+    p.add_argument("--out", default=None, help="the sweep's folder (default: the base config's run.dir)")
+    p.add_argument("--address", default=None, help="a Ray cluster (HEAD:6379); default a local one")
+    p.set_defaults(func=cmd_sweep)

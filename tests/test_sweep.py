@@ -1,0 +1,160 @@
+"""`mot sweep`: grids of `mot train` runs on Ray Tune, their table, and resuming a sweep."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import tiny_config_dict
+from mot_core.cli import main
+from mot_core.cluster.sweep import parse_grid, plan_sweep, split_values
+
+
+def _base(tmp_path: Path, corpus: Path, **train) -> Path:
+    data = tiny_config_dict(corpus, tmp_path / "sweep")
+    data["model"]["dim"] = 16
+    data["train"].update({"steps": 6, "eval_every": 3, "checkpoint_every": 3, "log_every": 3, **train})
+    path = tmp_path / "base.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_grid_values_are_yaml_with_brackets_kept_whole():
+    assert split_values("a, [1, 2] ,{x: 1, y: 2}") == ["a", "[1, 2]", "{x: 1, y: 2}"]
+    grid = parse_grid(["train.lr=1e-3,3.0e-3", "model.untie={ffn: true, attention: false, norm: false},{ffn: true}",
+                       "model.tie_embeddings=true,false"])
+    assert grid["train.lr"] == [0.001, 0.003]
+    assert grid["model.untie"][0] == {"ffn": True, "attention": False, "norm": False}
+    assert grid["model.tie_embeddings"] == [True, False]
+
+
+def test_a_plan_has_every_combination_and_variant_validated(tmp_path, text_corpus):
+    base = yaml.safe_load(_base(tmp_path, text_corpus).read_text())
+    base["sweep"] = {"variants": {"dense": {"model.untie": {"ffn": False, "attention": False, "norm": False}},
+                                  "mot": {}},
+                     "samples": 2}
+    (tmp_path / "with_sweep.yaml").write_text(yaml.safe_dump(base))
+    plan = plan_sweep(str(tmp_path / "with_sweep.yaml"), [], ["train.lr=1e-3,3e-3"], str(tmp_path / "out"))
+    assert len(plan.trials) == 2 * 2 * 2
+    names = [t.name for t in plan.trials]
+    assert len(set(names)) == len(names) and names[0] == "t000_dense_lr=0.001_r0"
+    seeds = {plan.configs[t.name]["run"]["seed"] for t in plan.trials}
+    assert seeds == {0, 1}
+    dense = plan.configs[names[0]]
+    assert dense["model"]["untie"] == {"ffn": False, "attention": False, "norm": False}
+    assert dense["run"]["dir"] == str((tmp_path / "out" / "trials" / names[0]).resolve())
+    assert plan.metric == "val/text/loss"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--grid", "model.dimm=16,32"], "sweep grid key 'model.dimm' is not a config key"),
+        (["--grid", "model.dim=16,-3"], "trial t001_dim=-3 ({'model.dim': -3}): model.dim"),
+        (["--grid", "mixture.modalities.text.options.vocab_sizee=300"], "trial t000_vocab_sizee=300"),
+        (["--metric", "val/audio/loss"], "sweep.metric 'val/audio/loss' is not logged by any trial"),
+        (["--grid", "train.lr"], "--grid 'train.lr': expected key=value1,value2"),
+        (["--scheduler", "pbt"], "--scheduler"),
+        (["--grid", "run.dir=a,b"], "sweep grid key 'run.dir' cannot be swept"),
+    ],
+)
+def test_bad_sweep_input_is_one_line(tmp_path, text_corpus, capsys, args, message):
+    base = _base(tmp_path, text_corpus)
+    try:
+        code = main(["sweep", str(base), "--out", str(tmp_path / "out"), *args])
+    except SystemExit as exc:  # a usage mistake: argparse's one line
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out").exists()  # nothing started
+
+
+def _table(out: str) -> dict[str, list[str]]:
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("trial | "))
+    rows = {}
+    for line in lines[start + 1:]:
+        if not line.startswith("t0"):
+            break
+        cells = line.split(" | ")
+        rows[cells[0]] = cells
+    return rows
+
+
+def _sweep(base: Path, out: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
+    return subprocess.Popen([sys.executable, "-m", "mot_core.cli", "sweep", str(base), "--out", str(out), *args],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _records(run: Path) -> list[dict]:
+    file = run / "metrics.jsonl"
+    return [json.loads(line) for line in file.read_text().splitlines() if line] if file.is_file() else []
+
+
+@pytest.mark.slow
+def test_a_sweep_of_four_trials_runs_and_its_table_matches_each_trials_metrics(tmp_path, text_corpus):
+    base = _base(tmp_path, text_corpus)
+    out = tmp_path / "out"
+    process = _sweep(base, out, "--grid", "model.dim=16,32", "--grid", "train.lr=1e-3,3e-3")
+    stdout, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, stdout[-4000:]
+    rows = _table(stdout)
+    assert len(rows) == 4
+    scores = []
+    for name, cells in rows.items():
+        records = _records(out / "trials" / name)
+        assert [r["step"] for r in records] == list(range(1, 7))
+        assert cells[3] == "finished"
+        assert float(cells[4]) == pytest.approx(records[-1]["val/text/loss"], abs=1e-4)
+        scores.append(float(cells[4]))
+    assert scores == sorted(scores)  # best first
+    assert (out / "loss_curves.png").stat().st_size > 0
+    assert json.loads((out / "results.json").read_text())[0]["trial"] == next(iter(rows))
+    compared = subprocess.run([sys.executable, "-m", "mot_core.cli", "compare", str(out)], capture_output=True,
+                              text=True, timeout=120)
+    assert compared.returncode == 0 and all(name in compared.stdout for name in rows), compared.stderr
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_finishes_without_retraining_finished_trials(tmp_path, text_corpus):
+    base = _base(tmp_path, text_corpus, steps=30, eval_every=10, checkpoint_every=5, log_every=5)
+    out = tmp_path / "out"
+    args = ("--grid", "train.lr=1e-3,2e-3,3e-3,4e-3")
+    data = yaml.safe_load(base.read_text())
+    data["sweep"] = {"max_concurrent": 1}  # one trial at a time: the interruption lands between two
+    base.write_text(yaml.safe_dump(data))
+    process = _sweep(base, out, *args)
+    trials = out / "trials"
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline:  # until one trial finished and the next has a checkpoint
+        done = [t for t in trials.glob("t*") if len(_records(t)) == 30] if trials.is_dir() else []
+        started = [t for t in trials.glob("t*") if 5 <= len(_records(t)) < 30] if trials.is_dir() else []
+        if done and started:
+            break
+        time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail("the sweep never reached a finished and a started trial")
+    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C
+    process.communicate(timeout=120)
+    finished = {t.name: (t / "metrics.jsonl").stat().st_mtime_ns for t in done}
+    again = _sweep(base, out, *args)
+    stdout, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, stdout[-4000:]
+    assert "resuming the sweep" in stdout
+    for name, mtime in finished.items():  # finished trials were not trained again
+        assert (trials / name / "metrics.jsonl").stat().st_mtime_ns == mtime
+    for trial in trials.glob("t*"):
+        assert [r["step"] for r in _records(trial)] == list(range(1, 31)), trial.name
+    assert len(_table(stdout)) == 4
