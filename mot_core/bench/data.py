@@ -212,7 +212,7 @@ def run_data_bench(sizes: list[int], out: Path, steps: int = 3, progress=print) 
             counts[split] = index
         tokens = sum(c["tokens"] for c in counts.values())
         # the encode-and-write phase alone (start-up and the bounded tokenizer fit excluded)
-        encode_s = float(re.findall(r"parts, ([\d.]+) s\)", tokenize["output"])[-1])
+        encode_s = float(re.findall(r"parts in ([\d.]+) s \(encode and write\)", tokenize["output"])[-1])
         raw = raw_encode_speed(run_dir / "state" / "text" / "tokenizer.json", corpus)
         progress(f"{label}: training {steps} steps")
         train = watch(_mot(["train", str(config)]), metrics=run_dir / "metrics.jsonl")
