@@ -153,7 +153,9 @@ class TrainSection(Section):
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA and on a CPU with native bf16 matmul (AMX or AVX-512 BF16, "
+        "detected from /proc/cpuinfo; MOT_CPU_BF16=1/0 overrides), fp32 elsewhere; weights and optimizer stay fp32")
     log_every: PositiveInt = 10
     loggers: list[Literal["jsonl", "tensorboard", "wandb", "mlflow"]] = Field(
         ["jsonl"], description="where every metrics record goes: jsonl is <run.dir>/metrics.jsonl, always written "

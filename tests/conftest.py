@@ -13,6 +13,10 @@ import torch
 import yaml
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# train.precision=auto means bf16 on a CPU with native bf16 matmul (AMX, AVX-512 BF16): pin
+# fp32 so that the suite's figures and tolerances do not depend on the machine (tests of the
+# bf16 path set precision=bf16, or this variable to 1, themselves). Subprocesses inherit it.
+os.environ.setdefault("MOT_CPU_BF16", "0")
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN_SOURCE = ROOT / "examples" / "timeseries_plugin"

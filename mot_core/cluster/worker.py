@@ -26,6 +26,7 @@ from mot_core.cluster import storage
 from mot_core.config import validate_config
 from mot_core.errors import MotError
 from mot_core.launch import parallel
+from mot_core.launch.device import uses_bf16
 from mot_core.train import checkpoint as ckpt
 from mot_core.train.experiment import build_experiment
 from mot_core.train.runtime import Runtime, rng_state, set_rng_state
@@ -66,7 +67,7 @@ class RayRuntime(Runtime):
         self.rank, self.world = rank, world
         self.strategy = launch.strategy
         self.reshard_after_forward = launch.reshard_after_forward
-        self.bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+        self.bf16 = uses_bf16(device, precision)
         self.storage_path, self.name = storage_path, name
         self.run_dir = run_dir
         self.model: torch.nn.Module | None = None
@@ -137,24 +138,35 @@ class RayRuntime(Runtime):
 
     def save(self, step, model, optimizer, state, config_yaml, args, keep, record) -> str:
         import ray.train
+
+        with tempfile.TemporaryDirectory(prefix="mot-ckpt-") as folder:
+            self.write_checkpoint(Path(folder), step, model, optimizer, state, config_yaml, args)
+            ray.train.report(_metrics(record), checkpoint=ray.train.Checkpoint.from_directory(folder))
+        return f"checkpoint of step {step} (reported to Ray Train)"
+
+    def write_checkpoint(self, path: Path, step, model, optimizer, state, config_yaml, args,
+                         shared: bool = False) -> None:
+        """This worker's part of a checkpoint in ``path`` (a collective: every worker calls it).
+        ``shared``: every worker writes into the same folder (not a folder of its own that Ray
+        uploads), so the listings wait until all the files are written."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         self.last = {"step": step, "state": state, "config_yaml": config_yaml, "args": args, "optimizer": optimizer}
-        with tempfile.TemporaryDirectory(prefix="mot-ckpt-") as folder:
-            path = Path(folder)
-            model_state, optim_state = get_state_dict(model, optimizer)
-            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=folder)
-            torch.save(rng_state(), path / f"rng_rank{self.rank}.pt")
-            if self.is_main:
-                torch.save(state, path / "trainer.pt")
-                (path / "config.yaml").write_text(config_yaml)
-                meta = {"step": step, "model_args": _as_json(args), "workers": self.world, "strategy": self.strategy}
-                (path / "meta.json").write_text(json.dumps(meta, indent=2))
-            listing = {p.name: p.stat().st_size for p in path.iterdir()}
-            (path / f"files_rank{self.rank}.json").write_text(json.dumps(listing))
-            ray.train.report(_metrics(record), checkpoint=ray.train.Checkpoint.from_directory(folder))
-        return f"checkpoint of step {step} (reported to Ray Train)"
+        model_state, optim_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(path))
+        torch.save(rng_state(), path / f"rng_rank{self.rank}.pt")
+        if self.is_main:
+            torch.save(state, path / "trainer.pt")
+            (path / "config.yaml").write_text(config_yaml)
+            meta = {"step": step, "model_args": _as_json(args), "workers": self.world, "strategy": self.strategy}
+            (path / "meta.json").write_text(json.dumps(meta, indent=2))
+        if shared:
+            dist.barrier()
+        # written last, after the other files: the checkpoint is intact once every worker's
+        # listing is there and matches
+        listing = {p.name: p.stat().st_size for p in path.iterdir() if not p.name.startswith("files_rank")}
+        (path / f"files_rank{self.rank}.json").write_text(json.dumps(listing))
 
     def report(self, record: dict) -> None:
         import ray.train

@@ -28,7 +28,7 @@ from mot_core.train.pretrained import check_tensors, check_vocabulary, read_chec
 from mot_core.train.resume import apply_optimizer_settings, resume_changes
 from mot_core.train.tokenize import open_data, prepare_vocabulary
 from mot_core.train.trackers import check_trackers, open_trackers, read_records
-from mot_core.launch.device import autocast_for, keep_freed_memory_in_heap, resolve_device, seed_everything
+from mot_core.launch.device import autocast_for, describe_precision, keep_freed_memory_in_heap, resolve_device, seed_everything
 from mot_core.launch.host import host_memory_mb
 from mot_core.launch.parallel import materialize, real_tensors
 from mot_core.model.transformer import warm_start_from_dense
@@ -174,6 +174,7 @@ def run_loop(config: RunConfig, exp: Experiment, runtime: Runtime) -> dict:
                        "model.attention_backend=sdpa (flex works on CPU for eval and generation)")
     if main:  # the trackers' packages (the main process logs), before anything is written
         check_trackers(tcfg.loggers)
+    describe_precision(device, tcfg.precision)  # a bad MOT_CPU_BF16 is refused before anything is written
     seed_everything(config.run.seed)
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True)
@@ -265,7 +266,7 @@ def run_loop(config: RunConfig, exp: Experiment, runtime: Runtime) -> dict:
             f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['active_per_token'] / 1e6:.2f}M active per token, "
             f"{flops / 1e6:.1f} MFLOP per token per training step | "
             f"modalities: {', '.join(f'{n} ({vocab.modalities[n].vocab_size} ids)' for n in vocab.names)} | "
-            f"{runtime.describe()}"
+            f"{runtime.describe()} | precision: {describe_precision(device, tcfg.precision)}"
         )
     # Before step 1: every modality's loss and evaluators once on a real (held-out) batch, so
     # a plugin mistake is reported before anything trains or a checkpoint is due.
