@@ -21,9 +21,15 @@ def test_throughput_json_last_line(capsys):
                  "--batch", "1", "--steps", "1", "--repeats", "1", "--json"])
     assert code == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(report["results"]) == {"dense", "mot", "naive", "moe4x"}
-    assert report["mot_over_dense"] > 0 and report["naive_over_dense"] > 0 and report["moe4x_over_dense"] > 0
-    dense, mot, naive, moe4x = (report["results"][v] for v in ("dense", "mot", "naive", "moe4x"))
+    assert set(report["by_dtype"]) == {"fp32"} and "bf16_speedup" not in report
+    run = report["by_dtype"]["fp32"]
+    assert set(run["results"]) == {"dense", "mot", "naive", "moe4x"}
+    assert run["mot_over_dense"] > 0 and run["naive_over_dense"] > 0 and run["moe4x_over_dense"] > 0
+    dense, mot, naive, moe4x = (run["results"][v] for v in ("dense", "mot", "naive", "moe4x"))
+    # A CPU's MFU is taken against the matmul peak measured in the same run.
+    assert run["datasheet_peak_flops"] is None and run["matmul_peak_flops"] > 1e9
+    assert dense["mfu"] == pytest.approx(dense["achieved_flops"] / run["matmul_peak_flops"])
+    assert dense["achieved_flops"] == pytest.approx(dense["flops_per_token"] * dense["tokens_per_s"])
     # Same active size per token (iso-FLOP), MoT and naive hold one tower per modality.
     assert dense["active_params_per_token"] == mot["active_params_per_token"] == naive["active_params_per_token"]
     assert mot["params"] == naive["params"] > dense["params"]
@@ -129,3 +135,23 @@ def test_startup_memory_bench_at_a_tiny_size(capsys, tmp_path):
 def test_startup_memory_bench_refuses_heads_that_do_not_divide(capsys):
     assert main(["bench", "startup-memory", "--dim", "64", "--heads", "5"]) == 2
     assert "--dim 64 is not divisible by --heads 5" in capsys.readouterr().err
+
+
+def test_throughput_runs_fp32_and_bf16_side_by_side_for_every_variant(capsys):
+    """--dtype both: every variant in both dtypes in one interleaved run (the naive loop's
+    bf16 autocast once crashed in its masked scatter), with bf16's speed-up per variant."""
+    code = main(["bench", "throughput", "--dim", "32", "--layers", "1", "--heads", "2", "--seq-len", "128",
+                 "--batch", "1", "--steps", "1", "--repeats", "1", "--dtype", "both", "--no-memory"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "-- fp32 --" in out and "-- bf16 --" in out and "bf16 speed-up over fp32 (step time): dense" in out
+    assert out.count("measured matmul peak") == 2 and "naive" in out
+
+
+def test_naive_reference_runs_under_bf16_autocast():
+    spec = BenchSpec(dim=32, layers=1, heads=2, seq_len=64, batch=1)
+    batch = interleaved_batch(spec, 0)
+    model = NaiveMoTTransformer(spec.model_args(untied=True))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = model(batch["tokens"], batch["positions"], batch["modality"])
+    assert hidden.shape == (1, 64, 32) and torch.isfinite(hidden.float()).all()

@@ -21,10 +21,13 @@ class _PerModality(nn.Module):
         self.towers = nn.ModuleList(make() for _ in range(modalities))
 
     def forward(self, x: torch.Tensor, modality: torch.Tensor, out_features: int) -> torch.Tensor:
-        out = x.new_zeros(*x.shape[:-1], out_features)
+        out = None
         for m, tower in enumerate(self.towers):
             mask = modality == m
-            out[mask] = tower(x[mask])
+            result = tower(x[mask])
+            if out is None:  # under autocast a Linear returns bf16 while x (a norm's output) is fp32
+                out = x.new_zeros(*x.shape[:-1], out_features, dtype=result.dtype)
+            out[mask] = result
         return out
 
 

@@ -39,7 +39,7 @@ class BenchSpec:
     batch: int = 2
     modalities: int = 3
     vocab_per_modality: int = 1024
-    dtype: str = "fp32"  # fp32 | bf16 (autocast)
+    dtype: str = "fp32"  # fp32 | bf16 (autocast) | both (fp32 and bf16 side by side, interleaved)
     backend: str = "sdpa"
     compile: bool = False
     activation_checkpointing: bool = False
@@ -49,6 +49,10 @@ class BenchSpec:
     device: str = "auto"
     seed: int = 0
     memory: bool = True
+
+    @property
+    def dtypes(self) -> tuple[str, ...]:
+        return ("fp32", "bf16") if self.dtype == "both" else (self.dtype,)
 
     def model_args(self, untied: bool, moe: MoEArgs | None = None) -> ModelArgs:
         """The dense (untied False) or MoT twin; with ``moe``, every FFN is that MoE."""
@@ -83,7 +87,7 @@ def interleaved_batch(spec: BenchSpec, seed: int) -> dict[str, torch.Tensor]:
 class _Runner:
     """One variant: model, optimizer and a compiled-or-eager training step."""
 
-    def __init__(self, variant: str, spec: BenchSpec, device: torch.device):
+    def __init__(self, variant: str, spec: BenchSpec, device: torch.device, dtype: str | None = None):
         torch.manual_seed(spec.seed)
         self.variant, self.spec, self.device = variant, spec, device
         # MoE-4x: the paper's baseline, dense attention and 4 expert-choice experts per FFN.
@@ -92,7 +96,7 @@ class _Runner:
         self.model = (NaiveMoTTransformer(args) if variant == "naive" else MoTTransformer(args)).to(device)
         self.forward = torch.compile(self.model) if spec.compile else self.model
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.dtype == "bf16")
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=(dtype or spec.dtype) == "bf16")
 
     def step(self, batch: dict[str, torch.Tensor]) -> None:
         tokens, modality = batch["tokens"], batch["modality"]
@@ -180,50 +184,89 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
+def measure_matmul_peak(device: torch.device, dtype: str, repeats: int = 5) -> float:
+    """FLOP/s of one large matrix product in ``dtype`` on ``device`` (median of ``repeats``
+    after warm-up): the roof a training step's matmuls can reach on this machine, so that an
+    MFU can be given where no datasheet figure applies (a CPU: AMX, AVX-512 BF16 or neither).
+    CPU: (2048 x 1024) @ (1024 x 4096); CUDA: 8192^3."""
+    m, k, n = (8192, 8192, 8192) if device.type == "cuda" else (2048, 1024, 4096)
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(m, k, generator=gen).to(device, torch_dtype)
+    b = torch.randn(k, n, generator=gen).to(device, torch_dtype)
+    times = []
+    for index in range(repeats + 2):
+        _sync(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        if index >= 2:
+            times.append(time.perf_counter() - start)
+    return 2.0 * m * k * n / statistics.median(times)
+
+
 def run_throughput(spec: BenchSpec, progress=print) -> dict:
+    """Every variant in every dtype of ``spec.dtypes``, interleaved step by step. The report
+    holds per dtype the variants' figures and ratios to dense, the measured matmul peak per
+    dtype and, with both dtypes, bf16's speed-up over fp32 per variant."""
     device = resolve_device(spec.device)
     if device.type == "cpu":
         keep_freed_memory_in_heap()  # as the trainer does: no page-fault storm every step
-    runners = {v: _Runner(v, spec, device) for v in VARIANTS}
+    keys = [(v, d) for d in spec.dtypes for v in VARIANTS]
+    runners = {key: _Runner(key[0], spec, device, key[1]) for key in keys}
     batches = [interleaved_batch(spec, spec.seed + i) for i in range(spec.steps)]
     for runner in runners.values():  # warm-up: allocator, compile, first-touch
         for batch in batches[: max(1, spec.warmup)]:
             runner.step(batch)
     _sync(device)
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in keys}
     for repeat in range(spec.repeats):
         # Interleave single steps (and rotate who goes first) so drift on a noisy machine
         # lands on every variant alike.
         for index, batch in enumerate(batches):
-            shift = (repeat * len(batches) + index) % len(VARIANTS)
-            for variant in VARIANTS[shift:] + VARIANTS[:shift]:
+            shift = (repeat * len(batches) + index) % len(keys)
+            for key in keys[shift:] + keys[:shift]:
                 start = time.perf_counter()
-                runners[variant].step(batch)
+                runners[key].step(batch)
                 _sync(device)
-                times[variant].append(time.perf_counter() - start)
-        progress(f"repeat {repeat + 1}/{spec.repeats}: " + ", ".join(f"{v} {statistics.median(times[v]) * 1e3:.1f} ms" for v in VARIANTS))
+                times[key].append(time.perf_counter() - start)
+        progress(f"repeat {repeat + 1}/{spec.repeats}: " + ", ".join(
+            f"{v}{'' if len(spec.dtypes) == 1 else ' ' + d} {statistics.median(times[v, d]) * 1e3:.1f} ms" for v, d in keys))
+    progress("measuring the matmul peak: " + ", ".join(spec.dtypes))
+    matmul_peak = {d: measure_matmul_peak(device, d) for d in spec.dtypes}
     tokens = spec.batch * spec.seq_len
-    peak = _peak_flops(device, spec.dtype)
-    results = {}
-    for variant, runner in runners.items():
-        step = statistics.median(times[variant])
-        counts = runner.model.parameter_counts() if hasattr(runner.model, "parameter_counts") else _naive_counts(runner.model, spec)
-        fpt = runner.model.flops_per_token(spec.seq_len) if variant == "moe4x" else flops_per_token(spec)
-        entry = {
-            "step_time_s": step, "tokens_per_s": tokens / step, "params": counts["total"],
-            "active_params_per_token": counts["active_per_token"], "flops_per_token": fpt,
-            "peak_memory_bytes": measure_peak_memory(variant, spec) if spec.memory else None,
+    by_dtype: dict[str, dict] = {}
+    for dtype in spec.dtypes:
+        datasheet = _datasheet_peak(device, dtype)
+        results = {}
+        for variant in VARIANTS:
+            runner = runners[variant, dtype]
+            step = statistics.median(times[variant, dtype])
+            counts = runner.model.parameter_counts() if hasattr(runner.model, "parameter_counts") else _naive_counts(runner.model, spec)
+            fpt = runner.model.flops_per_token(spec.seq_len) if variant == "moe4x" else flops_per_token(spec)
+            achieved = fpt * tokens / step
+            results[variant] = {
+                "step_time_s": step, "tokens_per_s": tokens / step, "params": counts["total"],
+                "active_params_per_token": counts["active_per_token"], "flops_per_token": fpt,
+                "achieved_flops": achieved,
+                # MFU against the datasheet's dense peak where the device has one (a GPU), else
+                # against the matmul peak measured here (a CPU's MFU).
+                "mfu": achieved / (datasheet or matmul_peak[dtype]),
+                "mfu_of_measured_matmul": achieved / matmul_peak[dtype],
+                "peak_memory_bytes": measure_peak_memory(variant, replace(spec, dtype=dtype)) if spec.memory else None,
+            }
+        by_dtype[dtype] = {
+            "results": results, "datasheet_peak_flops": datasheet, "matmul_peak_flops": matmul_peak[dtype],
+            **{f"{v}_over_dense": results[v]["step_time_s"] / results["dense"]["step_time_s"] for v in VARIANTS[1:]},
         }
-        if peak:
-            entry["mfu"] = fpt * tokens / step / peak
-        results[variant] = entry
-    return {
-        "spec": asdict(spec), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "threads": torch.get_num_threads(), "results": results,
-        "mot_over_dense": results["mot"]["step_time_s"] / results["dense"]["step_time_s"],
-        "naive_over_dense": results["naive"]["step_time_s"] / results["dense"]["step_time_s"],
-        "moe4x_over_dense": results["moe4x"]["step_time_s"] / results["dense"]["step_time_s"],
+    report = {
+        "spec": asdict(spec), "device": torch.cuda.get_device_name() if device.type == "cuda" else _cpu_name(),
+        "threads": torch.get_num_threads(), "by_dtype": by_dtype,
     }
+    if len(spec.dtypes) == 2:
+        report["bf16_speedup"] = {v: by_dtype["fp32"]["results"][v]["step_time_s"] / by_dtype["bf16"]["results"][v]["step_time_s"]
+                                  for v in VARIANTS}
+    return report
 
 
 def _naive_counts(model: torch.nn.Module, spec: BenchSpec) -> dict[str, int]:
@@ -232,7 +275,7 @@ def _naive_counts(model: torch.nn.Module, spec: BenchSpec) -> dict[str, int]:
     return {"total": total, "active_per_token": shared + (total - shared) // spec.modalities}
 
 
-def _peak_flops(device: torch.device, dtype: str) -> float | None:
+def _datasheet_peak(device: torch.device, dtype: str) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name()
@@ -242,23 +285,45 @@ def _peak_flops(device: torch.device, dtype: str) -> float | None:
     return None
 
 
+def _cpu_name() -> str:
+    from mot_core.launch.device import native_bf16_cpu
+
+    name = "cpu"
+    try:
+        with open("/proc/cpuinfo") as handle:
+            name = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), name)
+    except OSError:
+        pass
+    native = native_bf16_cpu(honour_override=False)
+    return f"{name} ({'native bf16 matmul: ' + native if native else 'no native bf16 matmul'})"
+
+
 def format_table(report: dict) -> str:
-    rows = [("variant", "params", "active/token", "GFLOP/token", "step ms", "tokens/s", "peak MiB", "MFU")]
-    for variant, r in report["results"].items():
-        mem = f"{r['peak_memory_bytes'] / 2**20:.0f}" if r["peak_memory_bytes"] is not None else "-"
-        mfu = f"{r['mfu'] * 100:.1f}%" if "mfu" in r else "-"
-        rows.append((variant, f"{r['params'] / 1e6:.2f}M", f"{r['active_params_per_token'] / 1e6:.2f}M",
-                     f"{r['flops_per_token'] / 1e9:.3f}", f"{r['step_time_s'] * 1e3:.1f}", f"{r['tokens_per_s']:,.0f}", mem, mfu))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
     spec = report["spec"]
+    lines = []
+    for dtype, run in report["by_dtype"].items():
+        rows = [("variant", "params", "active/token", "GFLOP/token", "step ms", "tokens/s", "GFLOP/s", "MFU", "peak MiB")]
+        for variant, r in run["results"].items():
+            mem = f"{r['peak_memory_bytes'] / 2**20:.0f}" if r["peak_memory_bytes"] is not None else "-"
+            rows.append((variant, f"{r['params'] / 1e6:.2f}M", f"{r['active_params_per_token'] / 1e6:.2f}M",
+                         f"{r['flops_per_token'] / 1e9:.3f}", f"{r['step_time_s'] * 1e3:.1f}", f"{r['tokens_per_s']:,.0f}",
+                         f"{r['achieved_flops'] / 1e9:,.1f}", f"{r['mfu'] * 100:.1f}%", mem))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines.append(f"-- {dtype} --")
+        lines += ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
+        peak = (f"datasheet peak {run['datasheet_peak_flops'] / 1e12:,.0f} TFLOP/s (measured matmul "
+                f"{run['matmul_peak_flops'] / 1e12:,.0f})" if run["datasheet_peak_flops"] else
+                f"measured matmul peak {run['matmul_peak_flops'] / 1e9:,.0f} GFLOP/s")
+        lines.append(f"MoT / dense step time: {run['mot_over_dense']:.3f}    naive / dense: {run['naive_over_dense']:.3f}    "
+                     f"MoE-4x / dense: {run['moe4x_over_dense']:.3f}    MFU against the {peak}")
+    if "bf16_speedup" in report:
+        lines.append("bf16 speed-up over fp32 (step time): " +
+                     ", ".join(f"{v} {x:.2f}x" for v, x in report["bf16_speedup"].items()))
     lines.append(
         f"device {report['device']} ({report['threads']} threads), {spec['modalities']} modalities interleaved, "
-        f"batch {spec['batch']} x seq {spec['seq_len']}, {spec['dtype']}, {spec['backend']}, compile={spec['compile']}; "
+        f"batch {spec['batch']} x seq {spec['seq_len']}, {spec['backend']}, compile={spec['compile']}; "
         f"median over {spec['repeats']} repeats x {spec['steps']} batches, variants interleaved step by step"
     )
-    lines.append(f"MoT / dense step time: {report['mot_over_dense']:.3f}    naive / dense: {report['naive_over_dense']:.3f}    "
-                 f"MoE-4x / dense: {report['moe4x_over_dense']:.3f}")
     return "\n".join(lines)
 
 

@@ -82,7 +82,8 @@ def register(sub) -> None:
     p.add_argument("--seq-len", type=positive_int, default=1024)
     p.add_argument("--batch", type=positive_int, default=2)
     p.add_argument("--modalities", type=positive_int, default=3)
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="fp32",
+                   help="bf16: autocast; both: fp32 and bf16 side by side in one interleaved run")
     p.add_argument("--backend", choices=["sdpa", "flex", "xformers"], default="sdpa")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile every variant (MoT recompiles for each new routing layout: not a speed-up yet)")
