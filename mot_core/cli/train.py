@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from pathlib import Path
 
 from mot_core.cli.common import config_command, load_config, non_negative_int, positive_int
@@ -15,7 +16,14 @@ def cmd_train(ns: argparse.Namespace) -> int:
     from mot_core.train.trainer import train
 
     config = load_config(ns.config, ns.overrides)
-    train(config)
+    if ns.process_group:
+        from mot_core.cluster.process_group import train_in_process_group
+
+        train_in_process_group(config, ns.process_group)
+        if os.environ.get("RANK", "0") != "0":
+            return 0
+    else:
+        train(config)
     print(f"done: metrics in {Path(config.run.dir) / 'metrics.jsonl'}")
     return 0
 
@@ -49,6 +57,10 @@ def register(sub) -> None:
     p = sub.add_parser("train", help="train (or resume) a run declared in a YAML config")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. model.dim=256 train.steps=100")
+    p.add_argument("--process-group", choices=["fsdp2", "ddp"], default=None,
+                   help="train with mot launch's FSDP2/DDP runtime in a torch.distributed process group "
+                        "without Ray: torchrun's (torchrun --nproc-per-node N -m mot_core.cli train ...), "
+                        "or one process")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("eval", help="evaluate a checkpoint on its run's held-out data")
     p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its newest checkpoint)")
