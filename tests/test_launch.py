@@ -7,6 +7,7 @@ carry continuous values and the plugin's own adapter and head are sharded and tr
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -351,6 +352,8 @@ def test_bad_launch_input_is_one_line(tmp_path, plugin_site, extra, overrides, m
 
 @pytest.mark.gpu
 @pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+                    reason="mot launch runs on Ray (the GPU check runs FSDP2 through mot train --process-group)")
 def test_fsdp2_bf16_on_gpu(tmp_path, plugin_site, capsys):
     """A short FSDP2 launch on every local GPU (NCCL, bf16 compute): it trains, and its
     tokens/s is printed (run with -s to see it)."""

@@ -128,7 +128,17 @@ class FlexBackend(AttentionBackend):
                 "attention backend 'flex' has no backward pass on CPU in this torch; "
                 "train with model.attention_backend=sdpa (flex works on CPU for eval/generation)"
             )
-        return flex_attention(q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+        # Uncompiled, flex_attention runs a reference path that materialises every score; on
+        # CUDA the compiled kernel skips masked blocks (CPU keeps eager: eval and generation).
+        attend = _compiled_flex_attention() if q.is_cuda else flex_attention
+        return attend(q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
 
 
 class XFormersBackend(AttentionBackend):
