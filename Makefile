@@ -11,7 +11,7 @@ EMOJI_FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO   := examples/configs/chameleon
 
-.PHONY: demo test install setup clean
+.PHONY: demo test install setup clean gpu-kit gpu-check
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,15 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The GPU check (README, "GPU check"). Here, once: wheels + data + tokenizers into .gpu-kit/.
+gpu-kit: $(STAMP) $(EMOJI_FONT)
+	$(BIN)/python -m mot_core.bench.gpu_kit --out .gpu-kit
+
+# On the CUDA machine (no .venv there: its own python3 with torch); carry .gpu-kit.
+GPU_OUT ?= runs/gpu_check
+gpu-check:
+	python3 -m mot_core.bench.gpu_check --kit .gpu-kit --out $(GPU_OUT)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
