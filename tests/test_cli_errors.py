@@ -166,3 +166,31 @@ def test_xformers_backend_refused_without_cuda(capsys, write_config):
         pytest.skip("xformers may work on this machine")
     code, _, err = run_cli(capsys, "train", write_config(), "model.attention_backend=xformers")
     assert_one_line_error(code, err, "xformers")
+
+
+def test_overrides_may_stand_after_options_and_keep_their_order():
+    from mot_core.cli import parse
+
+    ns = parse(["train", "c.yaml", "train.steps=2", "--process-group", "fsdp2", "train.steps=3", "model.dim=8"])
+    assert ns.overrides == ["train.steps=2", "train.steps=3", "model.dim=8"] and ns.process_group == "fsdp2"
+    ns = parse(["launch", "c.yaml", "--num-workers", "2", "train.steps=4"])
+    assert ns.overrides == ["train.steps=4"] and ns.num_workers == 2
+    ns = parse(["sweep", "c.yaml", "--grid", "train.lr=1e-3,3e-3", "train.steps=4"])
+    assert ns.overrides == ["train.steps=4"]
+
+
+def test_an_override_after_launch_options_takes_effect(capsys, write_config):
+    code, _, err = run_cli(capsys, "launch", write_config(), "--num-workers", "3", "train.batch_size=5")
+    assert_one_line_error(code, err, "train.batch_size=5 is not divisible by 3 workers")
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["launch", "c.yaml", "--num-workers", "2", "--bogus"], "mot launch: unrecognized arguments: --bogus"),
+    (["launch", "c.yaml", "--num-workers", "2", "stray"], "mot launch: unrecognized arguments: stray"),
+    (["generate", "runs/x", "train.steps=3"], "mot generate: unrecognized arguments: train.steps=3"),
+])
+def test_unrecognized_arguments_are_one_line(capsys, argv, fragment):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and fragment in err[0], err

@@ -21,8 +21,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; ``key=value`` overrides may stand anywhere after the config,
+    options included (``mot launch CONFIG --num-workers 2 train.steps=4``), in their order."""
+    parser = build_parser()
+    ns, extras = parser.parse_known_args(argv)
+    if extras:
+        stray = [arg for arg in extras if arg.startswith("-") or "=" not in arg]
+        if stray or not hasattr(ns, "overrides"):
+            command = f"mot {ns.command}"
+            sys.stderr.write(f"error: {command}: unrecognized arguments: {' '.join(stray or extras)} "
+                             f"(see {command} --help)\n")
+            raise SystemExit(2)
+        ns.overrides = [*ns.overrides, *extras]
+    return ns
+
+
 def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    ns = parse(argv)
     try:
         return ns.func(ns)
     except MotError as exc:
