@@ -21,18 +21,22 @@ def cmd_plugins(ns: argparse.Namespace) -> int:
 
 
 def cmd_plugins_check(ns: argparse.Namespace) -> int:
-    from mot_core.train.conformance import check_plugins
+    """One PASS/FAIL/SKIP line per check, then "N passed, M skipped, K failed". Exit 2 if a
+    check failed, like every other error of this CLI; a SKIP is not a failure (the check could
+    not run here), but it is counted, never reported as passed."""
+    from mot_core.train.conformance import check_plugins, summary_of
 
-    ok = check_plugins(ns.names or None, config_paths=ns.config or None)
-    print("all checks passed" if ok else "some checks FAILED (see above)")
-    return 0 if ok else 1
+    reports = check_plugins(ns.names or None, config_paths=ns.config or None)
+    print(summary_of(reports))
+    return 0 if all(report.ok for report in reports) else 2
 
 
 def register(sub) -> None:
     p = sub.add_parser("plugins", help="list registered plugins and what they contribute; `mot plugins check NAME`")
     p.set_defaults(func=cmd_plugins)
     actions = p.add_subparsers(dest="plugins_command", required=False)
-    check = actions.add_parser("check", help="conformance check of plugins (default: all): one line per check")
+    check = actions.add_parser("check", help="conformance check of plugins (default: all): one PASS/FAIL/SKIP line "
+                               "per check, then 'N passed, M skipped, K failed'; exit 2 if any failed")
     check.add_argument("names", nargs="*", help="entry-point names of the plugins to check (see `mot plugins`)")
     check.add_argument("--config", action="append", default=[],
                        help="take data sources, modalities and options from this run config (and its run.dir's "
