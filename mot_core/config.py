@@ -27,7 +27,7 @@ class Section(BaseModel):
 
 class RunSection(Section):
     dir: str = "runs/default"
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32, description="seeds Python, NumPy (which takes < 2**32) and torch")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     resume: Literal["auto", "never"] = Field(
         "auto", description="auto: continue from the newest checkpoint in run.dir if there is one"

@@ -410,6 +410,11 @@ class Modality(abc.ABC):
         """A payload from a file, for prompts given on the command line (an image file)."""
         raise MotError(f"modality '{self.name}' cannot read prompts from files")
 
+    default_sample_file: str | None = None
+    """Where ``mot generate`` writes this modality's samples (through ``write_payloads``) when
+    no ``--out`` is given: ``"samples.png"`` for an image grid. None: without ``--out`` the
+    payloads are printed (text, or anything whose ``str`` reads well)."""
+
     def write_payloads(self, payloads: list[Any], path: Path, captions: list[str] | None = None) -> Path:
         """Save generated payloads (an image grid PNG); returns the file written."""
         raise MotError(f"modality '{self.name}' cannot save generated samples")

@@ -44,6 +44,11 @@ BAD_INPUTS = [
     (["train", "{config}", "train.on_nonfinite=ignore"], "train.on_nonfinite: Input should be 'stop' or 'skip'"),
     (["train", "{config}", "run.dir={run}", "run.resume=never"], "already holds checkpoints"),
     (["train", "{config}", "run.dir={tmp}/w", "model.warm_start={tmp}/no_such_checkpoint"], "no model.safetensors"),
+    (["train", "{config}", "run.seed=4294967296"], "run.seed: Input should be less than 4294967296"),
+    (["train", "{config}", "run.dir={tmp}/huge", "model.dim=65536", "model.n_layers=64"],
+     "the model does not fit (model.dim=65536, n_layers=64"),
+    (["train", "{config}", "run.dir={tmp}/long", "model.max_seq_len=2000000000"],
+     "GB for buffers (RoPE tables for max_seq_len=2000000000)"),
     (["config", "show", "{tmp}/missing.yaml"], "config file not found"),
     (["data", "prepare", "{list}"], "not a list"),
     (["tokenizer", "fit", "{config}"], "no modality in this config has a tokenizer to fit"),
@@ -65,6 +70,11 @@ BAD_INPUTS = [
     (["generate", "{run}", "--prompt", "a", "--out", "{tmp}"], "is a folder; give a file name"),
     (["generate", "{run}", "--prompt", "a"], "say which modality to generate with --modality (this run has: text)"),
     (["generate", "{tmp}/nothing", "--prompt", "a"], "checkpoint not found"),
+    (["generate", "{run}", "--prompt", "a", "--seed", "99999999999999999999"],
+     "argument --seed: expected an integer in [0, 2**63), got 99999999999999999999"),
+    (["generate", "{run}", "--prompt", "a", "--seed", "-1"], "argument --seed: expected an integer in [0, 2**63)"),
+    (["generate", "{run}", "--prompt", "a", "--modality", "text", "--samples", "1000000000"],
+     "ask for fewer --samples or prompts"),
     # -- compare, bench, unknown commands -------------------------------------------------------
     (["compare", "{tmp}"], "no metrics.jsonl in"),
     (["compare", "{run}", "--plot", "{tmp}"], "--plot"),
@@ -123,3 +133,29 @@ def test_bad_input_is_one_line_exit_2_no_traceback(places, capsys, args, message
 
 def test_the_table_covers_at_least_forty_inputs():
     assert len(BAD_INPUTS) >= 40
+
+
+def test_a_checkpoint_with_nan_weights_is_one_line_in_generate(places, capsys, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from mot_core.train import checkpoint as ckpt
+
+    run = tmp_path / "nan_run"
+    shutil.copytree(places["run"], run)
+    latest = ckpt.latest_intact(run)
+    weights = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+               for k, v in load_file(str(latest / "model.safetensors")).items()}
+    save_file(weights, str(latest / "model.safetensors"))
+    import json
+
+    meta = json.loads((latest / "meta.json").read_text())  # as if saved so: the checksums match
+    meta["sha256"]["model.safetensors"] = ckpt._sha256(latest / "model.safetensors")
+    meta["meta_sha256"] = ckpt._json_digest({k: v for k, v in meta.items() if k != "meta_sha256"})
+    (latest / "meta.json").write_text(json.dumps(meta))
+    code = main(["generate", str(latest), "--prompt", "a", "--modality", "text", "--max-tokens", "8"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "the model's output holds NaN or inf: the checkpoint's weights are broken" in err, err

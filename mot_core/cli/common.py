@@ -52,6 +52,7 @@ def _number(kind, check, wanted: str):
     return parse
 
 
+seed_int = _number(int, lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)")
 positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
 non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 non_negative_float = _number(float, lambda v: v >= 0 and v == v and v != float("inf"), "a finite number >= 0")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mot_core.cli.common import non_negative_float, non_negative_int, output_file, positive_int, probability
+from mot_core.cli.common import non_negative_float, non_negative_int, output_file, positive_int, probability, seed_int
 from mot_core.errors import MotError
 
 
@@ -29,15 +29,24 @@ def _run_job(model, vocab, labels: list[str], payloads: list, prompt_modality: s
     """Generate ``samples`` outputs of ``target`` per prompt payload; write them through the
     modality's ``write_payloads`` when it has one, else return them to print."""
     from mot_core.generate.api import generate_segments
+    from mot_core.generate.decoding import check_generation_fits
     from mot_core.plugin_api import Modality, RawSegment
 
+    # at least one position per row and --max-tokens more: refused here, before the rows exist
+    check_generation_fits(model, len(payloads) * samples, ns.max_tokens + 1)
     prompts = [[RawSegment(prompt_modality, p)] for p in payloads for _ in range(samples)]
     shown = [label for label in labels for _ in range(samples)]
-    outputs = generate_segments(model, vocab, prompts, target, params, max_tokens=ns.max_tokens, seed=ns.seed)
     modality = vocab.modalities[target]
-    if type(modality).write_payloads is Modality.write_payloads:
+    # Samples go to a file only through the modality's own writer: --out, else its default
+    # file (an image grid); a modality without a writer, or without a default, prints them.
+    writes = type(modality).write_payloads is not Modality.write_payloads
+    out = (ns.out or modality.default_sample_file) if writes else None
+    if out is not None:
+        output_file(out, "--out")  # before generating: a bad path costs nothing
+    outputs = generate_segments(model, vocab, prompts, target, params, max_tokens=ns.max_tokens, seed=ns.seed)
+    if out is None:
         return {"modality": target, "text": list(zip(shown, outputs)), "prompts": len(labels)}
-    written = modality.write_payloads(list(outputs), Path(ns.out), shown)
+    written = modality.write_payloads(list(outputs), Path(out), shown)
     return {"modality": target, "file": str(written), "prompts": len(labels)}
 
 
@@ -68,7 +77,8 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 
     if not ns.prompt and not ns.image and not ns.prompt_file:
         raise MotError("give at least one --prompt TEXT or --prompt-file FILE (or --image FILE: image -> caption)")
-    output_file(ns.out, "--out")
+    if ns.out is not None:
+        output_file(ns.out, "--out")
     params = SamplingParams(temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p, cfg_scale=ns.cfg,
                             denoising_steps=ns.steps)
     for job in generate_samples(Path(ns.checkpoint), ns, params):
@@ -93,12 +103,13 @@ def register(sub) -> None:
     p.add_argument("--max-tokens", type=positive_int, default=64,
                    help="free-running modalities: stop here if the stop token has not come")
     p.add_argument("--samples", type=positive_int, default=4, help="samples per prompt")
-    p.add_argument("--out", default="samples.png", help="file the modality writes its samples to")
+    p.add_argument("--out", default=None, help="file the modality writes its samples to (default: the modality's "
+                   "default_sample_file, samples.png for images; none: the samples are printed)")
     p.add_argument("--temperature", type=non_negative_float, default=1.0, help="0 = greedy")
     p.add_argument("--top-k", type=non_negative_int, default=0, help="0 = off")
     p.add_argument("--top-p", type=probability, default=1.0, help="1 = off")
     p.add_argument("--cfg", type=non_negative_float, default=3.0, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--steps", type=non_negative_int, default=0,
                    help="denoising steps of a continuous modality (0 = its configured default)")
     p.add_argument("--image", action="append", default=[], help="an image file to caption (= --prompt-file with the "

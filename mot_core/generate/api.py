@@ -46,6 +46,9 @@ def generate_segments(model, vocab: Vocabulary, prompts: list[list[RawSegment]],
         return _whole_spans(model, vocab, prompts, modality, params, seed)
     token_prompts, values = _encode_prompts(vocab, prompts, modality)
     stop = target.stop_token
+    if stop is not None and not (isinstance(stop, int) and 0 <= stop < target.vocab_size):
+        raise MotError(f"{origin(target)}: modality '{modality}': stop_token {stop!r} is not a local id in "
+                       f"0..{target.vocab_size - 1} (its vocabulary); generation would never stop on it")
     offset = vocab.offsets[modality]
     rows = generate(model, vocab, token_prompts, max_tokens, params,
                     stop_ids=set() if stop is None else {offset + stop}, allowed_modalities=[modality],

@@ -19,6 +19,7 @@ from mot_core.model.attention import AttentionLayout
 from mot_core.data import Vocabulary
 from mot_core.errors import MotError
 from mot_core.model.kv_cache import KVCache
+from mot_core.model.memory import available_bytes, gigabytes
 from mot_core.model.routing import build_routing
 from mot_core.model.transformer import ContinuousInputs
 from mot_core.plugin_api import SamplingParams, SpanRunner
@@ -45,7 +46,13 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     if params.temperature == 0:
         return logits.argmax(-1)
     logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    try:
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    except RuntimeError as exc:  # checked only on failure: no extra device sync per token
+        if bool(torch.isnan(logits).any()) or bool(torch.isposinf(logits).any()):
+            raise MotError("the model's output holds NaN or inf: the checkpoint's weights are broken "
+                           "(`mot eval` on it reports non-finite metrics)") from None
+        raise MotError(f"sampling failed ({str(exc).splitlines()[0]}); try a higher --temperature or --top-p") from None
 
 
 class _Grammar:
@@ -115,6 +122,22 @@ class _Grammar:
         return new_slot, count
 
 
+def check_generation_fits(model, rows: int, length: int) -> None:
+    """A one-line MotError, before allocating, when ``rows`` sequences of ``length`` positions
+    (KV cache, plus about eight activations of ``dim`` per position for the prompt's forward
+    pass) cannot fit in what the model's device has free."""
+    args = model.args
+    element = model.embed.weight.element_size()
+    kv_heads, head_dim = args.n_kv_heads or args.n_heads, args.dim // args.n_heads
+    cache = 2 * args.n_layers * rows * kv_heads * length * head_dim * element
+    need = cache + 8 * rows * length * args.dim * 4
+    free = available_bytes(model.embed.weight.device)
+    if free is not None and need > free:
+        raise MotError(f"generating {rows:,} sequences of up to {length:,} positions needs about {gigabytes(need)} "
+                       f"(KV cache {gigabytes(cache)}) and the device has {gigabytes(free)} free; "
+                       "ask for fewer --samples or prompts")
+
+
 class _Stream:
     """One batch of prompts decoding in lockstep with a KV cache. Prompts are left-padded;
     pads form their own document (id 0) so no real token attends to them.
@@ -133,6 +156,7 @@ class _Stream:
         width = max(map(len, prompts))
         if width + capacity > model.args.max_seq_len:
             raise MotError(f"prompt + generation ({width + capacity} tokens) exceeds model.max_seq_len={model.args.max_seq_len}")
+        check_generation_fits(model, len(prompts), width + capacity)
         self.cache = KVCache.for_model(model, len(prompts), width + capacity)
         ids = torch.zeros(len(prompts), width, dtype=torch.long)
         document = torch.zeros(len(prompts), width, dtype=torch.long)

@@ -28,6 +28,7 @@ from mot_core.train.pretrained import check_tensors, check_vocabulary, read_chec
 from mot_core.train.resume import apply_optimizer_settings, resume_changes
 from mot_core.train.tokenize import open_data, prepare_vocabulary
 from mot_core.train.trackers import check_trackers, open_trackers, read_records
+from mot_core.train.memory import check_training_fits
 from mot_core.launch.device import autocast_for, describe_precision, keep_freed_memory_in_heap, resolve_device, seed_everything
 from mot_core.launch.host import host_memory_mb
 from mot_core.launch.parallel import materialize, real_tensors
@@ -181,8 +182,9 @@ def run_loop(config: RunConfig, exp: Experiment, runtime: Runtime) -> dict:
         keep_freed_memory_in_heap()
 
     vocab = prepare_vocabulary(exp)
-    data = open_data(exp, vocab, missing=runtime.missing_data, progress=main)
     args = model_args(config, vocab)
+    check_training_fits(args, device, runtime.world if runtime.shards_at_build else 1)  # before tokenizing or allocating
+    data = open_data(exp, vocab, missing=runtime.missing_data, progress=main)
     config_yaml = exp.resolved_yaml()
     latest = runtime.latest()
     # Settings that may not change on resume are refused here, before the run folder changes.

@@ -76,6 +76,7 @@ class ImageDiffusionOptions(PluginOptions):
 
 class ImageDiffusion(Modality):
     name = "image_diffusion"
+    default_sample_file = "samples.png"  # a grid of the generated images
     Options = ImageDiffusionOptions
     default_loss = "diffusion"
     default_evaluators = ("image_diffusion",)

@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from mot_core.errors import MotError
 from mot_core.plugin_api import PluginOptions
 
 # The diffusers schedulers are imported where they are used: diffusers costs ~4 s to import and
@@ -83,6 +84,11 @@ class DiffusionProcess:
     def sampler(self, steps: int):
         """A fresh scheduler with ``steps`` inference timesteps (``.timesteps``, noisiest first)."""
         from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+        if not 1 <= steps <= self.T:
+            raise MotError(f"image_diffusion: {steps} denoising steps (--steps or diffusion.inference_steps) "
+                           f"but the model was trained with diffusion.train_timesteps={self.T} noise levels; "
+                           f"give 1..{self.T}")
 
         if self.flow:
             sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.T, shift=1.0)

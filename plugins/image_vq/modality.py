@@ -66,6 +66,7 @@ class ImageVQOptions(PluginOptions):
 
 class ImageVQ(Modality):
     name = "image"
+    default_sample_file = "samples.png"  # a grid of the generated images
     Options = ImageVQOptions
     default_loss = "autoregressive"
     default_evaluators = ("image_vq",)

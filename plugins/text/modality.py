@@ -91,11 +91,13 @@ class Text(Modality):
             tokenizer, vocab_size, origin = self._train(train_payloads, eot_token), None, "fitted on this run's text"
             reached = tokenizer.get_vocab_size()
             if reached < opts.vocab_size:
+                floor = type(opts).model_fields["vocab_size"].metadata[0].ge  # the option's own minimum
+                fix = (f"set mixture.modalities.text.options.vocab_size={reached} or lower min_frequency, or add text"
+                       if reached >= floor else
+                       f"lower min_frequency or add text (vocab_size cannot go below {floor})")
                 raise MotError(
                     f"the text BPE reached only {reached} of vocab_size={opts.vocab_size} ids on this data "
-                    f"(min_frequency={opts.min_frequency}); set mixture.modalities.text.options.vocab_size={reached} "
-                    "or lower min_frequency, or add text"
-                )
+                    f"(min_frequency={opts.min_frequency}); {fix}")
             fresh = True
         eot = tokenizer.token_to_id(eot_token)
         if eot is None:
