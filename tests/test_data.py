@@ -271,8 +271,16 @@ def test_text_files_split_does_not_depend_on_where_the_corpus_lives(tmp_path):
 
 def test_bpe_that_cannot_reach_vocab_size_is_an_error_naming_the_fix(tmp_path):
     text = Text(TextOptions(vocab_size=300), tmp_path / "text")
-    with pytest.raises(MotError, match=r"the text BPE reached only 2\d\d of vocab_size=300 ids .* set mixture.modalities.text.options.vocab_size=2\d\d"):
+    # below the option's own minimum a smaller vocab_size is no fix: it is not suggested
+    with pytest.raises(MotError, match=r"reached only 2\d\d of vocab_size=300 ids .*; lower min_frequency or add text "
+                                       r"\(vocab_size cannot go below 300\)"):
         text.prepare(["hello world " * 50])
+    from pydoc_data.topics import topics
+
+    text = Text(TextOptions(vocab_size=60000), tmp_path / "text2")
+    with pytest.raises(MotError, match=r"reached only (\d+) of vocab_size=60000 ids .* set "
+                                       r"mixture.modalities.text.options.vocab_size=\1 "):
+        text.prepare(list(topics.values())[:5])
 
 
 def test_validation_rows_are_spread_over_the_whole_held_out_set():

@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 from mot_core.cli.common import config_command, load_config, non_negative_int, positive_int
@@ -31,7 +32,11 @@ def cmd_train(ns: argparse.Namespace) -> int:
 def cmd_eval(ns: argparse.Namespace) -> int:
     from mot_core.train.runs import evaluate_checkpoint
 
-    metrics = evaluate_checkpoint(Path(ns.checkpoint), ns.batches, ns.samples)
+    if ns.full and ns.batches:
+        raise MotError("--full scores every held-out position; leave out --batches")
+    report = (lambda line: print(line, file=sys.stderr)) if ns.json else print
+    metrics = evaluate_checkpoint(Path(ns.checkpoint), ns.batches, ns.samples, full=ns.full, report=report,
+                                  sampling=ns.sampling)
     if ns.json:
         print(json.dumps(metrics))
     else:
@@ -66,6 +71,9 @@ def register(sub) -> None:
     p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its newest checkpoint)")
     p.add_argument("--batches", type=positive_int, default=None, help="validation batches (default: the run's)")
     p.add_argument("--samples", type=non_negative_int, default=0, help="samples for generation-based metrics (e.g. FID)")
+    p.add_argument("--full", action="store_true", help="score every held-out position of every source")
+    p.add_argument("--sampling", choices=["mixed", "per_source"], default=None,
+                   help="how validation rows are drawn (default: the run's train.eval_sampling)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
     config_command(sub, "config", "show", "print the resolved, validated config", cmd_config_show)

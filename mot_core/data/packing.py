@@ -75,6 +75,15 @@ class Batch:
     def num_tokens(self) -> int:
         return self.tokens.numel()
 
+    def scored_mask(self) -> torch.Tensor:
+        """(B, S) bool: positions some loss scores (a next-token target, a continuous value to
+        denoise, or a next value to predict)."""
+        scored = self.targets != IGNORE
+        for extra in (self.is_value, self.has_next_value):
+            if extra is not None:
+                scored = scored | extra
+        return scored
+
     def to(self, device: torch.device | str) -> "Batch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Batch(
@@ -456,41 +465,116 @@ class _RowBuilder:
         }
 
 
+class ValidationBatches(list):
+    """The validation batches (a list of ``Batch``) and what they cover.
+
+    ``source_tokens``: per source (in the order given) (held-out positions its documents
+    hold, positions the rows read; a position read twice counts twice, up to the total). ``modality_positions``: per modality
+    index, the positions scored (with a target)."""
+
+    source_tokens: list[tuple[int, int]]
+    modality_positions: dict[int, int]
+
+
 def fixed_batches(sources: list[DocumentStore | list[TokenDocument]] | list[TokenDocument], batch_size: int, seq_len: int,
-                  max_batches: int, num_modalities: int, extras: ExtrasSampler | None = None) -> list[Batch]:
+                  max_batches: int | None, num_modalities: int, extras: ExtrasSampler | None = None,
+                  sampling: str = "mixed") -> ValidationBatches:
     """Validation batches, the same every time, spread over the WHOLE held-out set of every
     source.
 
-    The documents of all sources are put in one fixed-seed random order and read as one
-    stream; the rows of the budget (``max_batches`` x ``batch_size``) start at evenly spaced
-    tokens of that stream. So a budget smaller than the split samples every part of it, long
-    documents included, and a budget as large as the split reads all of it once. Only the
-    documents those rows read are loaded. A document with whole segments (images) is read
-    from its start, so its row may repeat the end of the row before."""
+    ``sampling``:
+      - ``mixed``: the documents of all sources are put in one fixed-seed random order and read
+        as one stream; the rows of the budget (``max_batches`` x ``batch_size``) start at evenly
+        spaced tokens of that stream. Each source is scored in proportion to its held-out size,
+        so a small source next to a large one gets few rows.
+      - ``per_source``: the budget's rows are shared out equally between the sources (a source
+        with fewer held-out tokens than its share reads all of them, and the rest goes to the
+        others), and each source's rows are spread over its own stream in the same way. Every
+        source, and so every modality, is scored on a fixed sample of its own held-out data,
+        whatever the other sources' sizes.
+
+    Either way a budget smaller than a stream samples every part of it, long documents
+    included. Only the documents the rows read are loaded. A document with whole segments
+    (images) is read from its start, so its row may repeat the end of the row before.
+
+    ``max_batches`` None: every held-out position (``mot eval --full``): rows start at most
+    ``seq_len`` apart, so together they read every stream whole, some tokens twice."""
+    if sampling not in ("mixed", "per_source"):
+        raise MotError(f"validation sampling {sampling!r}: use mixed or per_source")
     if sources and isinstance(sources[0], TokenDocument):  # the documents of one source
         sources = [sources]
     stores = [as_store(s) for s in sources]
-    counts = [len(s) for s in stores]
-    if not sum(counts):
+    if not sum(len(s) for s in stores):
         raise MotError("the validation split has no documents")
+    streams = [list(range(len(stores)))] if sampling == "mixed" else [[i] for i in range(len(stores)) if len(stores[i])]
+    totals = [sum(int(stores[i].lengths().sum()) for i in stream) for stream in streams]
+    if max_batches is None:
+        shares = [-(-total // seq_len) for total in totals]
+    else:
+        shares = _share_rows(max_batches * batch_size, [max(1, total // seq_len) for total in totals], batch_size)
+    rows: list = []
+    read = np.zeros(len(stores), dtype=np.int64)
+    for stream, n_rows in zip(streams, shares):
+        rows.extend(_stream_rows([stores[i] for i in stream], n_rows, seq_len, read, stream))
+    rows_per_batch = min(batch_size, len(rows))
+    generator = torch.Generator().manual_seed(0)
+    batches = ValidationBatches()
+    for start in range(0, len(rows), rows_per_batch):
+        batch = collate(rows[start : start + rows_per_batch], num_modalities)
+        if extras is not None:
+            extras(batch, generator)
+        batches.append(batch)
+    held = [int(store.lengths().sum()) for store in stores]
+    # a row may re-read the end of the row before (whole segments, --full): at most all of it
+    batches.source_tokens = [(held[i], int(min(read[i], held[i]))) for i in range(len(stores))]
+    batches.modality_positions = scored_positions(batches, num_modalities)
+    return batches
+
+
+def _share_rows(budget: int, available: list[int], batch_size: int) -> list[int]:
+    """Rows per stream: with one stream, whole batches of its available rows (as many as the
+    budget allows, at least one batch's worth or all it has); with several, equal shares of
+    the budget, each capped at what its stream holds, the rest shared among the others."""
+    if len(available) == 1:
+        rows = available[0]
+        per_batch = min(batch_size, rows)
+        return [max(1, min(budget // per_batch, rows // per_batch)) * per_batch]
+    shares = [0] * len(available)
+    open_streams = list(range(len(available)))
+    left = budget
+    while left > 0 and open_streams:
+        each = max(1, left // len(open_streams))
+        for i in list(open_streams):
+            give = min(each, available[i] - shares[i], left)
+            shares[i] += give
+            left -= give
+            if shares[i] >= available[i]:
+                open_streams.remove(i)
+            if left == 0:
+                break
+    return [max(1, share) for share in shares]
+
+
+def _stream_rows(stores: list[DocumentStore], n_rows: int, seq_len: int, read: np.ndarray, indices: list[int]) -> list:
+    """``n_rows`` rows of ``seq_len`` starting at evenly spaced tokens of one stream: the
+    documents of ``stores`` in one fixed-seed random order. Adds what each store's documents
+    gave to ``read[indices[k]]``."""
+    counts = [len(s) for s in stores]
     first = np.concatenate([[0], np.cumsum(counts)])
-    ordered = np.random.default_rng(0).permutation(int(first[-1]))  # index into the sources' documents, in turn
+    ordered = np.random.default_rng(0).permutation(int(first[-1]))  # index into the stores' documents, in turn
     lengths = np.concatenate([s.lengths() for s in stores])[ordered]
+    store_of_rank = np.searchsorted(first, ordered, side="right") - 1
 
     def document(rank: int) -> TokenDocument:
         index = int(ordered[rank % len(ordered)])
-        source = int(np.searchsorted(first, index, side="right") - 1)
-        return stores[source][index - int(first[source])]
+        store = int(store_of_rank[rank % len(ordered)])
+        return stores[store][index - int(first[store])]
 
     total_tokens = int(lengths.sum())
-    rows_available = max(1, total_tokens // seq_len)
-    n_batches = max(1, min(max_batches, rows_available // batch_size))
-    rows_per_batch = min(batch_size, rows_available)
-    n_rows = n_batches * rows_per_batch
     starts = np.cumsum(np.concatenate([[0], lengths]))
     rows = []
     for row_index in range(n_rows):
-        token = row_index * total_tokens // n_rows  # spacing >= seq_len: rows never overlap
+        token = row_index * total_tokens // n_rows  # spacing >= seq_len within the budget: no overlap
         rank = int(np.searchsorted(starts, token, side="right") - 1)
         doc = document(rank)
         offset = 0 if doc.whole is not None else token - int(starts[rank])  # never start inside a whole segment
@@ -500,16 +584,19 @@ def fixed_batches(sources: list[DocumentStore | list[TokenDocument]] | list[Toke
             if not count:
                 row.pad()
                 continue
+            read[indices[int(store_of_rank[rank % len(ordered)])]] += count
             offset += count
             if offset >= len(doc):
                 rank, offset = rank + 1, 0
                 doc = document(rank)
         rows.append(row.arrays())
-    generator = torch.Generator().manual_seed(0)
-    batches = []
-    for start in range(0, n_rows, rows_per_batch):
-        batch = collate(rows[start : start + rows_per_batch], num_modalities)
-        if extras is not None:
-            extras(batch, generator)
-        batches.append(batch)
-    return batches
+    return rows
+
+
+def scored_positions(batches: list[Batch], num_modalities: int) -> dict[int, int]:
+    """Positions with a target (token or value) per modality index, over ``batches``."""
+    totals = torch.zeros(num_modalities, dtype=torch.long)
+    for batch in batches:
+        scored = batch.scored_mask()
+        totals += torch.bincount(batch.modality.reshape(-1)[scored.reshape(-1)], minlength=num_modalities)[:num_modalities]
+    return {m: int(count) for m, count in enumerate(totals.tolist()) if count}

@@ -147,3 +147,27 @@ def evaluate(model, batches: list[Batch], vocab: Vocabulary, exp: Experiment, de
                     metrics[f"val/{name}/{key}"] = value
     model.train(was_training)
     return metrics
+
+
+FEW_SCORED_POSITIONS = 1000  # below this, a modality's validation loss is a noisy estimate
+
+
+def describe_coverage(batches, sources: list[str], modalities: list[str]) -> list[str]:
+    """What validation scores: one line of positions per modality and of the held-out share
+    each source's rows read, then a warning line per modality scored on few positions."""
+    scored = getattr(batches, "modality_positions", {})
+    read = getattr(batches, "source_tokens", [])
+    lines = [
+        f"validation: {len(batches)} batches score "
+        + ", ".join(f"{modalities[m]} {count:,} positions" for m, count in sorted(scored.items()))
+        + " | read "
+        + ", ".join(f"{name} {got:,} of {held:,} held-out positions ({100 * got / max(1, held):.0f}%)"
+                    for name, (held, got) in zip(sources, read))
+    ]
+    for m, name in enumerate(modalities):
+        count = scored.get(m, 0)
+        if count < FEW_SCORED_POSITIONS:
+            lines.append(f"warning: validation scores modality '{name}' on {count:,} positions only, so val/{name}/* "
+                         "is a noisy (or missing) estimate; raise train.eval_batches, or score every held-out position "
+                         "with `mot eval RUN --full`")
+    return lines

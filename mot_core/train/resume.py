@@ -20,7 +20,7 @@ from mot_core.errors import MotError
 # Dotted keys (or prefixes ending in '.') that may differ from the checkpoint's config.
 CHANGEABLE = (
     "train.lr", "train.min_lr_ratio", "train.warmup_steps", "train.weight_decay", "train.beta1", "train.beta2",
-    "train.grad_clip", "train.steps", "train.eval_every", "train.eval_batches", "train.eval_at_start",
+    "train.grad_clip", "train.steps", "train.eval_every", "train.eval_batches", "train.eval_sampling", "train.eval_at_start",
     "train.checkpoint_every",
     "train.keep_checkpoints", "train.log_every", "train.progress", "train.on_nonfinite", "train.max_consecutive_skips",
     "train.max_total_skips", "train.precision",

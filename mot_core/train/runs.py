@@ -17,7 +17,7 @@ from mot_core.launch.device import autocast_for, resolve_device
 from mot_core.model.transformer import MoTTransformer
 from mot_core.plugin_api import EvaluationContext
 from mot_core.train import checkpoint as ckpt
-from mot_core.train.evaluation import evaluate
+from mot_core.train.evaluation import describe_coverage, evaluate
 from mot_core.train.experiment import Experiment, build_experiment, build_model, extras_sampler, model_args
 from mot_core.train.tokenize import OpenedData, open_data, prepare_vocabulary, source_documents
 
@@ -53,14 +53,19 @@ def load_run(checkpoint: Path, with_data: bool = True) -> tuple[Experiment, Voca
     return exp, vocab, data, model.eval(), meta
 
 
-def evaluate_checkpoint(path: Path, batches: int | None = None, samples: int = 0) -> dict[str, float]:
+def evaluate_checkpoint(path: Path, batches: int | None = None, samples: int = 0, full: bool = False,
+                        report=print, sampling: str | None = None) -> dict[str, float]:
     """Token-level validation metrics, plus model-level ones (reconstruction, and with
-    ``samples`` > 0 generation-based scores such as FID)."""
+    ``samples`` > 0 generation-based scores such as FID). ``full``: every held-out position
+    (else ``batches``, default the run's ``train.eval_batches``), drawn by ``sampling`` (default
+    the run's ``train.eval_sampling``). ``report`` gets the lines saying what was scored."""
     exp, _, data, model, meta = load_run(path)
     tcfg = exp.config.train
     device = model.embed.weight.device
-    val = fixed_batches(data.val, tcfg.batch_size, tcfg.seq_len, batches or tcfg.eval_batches, len(data.vocab.names),
-                        extras_sampler(exp, data.vocab))
+    val = fixed_batches(data.val, tcfg.batch_size, tcfg.seq_len, None if full else batches or tcfg.eval_batches,
+                        len(data.vocab.names), extras_sampler(exp, data.vocab), sampling or tcfg.eval_sampling)
+    for line in describe_coverage(val, list(exp.sources), data.vocab.names):
+        report(line)
     raw_val = [doc for name, source in exp.sources.items() for doc in source_documents(name, source, "val")]
     context = EvaluationContext(model, data.vocab, raw_val, device, samples=samples, seed=exp.config.run.seed,
                                 span_sampler=prompt_to_span, text_sampler=span_to_text,

@@ -21,7 +21,7 @@ from mot_core.config import RunConfig
 from mot_core.data import PackedStream, fixed_batches
 from mot_core.errors import MotError
 from mot_core.plugin_api import progress
-from mot_core.train.evaluation import evaluate, forward_losses, reduce_losses
+from mot_core.train.evaluation import describe_coverage, evaluate, forward_losses, reduce_losses
 from mot_core.train.runtime import LocalRuntime, Runtime
 from mot_core.train.experiment import Experiment, build_experiment, build_model, extras_sampler, model_args
 from mot_core.train.pretrained import check_tensors, check_vocabulary, read_checkpoint, resolve_init_from, start_from_pretrained
@@ -243,7 +243,10 @@ def run_loop(config: RunConfig, exp: Experiment, runtime: Runtime) -> dict:
     stream = PackedStream([data.train[n] for n in names], [exp.source_weights[n] for n in names], tcfg.seq_len,
                           config.run.seed, lanes=tcfg.batch_size, owned=runtime.lanes(tcfg.batch_size), extras=extras,
                           weight_unit=config.mixture.weight_unit)
-    val_batches = fixed_batches(data.val, tcfg.batch_size, tcfg.seq_len, tcfg.eval_batches, len(vocab.names), extras)
+    val_batches = fixed_batches(data.val, tcfg.batch_size, tcfg.seq_len, tcfg.eval_batches, len(vocab.names), extras,
+                                tcfg.eval_sampling)
+    if main:
+        print("\n".join(describe_coverage(val_batches, list(exp.sources), vocab.names)))
     # Modules a plugin owns (adapters, heads) sit idle when their modality is absent from a
     # worker's rows. A zero-weighted term gives them a zero gradient, as every tower gets, so
     # all workers run the same collectives and AdamW treats them alike whatever the sharding.
