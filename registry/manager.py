@@ -58,7 +58,11 @@ class Registry:
         table = self._tables[kind]
         if name not in table:
             known = ", ".join(sorted(table)) or "none"
-            raise MotError(f"unknown {SINGULAR[kind]} '{name}' in {where}; registered {kind}: {known}")
+            installed = ", ".join(sorted(info.name for info in self.plugins)) or "none"
+            raise MotError(
+                f"unknown {SINGULAR[kind]} '{name}' in {where}; registered {kind}: {known} (installed plugins: "
+                f"{installed}; a plugin package is found once installed, through an entry point in its "
+                f"pyproject.toml: [project.entry-points.\"{ENTRY_POINT_GROUP}\"] NAME = \"your_package\")")
         return table[name][0]
 
     def contributions(self) -> list[tuple[str, str, PluginInfo]]:

@@ -39,7 +39,8 @@ def test_unknown_modality_lists_registered_ones(capsys, write_config, text_corpu
     data = tiny_config_dict(text_corpus, tmp_path / "r")
     data["mixture"]["modalities"]["smell"] = {}
     code, _, err = run_cli(capsys, "train", write_config(data=data))
-    assert_one_line_error(code, err, "unknown modality 'smell'", "registered modalities:", "text")
+    assert_one_line_error(code, err, "unknown modality 'smell'", "registered modalities:", "text",
+                          "installed plugins: autoregressive, ", '[project.entry-points."mot.plugins"]')
 
 
 def test_wrong_type_names_the_key(capsys, write_config):

@@ -289,6 +289,21 @@ CONTINUOUS_DEFECTS = {
          "sample_values": raise_(OverflowError("sampler diverged"))},
         "modality timeseries_patches: generation", "raised OverflowError: sampler diverged",
         "PASS  modality timeseries_patches: own modules save and restore"),
+    "sample_values returns NaN": (
+        {"span_grammar": lambda self: SpanGrammar(begin=0, end=0, body_lo=0, body_hi=0, length=2),
+         "sample_values": lambda self, runner, params, generator: torch.full((runner.rows, 2, 8), float("nan"))},
+        "modality timeseries_patches: generation", "sample_values returned NaN or inf values",
+        "PASS  modality timeseries_patches: own modules save and restore"),
+    "sample_values returns the wrong width": (
+        {"span_grammar": lambda self: SpanGrammar(begin=0, end=0, body_lo=0, body_hi=0, length=2),
+         "sample_values": lambda self, runner, params, generator: torch.zeros(runner.rows, 2, 5)},
+        "modality timeseries_patches: generation", "returned shape (2, 2, 5), expected (2, 2, 8)",
+        "PASS  modality timeseries_patches: own modules save and restore"),
+    "sample_values returns too few positions": (
+        {"span_grammar": lambda self: SpanGrammar(begin=0, end=0, body_lo=0, body_hi=0, length=2),
+         "sample_values": lambda self, runner, params, generator: torch.zeros(runner.rows, 1, 8)},
+        "modality timeseries_patches: generation", "returned shape (2, 1, 8), expected (2, 2, 8)",
+        "PASS  modality timeseries_patches: own modules save and restore"),
 }
 
 

@@ -162,6 +162,8 @@ MISTAKES = {
     "encode returns nothing": (with_modality(encode=lambda self, payload: torch.zeros(0, dtype=torch.long)), "encode returned no ids for a segment"),
     "encode returns 2-D ids": (with_modality(encode=lambda self, payload: torch.ones(2, len(payload), dtype=torch.long)), "ids of shape (2, "),
     "encode returns an id outside the vocabulary": (with_modality(encode=lambda self, payload: torch.full((3,), 96)), "produced token id 96, outside its vocabulary of 96"),
+    "a discrete modality's encode returns id -1": (with_modality(encode=lambda self, payload: torch.tensor([1, -1, 2])),
+                                                   "produced token id -1, outside its vocabulary of 96 (ids are 0..95"),
     "encode has a bug": (with_modality(encode=lambda self, payload: payload.nonexistent), "raised AttributeError"),
     "prepare raises its own MotError": (with_modality(prepare=raise_(MotError("tokenizer file missing"))), "modality 'glyphs', prepare: tokenizer file missing"),
     # what a loss returns

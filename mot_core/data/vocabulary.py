@@ -263,8 +263,13 @@ def _checked_encoding(result, modality: Modality, where: str) -> tuple[np.ndarra
         bad = int(tokens.max() if tokens.max() >= modality.vocab_size else tokens.min())
         raise MotError(f"{where} produced token id {bad}, outside its vocabulary of {modality.vocab_size}")
     if values is None:
+        if n_values and input_dim is None:  # a discrete modality: -1 is just an id below 0
+            raise MotError(f"{where} produced token id {CONTINUOUS}, outside its vocabulary of {modality.vocab_size} "
+                           f"(ids are 0..{modality.vocab_size - 1}; {CONTINUOUS} marks a continuous position, "
+                           "which only a modality with input_dim returns, in a ContinuousSegment)")
         if n_values:
-            raise MotError(f"{where} marked {n_values} positions continuous but returned no values")
+            raise MotError(f"{where} marked {n_values} positions continuous but returned no values "
+                           "(return a ContinuousSegment(ids, values))")
         return ids, None
     if not isinstance(values, torch.Tensor):
         raise MotError(f"{where}: continuous values must be a torch tensor, got {type(values).__name__}")

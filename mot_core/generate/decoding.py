@@ -17,12 +17,12 @@ import torch.nn.functional as F
 
 from mot_core.model.attention import AttentionLayout
 from mot_core.data import Vocabulary
-from mot_core.errors import MotError
+from mot_core.errors import MotError, plugin_boundary
 from mot_core.model.kv_cache import KVCache
 from mot_core.model.memory import available_bytes, gigabytes
 from mot_core.model.routing import build_routing
 from mot_core.model.transformer import ContinuousInputs
-from mot_core.plugin_api import SamplingParams, SpanRunner
+from mot_core.plugin_api import SamplingParams, SpanRunner, origin
 
 __all__ = ["SamplingParams", "filter_logits", "generate", "sample", "sample_value_span"]
 
@@ -376,10 +376,10 @@ def sample_value_span(
     generator = torch.Generator(device=device).manual_seed(seed)
     capacity = len(then or []) + max_new_tokens + _span_capacity(modality)
     stream = _Stream(model, vocab, rows, capacity, values_in)
-    values = modality.sample_values(_SpanRunner(stream, index, guided), params, generator)
-    if not isinstance(values, torch.Tensor) or values.dim() != 3 or values.shape[0] != len(prompts):
-        shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
-        raise MotError(f"modality '{span_modality}': sample_values returned {shape}, expected ({len(prompts)}, count, input_dim)")
+    where = f"{origin(modality)}: modality '{span_modality}', sample_values"
+    with plugin_boundary(where):
+        values = modality.sample_values(_SpanRunner(stream, index, guided), params, generator)
+    check_sampled_values(values, len(prompts), _span_capacity(modality), modality.input_dim, where)
     if then is None and not max_new_tokens:
         return values, [[] for _ in prompts]
     logits = stream.append_span(index, torch.cat([values, values]) if guided else values)
@@ -408,6 +408,21 @@ def _collect(token: torch.Tensor, stop: torch.Tensor, finished: torch.Tensor, ou
         if not finished[row]:
             outputs[row].append(value)
     return bool(finished.all())
+
+
+def check_sampled_values(values, rows: int, count: int, input_dim: int, where: str) -> None:
+    """``sample_values`` must return (rows, count, input_dim) finite floats: one value per
+    position of the span, for every conditional row."""
+    expected = (rows, count, input_dim)
+    if not isinstance(values, torch.Tensor):
+        raise MotError(f"{where} returned {type(values).__name__}, expected a tensor of shape {expected}")
+    if tuple(values.shape) != expected:
+        raise MotError(f"{where} returned shape {tuple(values.shape)}, expected {expected} (rows, the span's "
+                       "positions from span_grammar().length, input_dim)")
+    if not values.is_floating_point():
+        raise MotError(f"{where} returned dtype {values.dtype}, expected floating-point values")
+    if not bool(torch.isfinite(values).all()):
+        raise MotError(f"{where} returned NaN or inf values (a diverged sampler, or too few denoising steps?)")
 
 
 def _span_capacity(modality) -> int:
