@@ -176,8 +176,18 @@ def test_adapter_sees_exactly_its_values_and_output_is_checked():
     assert counts["active_per_token"] == plain["active_per_token"] + owned
 
     wrong = _Lin(3, 17)
-    model = MoTTransformer(args, {"ramp": ModalityModules(1, wrong)})
-    with pytest.raises(MotError, match=r"modality 'ramp': its input adapter returned \(\d+, 17\), expected \(\d+, model.dim=16\)"):
+    model = MoTTransformer(args, {"ramp": ModalityModules(1, wrong, owner="plugin 'ramps'")})
+    with pytest.raises(MotError, match=r"plugin 'ramps': modality 'ramp': its input adapter returned \(\d+, 17\), "
+                                       r"expected \(\d+, model.dim=16\)"):
+        model(batch.tokens, batch.positions, batch.modality, batch.plan, batch.layout, continuous=continuous_inputs(batch))
+
+    class Raising(torch.nn.Module):
+        def forward(self, values, extras):
+            raise IndexError("patch 7 is missing\nsecond line")
+
+    model = MoTTransformer(args, {"ramp": ModalityModules(1, Raising(), owner="plugin 'ramps'")})
+    with pytest.raises(MotError, match=r"^plugin 'ramps': modality 'ramp': its input adapter raised IndexError: "
+                                       r"patch 7 is missing$"):
         model(batch.tokens, batch.positions, batch.modality, batch.plan, batch.layout, continuous=continuous_inputs(batch))
 
 

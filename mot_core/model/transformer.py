@@ -36,13 +36,16 @@ from mot_core.model.towers import TowerRMSNorm, default_ffn_hidden
 
 class ModalityModules(nn.Module):
     """The modules one modality owns: an input adapter for its continuous positions and an
-    output head, either may be None. ``index``: the modality's index in the mixture."""
+    output head, either may be None. ``index``: the modality's index in the mixture; ``owner``:
+    who built them (the plugin), named in errors about them."""
 
-    def __init__(self, index: int, adapter: nn.Module | None = None, head: nn.Module | None = None):
+    def __init__(self, index: int, adapter: nn.Module | None = None, head: nn.Module | None = None,
+                 owner: str = ""):
         super().__init__()
         self.index = index
         self.adapter = adapter
         self.head = head
+        self.owner = owner
 
 
 @dataclass(frozen=True)
@@ -176,7 +179,8 @@ class MoTTransformer(nn.Module):
             if not 0 <= modules.index < args.num_modalities:
                 raise ValueError(f"modality '{name}' has index {modules.index}, outside 0..{args.num_modalities - 1}")
             if modules.adapter is not None:
-                self._adapters[modules.index] = (name, modules.adapter)
+                label = f"{modules.owner}: modality '{name}'" if modules.owner else f"modality '{name}'"
+                self._adapters[modules.index] = (label, modules.adapter)
 
     def reset_parameters(self) -> None:
         """Every tower draws from the distribution the dense layer would: dense and MoT start
@@ -287,16 +291,22 @@ class MoTTransformer(nn.Module):
                 continue
             if m not in self._adapters:
                 raise MotError(f"modality {m} has {n_values} continuous positions in the batch but no input adapter")
-            name, adapter = self._adapters[m]
+            label, adapter = self._adapters[m]
             inputs = continuous.get(m)
             if inputs is None or inputs.values.shape[0] != n_values:
                 got = "none" if inputs is None else f"{inputs.values.shape[0]} rows"
-                raise MotError(f"modality '{name}': the batch has {n_values} continuous positions but {got} of values")
-            out = adapter(inputs.values, inputs.extras)
+                raise MotError(f"{label}: the batch has {n_values} continuous positions but {got} of values")
+            try:
+                out = adapter(inputs.values, inputs.extras)
+            except MotError:
+                raise
+            except Exception as exc:  # a bug in the plugin's module: one line naming it, not a traceback
+                message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise MotError(f"{label}: its input adapter raised {type(exc).__name__}: {message}") from exc
             if not isinstance(out, torch.Tensor) or out.shape != (n_values, self.args.dim):
                 shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                 raise MotError(
-                    f"modality '{name}': its input adapter returned {shape}, expected "
+                    f"{label}: its input adapter returned {shape}, expected "
                     f"({n_values}, model.dim={self.args.dim})"
                 )
             pieces.append(out.to(self.embed.weight.dtype))  # the stream's dtype, as the embedding gives it

@@ -195,7 +195,7 @@ def build_model(args: ModelArgs, vocab: Vocabulary, empty_core: bool = False) ->
         if modality.input_dim is not None and adapter is None:
             raise MotError(f"{where} declares input_dim={modality.input_dim} but build_adapter() returned None")
         if adapter is not None or head is not None:
-            owned[name] = ModalityModules(index, adapter, head)
+            owned[name] = ModalityModules(index, adapter, head, owner=origin(modality))
     if empty_core:
         with parameters_on_meta():
             return MoTTransformer(args, owned)
