@@ -367,8 +367,11 @@ def _format_validation_error(exc: ValidationError, prefix: str = "") -> str:
             problems.append(f"unknown key '{loc}'{_suggest(exc, err)}")
         elif err["type"] == "missing":
             problems.append(f"missing required key '{loc}'")
-        elif err["type"] == "value_error" and not err["loc"]:  # a whole-config check: its message names the keys
-            problems.append(str(err["msg"]).removeprefix("Value error, "))
+        elif err["type"] == "value_error" and not err["loc"]:
+            # a whole-model check: the run config's names its keys; a plugin's options model
+            # (prefix: where its options sit) gets that path, which its message cannot know
+            message = str(err["msg"]).removeprefix("Value error, ")
+            problems.append(f"{prefix}: {message}" if prefix else message)
         elif err["type"] == "value_error":
             problems.append(f"{loc}: {str(err['msg']).removeprefix('Value error, ')}")
         else:

@@ -195,3 +195,25 @@ def test_unrecognized_arguments_are_one_line(capsys, argv, fragment):
         main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and fragment in err[0], err
+
+
+def test_a_whole_options_check_keeps_the_key_path():
+    from pydantic import model_validator
+
+    from mot_core.config import validate_section
+    from mot_core.errors import MotError
+    from mot_core.plugin_api import PluginOptions
+
+    class Options(PluginOptions):
+        low: int = 0
+        high: int = 1
+
+        @model_validator(mode="after")
+        def ordered(self):
+            if self.low >= self.high:
+                raise ValueError("low must be below high")
+            return self
+
+    with pytest.raises(MotError) as info:
+        validate_section(Options, {"low": 5}, "mixture.modalities.imu.options")
+    assert str(info.value) == "config error: mixture.modalities.imu.options: low must be below high"
