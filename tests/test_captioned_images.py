@@ -275,8 +275,17 @@ def test_load_image_file_matches_the_dataset_tensor(prepared):
     image = load_image_file(file, SIZE)
     assert image.shape == (3, SIZE, SIZE) and image.dtype == torch.float32
     assert -1.0 <= image.min() and image.max() == 1.0
-    with pytest.raises(MotError, match=re.escape(str(file))):
-        load_image_file(file, 64)
+    # any other size (a photo): resized and centre-cropped, as a user folder is read
+    assert load_image_file(file, 64).shape == (3, 64, 64)
+    photo = root.parent / "photo.jpg"
+    Image.new("RGB", (640, 480), (200, 30, 30)).save(photo)
+    pixels = load_image_file(photo, SIZE)
+    assert pixels.shape == (3, SIZE, SIZE) and pixels[0].mean() > 0.5 > pixels[1].mean()
+    for bad, message in ((root / "nothing.png", "not found"), (root.parent / "notes.txt", "cannot read image")):
+        if bad.suffix == ".txt":
+            bad.write_text("not an image")
+        with pytest.raises(MotError, match=message):
+            load_image_file(bad, SIZE)
 
 
 def test_save_image_grid_writes_the_documented_size(tmp_path):

@@ -554,11 +554,24 @@ def _one_line(exc: BaseException) -> str:
 
 
 def load_image_file(path: str | Path, expected_size: int) -> torch.Tensor:
-    """A square image file -> float32 (3, expected_size, expected_size) in [-1, 1].
+    """Any image file Pillow reads -> float32 (3, expected_size, expected_size) in [-1, 1]: an
+    image of that size as the dataset reads its prepared files, any other (a photo) as the
+    dataset reads a user folder (upright, shorter side resized, centre-cropped).
 
-    Raises ``MotError`` naming the file if it cannot be read or has another size."""
-    pixels = torch.from_numpy(_read_rgb(Path(path), expected_size)).permute(2, 0, 1)
-    return _to_signed_float(pixels)
+    Raises ``MotError`` naming the file if it is missing or cannot be read."""
+    path = Path(path)
+    if not path.is_file():
+        raise MotError(f"image {path} not found")
+    try:
+        with Image.open(path) as probe:
+            size = probe.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise MotError(f"cannot read image {path}: {_one_line(exc)}") from None
+    if size == (expected_size, expected_size):
+        array = _read_rgb(path, expected_size)
+    else:
+        array = _read_any_image(path, expected_size, "the command line")
+    return _to_signed_float(torch.from_numpy(array).permute(2, 0, 1))
 
 
 def save_image_grid(
