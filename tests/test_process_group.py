@@ -63,3 +63,12 @@ def test_bad_process_group_inputs_are_one_line(write_config, tmp_path):
         "error: train.batch_size=3 is not divisible by 2 processes"], result.stderr
     result = _mot("train", str(config), "--process-group", "zero3", cwd=tmp_path)
     assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+def test_a_relative_run_dir_lands_in_the_folder_it_was_started_from(write_config, tmp_path):
+    config = write_config("rel_source")
+    result = _mot("train", str(config), "run.dir=runs/rel", "--process-group", "fsdp2", "train.steps=3", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = tmp_path / "runs" / "rel"
+    assert (run / "metrics.jsonl").is_file() and (run / "distributed_checkpoints" / "checkpoint_0000003").is_dir()
+    assert (run / "checkpoints" / "step_0000003").is_dir()

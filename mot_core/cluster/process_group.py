@@ -104,8 +104,9 @@ def train_in_process_group(config: RunConfig, strategy: str) -> None:
         if rank == 0:  # tokenizers fitted and sources tokenized once, before the others read them
             open_data(exp, prepare_vocabulary(exp))
         dist.barrier()
+        run_dir = exp.run_dir.resolve()  # storage paths are URIs: a relative run.dir is not one
         runtime = ProcessGroupRuntime(device, rank, world, config.launch, config.train.precision,
-                                      str(exp.run_dir), CHECKPOINTS, exp.run_dir)
+                                      str(run_dir), CHECKPOINTS, run_dir)
         run_loop(config, exp, runtime)
         runtime.export(config.train.keep_checkpoints)
     finally:
