@@ -372,7 +372,9 @@ def _train_overrides(run_dir: Path, dry_run: bool, steps: int) -> list[str]:
 
 
 def _run_summary(run_dir: Path) -> dict:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    from mot_core.train.trackers import read_records
+
+    records = read_records(run_dir / "metrics.jsonl")
     speeds = [r["tokens_per_s"] for r in records[len(records) // 2 :] if "tokens_per_s" in r]
     last_val = next((r for r in reversed(records) if any(k.startswith("val/") for k in r)), {})
     quarter = max(1, len(records) // 4)  # means over the first and last quarters: a diffusion loss is noisy

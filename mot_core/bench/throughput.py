@@ -87,7 +87,7 @@ def interleaved_batch(spec: BenchSpec, seed: int) -> dict[str, torch.Tensor]:
 class _Runner:
     """One variant: model, optimizer and a compiled-or-eager training step."""
 
-    def __init__(self, variant: str, spec: BenchSpec, device: torch.device, dtype: str | None = None):
+    def __init__(self, variant: str, spec: BenchSpec, device: torch.device):
         torch.manual_seed(spec.seed)
         self.variant, self.spec, self.device = variant, spec, device
         # MoE-4x: the paper's baseline, dense attention and 4 expert-choice experts per FFN.
@@ -96,7 +96,7 @@ class _Runner:
         self.model = (NaiveMoTTransformer(args) if variant == "naive" else MoTTransformer(args)).to(device)
         self.forward = torch.compile(self.model) if spec.compile else self.model
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=(dtype or spec.dtype) == "bf16")
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.dtype == "bf16")
 
     def step(self, batch: dict[str, torch.Tensor]) -> None:
         tokens, modality = batch["tokens"], batch["modality"]
@@ -213,7 +213,7 @@ def run_throughput(spec: BenchSpec, progress=print) -> dict:
     if device.type == "cpu":
         keep_freed_memory_in_heap()  # as the trainer does: no page-fault storm every step
     keys = [(v, d) for d in spec.dtypes for v in VARIANTS]
-    runners = {key: _Runner(key[0], spec, device, key[1]) for key in keys}
+    runners = {(v, d): _Runner(v, replace(spec, dtype=d), device) for v, d in keys}
     batches = [interleaved_batch(spec, spec.seed + i) for i in range(spec.steps)]
     for runner in runners.values():  # warm-up: allocator, compile, first-touch
         for batch in batches[: max(1, spec.warmup)]:
@@ -235,6 +235,7 @@ def run_throughput(spec: BenchSpec, progress=print) -> dict:
     progress("measuring the matmul peak: " + ", ".join(spec.dtypes))
     matmul_peak = {d: measure_matmul_peak(device, d) for d in spec.dtypes}
     tokens = spec.batch * spec.seq_len
+    dense_flops = flops_per_token(spec)  # builds the dense twin: once, not per variant and dtype
     by_dtype: dict[str, dict] = {}
     for dtype in spec.dtypes:
         datasheet = _datasheet_peak(device, dtype)
@@ -243,7 +244,7 @@ def run_throughput(spec: BenchSpec, progress=print) -> dict:
             runner = runners[variant, dtype]
             step = statistics.median(times[variant, dtype])
             counts = runner.model.parameter_counts() if hasattr(runner.model, "parameter_counts") else _naive_counts(runner.model, spec)
-            fpt = runner.model.flops_per_token(spec.seq_len) if variant == "moe4x" else flops_per_token(spec)
+            fpt = runner.model.flops_per_token(spec.seq_len) if variant == "moe4x" else dense_flops
             achieved = fpt * tokens / step
             results[variant] = {
                 "step_time_s": step, "tokens_per_s": tokens / step, "params": counts["total"],

@@ -32,8 +32,8 @@ def _run_job(model, vocab, labels: list[str], payloads: list, prompt_modality: s
     from mot_core.generate.decoding import check_generation_fits
     from mot_core.plugin_api import Modality, RawSegment
 
-    # at least one position per row and --max-tokens more: refused here, before the rows exist
-    check_generation_fits(model, len(payloads) * samples, ns.max_tokens + 1)
+    # a lower bound (one position per row), before the rows exist: _Stream checks the real sizes
+    check_generation_fits(model, len(payloads) * samples, 1)
     prompts = [[RawSegment(prompt_modality, p)] for p in payloads for _ in range(samples)]
     shown = [label for label in labels for _ in range(samples)]
     modality = vocab.modalities[target]

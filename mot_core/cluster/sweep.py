@@ -29,6 +29,7 @@ from pydantic import ValidationError
 from mot_core.config import RunConfig, SweepSection, load_raw_config, validate_config, validate_section
 from mot_core.errors import MotError
 from mot_core.train.runtime import LocalRuntime
+from mot_core.train.trackers import read_records
 
 
 @dataclass(frozen=True)
@@ -294,9 +295,7 @@ def _prepare_data(plan: SweepPlan) -> None:
 
     for trial in plan.trials:
         config = validate_config(plan.configs[trial.name])
-        metrics = Path(config.run.dir) / "metrics.jsonl"
-        if metrics.is_file() and any(json.loads(line).get("step") == config.train.steps
-                                     for line in metrics.read_text().splitlines() if line):
+        if any(r["step"] == config.train.steps for r in read_records(Path(config.run.dir) / "metrics.jsonl")):
             continue
         exp = build_experiment(config)
         open_data(exp, prepare_vocabulary(exp))
@@ -358,7 +357,7 @@ def read_results(plan: SweepPlan) -> list[dict]:
     for trial in plan.trials:
         run = plan.out / "trials" / trial.name
         file = run / "metrics.jsonl"
-        records = [json.loads(line) for line in file.read_text().splitlines() if line] if file.is_file() else []
+        records = read_records(file)
         steps = max((r.get("step", 0) for r in records), default=0)
         total = plan.configs[trial.name]["train"]["steps"]
         final = next((r for r in reversed(records) if any(k.startswith("val/") for k in r)), {})

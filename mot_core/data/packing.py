@@ -507,7 +507,8 @@ def fixed_batches(sources: list[DocumentStore | list[TokenDocument]] | list[Toke
     if not sum(len(s) for s in stores):
         raise MotError("the validation split has no documents")
     streams = [list(range(len(stores)))] if sampling == "mixed" else [[i] for i in range(len(stores)) if len(stores[i])]
-    totals = [sum(int(stores[i].lengths().sum()) for i in stream) for stream in streams]
+    held = [store.total_tokens() for store in stores]
+    totals = [sum(held[i] for i in stream) for stream in streams]
     if max_batches is None:
         shares = [-(-total // seq_len) for total in totals]
     else:
@@ -524,7 +525,6 @@ def fixed_batches(sources: list[DocumentStore | list[TokenDocument]] | list[Toke
         if extras is not None:
             extras(batch, generator)
         batches.append(batch)
-    held = [int(store.lengths().sum()) for store in stores]
     # a row may re-read the end of the row before (whole segments, --full): at most all of it
     batches.source_tokens = [(held[i], int(min(read[i], held[i]))) for i in range(len(stores))]
     batches.modality_positions = scored_positions(batches, num_modalities)

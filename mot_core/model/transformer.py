@@ -282,11 +282,12 @@ class MoTTransformer(nn.Module):
         shared table, its continuous positions (the end of its slice) through its adapter.
         Every piece is a contiguous slice; one concatenation assembles the stream."""
         pieces = []
+        table = assembled(self.embed, "weight")  # once: with frozen rows it is a concatenation
         for m in range(plan.num_modalities):
             start, end = plan.bounds(m)
             n_values = plan.num_values(m)
             if end - n_values > start:
-                pieces.append(self.embed_ids(sorted_tokens[start : end - n_values]))
+                pieces.append(F.embedding(sorted_tokens[start : end - n_values], table))
             if not n_values:
                 continue
             if m not in self._adapters:

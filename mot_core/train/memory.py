@@ -14,14 +14,16 @@ BYTES_PER_TRAINED_PARAMETER = 16  # fp32 weight, gradient and two AdamW moments
 
 
 def training_bytes(args: ModelArgs) -> tuple[int, int, int]:
-    """(parameters, bytes of their training state, bytes of buffers such as the RoPE tables
+    """(parameters, bytes of their training state (frozen ones: the weight alone), bytes of buffers such as the RoPE tables
     for ``max_seq_len``) of the engine; activations come on top. Counted on the meta device:
     nothing is allocated."""
     with torch.device("meta"):
         model = MoTTransformer(args)
     params = sum(p.numel() for p in model.parameters())
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    return params, params * BYTES_PER_TRAINED_PARAMETER, buffers
+    # a frozen tower or row (requires_grad False) holds its fp32 weight only
+    state = sum(p.numel() * (BYTES_PER_TRAINED_PARAMETER if p.requires_grad else 4) for p in model.parameters())
+    return params, state, buffers
 
 
 def check_training_fits(args: ModelArgs, device: torch.device, shards: int = 1) -> None:

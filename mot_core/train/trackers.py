@@ -167,9 +167,10 @@ class TensorBoardTracker(_Base):
         super().__init__(state)
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
         self.config_yaml, self.start_step = config_yaml, start_step
+        self.config_sha = hashlib.sha256(config_yaml.encode()).hexdigest()
 
     def _log(self, step: int, scalars: dict[str, float]) -> None:
-        digest = hashlib.sha256(self.config_yaml.encode()).hexdigest()
+        digest = self.config_sha
         if self.entry.get("config_sha") != digest:  # first start, or settings changed on resume
             lines = [f"in effect from step {self.start_step + 1}", "", *("    " + line for line in self.config_yaml.splitlines())]
             self.writer.add_text("config", "\n".join(lines), global_step=step)  # the YAML as a Markdown code block
