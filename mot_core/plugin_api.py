@@ -248,6 +248,24 @@ class SpanGrammar:
 
 
 @dataclass(frozen=True)
+class ValueSpan:
+    """Where a generated span of a continuous modality sits, in the modality's own local ids.
+
+    Attributes:
+        begin: the marker a prompt ends with before the values (as in training, where the
+            modality's segments start with it). Its final hidden state is what predicts the
+            first value: ``SpanRunner.prompt_output()`` for an autoregressive head.
+        length: how many value positions one span holds (an image's patches), or None for an
+            open-ended span whose length the caller gives (``--max-tokens``, ``max_tokens``).
+        end: the marker the engine appends after the values, or None (nothing follows).
+    """
+
+    begin: int
+    length: int | None = None
+    end: int | None = None
+
+
+@dataclass(frozen=True)
 class ContinuousSegment:
     """What ``Modality.encode`` returns for a modality with continuous inputs.
 
@@ -349,12 +367,28 @@ class Modality(abc.ABC):
         see only its continuous positions. The ids stay in this modality's vocabulary."""
         return None
 
+    def value_span(self) -> ValueSpan | None:
+        """How a generated span of this continuous modality is laid out (its begin marker,
+        length and end marker), or None if the modality is not generated. Generating needs it,
+        ``sample_values`` and ``values_to_payloads``. The default reads an older
+        ``span_grammar()`` (begin, end, length) where a modality declares one."""
+        grammar = self.span_grammar() if self.input_dim is not None else None
+        return None if grammar is None else ValueSpan(begin=grammar.begin, length=grammar.length, end=grammar.end)
+
     def sample_values(self, runner: "SpanRunner", params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
-        """Generate one span of continuous positions (as many as one segment of this modality
-        holds) per conditional row of ``runner``, whose prompts end with the span's begin
-        marker; returns (B, count, input_dim) values, which the engine then appends to the
-        sequence as clean inputs (an adapter given no extras reads clean values). Diffusion
-        modalities denoise here; a modality that cannot generate values keeps this default."""
+        """Generate ``runner.count`` continuous positions per conditional row of ``runner``,
+        whose prompts end with the span's begin marker; returns (B, count, input_dim) values.
+        Either style works:
+
+        - diffusion (a whole span at once): denoise candidates with ``runner.predict``, which
+          keeps nothing; the engine then appends the final values as clean inputs (an adapter
+          given no extras reads clean values);
+        - autoregressive (one position at a time): ``runner.prompt_output()`` is the head's
+          prediction of the first value (from the begin marker); draw it, ``runner.append``
+          it, which returns the prediction of the next one, and so on. Values appended this
+          way are in the sequence already; return exactly them.
+
+        A modality that cannot generate values keeps this default."""
         raise MotError(f"modality '{self.name}' cannot generate continuous values")
 
     def values_to_payloads(self, values: torch.Tensor) -> list[Any]:
@@ -388,6 +422,14 @@ class Modality(abc.ABC):
         Modalities whose tokenizer is cheap (text BPE) fit inside ``prepare`` and keep this
         default."""
         return {}
+
+    def tokenizer_folder(self) -> Path | None:
+        """The folder ``fit`` writes its tokenizer to when that folder is shared between runs
+        (an option such as ``tokenizer_dir``), or None (the default: nothing fitted, or fitted
+        into this run's ``state_dir``, or a published checkpoint). The engine records there
+        which data the tokenizer was fitted on (``fitted_on.json``) and refuses, in one line,
+        to use it for other data."""
+        return None
 
     def decode(self, ids: torch.Tensor) -> Any:
         """(L,) local ids -> payload (for generation and inspection)."""
@@ -524,20 +566,32 @@ class SpanRunner(abc.ABC):
     """The model, primed with B prompts (in its KV cache), as a generating modality sees it.
 
     The next ``count`` positions of every row form one span of the generating modality
-    (bidirectional inside if the modality is). ``predict`` runs candidate values through the
-    model WITHOUT keeping them in the cache (each denoising step sees the prompt and the
-    current candidates only); ``commit`` is the engine's, once the values are final.
-    Rows 0..B-1 are the conditional prompts; with guidance, rows B..2B-1 are their
-    unconditional twins (``guided``)."""
+    (bidirectional inside if the modality is). Rows 0..B-1 (``rows`` = B) are the conditional
+    prompts; with guidance (``guided``), rows B..2B-1 are their unconditional twins, so the
+    tensors passed and returned have R = 2B rows then, R = B otherwise."""
 
     rows: int
     guided: bool
+    count: int
 
     @abc.abstractmethod
     def predict(self, values: torch.Tensor, extras: dict[str, torch.Tensor]) -> torch.Tensor:
-        """values: (R, count, input_dim) candidate inputs of every row (R = 2B when guided);
-        extras: name -> (R, count, ...) adapter extras (e.g. the timestep) -> (R, count, out)
-        outputs of the modality's own head at those positions."""
+        """Diffusion: values (R, count, input_dim) candidate inputs of every row; extras:
+        name -> (R, count, ...) adapter extras (e.g. the timestep) -> (R, count, out) outputs
+        of the modality's own head at those positions, WITHOUT keeping them in the cache
+        (each denoising step sees the prompt and the current candidates only)."""
+
+    @abc.abstractmethod
+    def prompt_output(self) -> torch.Tensor:
+        """Autoregressive: (R, out) the modality's own head applied to the last prompt
+        position (the begin marker, or the last value of a continued span): the prediction
+        of the span's first value, as the loss saw it in training."""
+
+    @abc.abstractmethod
+    def append(self, values: torch.Tensor) -> torch.Tensor:
+        """Autoregressive: values (R, k, input_dim) become the next k positions of every row,
+        kept in the cache as clean inputs -> (R, k, out) the head's outputs there (the last
+        one predicts the value after them). At most ``count`` positions in all."""
 
 
 class DataSource(abc.ABC):

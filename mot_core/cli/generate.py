@@ -17,7 +17,8 @@ def _target(vocab, modality: str | None, prompt_modality: str) -> str:
         if modality not in vocab.modalities:
             raise MotError(f"this run has no modality '{modality}'; it has: {', '.join(vocab.names)}")
         return modality
-    spans = [n for n in vocab.names if vocab.modalities[n].span_grammar() is not None]
+    spans = [n for n in vocab.names
+             if vocab.modalities[n].span_grammar() is not None or vocab.modalities[n].input_dim is not None]
     choices = spans or [n for n in vocab.names if n != prompt_modality]
     if len(choices) != 1:
         raise MotError(f"say which modality to generate with --modality (this run has: {', '.join(vocab.names)})")
@@ -101,7 +102,8 @@ def register(sub) -> None:
     p.add_argument("--modality", default=None,
                    help="the modality to generate (default: the run's image modality, or its one other modality)")
     p.add_argument("--max-tokens", type=positive_int, default=64,
-                   help="free-running modalities: stop here if the stop token has not come")
+                   help="free-running modalities: stop here if the stop token has not come; open-ended "
+                   "continuous spans (a forecast): the positions to generate")
     p.add_argument("--samples", type=positive_int, default=4, help="samples per prompt")
     p.add_argument("--out", default=None, help="file the modality writes its samples to (default: the modality's "
                    "default_sample_file, samples.png for images; none: the samples are printed)")

@@ -5,8 +5,10 @@ scripts all call ``generate_segments``. How the target modality is generated fol
 what it declares:
   - a ``span_grammar`` (an image of VQ codes): one whole span between its begin and end
     markers, with classifier-free guidance against the begin marker alone;
-  - ``input_dim`` (continuous values, e.g. diffusion latents): denoised by the modality's
-    ``sample_values`` inside the KV cache;
+  - ``input_dim`` (continuous values) and a ``value_span``: the modality's ``sample_values``
+    fills the span inside the KV cache, denoised whole (diffusion latents) or one position at
+    a time from its head's prediction (an autoregressive forecast); a prompt may end inside
+    such a span to continue it (not for a bidirectional modality);
   - otherwise free-running: tokens of that modality only, until its ``stop_token`` or
     ``max_tokens``.
 """
@@ -20,7 +22,7 @@ import torch
 from mot_core.data import Vocabulary
 from mot_core.errors import MotError, plugin_boundary
 from mot_core.generate.decoding import SamplingParams, generate
-from mot_core.generate.tasks import prompt_to_span, prompts_of
+from mot_core.generate.tasks import checked_value_span, continuous_spans, prompt_to_span, prompts_of
 from mot_core.plugin_api import RawSegment, origin
 
 
@@ -33,7 +35,8 @@ def generate_segments(model, vocab: Vocabulary, prompts: list[list[RawSegment]],
             in training: every segment encoded whole (a text segment ends with its end token),
             except a last segment of the target modality itself, which is continued.
         modality: the modality to generate.
-        max_tokens: free-running generation stops here if the stop token has not come.
+        max_tokens: free-running generation stops here if the stop token has not come; an
+            open-ended continuous span (``ValueSpan.length`` None) has this many positions.
     Returns:
         the generated payloads (``modality.decode`` of the new ids, or ``values_to_payloads``).
     """
@@ -42,7 +45,9 @@ def generate_segments(model, vocab: Vocabulary, prompts: list[list[RawSegment]],
     target = vocab.modalities[modality]
     if not prompts:
         raise MotError("give at least one prompt")
-    if target.span_grammar() is not None or target.input_dim is not None:
+    if target.input_dim is not None:
+        return _value_spans(model, vocab, prompts, modality, params, max_tokens, seed)
+    if target.span_grammar() is not None:
         return _whole_spans(model, vocab, prompts, modality, params, seed)
     token_prompts, values = _encode_prompts(vocab, prompts, modality)
     stop = target.stop_token
@@ -94,3 +99,21 @@ def _whole_spans(model, vocab: Vocabulary, prompts: list[list[RawSegment]], moda
                        "(a caption); give each prompt as one segment of the same modality")
     prompt_modality = next(iter(shapes))[0]
     return prompt_to_span(model, vocab, [p[0].payload for p in prompts], prompt_modality, modality, params, seed=seed)
+
+
+def _value_spans(model, vocab: Vocabulary, prompts: list[list[RawSegment]], modality: str,
+                 params: SamplingParams, max_tokens: int, seed: int) -> list[Any]:
+    """A continuous modality: after the prompt and the span's begin marker, or continuing a
+    span the prompt ends with. Guidance (against the begin marker alone) for one-segment
+    prompts of another modality, as ``prompt_to_span``."""
+    target = vocab.modalities[modality]
+    begin = vocab.offsets[modality] + checked_value_span(target, modality).begin
+    continued = [bool(p) and isinstance(p[-1], RawSegment) and p[-1].modality == modality for p in prompts]
+    if any(continued) and target.bidirectional:
+        raise MotError(f"modality '{modality}' is generated whole (bidirectional spans); a prompt cannot end with "
+                       "part of one: give a prompt of another modality (a caption)")
+    token_prompts, values = _encode_prompts(vocab, prompts, modality)
+    token_prompts = [ids if c else ids + [begin] for ids, c in zip(token_prompts, continued)]
+    captions_only = not any(continued) and all(len(p) == 1 for p in prompts)
+    unconditional = [[begin]] * len(prompts) if captions_only else None
+    return continuous_spans(model, vocab, token_prompts, values, modality, params, unconditional, max_tokens, seed)

@@ -196,8 +196,8 @@ class _Stream:
                  extras=None) -> torch.Tensor:
         """Feed (B, T) positions; returns (B, V) float logits of the last position."""
         hidden = self._hidden(tokens, positions, document, modality, is_value, span, values, extras)
-        last = hidden.view(tokens.shape[0], tokens.shape[1], -1)[:, -1]
-        return F.linear(last, self.model.head_weight).float()
+        self.last_hidden = hidden.view(tokens.shape[0], tokens.shape[1], -1)[:, -1]  # (B, dim)
+        return F.linear(self.last_hidden, self.model.head_weight).float()
 
     def _hidden(self, tokens, positions, document, modality=None, is_value=None, span=None, values=None, extras=None):
         """(B, T) new positions -> (B*T, dim) final hidden states in batch order."""
@@ -243,8 +243,7 @@ class _Stream:
             hidden = self._hidden(tokens, positions, document, mod, is_value, span,
                                   {modality: values.reshape(rows * count, -1).to(self.model.embed.weight.dtype)},
                                   {modality: flat_extras})
-        head = self.model.modality_modules[self.vocab.names[modality]].head
-        return head(hidden).float().view(rows, count, -1)
+        return self.head(modality)(hidden).float().view(rows, count, -1)
 
     def append_span(self, modality: int, values: torch.Tensor) -> torch.Tensor:
         """Append (B, count, input_dim) clean values to every row; returns the next logits."""
@@ -255,16 +254,69 @@ class _Stream:
                                     {modality: values.reshape(rows * count, -1).to(self.model.embed.weight.dtype)})
         return self.logits
 
+    def append_values(self, modality: int, values: torch.Tensor) -> torch.Tensor:
+        """Append (B, k, input_dim) clean values to every row, kept in the cache; returns
+        (B, k, out) the modality's own head at them."""
+        rows, count = values.shape[:2]
+        tokens, positions, document, mod, is_value, span = self.span_inputs(modality, count)
+        self.next_position = self.next_position + count
+        hidden = self._hidden(tokens, positions, document, mod, is_value, span,
+                              {modality: values.reshape(rows * count, -1).to(self.model.embed.weight.dtype)})
+        self.last_hidden = hidden.view(rows, count, -1)[:, -1]
+        self.logits = F.linear(self.last_hidden, self.model.head_weight).float()
+        return self.head(modality)(hidden).float().view(rows, count, -1)
+
+    def head(self, modality: int):
+        """The modality's own output head; a one-line error naming it when it built none."""
+        name = self.vocab.names[modality]
+        head = self.model.modality_modules[name].head
+        if head is None:
+            raise MotError(f"{origin(self.vocab.modalities[name])}: modality '{name}' generates values but "
+                           "build_head() returned None: its sampler has no prediction to read")
+        return head
+
 
 class _SpanRunner(SpanRunner):
-    """``SpanRunner`` over a stream: conditional rows first, then unconditional ones."""
+    """``SpanRunner`` over a stream: conditional rows first, then unconditional ones. Records
+    what a sampler appends itself (autoregressive), so that the engine appends nothing twice."""
 
-    def __init__(self, stream: _Stream, modality: int, guided: bool):
-        self.stream, self.modality, self.guided = stream, modality, guided
+    def __init__(self, stream: _Stream, modality: int, guided: bool, count: int, input_dim: int, where: str):
+        self.stream, self.modality, self.guided, self.count = stream, modality, guided, count
         self.rows = stream.next_position.shape[0] // (2 if guided else 1)
+        self.input_dim, self.where = input_dim, where
+        self.appended: list[torch.Tensor] = []
+        self.appended_count = 0
 
     def predict(self, values: torch.Tensor, extras: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.appended_count:
+            raise MotError(f"{self.where}: runner.predict after runner.append: a span is either denoised whole "
+                           "(predict) or generated one position at a time (append), not both")
+        self._check(values, "predict", self.count)
         return self.stream.predict_span(self.modality, values, extras)
+
+    def prompt_output(self) -> torch.Tensor:
+        return self.stream.head(self.modality)(self.stream.last_hidden).float()
+
+    def append(self, values: torch.Tensor) -> torch.Tensor:
+        self._check(values, "append", None)
+        if self.appended_count + values.shape[1] > self.count:
+            raise MotError(f"{self.where}: runner.append of {values.shape[1]} more position(s) after "
+                           f"{self.appended_count} goes past the span's {self.count} (runner.count)")
+        if not bool(torch.isfinite(values).all()):
+            raise MotError(f"{self.where}: runner.append got NaN or inf values")
+        self.appended.append(values[: self.rows].detach())
+        self.appended_count += values.shape[1]
+        return self.stream.append_values(self.modality, values)
+
+    def _check(self, values, call: str, count: int | None) -> None:
+        rows = self.rows * (2 if self.guided else 1)
+        ok = isinstance(values, torch.Tensor) and values.dim() == 3 and values.shape[0] == rows and \
+            values.shape[2] == self.input_dim and (count is None or values.shape[1] == count) and values.shape[1] > 0
+        if not ok:
+            shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+            want = f"({rows}, {count if count is not None else 'k >= 1'}, input_dim={self.input_dim})"
+            raise MotError(f"{self.where}: runner.{call} got {shape}, expected {want}"
+                           + (" (R = 2 x rows: guided)" if self.guided else ""))
 
 
 def _token_modalities(vocab: Vocabulary, names: list[str] | None, device) -> torch.Tensor | None:
@@ -351,13 +403,15 @@ def sample_value_span(
     stop_ids: set[int] | frozenset[int] = frozenset(),
     allowed_modalities: list[str] | None = None,
     seed: int = 0,
+    count: int | None = None,
 ) -> tuple[torch.Tensor, list[list[int]]]:
     """One span of a continuous modality after each prompt (global ids ending with the span's
     begin marker; ``-1 - m`` marks continuous positions of modality m, whose values are in
     ``prompt_values``), generated by the modality's ``sample_values``, with guidance when
     ``unconditional_prompts`` are given and ``params.cfg_scale`` != 1. The clean values then
     enter the cache, followed by the ``then`` ids (the end marker), and up to
-    ``max_new_tokens`` tokens are decoded after them, as ``generate`` would.
+    ``max_new_tokens`` tokens are decoded after them, as ``generate`` would. ``count``: the
+    span's positions (default: its ``value_span().length``; required for an open-ended span).
 
     Returns (values (B, count, input_dim), generated ids of each row after ``then``)."""
     model.eval()
@@ -374,15 +428,25 @@ def sample_value_span(
             values_in += [{}] * len(unconditional_prompts)
     device = model.embed.weight.device
     generator = torch.Generator(device=device).manual_seed(seed)
-    capacity = len(then or []) + max_new_tokens + _span_capacity(modality)
+    count = count if count is not None else span_length(modality, span_modality)
+    capacity = len(then or []) + max_new_tokens + count
     stream = _Stream(model, vocab, rows, capacity, values_in)
     where = f"{origin(modality)}: modality '{span_modality}', sample_values"
+    runner = _SpanRunner(stream, index, guided, count, modality.input_dim, where)
     with plugin_boundary(where):
-        values = modality.sample_values(_SpanRunner(stream, index, guided), params, generator)
-    check_sampled_values(values, len(prompts), _span_capacity(modality), modality.input_dim, where)
-    if then is None and not max_new_tokens:
+        values = modality.sample_values(runner, params, generator)
+    check_sampled_values(values, len(prompts), count, modality.input_dim, where)
+    if runner.appended_count:  # autoregressive: the sampler has put the values in the sequence itself
+        if runner.appended_count != count or not torch.equal(torch.cat(runner.appended, dim=1), values.to(runner.appended[0].dtype)):
+            raise MotError(f"{where}: appended {runner.appended_count} of the span's {count} positions with "
+                           "runner.append but returned other values: return exactly the values appended (all of them)")
+        if then is None and not max_new_tokens:
+            return values, [[] for _ in prompts]
+        logits = stream.logits
+    elif then is None and not max_new_tokens:
         return values, [[] for _ in prompts]
-    logits = stream.append_span(index, torch.cat([values, values]) if guided else values)
+    else:
+        logits = stream.append_span(index, torch.cat([values, values]) if guided else values)
     for token in then or []:
         logits = stream.step(torch.full((len(rows),), token, dtype=torch.long, device=device))
     outputs: list[list[int]] = [[] for _ in prompts]
@@ -418,15 +482,17 @@ def check_sampled_values(values, rows: int, count: int, input_dim: int, where: s
         raise MotError(f"{where} returned {type(values).__name__}, expected a tensor of shape {expected}")
     if tuple(values.shape) != expected:
         raise MotError(f"{where} returned shape {tuple(values.shape)}, expected {expected} (rows, the span's "
-                       "positions from span_grammar().length, input_dim)")
+                       "positions runner.count, input_dim)")
     if not values.is_floating_point():
         raise MotError(f"{where} returned dtype {values.dtype}, expected floating-point values")
     if not bool(torch.isfinite(values).all()):
         raise MotError(f"{where} returned NaN or inf values (a diverged sampler, or too few denoising steps?)")
 
 
-def _span_capacity(modality) -> int:
-    grammar = modality.span_grammar()
-    if grammar is None:
-        raise MotError(f"modality '{modality.name}' declares no span grammar (its span length)")
-    return grammar.length
+def span_length(modality, name: str) -> int:
+    """The positions of one generated span of a continuous modality: its ``value_span().length``."""
+    span = modality.value_span()
+    if span is None or span.length is None:
+        raise MotError(f"{origin(modality)}: modality '{name}' declares no fixed span length "
+                       "(value_span().length); give the span's positions (max_tokens)")
+    return span.length

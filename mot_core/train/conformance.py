@@ -316,7 +316,7 @@ def _check_run(report: CheckReport, registry, raw: dict | None, owned: dict, sam
 
     def vocabulary() -> str:
         try:
-            state["vocab"] = prepare_vocabulary(exp)
+            state["vocab"] = prepare_vocabulary(exp, check_fitted_on=False)
         except MotError as exc:
             theirs = not any(f"modality '{m}'" in str(exc) for m in owned["modalities"])
             if _is_missing_data(exc) or theirs:  # data or another plugin's modality: not this plugin's fault
@@ -505,12 +505,10 @@ def _generation(model, vocab, name: str, docs: dict[str, list], root: Path) -> s
     from mot_core.generate.api import generate_segments
 
     modality = vocab.modalities[name]
-    declares = modality.span_grammar() is not None or modality.input_dim is not None or \
-        type(modality).decode is not Modality.decode
-    if not declares:
-        raise _Skip("the modality declares no way to generate (no span grammar, values or decode)")
-    if modality.input_dim is not None and type(modality).sample_values is Modality.sample_values:
-        raise _Skip("a continuous modality without sample_values")
+    if modality.input_dim is not None:
+        _continuous_generation_declared(modality, name)
+    elif modality.span_grammar() is None and type(modality).decode is Modality.decode:
+        raise _Skip("the modality declares no way to generate (no span grammar, decode, or values)")
     prompt = next((d.segments[0] for ds in docs.values() for d in ds
                    if d.segments[0].modality != name and vocab.modalities[d.segments[0].modality].input_dim is None), None)
     prompts = [[prompt]] if prompt is not None else [[RawSegment(name, _payloads_of(docs, name)[0])]]
@@ -520,13 +518,39 @@ def _generation(model, vocab, name: str, docs: dict[str, list], root: Path) -> s
         raise MotError(f"modality '{name}': 2 prompts gave {len(outputs)} outputs")
     detail = f"2 samples after a '{prompts[0][0].modality}' prompt"
     if type(modality).write_payloads is not Modality.write_payloads:
-        suffix = ".png" if modality.span_grammar() is not None or modality.input_dim is not None else ".out"
+        suffix = Path(modality.default_sample_file).suffix if modality.default_sample_file else ".out"
         with plugin_boundary(f"{origin(modality)}: modality '{name}', write_payloads"):
             written = modality.write_payloads(list(outputs), root / f"samples_{name}{suffix}", ["a", "b"])
         if not Path(written).is_file():
             raise MotError(f"modality '{name}': write_payloads returned {written}, which is not a file")
         detail += f", written by write_payloads to {Path(written).name}"
     return detail
+
+
+# What a continuous modality declares to be generated (docs/writing_a_plugin.md, section 7).
+_CONTINUOUS_GENERATION = {
+    "value_span": "its begin marker and span length: `def value_span(self): return ValueSpan(begin=..., length=...)`",
+    "sample_values": "its sampler: `def sample_values(self, runner, params, generator)` (denoise with runner.predict, "
+                     "or draw one position at a time from runner.prompt_output() and runner.append)",
+    "values_to_payloads": "`def values_to_payloads(self, values)`: (B, count, input_dim) -> B payloads",
+}
+
+
+def _continuous_generation_declared(modality, name: str) -> None:
+    """All of what a continuous modality needs to generate, or none of it (it does not
+    generate: a SKIP). Part of it is a FAIL naming what to add."""
+    declared = {
+        "value_span": modality.value_span() is not None,
+        "sample_values": type(modality).sample_values is not Modality.sample_values,
+        "values_to_payloads": type(modality).values_to_payloads is not Modality.values_to_payloads,
+    }
+    if not any(declared.values()):
+        raise _Skip("a continuous modality that declares nothing to generate with (" + ", ".join(declared) + ")")
+    missing = [hook for hook, present in declared.items() if not present]
+    if missing:
+        raise MotError(f"{origin(modality)}: modality '{name}' declares "
+                       f"{', '.join(h for h, p in declared.items() if p)} but not {', '.join(missing)}, so it cannot "
+                       "generate; add " + "; ".join(_CONTINUOUS_GENERATION[h] for h in missing))
 
 
 def check_plugins(names: list[str] | None = None, registry=None, config_paths: list | None = None,

@@ -5,6 +5,7 @@ group; the framework calls the ``@hookimpl`` functions below when it builds a ru
 """
 
 from mot_timeseries.datasource import TimeSeriesCSV
+from mot_timeseries.denoised import SeriesDenoising, TimeSeriesDenoised
 from mot_timeseries.evaluator import ForecastEvaluator
 from mot_timeseries.modality import TimeSeries
 from mot_timeseries.patches import GaussianPatchNLL, PatchForecastEvaluator, TimeSeriesPatches
@@ -15,12 +16,12 @@ __version__ = "0.1.0"
 
 @hookimpl
 def mot_modalities():
-    return [TimeSeries, TimeSeriesPatches]
+    return [TimeSeries, TimeSeriesPatches, TimeSeriesDenoised]
 
 
 @hookimpl
 def mot_losses():
-    return [GaussianPatchNLL]
+    return [GaussianPatchNLL, SeriesDenoising]
 
 
 @hookimpl
@@ -38,6 +39,6 @@ def mot_tower_defaults(modality):
     # Short sequences over a 256-id vocabulary do not show the attention-logit growth that
     # qk-norm guards against in large image vocabularies, so the plain tower is recommended.
     # A YAML file or command-line override (mixture.modalities.timeseries.tower.qk_norm) wins.
-    if modality in ("timeseries", "timeseries_patches"):
+    if modality in ("timeseries", "timeseries_patches", "timeseries_denoised"):
         return {"qk_norm": False}
     return None

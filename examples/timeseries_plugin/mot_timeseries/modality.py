@@ -143,31 +143,12 @@ class TimeSeries(Modality):
         return torch.from_numpy(ids.astype(np.int64))
 
     def read_payload(self, path: Path) -> np.ndarray:
-        """A series from a text file: numbers separated by commas, spaces or newlines (the
-        start of a series to continue, ``mot generate --prompt-file``)."""
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise MotError(f"cannot read series file {path}: {getattr(exc, 'strerror', None) or exc}") from None
-        try:
-            values = np.array([float(v) for v in text.replace(",", " ").split()], dtype=np.float64)
-        except ValueError as exc:
-            raise MotError(f"series file {path} holds something that is not a number ({exc})") from None
-        if not values.size or not np.isfinite(values).all():
-            raise MotError(f"series file {path} must hold finite numbers, at least one")
-        return values
+        """A series from a text file (the start of a series to continue, ``mot generate --prompt-file``)."""
+        return read_series_file(path)
 
     def write_payloads(self, payloads: list, path: Path, captions: list[str] | None = None) -> Path:
         """Generated series as CSV, one per line: the prompt (quoted), then the values."""
-        import csv
-
-        path = Path(path)
-        with path.open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            for index, values in enumerate(payloads):
-                label = captions[index] if captions and index < len(captions) else ""
-                writer.writerow([label, *(f"{v:.6g}" for v in np.asarray(values, dtype=np.float64))])
-        return path
+        return write_series_csv(payloads, path, captions)
 
     def decode(self, ids: torch.Tensor) -> np.ndarray:
         """(L,) bin ids -> (L,) float64 values: the mean training value of each bin."""
@@ -176,6 +157,34 @@ class TimeSeries(Modality):
         if index.size and (index.min() < 0 or index.max() >= centres.size):
             raise MotError(f"timeseries ids must lie in [0, {centres.size}), got {index.min()}..{index.max()}")
         return centres[index]
+
+
+def read_series_file(path: Path) -> np.ndarray:
+    """A series from a text file: numbers separated by commas, spaces or newlines."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MotError(f"cannot read series file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        values = np.array([float(v) for v in text.replace(",", " ").split()], dtype=np.float64)
+    except ValueError as exc:
+        raise MotError(f"series file {path} holds something that is not a number ({exc})") from None
+    if not values.size or not np.isfinite(values).all():
+        raise MotError(f"series file {path} must hold finite numbers, at least one")
+    return values
+
+
+def write_series_csv(payloads: list, path: Path, captions: list[str] | None = None) -> Path:
+    """Series as CSV, one per line: the caption (or prompt), then the values."""
+    import csv
+
+    path = Path(path)
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        for index, values in enumerate(payloads):
+            label = captions[index] if captions and index < len(captions) else ""
+            writer.writerow([label, *(f"{v:.6g}" for v in np.asarray(values, dtype=np.float64))])
+    return path
 
 
 def fit_quantile_bins(values: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:

@@ -21,6 +21,10 @@ position of the sequence, carrying a real vector, not a token id.
 - Loss (``gaussian_patch_nll``): the Gaussian negative log-likelihood of the next patch, in
   nats per value; with ``learn_scale: false`` the scale is fixed at 1 and the loss is half the
   squared error plus a constant (plain regression).
+- Generation (autoregressive): after a caption and the marker, the marker's hidden state gives
+  the Gaussian of the first patch; a patch is drawn from it and appended, its hidden state gives
+  the next one, and so on (``mot generate --modality timeseries_patches --max-tokens N``: N
+  patches). A prompt may also end with a series, which is then continued.
 """
 
 from __future__ import annotations
@@ -36,12 +40,15 @@ from pydantic import Field
 
 from mot_core.errors import MotError
 from mot_core.plugin_api import (
-    ContinuousSegment, Evaluator, Loss, Modality, ModalitySlice, PluginOptions,
+    ContinuousSegment, Evaluator, Loss, Modality, ModalitySlice, PluginOptions, SamplingParams, SpanRunner, ValueSpan,
 )
-from mot_timeseries.modality import as_series, from_log_space, read_fitted_state, to_log_space, write_fitted_state
+from mot_timeseries.modality import (
+    as_series, from_log_space, read_fitted_state, read_series_file, to_log_space, write_fitted_state, write_series_csv,
+)
 
 NORMALIZER_FILE = "normalizer.json"
 SERIES_MARKER = 0  # the modality's one token id: "a series starts here"
+LOG_SCALE_RANGE = (-7.0, 5.0)  # a predicted log standard deviation is clamped here when sampling
 
 
 class PatchOptions(PluginOptions):
@@ -137,6 +144,44 @@ class TimeSeriesPatches(Modality):
 
     def build_head(self, dim: int) -> nn.Module:
         return GaussianPatchHead(dim, self.options.patch_size)
+
+    # -- generation ------------------------------------------------------------------------
+    def value_span(self) -> ValueSpan:
+        """A generated series starts with the marker and runs as long as asked (no end marker)."""
+        return ValueSpan(begin=SERIES_MARKER, length=None, end=None)
+
+    def sample_values(self, runner: SpanRunner, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
+        """One patch at a time: the marker's hidden state (``runner.prompt_output()``) gives
+        the Gaussian of the first patch, exactly as the loss trained it; each drawn patch is
+        appended and its hidden state gives the next. A draw is ``mean + temperature * sigma *
+        noise`` (temperature 0: the mean). With guidance the means mix as ``u + s (c - u)``.
+        Returns (B, runner.count, patch_size) standardised patches."""
+        rows, guided = runner.rows, runner.guided
+        out = runner.prompt_output()  # (R, 2 * patch_size)
+        patches = []
+        for _ in range(runner.count):
+            mean, log_scale = out.float().chunk(2, dim=-1)
+            if guided:
+                mean = mean[rows:] + params.cfg_scale * (mean[:rows] - mean[rows:])
+            scale = log_scale[:rows].clamp(*LOG_SCALE_RANGE).exp()
+            noise = torch.randn(mean.shape, generator=generator, device=mean.device)
+            patch = mean + params.temperature * scale * noise  # (B, patch_size)
+            patches.append(patch)
+            step = torch.cat([patch, patch]) if guided else patch
+            out = runner.append(step[:, None])[:, -1]
+        return torch.stack(patches, dim=1)
+
+    def values_to_payloads(self, values: torch.Tensor) -> list[np.ndarray]:
+        """(B, count, patch_size) standardised patches -> B series in real units."""
+        return [self.decode_values(row) for row in values]
+
+    def read_payload(self, path: Path) -> np.ndarray:
+        """A series to continue (``mot generate --prompt-file``): numbers in a text file."""
+        return read_series_file(path)
+
+    def write_payloads(self, payloads: list, path: Path, captions: list[str] | None = None) -> Path:
+        """Generated series as CSV, one per line: the prompt, then the values."""
+        return write_series_csv(payloads, path, captions)
 
 
 class GaussianPatchOptions(PluginOptions):
