@@ -166,10 +166,10 @@ class TrainSection(Section):
     eval_every: int = Field(100, ge=0, description="0: evaluate only at the end")
     eval_batches: PositiveInt = 8
     eval_sampling: Literal["mixed", "per_source"] = Field(
-        "mixed", description="how validation rows are drawn: mixed reads all sources as one stream (each scored in "
-        "proportion to its held-out size, so a small source next to a large one gets few rows); per_source shares "
-        "the eval_batches x batch_size rows equally between the sources, each spread over its own held-out data, so "
-        "every modality is scored on a fixed sample whatever the other sources' sizes")
+        "per_source", description="how validation rows are drawn: per_source (the default) shares the eval_batches x "
+        "batch_size rows equally between the sources, each spread over its own held-out data, so every modality is "
+        "scored on a fixed sample whatever the other sources' sizes; mixed reads all sources as one stream (each "
+        "scored in proportion to its held-out size, so a small source next to a large one gets few rows)")
     eval_at_start: bool = Field(
         False, description="validate before the first step too (a step-0 record in metrics.jsonl): where a "
         "pretrained or warm-started model begins",

@@ -478,7 +478,7 @@ class ValidationBatches(list):
 
 def fixed_batches(sources: list[DocumentStore | list[TokenDocument]] | list[TokenDocument], batch_size: int, seq_len: int,
                   max_batches: int | None, num_modalities: int, extras: ExtrasSampler | None = None,
-                  sampling: str = "mixed") -> ValidationBatches:
+                  sampling: str = "per_source") -> ValidationBatches:
     """Validation batches, the same every time, spread over the WHOLE held-out set of every
     source.
 
