@@ -419,3 +419,67 @@ def test_one_file_in_file_mode_through_the_cli(book, tmp_path, capsys):
     assert main(["train", str(config)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and "split_documents: paragraphs" in err
+
+
+# --- a shared tokenizer is used only for the data it was fitted on ----------------------------------
+
+
+def test_a_tokenizer_fitted_on_other_data_is_refused_in_one_line(photos, tmp_path, capsys):
+    """A config copied from another keeps its tokenizer_dir: fitted on the photos, the
+    tokenizer is refused for a folder of other images (by `mot tokenizer fit` and by `mot
+    train`), kept for the same images read another way (another order, caption dropout, a
+    moved copy with new file times), and refitted with --force."""
+    from mot_core.train.provenance import RECORD_FILE
+
+    tokenizer = tmp_path / "tok"
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(yaml.safe_dump(tiny_config(photos, tokenizer, tmp_path / "run")))
+    assert main(["tokenizer", "fit", str(mine)]) == 0
+    record = json.loads((tokenizer / RECORD_FILE).read_text())
+    assert record["sources"] == ["captioned_images"] and record["payloads"] > 0
+
+    # the same images: copied elsewhere (new file times), with caption dropout
+    moved = Path(shutil.copytree(photos, tmp_path / "moved"))
+    same = tiny_config(moved, tokenizer, tmp_path / "run_same")
+    same["mixture"]["datasets"]["captioned_images"]["options"]["caption_dropout"] = 0.5
+    same_file = tmp_path / "same.yaml"
+    same_file.write_text(yaml.safe_dump(same))
+    capsys.readouterr()
+    assert main(["tokenizer", "fit", str(same_file)]) == 0
+    assert "matches the config; keeping it" in capsys.readouterr().out
+
+    # other images: half of the photos, flipped
+    other = tmp_path / "other_photos"
+    other.mkdir()
+    with open(other / "captions.jsonl", "w", encoding="utf-8") as captions:
+        for file in [p[5] for p in PATCHES][::2]:
+            Image.open(photos / file).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(other / file)
+            captions.write(json.dumps({"file": file, "caption": caption_of(file)}) + "\n")
+    theirs = tmp_path / "theirs.yaml"
+    theirs.write_text(yaml.safe_dump(tiny_config(other, tokenizer, tmp_path / "run_other")))
+    for command in (["tokenizer", "fit", str(theirs)], ["train", str(theirs)]):
+        assert main(command) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert err.startswith(f"error: modality 'image': the tokenizer in {tokenizer} was fitted on other data "
+                              "(") and "give mixture.modalities.image.options.tokenizer_dir a folder of its own" in err
+    # refused before anything was written (the run folder holds only its released lock)
+    assert [p.name for p in (tmp_path / "run_other").rglob("*")] == ["train.lock"]
+
+    assert main(["tokenizer", "fit", str(theirs), "--force"]) == 0
+    assert json.loads((tokenizer / RECORD_FILE).read_text())["digest"] != record["digest"]
+    assert main(["train", str(mine)]) == 2  # now the first config's photos are the other data
+    assert "was fitted on other data" in capsys.readouterr().err
+
+
+def test_tokenizer_fit_with_nothing_to_fit_says_so_and_succeeds(tmp_path, capsys, book):
+    config = tmp_path / "text.yaml"
+    config.write_text(yaml.safe_dump({
+        "run": {"dir": str(tmp_path / "run")},
+        "mixture": {"modalities": {"text": {"options": {"vocab_size": 300}}},
+                    "datasets": {"text_files": {"options": {"paths": [str(book)]}}}},
+    }))
+    assert main(["tokenizer", "fit", str(config)]) == 0
+    assert capsys.readouterr().out.strip() == (
+        f"nothing to fit: no modality of {config} has a separate tokenizer fit (text BPE and other small "
+        "tokenizers are fitted by `mot train` itself)")

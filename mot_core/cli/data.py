@@ -19,7 +19,11 @@ def cmd_data_prepare(ns: argparse.Namespace) -> int:
 def cmd_tokenizer_fit(ns: argparse.Namespace) -> int:
     from mot_core.train.preparation import tokenizer_fit
 
-    for name, report in tokenizer_fit(load_config(ns.config, ns.overrides), force=ns.force).items():
+    reports = tokenizer_fit(load_config(ns.config, ns.overrides), force=ns.force)
+    if not reports:
+        print(f"nothing to fit: no modality of {ns.config} has a separate tokenizer fit "
+              "(text BPE and other small tokenizers are fitted by `mot train` itself)")
+    for name, report in reports.items():
         print(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in report.items()))
     return 0
 

@@ -44,7 +44,7 @@ def load_run(checkpoint: Path, with_data: bool = True) -> tuple[Experiment, Voca
     run_folder = checkpoint.resolve().parent.parent
     config = config.model_copy(update={"run": config.run.model_copy(update={"dir": str(run_folder)})})
     exp = build_experiment(config)
-    vocab = prepare_vocabulary(exp)
+    vocab = prepare_vocabulary(exp, check_fitted_on=False)
     data = open_data(exp, vocab, missing="memory", splits=("val",)) if with_data else None
     args = model_args(config, vocab)
     ckpt.check_compatible(meta["model_args"], args, checkpoint)

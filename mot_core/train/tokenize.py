@@ -28,6 +28,7 @@ from mot_core.errors import MotError, plugin_boundary
 from mot_core.plugin_api import DataSource, RawDocument, RawSegment, origin
 from mot_core.plugin_api import progress as progress_display
 from mot_core.train.experiment import Experiment
+from mot_core.train.provenance import check_tokenizers_fit_this_data
 
 SPLITS = ("train", "val")
 
@@ -113,9 +114,13 @@ def source_documents(name: str, source: DataSource, split: str) -> list[RawDocum
     return list(iter_documents(name, source, split))
 
 
-def prepare_vocabulary(exp: Experiment) -> Vocabulary:
+def prepare_vocabulary(exp: Experiment, check_fitted_on: bool = True) -> Vocabulary:
     """Reload (or fit, on a bounded sample of the training documents) each modality's
-    tokenizer. Documents are read lazily: a run whose tokenizers are saved reads none."""
+    tokenizer. Documents are read lazily: a run whose tokenizers are saved reads none, except
+    the small probe that checks a shared tokenizer was fitted on this run's data
+    (``check_fitted_on``; off where no training data is read: ``mot eval``, ``mot generate``)."""
+    if check_fitted_on:
+        check_tokenizers_fit_this_data(exp, sample_documents)
     limit = exp.config.data.fit_sample_documents
 
     def payloads(name: str):

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from mot_core.errors import MotError
+from mot_core.plugin_api import progress as progress_display
 
 CLIP_FILE, CLIP_META = "clip_local.safetensors", "clip_local.json"
 # CLIP's preprocessing constants (OpenAI), used when the folder has no image processor config.
@@ -175,7 +176,7 @@ def save_contrastive_scorer(model: ContrastiveImageText, out_dir: Path, extra: d
 
 
 def fit_contrastive_scorer(images: torch.Tensor, captions: list[str], out_dir: Path, *, steps: int, batch_size: int = 128,
-                           lr: float = 2e-3, seed: int = 0) -> dict[str, float]:
+                           lr: float = 2e-3, seed: int = 0, progress: bool = True) -> dict[str, float]:
     """Train with the symmetric InfoNCE loss (CLIP), save `out_dir/clip_local.safetensors` + `out_dir/clip_local.json`
     (vocabulary, dims, report) atomically; images with empty captions are skipped; duplicate captions within a batch
     are fine (same-caption pairs are positives, see ``contrastive_loss``). Returns {"clip_local_train_loss",
@@ -203,6 +204,7 @@ def fit_contrastive_scorer(images: torch.Tensor, captions: list[str], out_dir: P
     batch = min(batch_size, len(images))
     recent: list[float] = []
     model.train()
+    bar = progress_display(total=steps, desc="CLIP scorer", unit="step", disable=not progress)
     for _ in range(steps):
         # Without replacement inside a batch: the same image twice would be a trivial positive.
         rows = torch.randperm(len(images), generator=generator)[:batch]
@@ -216,6 +218,8 @@ def fit_contrastive_scorer(images: torch.Tensor, captions: list[str], out_dir: P
             # far above the cap and need many steps to come back down.
             model.logit_scale.clamp_(max=math.log(100.0))
         recent = (recent + [float(loss.detach())])[-20:]
+        bar.update(1)
+    bar.close()
     model.eval()
     model.image_size = tuple(images.shape[-2:])
     report = {"clip_local_train_loss": sum(recent) / len(recent), "clip_local_top1": retrieval_top1(model, images, captions)}

@@ -116,10 +116,17 @@ class ImageDiffusion(Modality):
                                       progress=progress))
         out.mkdir(parents=True, exist_ok=True)
         if opts.fit.feature_net_steps and (force or not (out / FEATURE_FILE).is_file()):
-            report.update(fit_feature_net(train, captions, out, steps=opts.fit.feature_net_steps, seed=opts.fit.seed))
+            report.update(fit_feature_net(train, captions, out, steps=opts.fit.feature_net_steps, seed=opts.fit.seed,
+                                          progress=progress))
         if opts.fit.clip_steps and (force or not (out / "clip_local.safetensors").is_file()):
-            report.update(fit_contrastive_scorer(train, captions, out, steps=opts.fit.clip_steps, seed=opts.fit.seed))
+            report.update(fit_contrastive_scorer(train, captions, out, steps=opts.fit.clip_steps, seed=opts.fit.seed,
+                                                 progress=progress))
         return report
+
+    def tokenizer_folder(self) -> Path | None:
+        """``tokenizer_dir``, shared between runs (the engine records the data it was fitted on)."""
+        opts = self.options
+        return None if opts.pretrained_vae is not None else Path(opts.tokenizer_dir)
 
     def prepare(self, train_payloads) -> None:
         opts: ImageDiffusionOptions = self.options

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from mot_core.errors import MotError
+from mot_core.plugin_api import progress as progress_display
 
 FEATURE_FILE, FEATURE_META = "feature_net.safetensors", "feature_net.json"
 
@@ -49,8 +50,9 @@ def caption_words(captions: list[str], max_words: int = 256) -> list[str]:
 
 
 def fit_feature_net(images: torch.Tensor, captions: list[str], out_dir: Path, steps: int, seed: int,
-                    batch_size: int = 64) -> dict[str, float]:
-    """images: (N, 3, H, W) in [-1, 1]. Trains the caption-word classifier and saves it."""
+                    batch_size: int = 64, progress: bool = True) -> dict[str, float]:
+    """images: (N, 3, H, W) in [-1, 1]. Trains the caption-word classifier and saves it,
+    showing its progress (a few minutes on a CPU)."""
     words = caption_words(captions)
     if not words:
         raise MotError("the FID feature network needs captioned images (no caption words found)")
@@ -66,13 +68,18 @@ def fit_feature_net(images: torch.Tensor, captions: list[str], out_dir: Path, st
     pixels = (images + 1) / 2
     generator = torch.Generator().manual_seed(seed)
     loss = torch.zeros(())
-    for _ in range(steps):
+    bar = progress_display(total=steps, desc="FID feature network", unit="step", disable=not progress)
+    for step in range(steps):
         batch = torch.randint(0, len(pixels), (batch_size,), generator=generator)
         logits = net.head(net(pixels[batch]))
         loss = F.binary_cross_entropy_with_logits(logits, targets[batch])
         opt.zero_grad()
         loss.backward()
         opt.step()
+        bar.update(1)
+        if step % 50 == 0 or step == steps - 1:
+            bar.set_postfix(bce=f"{float(loss.detach()):.4f}")
+    bar.close()
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(net.state_dict(), str(out_dir / FEATURE_FILE))
     final = float(loss.detach())

@@ -98,8 +98,14 @@ class ImageVQ(Modality):
             lr=opts.fit.lr, seed=opts.fit.seed, out_dir=out, progress=progress,
         )
         if opts.fit.feature_net_steps:
-            report.update(fit_feature_net(train, train_captions, out, steps=opts.fit.feature_net_steps, seed=opts.fit.seed))
+            report.update(fit_feature_net(train, train_captions, out, steps=opts.fit.feature_net_steps, seed=opts.fit.seed,
+                                          progress=progress))
         return report
+
+    def tokenizer_folder(self) -> Path | None:
+        """``tokenizer_dir``, shared between runs (the engine records the data it was fitted on)."""
+        opts = self.options
+        return None if opts.taming_checkpoint else Path(opts.tokenizer_dir)
 
     def prepare(self, train_payloads) -> None:
         opts: ImageVQOptions = self.options

@@ -90,6 +90,11 @@ class Speech(Modality):
     def _matches(self, tokenizer: UnitTokenizer) -> bool:
         return tokenizer.config == self.options.feature_config and tokenizer.n_units == self.options.n_units
 
+    def tokenizer_folder(self) -> Path | None:
+        """``tokenizer_dir``, shared between runs (the engine records the data it was fitted on)."""
+        opts = self.options
+        return None if opts.encoder == "hubert" else Path(opts.tokenizer_dir)
+
     def prepare(self, train_payloads) -> None:
         opts: SpeechOptions = self.options
         if opts.encoder == "hubert":
