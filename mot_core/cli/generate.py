@@ -73,6 +73,16 @@ def generate_samples(checkpoint: Path, ns: argparse.Namespace, params) -> list[d
     return jobs
 
 
+def _one_line(output) -> str:
+    """A printed payload on one line: arrays and tensors (a generated series) as their values."""
+    if hasattr(output, "tolist") and not isinstance(output, str):
+        values = output.tolist()
+        if isinstance(values, list):
+            flat = [v for row in values for v in (row if isinstance(row, list) else [row])]
+            return " ".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in flat)
+    return str(output)
+
+
 def cmd_generate(ns: argparse.Namespace) -> int:
     from mot_core.plugin_api import SamplingParams
 
@@ -86,7 +96,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         if "file" in job:
             print(f"{job['modality']} for {job['prompts']} prompt(s) x {ns.samples}: {job['file']}")
         for label, output in job.get("text", []):
-            print(f"{label}: {output}")
+            print(f"{label}: {_one_line(output)}")
     return 0
 
 
