@@ -257,7 +257,10 @@ class ValueSpan:
             first value: ``SpanRunner.prompt_output()`` for an autoregressive head.
         length: how many value positions one span holds (an image's patches), or None for an
             open-ended span whose length the caller gives (``--max-tokens``, ``max_tokens``).
-        end: the marker the engine appends after the values, or None (nothing follows).
+        end: the marker that closes such a span in training (what ``encode`` puts after the
+            values), or None. Generation returns the values; where the model reads on after a
+            generated span (an evaluator's span -> text), the payload is encoded again, end
+            marker included.
     """
 
     begin: int
@@ -422,6 +425,13 @@ class Modality(abc.ABC):
         Modalities whose tokenizer is cheap (text BPE) fit inside ``prepare`` and keep this
         default."""
         return {}
+
+    def payload_content(self, payload: Any) -> Any:
+        """What of a payload the tokenizer reads, for the record of the data a shared tokenizer
+        was fitted on (``tokenizer_folder``): by default the whole payload; drop names and paths
+        that do not change what the tokenizer sees (a clip's source file name), so that the same
+        data under another folder or on another machine keeps its tokenizer."""
+        return payload
 
     def tokenizer_folder(self) -> Path | None:
         """The folder ``fit`` writes its tokenizer to when that folder is shared between runs

@@ -51,7 +51,6 @@ BAD_INPUTS = [
      "GB for buffers (RoPE tables for max_seq_len=2000000000)"),
     (["config", "show", "{tmp}/missing.yaml"], "config file not found"),
     (["data", "prepare", "{list}"], "not a list"),
-    (["tokenizer", "fit", "{config}"], "no modality in this config has a tokenizer to fit"),
     # -- eval -----------------------------------------------------------------------------------
     (["eval", "{tmp}/nothing"], "checkpoint not found"),
     (["eval", "{tmp}"], "is neither a checkpoint nor a run folder with checkpoints"),

@@ -155,3 +155,23 @@ def test_naive_reference_runs_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         hidden = model(batch["tokens"], batch["positions"], batch["modality"])
     assert hidden.shape == (1, 64, 32) and torch.isfinite(hidden.float()).all()
+
+
+def test_compare_with_seeds_gives_mean_and_spread_per_group(tmp_path, capsys):
+    """Runs named NAME, NAME_seed1, NAME_seed2 form one group; the mean and the sample
+    standard deviation of each final validation loss are printed per group."""
+    from mot_core.cli import main
+
+    losses = {"dense": [4.0, 4.2, 4.4], "mot": [3.9, 3.9, 3.9]}
+    runs = []
+    for model, values in losses.items():
+        for seed, value in enumerate(values):
+            run = tmp_path / (f"demo_{model}" + (f"_seed{seed}" if seed else ""))
+            run.mkdir()
+            records = [{"step": 10, "loss/image": 5.0}, {"step": 20, "val/image/loss": value}]
+            (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+            runs.append(str(run))
+    assert main(["compare", *runs, "--seeds"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2].split() == ["mean", "+-", "sd", "over", "seeds", "demo_dense", "(3)", "demo_mot", "(3)"]
+    assert out[-1].split() == ["val/image/loss", "4.200", "+-", "0.200", "3.900", "+-", "0.000"]

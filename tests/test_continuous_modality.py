@@ -20,6 +20,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -517,3 +518,20 @@ def test_autoregressive_generation_through_the_cache_equals_reading_the_series_w
              for _ in range(2)]
     np.testing.assert_array_equal(again[0], again[1])
     assert not np.allclose(again[0], whole)
+
+
+def test_a_series_to_continue_keeps_its_last_whole_patches(patches_plugin, tmp_path):
+    """13 values, patches of 4: the prompt is the marker and values 2..13 (the first value,
+    which does not fill a patch, is dropped), so the forecast starts right after the series;
+    fewer values than a patch are refused in one line."""
+    from mot_timeseries.patches import PatchOptions
+
+    _, patches = patches_plugin
+    modality = patches.TimeSeriesPatches(PatchOptions(patch_size=4), tmp_path)
+    modality.prepare([np.arange(1.0, 40.0)])
+    series = np.arange(1.0, 14.0)
+    prompt = modality.encode_prompt(series)
+    assert prompt.ids.tolist() == [0, -1, -1, -1]
+    assert torch.equal(prompt.values, modality.encode(series[1:]).values)
+    with pytest.raises(MotError, match="a series to continue needs at least patch_size=4 values, got 3"):
+        modality.encode_prompt(series[:3])

@@ -366,6 +366,13 @@ CONTINUOUS_DEFECTS = {
         {**TWO, "sample_values": _appends_then(lambda appended, runner: runner.predict(appended, {}))},
         GENERATION, "runner.predict after runner.append: a span is either denoised whole (predict) or generated "
         "one position at a time (append), not both", SAVED),
+    "prompt_output where the marker belongs to text": (
+        {**TWO, "marker_modality": property(lambda self: "text")}, GENERATION,
+        "runner.prompt_output reads this modality's head at its begin marker, but marker_modality 'text' gives "
+        "the marker to that modality's tower and loss", SAVED),
+    "a bidirectional span appended one position at a time": (
+        {**TWO, "bidirectional": True}, GENERATION,
+        "runner.append of 1 of 2 positions, but the modality is bidirectional", SAVED),
     "no output head to predict with": (
         {"build_head": lambda self, dim: None,
          "default_loss": "gaussian_patch_nll"}, LOSSES, "needs a continuous modality with an output head",

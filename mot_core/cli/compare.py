@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +35,22 @@ def plot_runs(runs: list[Path], path: Path) -> None:
            for run in runs}, path)
 
 
-def compare_runs(runs: list[Path], plot: Path | None) -> str:
-    """A table of each run's final validation metrics side by side, and their loss curves."""
+SEED_SUFFIX = re.compile(r"_seed\d+$")
+
+
+def seed_groups(names: list[str]) -> dict[str, list[str]]:
+    """Run names grouped by their name without a trailing ``_seed<N>`` (``chameleon_mot``,
+    ``chameleon_mot_seed1``, ``chameleon_mot_seed2`` -> ``chameleon_mot``), in order."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(SEED_SUFFIX.sub("", name), []).append(name)
+    return groups
+
+
+def compare_runs(runs: list[Path], plot: Path | None, seeds: bool = False) -> str:
+    """A table of each run's final validation metrics side by side, and their loss curves;
+    with ``seeds``, then each metric's mean and sample standard deviation per group of runs
+    that differ only by a ``_seed<N>`` suffix."""
     runs = expand_sweeps(runs)
     records = {}
     for run in runs:
@@ -55,6 +70,17 @@ def compare_runs(runs: list[Path], plot: Path | None) -> str:
     lines.append(f"{'step':<{width}}  " + "  ".join(f"{finals[n].get('step', float('nan')):>22}" for n in names))
     for key in keys:
         lines.append(f"{key:<{width}}  " + "  ".join(f"{finals[n].get(key, float('nan')):>22.4f}" for n in names))
+    if seeds:
+        groups = seed_groups(names)
+        lines.append("")
+        lines.append(f"{'mean +- sd over seeds':<{width}}  " + "  ".join(f"{g + f' ({len(m)})':>22}" for g, m in groups.items()))
+        for key in keys:
+            cells = []
+            for members in groups.values():
+                values = np.array([finals[n][key] for n in members if key in finals[n]], dtype=np.float64)
+                sd = float(values.std(ddof=1)) if values.size > 1 else float("nan")
+                cells.append(f"{values.mean():.3f} +- {sd:.3f}" if values.size else "nan")
+            lines.append(f"{key:<{width}}  " + "  ".join(f"{c:>22}" for c in cells))
     if plot is not None:
         _plot(records, plot)
         lines.append(f"plot: {plot}")
@@ -78,7 +104,7 @@ def _plot(records: dict[str, list[dict]], path: Path) -> None:
 
 def cmd_compare(ns: argparse.Namespace) -> int:
     plot = output_file(ns.plot, "--plot") if ns.plot else None
-    print(compare_runs([Path(r) for r in ns.runs], plot))
+    print(compare_runs([Path(r) for r in ns.runs], plot, seeds=ns.seeds))
     return 0
 
 
@@ -86,4 +112,6 @@ def register(sub) -> None:
     p = sub.add_parser("compare", help="final validation losses of runs side by side, and their loss curves")
     p.add_argument("runs", nargs="+")
     p.add_argument("--plot", default=None, help="write the loss curves to this PNG")
+    p.add_argument("--seeds", action="store_true", help="also the mean and standard deviation of each metric over "
+                   "runs named alike but for a _seed<N> suffix (NAME, NAME_seed1, NAME_seed2)")
     p.set_defaults(func=cmd_compare)

@@ -7,7 +7,8 @@ import argparse
 from pathlib import Path
 
 from mot_core.cli.common import non_negative_float, non_negative_int, output_file, positive_int, probability, seed_int
-from mot_core.errors import MotError
+from mot_core.errors import MotError, plugin_boundary
+from mot_core.plugin_api import origin
 
 
 def _target(vocab, modality: str | None, prompt_modality: str) -> str:
@@ -47,7 +48,8 @@ def _run_job(model, vocab, labels: list[str], payloads: list, prompt_modality: s
     outputs = generate_segments(model, vocab, prompts, target, params, max_tokens=ns.max_tokens, seed=ns.seed)
     if out is None:
         return {"modality": target, "text": list(zip(shown, outputs)), "prompts": len(labels)}
-    written = modality.write_payloads(list(outputs), Path(out), shown)
+    with plugin_boundary(f"{origin(modality)}: modality '{target}', write_payloads"):
+        written = modality.write_payloads(list(outputs), Path(out), shown)
     return {"modality": target, "file": str(written), "prompts": len(labels)}
 
 
@@ -63,14 +65,20 @@ def generate_samples(checkpoint: Path, ns: argparse.Namespace, params) -> list[d
             raise MotError(f"this run has no modality '{ns.prompt_modality}'; it has: {', '.join(vocab.names)}")
         target = _target(vocab, ns.modality or ns.image_modality, ns.prompt_modality)
         source = vocab.modalities[ns.prompt_modality]
-        payloads = list(ns.prompt) + [source.read_payload(Path(f)) for f in ns.prompt_file]
+        payloads = list(ns.prompt) + [_read(source, ns.prompt_modality, f) for f in ns.prompt_file]
         jobs.append(_run_job(model, vocab, list(ns.prompt) + list(ns.prompt_file), payloads, ns.prompt_modality,
                              target, ns.samples, params, ns))
     if ns.image:
         image = _target(vocab, ns.image_modality, ns.text_modality)
-        payloads = [vocab.modalities[image].read_payload(Path(f)) for f in ns.image]
+        payloads = [_read(vocab.modalities[image], image, f) for f in ns.image]
         jobs.append(_run_job(model, vocab, list(ns.image), payloads, image, ns.text_modality, 1, params, ns))
     return jobs
+
+
+def _read(modality, name: str, path: str):
+    """A prompt file through the modality's ``read_payload``; its errors name the plugin."""
+    with plugin_boundary(f"{origin(modality)}: modality '{name}', read_payload"):
+        return modality.read_payload(Path(path))
 
 
 def _one_line(output) -> str:

@@ -295,16 +295,26 @@ class _SpanRunner(SpanRunner):
         return self.stream.predict_span(self.modality, values, extras)
 
     def prompt_output(self) -> torch.Tensor:
+        modality = self.stream.vocab.modalities[self.stream.vocab.names[self.modality]]
+        if modality.marker_modality is not None:
+            raise MotError(f"{self.where}: runner.prompt_output reads this modality's head at its begin marker, but "
+                           f"marker_modality '{modality.marker_modality}' gives the marker to that modality's tower and "
+                           "loss, so the head was never trained there (generate such a span whole, with runner.predict)")
         return self.stream.head(self.modality)(self.stream.last_hidden).float()
 
     def append(self, values: torch.Tensor) -> torch.Tensor:
         self._check(values, "append", None)
+        bidirectional = self.stream.vocab.modalities[self.stream.vocab.names[self.modality]].bidirectional
+        if bidirectional and values.shape[1] != self.count:
+            raise MotError(f"{self.where}: runner.append of {values.shape[1]} of {self.count} positions, but the "
+                           "modality is bidirectional: its span is one block in training, so append it whole or "
+                           "let the engine do it (return the values)")
         if self.appended_count + values.shape[1] > self.count:
             raise MotError(f"{self.where}: runner.append of {values.shape[1]} more position(s) after "
                            f"{self.appended_count} goes past the span's {self.count} (runner.count)")
         if not bool(torch.isfinite(values).all()):
             raise MotError(f"{self.where}: runner.append got NaN or inf values")
-        self.appended.append(values[: self.rows].detach())
+        self.appended.append(values[: self.rows].detach().clone())
         self.appended_count += values.shape[1]
         return self.stream.append_values(self.modality, values)
 
@@ -437,7 +447,8 @@ def sample_value_span(
         values = modality.sample_values(runner, params, generator)
     check_sampled_values(values, len(prompts), count, modality.input_dim, where)
     if runner.appended_count:  # autoregressive: the sampler has put the values in the sequence itself
-        if runner.appended_count != count or not torch.equal(torch.cat(runner.appended, dim=1), values.to(runner.appended[0].dtype)):
+        appended = torch.cat(runner.appended, dim=1)
+        if runner.appended_count != count or not torch.equal(appended, values.to(appended.device, appended.dtype)):
             raise MotError(f"{where}: appended {runner.appended_count} of the span's {count} positions with "
                            "runner.append but returned other values: return exactly the values appended (all of them)")
         if then is None and not max_new_tokens:

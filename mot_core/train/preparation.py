@@ -42,9 +42,10 @@ def tokenizer_fit(config: RunConfig, progress: bool = True, force: bool = False,
     reports = {}
     for name, (modality, folder, current, saved) in wanted.items():
         result = modality.fit(train, val, progress=progress, force=force)
-        if folder is not None and (not result or "kept" not in result or saved is not None):
-            write_record(folder, current)  # fitted (or kept and already recorded for this data)
-        elif folder is not None and saved is None:
+        fitted = bool(result) and "kept" not in result
+        if folder is not None and (fitted or saved is not None):
+            write_record(folder, current)  # fitted now, or kept and already recorded for this data (or --force)
+        elif folder is not None:
             report(f"note: the tokenizer kept in {folder} has no record of the data it was fitted on; "
                    "`mot tokenizer fit --force` refits it and records it")
         if result:

@@ -4,9 +4,11 @@ A modality whose ``fit`` writes a tokenizer to a folder shared between runs (``t
 a VQ-GAN, a VAE, speech units) names that folder with ``Modality.tokenizer_folder()``. When
 ``mot tokenizer fit`` fits (or refits) it, the engine writes ``fitted_on.json`` there: the
 data sources' plugin names and a digest of a fixed probe of the modality's training payloads
-(the first ``PROBE_DOCUMENTS`` training documents of each source yielding it, spread over the
-source's parts; each payload hashed by content, the hashes sorted, so neither the order of the
-sources nor the mixture weights nor file times on another machine change it).
+(the first ``PROBE_DOCUMENTS`` training documents of the sources yielding it, spread over each
+source's parts; each payload's ``Modality.payload_content`` hashed by content, the hashes
+sorted). Neither the order of the sources, the mixture weights, other modalities' options (caption
+dropout), nor file names and times on another machine change it; another first stretch of a
+source's parts does (other images, another image size, a changed split).
 
 - ``mot tokenizer fit`` refuses, in one line, to keep or overwrite a tokenizer fitted on other
   data unless given ``--force``: another config (one's own photos) should name a folder of its own.
@@ -47,7 +49,8 @@ def payload_digest(payload: Any) -> bytes:
 
 def _feed(h, value: Any) -> None:
     if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().contiguous().numpy()
+        value = value.detach().cpu()
+        value = (value.float() if value.dtype == torch.bfloat16 else value).contiguous().numpy()
     if isinstance(value, np.ndarray):
         h.update(f"nd{value.dtype.str}{value.shape}".encode())
         h.update(np.ascontiguousarray(value).tobytes())
@@ -55,7 +58,12 @@ def _feed(h, value: Any) -> None:
         h.update(b"s" + value.encode("utf-8"))
     elif isinstance(value, (bytes, bytearray)):
         h.update(b"b" + bytes(value))
-    elif value is None or isinstance(value, (bool, int, float, Path)):
+    elif isinstance(value, Path):  # a file payload: by its bytes, wherever it lies
+        try:
+            h.update(b"f" + value.read_bytes())
+        except OSError as exc:
+            raise MotError(f"cannot read payload file {value}: {exc.strerror or exc}") from None
+    elif value is None or isinstance(value, (bool, int, float)):
         h.update(f"v{type(value).__name__}{value!r}".encode())
     elif dataclasses.is_dataclass(value) and not isinstance(value, type):
         h.update(type(value).__name__.encode())
@@ -85,13 +93,22 @@ def describe_training_data(exp, name: str, sample_documents) -> dict:
     training data in this run's mixture: the probe described in the module docstring.
     ``sample_documents(source_name, source, split, limit)``: how the engine samples a source
     (``mot_core.train.tokenize.sample_documents``)."""
+    modality = exp.modalities[name]
     digests, sources = [], set()
     for source_name, source in exp.sources.items():
         if name not in source.modalities:
             continue
         sources.add(type(source).name)
         for doc in sample_documents(source_name, source, "train", PROBE_DOCUMENTS):
-            digests += [payload_digest(seg.payload) for seg in doc.segments if seg.modality == name]
+            for segment in doc.segments:
+                if segment.modality == name:
+                    with plugin_boundary(f"{origin(modality)}: modality '{name}', payload_content"):
+                        content = modality.payload_content(segment.payload)
+                    try:
+                        digests.append(payload_digest(content))
+                    except MotError as exc:
+                        raise MotError(f"{origin(modality)}: modality '{name}': {exc} (a payload of dataset "
+                                       f"'{source_name}'; override payload_content to give what the tokenizer reads)") from None
     total = hashlib.sha256()
     for digest in sorted(digests):
         total.update(digest)

@@ -90,6 +90,10 @@ class Speech(Modality):
     def _matches(self, tokenizer: UnitTokenizer) -> bool:
         return tokenizer.config == self.options.feature_config and tokenizer.n_units == self.options.n_units
 
+    def payload_content(self, payload):
+        """The samples and their rate: not the clip's file name (``Audio.source``)."""
+        return (payload.samples, payload.sample_rate) if isinstance(payload, Audio) else payload
+
     def tokenizer_folder(self) -> Path | None:
         """``tokenizer_dir``, shared between runs (the engine records the data it was fitted on)."""
         opts = self.options

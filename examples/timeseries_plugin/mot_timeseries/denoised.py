@@ -22,6 +22,8 @@ patch at a time.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 from pydantic import Field
@@ -43,6 +45,7 @@ class DenoisedOptions(PatchOptions):
     inference_steps: int = Field(50, ge=1, description="DDIM steps when generating (mot generate --steps overrides)")
 
 
+@functools.lru_cache(maxsize=4)
 def _schedule(steps: int):
     from diffusers import DDPMScheduler
 
@@ -100,10 +103,9 @@ class TimeSeriesDenoised(TimeSeriesPatches):
         return self.options.marker_modality
 
     def encode(self, payload) -> ContinuousSegment:
-        """(L,) values -> <series>, L // patch_size patches, </series>."""
+        """(L,) values -> <series>, L // patch_size patches, </series> (a held-out tail shorter
+        than a patch: the markers alone)."""
         inner = super().encode(payload)
-        if not inner.values.shape[0]:
-            raise MotError(f"timeseries_denoised: a series of fewer than patch_size={self.options.patch_size} values")
         return ContinuousSegment.of_values(inner.values, prefix=(BEGIN,), suffix=(END,))
 
     def encode_prompt(self, payload):

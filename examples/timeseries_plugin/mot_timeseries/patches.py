@@ -133,6 +133,19 @@ class TimeSeriesPatches(Modality):
         patches = torch.from_numpy(standardised[:whole].reshape(-1, size).astype(np.float32))
         return ContinuousSegment.of_values(patches, prefix=(SERIES_MARKER,))
 
+    def encode_prompt(self, payload: Any) -> ContinuousSegment:
+        """A series to continue: the marker, then its LAST whole patches (values before them
+        that do not fill a patch are dropped, so the forecast starts right after the series)."""
+        mean, scale = self._require_normalizer()
+        size = self.options.patch_size
+        standardised = (to_log_space(as_series(payload)) - mean) / scale
+        if standardised.size < size:
+            raise MotError(f"timeseries_patches: a series to continue needs at least patch_size={size} values, "
+                           f"got {standardised.size}")
+        tail = standardised[standardised.size % size:]
+        patches = torch.from_numpy(tail.reshape(-1, size).astype(np.float32))
+        return ContinuousSegment.of_values(patches, prefix=(SERIES_MARKER,))
+
     def decode_values(self, patches: torch.Tensor) -> np.ndarray:
         """(V, patch_size) standardised patches -> (V * patch_size,) values in real units."""
         mean, scale = self._require_normalizer()
