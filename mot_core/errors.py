@@ -33,3 +33,12 @@ def plugin_boundary(where: str):
             raise MotError(f"{where} raised {type(exc).__name__}: {detail}{at}") from None
 
     return boundary()
+
+
+def one_per_item(results, count: int, where: str, noun: str, items: str, advice: str) -> list:
+    """What a plugin's batch method returned, as a list, if it holds one entry per input
+    (``count``); else one MotError: "<where> returned <n> <noun> for <count> <items>; <advice>"."""
+    if not isinstance(results, (list, tuple)) or len(results) != count:
+        got = f"{len(results)} {noun}" if isinstance(results, (list, tuple)) else type(results).__name__
+        raise MotError(f"{where} returned {got} for {count} {items}; {advice}")
+    return list(results)

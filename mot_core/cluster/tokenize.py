@@ -22,7 +22,8 @@ class _TokenizeParts:
 
     def __init__(self, config: dict):
         self.exp = build_experiment(validate_config(config))
-        self.vocab = prepare_vocabulary(self.exp)  # loads what the driver fitted: nothing is refitted here
+        # loads what the driver fitted and checked against the data: nothing is refitted or probed here
+        self.vocab = prepare_vocabulary(self.exp, check_fitted_on=False)
         self.prints = fingerprints(self.exp, self.vocab)
 
     def __call__(self, rows: dict) -> dict:

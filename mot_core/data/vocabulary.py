@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from mot_core.errors import MotError, plugin_boundary
+from mot_core.errors import MotError, one_per_item, plugin_boundary
 from mot_core.plugin_api import CONTINUOUS, IGNORE_INDEX, ContinuousSegment, Modality, RawDocument, origin
 
 
@@ -217,9 +217,8 @@ class Vocabulary:
             where = f"{origin(modality)}: modality '{name}', encode (dataset '{source}')"
             with plugin_boundary(where):
                 results = modality.encode_batch(payloads)
-            if not isinstance(results, (list, tuple)) or len(results) != len(payloads):
-                got = f"{len(results)} results" if isinstance(results, (list, tuple)) else type(results).__name__
-                raise MotError(f"{where}: encode_batch returned {got} for {len(payloads)} payloads; expected one per payload")
+            results = one_per_item(results, len(payloads), f"{where}: encode_batch", "results", "payloads",
+                                   "expected one per payload")
             for key, result in zip(keys, results):
                 encoded[key] = _checked_encoding(result, modality, where)
         return encoded

@@ -107,7 +107,8 @@ def _value_spans(model, vocab: Vocabulary, prompts: list[list[RawSegment]], moda
     span the prompt ends with. Guidance (against the begin marker alone) for one-segment
     prompts of another modality, as ``prompt_to_span``."""
     target = vocab.modalities[modality]
-    begin = vocab.offsets[modality] + checked_value_span(target, modality).begin
+    span = checked_value_span(target, modality)
+    begin = vocab.offsets[modality] + span.begin
     continued = [bool(p) and isinstance(p[-1], RawSegment) and p[-1].modality == modality for p in prompts]
     if any(continued) and target.bidirectional:
         raise MotError(f"modality '{modality}' is generated whole (bidirectional spans); a prompt cannot end with "
@@ -116,4 +117,4 @@ def _value_spans(model, vocab: Vocabulary, prompts: list[list[RawSegment]], moda
     token_prompts = [ids if c else ids + [begin] for ids, c in zip(token_prompts, continued)]
     captions_only = not any(continued) and all(len(p) == 1 for p in prompts)
     unconditional = [[begin]] * len(prompts) if captions_only else None
-    return continuous_spans(model, vocab, token_prompts, values, modality, params, unconditional, max_tokens, seed)
+    return continuous_spans(model, vocab, token_prompts, values, modality, span, params, unconditional, max_tokens, seed)

@@ -247,16 +247,18 @@ class _Stream:
 
     def append_span(self, modality: int, values: torch.Tensor) -> torch.Tensor:
         """Append (B, count, input_dim) clean values to every row; returns the next logits."""
-        rows, count = values.shape[:2]
-        tokens, positions, document, mod, is_value, span = self.span_inputs(modality, count)
-        self.next_position = self.next_position + count
-        self.logits = self._forward(tokens, positions, document, mod, is_value, span,
-                                    {modality: values.reshape(rows * count, -1).to(self.model.embed.weight.dtype)})
+        self._append(modality, values)
         return self.logits
 
     def append_values(self, modality: int, values: torch.Tensor) -> torch.Tensor:
         """Append (B, k, input_dim) clean values to every row, kept in the cache; returns
         (B, k, out) the modality's own head at them."""
+        hidden = self._append(modality, values)
+        return self.head(modality)(hidden).float().view(*values.shape[:2], -1)
+
+    def _append(self, modality: int, values: torch.Tensor) -> torch.Tensor:
+        """(B, k, input_dim) values into the cache as the next k positions of every row;
+        updates the next logits and returns the (B*k, dim) final hidden states."""
         rows, count = values.shape[:2]
         tokens, positions, document, mod, is_value, span = self.span_inputs(modality, count)
         self.next_position = self.next_position + count
@@ -264,7 +266,7 @@ class _Stream:
                               {modality: values.reshape(rows * count, -1).to(self.model.embed.weight.dtype)})
         self.last_hidden = hidden.view(rows, count, -1)[:, -1]
         self.logits = F.linear(self.last_hidden, self.model.head_weight).float()
-        return self.head(modality)(hidden).float().view(rows, count, -1)
+        return hidden
 
     def head(self, modality: int):
         """The modality's own output head; a one-line error naming it when it built none."""

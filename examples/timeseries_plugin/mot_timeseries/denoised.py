@@ -32,7 +32,7 @@ from mot_core.errors import MotError
 from mot_core.plugin_api import (
     ContinuousSegment, Loss, ModalitySlice, SamplingParams, SpanRunner, ValueSpan,
 )
-from mot_timeseries.patches import PatchOptions, TimeSeriesPatches
+from mot_timeseries.patches import PatchOptions, TimeSeriesPatches, ZeroLinearHead
 
 BEGIN, END = 0, 1  # <series>, </series>
 CLIP = 6.0  # standard deviations of the standardised log-space values
@@ -71,19 +71,6 @@ class DenoisingAdapter(nn.Module):
         return self.proj(x) + self.time(level)
 
 
-class NoiseHead(nn.Module):
-    """(V, dim) -> (V, patch_size): the predicted noise. Starts at zero."""
-
-    def __init__(self, dim: int, patch_size: int):
-        super().__init__()
-        self.proj = nn.Linear(dim, patch_size)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.proj(hidden)
-
-
 class TimeSeriesDenoised(TimeSeriesPatches):
     """A 1-D series as a bidirectional span of continuous patches, denoised whole."""
 
@@ -115,7 +102,7 @@ class TimeSeriesDenoised(TimeSeriesPatches):
         return DenoisingAdapter(self.options.patch_size, dim, self.options.train_timesteps)
 
     def build_head(self, dim: int) -> nn.Module:
-        return NoiseHead(dim, self.options.patch_size)
+        return ZeroLinearHead(dim, self.options.patch_size)  # the predicted noise, (V, patch_size)
 
     def value_span(self) -> ValueSpan:
         return ValueSpan(begin=BEGIN, length=self.options.patches, end=END)

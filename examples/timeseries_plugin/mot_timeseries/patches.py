@@ -66,18 +66,25 @@ class PatchAdapter(nn.Module):
         return self.proj(values)
 
 
-class GaussianPatchHead(nn.Module):
-    """(n, dim) hidden states -> (n, 2 * patch_size): mean and log-scale of the next patch.
-    Starts at mean 0, scale 1: the standard normal the standardised values follow."""
+class ZeroLinearHead(nn.Module):
+    """(n, dim) hidden states -> (n, out) through a linear map that starts at zero."""
 
-    def __init__(self, dim: int, patch_size: int):
+    def __init__(self, dim: int, out: int):
         super().__init__()
-        self.proj = nn.Linear(dim, 2 * patch_size)
+        self.proj = nn.Linear(dim, out)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.proj(hidden)
+
+
+class GaussianPatchHead(ZeroLinearHead):
+    """(n, dim) hidden states -> (n, 2 * patch_size): mean and log-scale of the next patch.
+    Starts at mean 0, scale 1: the standard normal the standardised values follow."""
+
+    def __init__(self, dim: int, patch_size: int):
+        super().__init__(dim, 2 * patch_size)
 
 
 class TimeSeriesPatches(Modality):
