@@ -128,33 +128,43 @@ def test_a_sweep_of_four_trials_runs_and_its_table_matches_each_trials_metrics(t
 
 @pytest.mark.slow
 def test_an_interrupted_sweep_finishes_without_retraining_finished_trials(tmp_path, text_corpus):
-    base = _base(tmp_path, text_corpus, steps=30, eval_every=10, checkpoint_every=5, log_every=5)
+    # A tiny trial runs ~10 ms a step: 200 steps keep the second trial between its first
+    # checkpoint and its end for a second or more, which a 10 ms poll cannot miss (30 steps
+    # passed in 0.3 s, shorter than the poll, and a faster machine skipped the window).
+    steps = 200
+    base = _base(tmp_path, text_corpus, steps=steps, eval_every=100, checkpoint_every=10, log_every=50)
     out = tmp_path / "out"
-    args = ("--grid", "train.lr=1e-3,2e-3,3e-3,4e-3")
+    args = ("--grid", "train.lr=1e-3,2e-3,3e-3")
     data = yaml.safe_load(base.read_text())
     data["sweep"] = {"max_concurrent": 1}  # one trial at a time: the interruption lands between two
     base.write_text(yaml.safe_dump(data))
     process = _sweep(base, out, *args)
     trials = out / "trials"
     deadline = time.monotonic() + 400
-    while time.monotonic() < deadline:  # until one trial finished and the next has a checkpoint
-        done = [t for t in trials.glob("t*") if len(_records(t)) == 30] if trials.is_dir() else []
-        started = [t for t in trials.glob("t*") if 5 <= len(_records(t)) < 30] if trials.is_dir() else []
+    while True:  # until one trial finished and the next has a checkpoint
+        counts = {t: len(_records(t)) for t in trials.glob("t*")} if trials.is_dir() else {}
+        done = [t for t, n in counts.items() if n == steps]
+        started = [t for t, n in counts.items() if 20 <= n < steps - 20]
         if done and started:
             break
-        time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail("the sweep never reached a finished and a started trial")
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            stdout, _ = process.communicate(timeout=60)
+            pytest.fail(f"the sweep never had a finished and a started trial at once (records: "
+                        f"{ {t.name: n for t, n in counts.items()} }):\n{stdout[-3000:]}")
+        time.sleep(0.01)
     os.killpg(process.pid, signal.SIGINT)  # Ctrl-C
     process.communicate(timeout=120)
     finished = {t.name: (t / "metrics.jsonl").stat().st_mtime_ns for t in done}
+    interrupted = [t.name for t in trials.glob("t*") if len(_records(t)) < steps]
+    assert interrupted, "the Ctrl-C did not land in the middle of a trial"
     again = _sweep(base, out, *args)
     stdout, _ = again.communicate(timeout=600)
     assert again.returncode == 0, stdout[-4000:]
     assert "resuming the sweep" in stdout
+    assert "resuming from" in stdout  # the interrupted trial continued from its checkpoint
     for name, mtime in finished.items():  # finished trials were not trained again
         assert (trials / name / "metrics.jsonl").stat().st_mtime_ns == mtime
     for trial in trials.glob("t*"):
-        assert [r["step"] for r in _records(trial)] == list(range(1, 31)), trial.name
-    assert len(_table(stdout)) == 4
+        assert [r["step"] for r in _records(trial)] == list(range(1, steps + 1)), trial.name
+    assert len(_table(stdout)) == 3
