@@ -47,14 +47,14 @@ demo-seeds: demo
 test: install
 	$(BIN)/python -m pytest -q
 
-# The GPU check (README, "GPU check"). Here, once: wheels + data + tokenizers into .gpu-kit/.
+# The GPU check (docs/gpu.md), repository tools in tools/gpu/. Here, once: wheels + data + tokenizers into .gpu-kit/.
 gpu-kit: $(STAMP) $(EMOJI_FONT)
-	$(BIN)/python -m mot_core.bench.gpu_kit --out .gpu-kit
+	$(BIN)/python -m tools.gpu.kit --out .gpu-kit
 
 # On the CUDA machine (no .venv there: its own python3 with torch); carry .gpu-kit.
 GPU_OUT ?= runs/gpu_check
 gpu-check:
-	python3 -m mot_core.bench.gpu_check --kit .gpu-kit --out $(GPU_OUT)
+	python3 -m tools.gpu.check --kit .gpu-kit --out $(GPU_OUT)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -10,6 +10,9 @@ Every validation problem becomes one ``MotError`` line naming the key, e.g.
 from __future__ import annotations
 
 import difflib
+import json
+import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,9 +29,10 @@ class Section(BaseModel):
 
 
 class RunSection(Section):
-    dir: str = "runs/default"
+    dir: str = Field("runs/default", description="the run folder: config.yaml, metrics.jsonl, checkpoints, the "
+                     "tokenizers (state/) and, by default, the shards (tokens/); created if missing")
     seed: int = Field(0, ge=0, lt=2**32, description="seeds Python, NumPy (which takes < 2**32) and torch")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when there is a GPU, else the CPU")
     resume: Literal["auto", "never"] = Field(
         "auto", description="auto: continue from the newest checkpoint in run.dir if there is one"
     )
@@ -38,15 +42,16 @@ class UntieSection(Section):
     """Which components get one tower per modality (paper Fig. 14 ablation). All False is the
     dense baseline; all True is full MoT."""
 
-    ffn: bool = True
-    attention: bool = True
-    norm: bool = True
+    ffn: bool = Field(True, description="one FFN per tower (per modality, or per tower group)")
+    attention: bool = Field(True, description="one W_Q/W_K/W_V/W_O (and QK-norm) per tower; attention itself stays "
+                            "global over the whole sequence")
+    norm: bool = Field(True, description="one RMSNorm per tower for each sublayer and the final norm")
 
 
 class FFNSection(Section):
     """A tower's feed-forward: SwiGLU, or a mixture of SwiGLU experts (``type: moe``)."""
 
-    type: Literal["swiglu", "moe"] = "swiglu"
+    type: Literal["swiglu", "moe"] = Field("swiglu", description="swiglu: one SwiGLU FFN; moe: a mixture of SwiGLU experts")
     experts: PositiveInt = Field(4, description="moe: number of experts (each the size of the SwiGLU FFN)")
     router: Literal["expert_choice", "top_k"] = Field(
         "expert_choice", description="moe: expert_choice (the paper's MoE baseline; not causal) or top_k token choice"
@@ -56,7 +61,7 @@ class FFNSection(Section):
     balance: Literal["aux_loss", "bias"] = Field(
         "aux_loss", description="moe, top_k: load-balancing auxiliary loss (Switch) or selection bias (DeepSeek-V3)"
     )
-    aux_loss_weight: float = Field(0.01, ge=0)
+    aux_loss_weight: float = Field(0.01, ge=0, description="moe, top_k with balance aux_loss: weight of the load-balancing loss")
     z_loss_weight: float = Field(0.001, ge=0, description="router z-loss (ST-MoE)")
     bias_rate: float = Field(0.001, ge=0, description="balance: bias, the step of the selection-bias update")
     inference_router: Literal["top_k", "expert_choice"] = Field(
@@ -83,11 +88,15 @@ class FFNSection(Section):
 class RopeScalingSection(Section):
     """RoPE frequency scaling of long-context checkpoints (read from an HF config.json)."""
 
-    type: Literal["linear", "llama3"]
-    factor: PositiveFloat
-    low_freq_factor: PositiveFloat = 1.0
-    high_freq_factor: PositiveFloat = 4.0
-    original_max_position_embeddings: PositiveInt = 8192
+    type: Literal["linear", "llama3"] = Field(description="linear: positions divided by factor; llama3: Llama 3.1's "
+                                               "frequency-dependent scaling")
+    factor: PositiveFloat = Field(description="how much longer the context is than the one trained")
+    low_freq_factor: PositiveFloat = Field(1.0, description="llama3: wavelengths above original / low_freq_factor are "
+                                           "scaled by factor")
+    high_freq_factor: PositiveFloat = Field(4.0, description="llama3: wavelengths below original / high_freq_factor are "
+                                            "kept")
+    original_max_position_embeddings: PositiveInt = Field(8192, description="llama3: the context length trained before "
+                                                          "scaling")
 
 
 class InitFromSection(Section):
@@ -100,18 +109,24 @@ class InitFromSection(Section):
 
 
 class ModelSection(Section):
-    dim: PositiveInt = 256
-    n_layers: PositiveInt = 4
-    n_heads: PositiveInt = 4
-    n_kv_heads: PositiveInt | None = None
-    ffn_hidden: PositiveInt | None = None
-    max_seq_len: PositiveInt = 2048
-    rope_theta: PositiveFloat = 10000.0
-    norm_eps: PositiveFloat = 1e-5
-    init_std: PositiveFloat = 0.02
-    tie_embeddings: bool = False
-    attention_backend: Literal["sdpa", "flex", "xformers"] = "sdpa"
-    activation_checkpointing: bool = False
+    dim: PositiveInt = Field(256, description="the width of the residual stream")
+    n_layers: PositiveInt = Field(4, description="MoT blocks")
+    n_heads: PositiveInt = Field(4, description="attention heads (dim / n_heads: the head size, even for RoPE)")
+    n_kv_heads: PositiveInt | None = Field(None, description="key/value heads for grouped-query attention; default: "
+                                           "n_heads")
+    ffn_hidden: PositiveInt | None = Field(None, description="the SwiGLU's hidden width; default: 8/3 dim rounded up "
+                                           "to a multiple of 64")
+    max_seq_len: PositiveInt = Field(2048, description="the longest sequence the RoPE tables cover (train.seq_len, "
+                                     "and prompt plus generation)")
+    rope_theta: PositiveFloat = Field(10000.0, description="RoPE base frequency")
+    norm_eps: PositiveFloat = Field(1e-5, description="RMSNorm epsilon")
+    init_std: PositiveFloat = Field(0.02, description="standard deviation of the initial weights")
+    tie_embeddings: bool = Field(False, description="the LM head shares the embedding table's weights")
+    attention_backend: Literal["sdpa", "flex", "xformers"] = Field(
+        "sdpa", description="sdpa: torch's scaled_dot_product_attention with a dense mask; flex: flex_attention with "
+        "a block mask (compiled on CUDA; no backward on CPU); xformers: CUDA only, chosen after a capability check")
+    activation_checkpointing: bool = Field(False, description="recompute each block's activations in the backward "
+                                           "pass (less memory, about a third more compute)")
     norm_placement: Literal["pre", "post"] = Field(
         "pre",
         description="pre: x + f(norm(x)) (Llama, Transfusion); post: x + norm(f(x)), no input norm "
@@ -143,20 +158,22 @@ class TrainSection(Section):
         )
         wandb_dir: str | None = Field(None, description="the folder W&B writes its wandb/ folder in; default: <run.dir>")
 
-    steps: PositiveInt = 200
-    batch_size: PositiveInt = 8
-    seq_len: PositiveInt = 256
-    lr: PositiveFloat = 3e-3
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    warmup_steps: int = Field(20, ge=0)
-    weight_decay: float = Field(0.1, ge=0)
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.95, ge=0, lt=1)
+    steps: PositiveInt = Field(200, description="optimizer steps of the whole run (may grow on resume)")
+    batch_size: PositiveInt = Field(8, description="rows of the GLOBAL batch, whatever the number of workers (split "
+                                    "evenly over them)")
+    seq_len: PositiveInt = Field(256, description="positions per row; documents are packed into rows")
+    lr: PositiveFloat = Field(3e-3, description="AdamW's peak learning rate")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="the cosine schedule ends at lr x min_lr_ratio")
+    warmup_steps: int = Field(20, ge=0, description="linear warmup from lr / warmup_steps to lr")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay of matrices (not of norms or biases)")
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1")
+    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2")
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast on CUDA and on a CPU with native bf16 matmul (AMX or AVX-512 BF16, "
         "detected from /proc/cpuinfo; MOT_CPU_BF16=1/0 overrides), fp32 elsewhere; weights and optimizer stay fp32")
-    log_every: PositiveInt = 10
+    log_every: PositiveInt = Field(10, description="steps between printed lines, router statistics and token "
+                                   "shares (metrics.jsonl gets every step)")
     loggers: list[Literal["jsonl", "tensorboard", "wandb", "mlflow"]] = Field(
         ["jsonl"], description="where every metrics record goes: jsonl is <run.dir>/metrics.jsonl, always written "
         "whatever this list says (the framework reads it back: resume, mot compare); tensorboard (<run.dir>/tensorboard), "
@@ -164,7 +181,8 @@ class TrainSection(Section):
     )
     tracker: Tracker = Field(default_factory=Tracker, description="project, run name and stores of the trackers")
     eval_every: int = Field(100, ge=0, description="0: evaluate only at the end")
-    eval_batches: PositiveInt = 8
+    eval_batches: PositiveInt = Field(8, description="validation batches of batch_size rows (mot eval --full scores "
+                                      "every held-out position)")
     eval_sampling: Literal["mixed", "per_source"] = Field(
         "per_source", description="how validation rows are drawn: per_source (the default) shares the eval_batches x "
         "batch_size rows equally between the sources, each spread over its own held-out data, so every modality is "
@@ -175,8 +193,8 @@ class TrainSection(Section):
         "pretrained or warm-started model begins",
     )
     checkpoint_every: int = Field(100, ge=0, description="0: checkpoint only at the end")
-    keep_checkpoints: PositiveInt = 2
-    progress: bool = True
+    keep_checkpoints: PositiveInt = Field(2, description="the newest checkpoints kept; older ones are deleted")
+    progress: bool = Field(True, description="a progress bar on a terminal (plain lines elsewhere)")
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="a NaN/inf loss or gradient: stop the run (nothing non-finite is saved) or skip that update"
     )
@@ -221,10 +239,11 @@ class SweepSection(Section):
     scheduler: Literal["fifo", "asha"] = Field("fifo", description="asha: stop weak trials early on `metric`")
     metric: str | None = Field(None, description="the metric that ranks trials (and asha stops on); default: the "
                                "first modality's val/<modality>/loss")
-    mode: Literal["min", "max"] = "min"
+    mode: Literal["min", "max"] = Field("min", description="whether a lower or a higher metric is better")
     grace_steps: PositiveInt = Field(50, description="asha: steps every trial runs before it may be stopped")
-    cpus_per_trial: PositiveFloat = 1.0
-    gpus_per_trial: float = Field(0, ge=0)
+    cpus_per_trial: PositiveFloat = Field(1.0, description="CPUs Ray Tune reserves for each trial (and its torch "
+                                          "threads)")
+    gpus_per_trial: float = Field(0, ge=0, description="GPUs Ray Tune reserves for each trial")
     max_concurrent: int = Field(0, ge=0, description="trials at once; 0: as many as the resources allow")
 
 
@@ -253,7 +272,7 @@ class TowerSection(Section):
         description="share the tower of the modality named here (its weights, for every untied component); "
         "default: a tower of its own. Dense = every modality in one group, MoT = one group each",
     )
-    qk_norm: bool = False
+    qk_norm: bool = Field(False, description="RMSNorm over each head's queries and keys (Chameleon's stabiliser)")
     init: Literal["copy", "scratch"] = Field(
         "copy", description="with model.init_from or model.warm_start: start this tower as a copy of the pretrained "
         "tower (the paper's and Bagel's warm start) or from the model's own random init",
@@ -265,20 +284,23 @@ class TowerSection(Section):
 
 
 class ModalityEntry(Section):
-    loss: str | None = None
-    loss_options: dict[str, Any] = {}
-    loss_weight: float = Field(1.0, ge=0)
+    loss: str | None = Field(None, description="the loss's registered name; default: the modality's default_loss")
+    loss_options: dict[str, Any] = Field({}, description="the loss's options (validated by its own model)")
+    loss_weight: float = Field(1.0, ge=0, description="w_m in the objective sum_m w_m * loss_m (Transfusion's lambda)")
     tower: TowerSection = TowerSection()
-    evaluators: list[str] | None = None
+    evaluators: list[str] | None = Field(None, description="registered evaluator names; default: the modality's "
+                                         "default_evaluators")
     evaluator_options: dict[str, dict[str, Any]] = Field(
         {}, description="evaluator name -> its options (validated by the evaluator's own model)"
     )
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = Field({}, description="the modality's options (validated by its plugin's own model; "
+                                    "`mot config show` prints them resolved)")
 
 
 class DatasetEntry(Section):
-    weight: PositiveFloat = 1.0
-    options: dict[str, Any] = {}
+    weight: PositiveFloat = Field(1.0, description="the source's share of the training tokens (or documents: "
+                                  "mixture.weight_unit), normalised over the sources")
+    options: dict[str, Any] = Field({}, description="the data source's options (validated by its plugin's own model)")
 
 
 class MixtureSection(Section):
@@ -432,6 +454,19 @@ def load_raw_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (
         raise MotError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(base, DictConfig):
         raise MotError(f"config file {path} must hold a mapping (key: value) at the top level, not a list")
+    return _merged(base, overrides, f"config file {path}")
+
+
+def merge_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """A config dict + ``key=value`` overrides -> plain dict with interpolations resolved."""
+    try:
+        base = OmegaConf.create(data)
+    except (OmegaConfBaseException, ValueError) as exc:
+        raise MotError(f"config error: {str(exc).splitlines()[0]}") from None
+    return _merged(base, overrides, "the config")
+
+
+def _merged(base: DictConfig, overrides, what: str) -> dict[str, Any]:
     bad = [o for o in overrides if "=" not in o or o.startswith("=")]
     if bad:
         raise MotError(f"override '{bad[0]}' is not of the form key=value (e.g. train.steps=100)")
@@ -441,7 +476,7 @@ def load_raw_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (
     except OmegaConfBaseException as exc:
         raise MotError(f"config error: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
-        raise MotError(f"config file {path} must hold a mapping at the top level")
+        raise MotError(f"{what} must hold a mapping at the top level")
     return data
 
 
@@ -467,3 +502,65 @@ def dump_config(config: RunConfig, plugin_options: dict[str, dict[str, Any]] | N
             node = node[key]
         node[leaf] = options
     return yaml.safe_dump(data, sort_keys=False)
+
+
+def config_keys() -> list[tuple[str, str, str, str]]:
+    """Every key of the run config as (dotted key, type, default, description), in the order
+    of the schema; ``<name>`` stands for a modality's or a dataset's name (``mot config keys``,
+    and the reference in docs/configuration.md)."""
+    rows: list[tuple[str, str, str, str]] = []
+
+    def section_of(annotation: Any) -> type[BaseModel] | None:
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            return annotation
+        return next((a for a in typing.get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            key = f"{prefix}{name}"
+            annotation = field.annotation
+            if typing.get_origin(annotation) is dict:
+                value = typing.get_args(annotation)[1]
+                inner = section_of(value)
+                if inner is not None:  # named entries: mixture.modalities.<name>, mixture.datasets.<name>
+                    walk(inner, f"{key}.<name>.")
+                    continue
+            inner = section_of(annotation)
+            if inner is not None and inner is not FFNSection or (inner is FFNSection and key == "model.ffn"):
+                walk(inner, f"{key}.")
+                continue
+            rows.append((key, _type_name(annotation), _default_text(field), field.description or ""))
+
+    walk(RunConfig, "")
+    return rows
+
+
+def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) is Literal:
+        return " | ".join(repr(a) if isinstance(a, str) else str(a) for a in typing.get_args(annotation))
+    text = str(annotation).replace("typing.", "")
+    for plain, name in ((int, "int"), (float, "float"), (bool, "bool"), (str, "str")):
+        if annotation is plain:
+            return name
+    text = re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", text)
+    text = re.sub(r"Optional\[(.*)\]$", r"\1 | None", text).replace("mot_core.config.FFNSection", "FFN (as model.ffn)")
+    return re.sub(r"Annotated\[(\w+), [^\]]*\]", r"\1", text).replace("NoneType", "None")
+
+
+def _default_text(field: Any) -> str:
+    if field.is_required():
+        return "required"
+    default = field.get_default(call_default_factory=True)
+    if isinstance(default, BaseModel):
+        return "(section)"
+    return json.dumps(default) if not isinstance(default, str) else default
+
+
+def config_keys_markdown() -> str:
+    """``config_keys`` as a Markdown table (the generated part of docs/configuration.md)."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, kind, default, description in config_keys():
+        cells = [f"`{key}`", kind, f"`{default}`" if default not in ("required", "(section)") else default,
+                 description]
+        lines.append("| " + " | ".join(cell.replace("|", "\\|").replace("\n", " ") for cell in cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -114,7 +114,7 @@ def fail_at_batch(monkeypatch, call_number: int, exc: BaseException):
                 raise exc
             return super().next_batch(*args, **kwargs)
 
-    monkeypatch.setattr("mot_core.train.trainer.PackedStream", FailingStream)
+    monkeypatch.setattr("mot_core.training.state.PackedStream", FailingStream)
 
 
 def nan_losses_on(monkeypatch, poisoned) -> None:
@@ -149,3 +149,11 @@ def prepared_vq(tmp_path_factory) -> tuple[Path, Path]:
     assert main(["data", "prepare", str(config)]) == 0
     assert main(["tokenizer", "fit", str(config)]) == 0
     return base / "data", base / "tok"
+
+
+def use_registry(monkeypatch, make_registry) -> None:
+    """Make ``make_registry()`` the registry every config and experiment is built with in this
+    process (the front door's tower defaults and the experiment's plugins alike); it is called
+    where the registry is needed, so a broken plugin fails inside the command under test."""
+    for module in ("mot_core.experiment.resolve", "mot_core.experiment.build"):
+        monkeypatch.setattr(f"{module}.get_registry", make_registry)

@@ -1,8 +1,10 @@
 """The architecture, checked: import-linter contracts (pyproject.toml) and no import cycles.
 
-Layers of mot_core, top to bottom: cli > bench > train > generate | launch > data > model;
-plugin_api, errors and config sit at the bottom; plugins use only plugin_api, errors and
-registry. Both checks read the source statically, so they take well under a second.
+Layers of mot_core, top to bottom: cli > bench | distributed | testing > runs > training >
+experiment > hf | generate | devices > data > model > plugin_api : config : plotting > progress >
+errors; model is pure torch; plugins use only plugin_api, errors and registry. The built-in plugins are independent of each other; what they share lives in
+plugins.common, which imports none of them. Both checks read the source statically, so they
+take well under a second.
 """
 
 from __future__ import annotations

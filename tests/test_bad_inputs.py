@@ -38,7 +38,8 @@ BAD_INPUTS = [
     (["train", "{config}", "model.attention_backend=xformers"], "attention backend 'xformers' unavailable"),
     (["train", "{config}", "run.device=cuda"], "no CUDA device is available"),
     (["train", "{config}", "run.dir={file}"], "is a file; give a folder"),
-    (["train", "{config}", "mixture.datasets.text_files.options.paths=[{tmp}/none/*.txt]"], "no file found at"),
+    (["train", "{config}", "run.dir={tmp}/p", "mixture.datasets.text_files.options.paths=[{tmp}/none/*.txt]"],
+     "no file found at"),
     (["train", "{config}", "run.dir={tmp}/v", "mixture.modalities.text.options.vocab_size=100000"], "the text BPE reached only"),
     (["train", "{config}", "mixture.modalities.text.options.vocab_size=299"], "vocab_size: Input should be greater than or equal to 300"),
     (["train", "{config}", "train.on_nonfinite=ignore"], "train.on_nonfinite: Input should be 'stop' or 'skip'"),
@@ -140,7 +141,7 @@ def test_a_checkpoint_with_nan_weights_is_one_line_in_generate(places, capsys, t
     import torch
     from safetensors.torch import load_file, save_file
 
-    from mot_core.train import checkpoint as ckpt
+    from mot_core.training import checkpoint as ckpt
 
     run = tmp_path / "nan_run"
     shutil.copytree(places["run"], run)

@@ -17,7 +17,8 @@ from PIL import Image
 
 import plugins.images.prepare as prepare_module
 from mot_core.errors import MotError
-from plugins.images.data import CaptionedImages, CaptionedImagesOptions, load_image_file, save_image_grid
+from plugins.common.images import load_image_file, save_image_grid
+from plugins.images.data import CaptionedImages, CaptionedImagesOptions
 from plugins.images.prepare import DIGIT_WORDS, prepare_captioned_images
 
 SIZE = 32

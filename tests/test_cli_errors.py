@@ -10,6 +10,7 @@ from mot_core.cli import main
 from mot_core.plugin_api import DataSource, Modality, RawDocument, RawSegment
 from registry import hookimpl
 from registry.manager import build_registry
+from conftest import use_registry
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
@@ -122,7 +123,7 @@ class _BrokenPlugin:
 
 def test_token_id_outside_vocabulary(capsys, monkeypatch, tmp_path):
     registry = build_registry((_BrokenPlugin(),))
-    monkeypatch.setattr("mot_core.train.experiment.get_registry", lambda: registry)
+    use_registry(monkeypatch, lambda: registry)
     config = tmp_path / "broken.yaml"
     config.write_text(yaml.safe_dump({
         "run": {"dir": str(tmp_path / "r"), "device": "cpu"},

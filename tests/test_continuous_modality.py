@@ -26,14 +26,14 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import PLUGIN_SOURCE, fail_at_batch, run_mot
+from conftest import PLUGIN_SOURCE, fail_at_batch, run_mot, use_registry
 from mot_core.cli import main
 from mot_core.data import IGNORE, PackedStream, Vocabulary, collate
 from mot_core.data.packing import collate
 from mot_core.errors import MotError
 from mot_core.model.transformer import ModalityModules, ModelArgs, MoTTransformer
 from mot_core.plugin_api import ContinuousSegment, Modality, ModalitySlice, RawDocument, RawSegment
-from mot_core.train.evaluation import continuous_inputs, forward_losses, reduce_losses
+from mot_core.training.evaluation import continuous_inputs, forward_losses, reduce_losses
 from registry import hookimpl
 from registry.manager import build_registry
 
@@ -362,7 +362,7 @@ def noisy_registry(patches_plugin, monkeypatch):
 
     def install(defect: str | None = None):
         registry = build_registry((package, _noisy_plugin(patches, defect)))
-        monkeypatch.setattr("mot_core.train.experiment.get_registry", lambda: registry)
+        use_registry(monkeypatch, lambda: registry)
         return registry
 
     return install
@@ -395,8 +395,8 @@ def test_each_loss_reaches_only_its_own_tower_and_modules(noisy_registry, tmp_pa
     projection, FFN, norms) and its own modules get exactly zero gradient; its own get some."""
     from mot_core.config import validate_config
     from mot_core.data import fixed_batches
-    from mot_core.train.experiment import build_experiment, build_model, extras_sampler, model_args
-    from mot_core.train.tokenize import open_data, prepare_vocabulary
+    from mot_core.experiment.build import build_experiment, build_model, extras_sampler, model_args
+    from mot_core.experiment.tokenize import open_data, prepare_vocabulary
 
     noisy_registry()
     config = validate_config(_patch_config(tmp_path / "g", "noisy_patches"))
@@ -503,7 +503,7 @@ def test_autoregressive_generation_through_the_cache_equals_reading_the_series_w
 
     package, _ = patches_plugin
     registry = build_registry((package,))
-    monkeypatch.setattr("mot_core.train.experiment.get_registry", lambda: registry)
+    use_registry(monkeypatch, lambda: registry)
     run = open_run(generating_runs["timeseries_patches"])
     assert run.step == 40 and list(run.modalities) == ["text", "timeseries_patches"]
     greedy = SamplingParams(temperature=0)

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import fail_at_batch, nan_losses_on
 from mot_core.cli import main
-from mot_core.train import checkpoint as ckpt
+from mot_core.training import checkpoint as ckpt
 
 COMPARED = ("step", "loss", "loss/text", "lr", "grad_norm", "val/text/loss")
 
@@ -39,7 +39,7 @@ def one_line_error(capsys, code: int) -> str:
 
 KILLER = textwrap.dedent("""
     import os, sys
-    import mot_core.train.checkpoint as ckpt
+    import mot_core.training.checkpoint as ckpt
     calls, kill_at = [0], int(sys.argv[1])
     real_fsync = ckpt._fsync
     def fsync(path):
@@ -188,7 +188,7 @@ class _Args:
 def test_eval_exits_nonzero_on_nonfinite_metrics(write_config, tmp_path, capsys, monkeypatch):
     config = write_config("evalnan", steps=2, checkpoint_every=2)
     assert main(["train", str(config)]) == 0
-    monkeypatch.setattr("mot_core.train.runs.evaluate", lambda *a, **k: {"val/text/loss": float("nan")})
+    monkeypatch.setattr("mot_core.runs.reopen.evaluate", lambda *a, **k: {"val/text/loss": float("nan")})
     capsys.readouterr()
     code = main(["eval", str(tmp_path / "evalnan")])
     err = capsys.readouterr().err.strip()
@@ -254,10 +254,10 @@ def test_storage_errors_are_one_line_and_keep_the_previous_checkpoint(write_conf
             raise failure
         return real_save(obj, path, *args, **kwargs)
 
-    monkeypatch.setattr("mot_core.train.checkpoint.torch.save", failing_save)
+    monkeypatch.setattr("mot_core.training.checkpoint.torch.save", failing_save)
     if isinstance(failure, RuntimeError):  # torch's bare write error: the free space tells
         usage = shutil_module.disk_usage(tmp_path)
-        monkeypatch.setattr("mot_core.train.checkpoint.shutil.disk_usage", lambda _: usage._replace(free=1 << 20))
+        monkeypatch.setattr("mot_core.training.checkpoint.shutil.disk_usage", lambda _: usage._replace(free=1 << 20))
     err = one_line_error(capsys, main(["train", str(config)]))
     assert message in err and "step 4 (the previous one is kept)" in err, err
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "disk")] == ["step_0000002"]

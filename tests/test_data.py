@@ -11,7 +11,7 @@ import torch
 from mot_core.data import IGNORE, PackedStream, TokenDocument, Vocabulary, collate, fixed_batches
 from mot_core.errors import MotError
 from mot_core.plugin_api import Modality, RawDocument, RawSegment
-from mot_core.train.trainer import lr_factor
+from mot_core.training.state import lr_factor
 from plugins.text.evaluator import LanguageModelEvaluator
 from plugins.text.modality import Text, TextOptions
 

@@ -1,6 +1,11 @@
-"""Docs that cannot go stale: sample outputs in the plugin guide are the real outputs."""
+"""Docs that cannot go stale: sample outputs in the plugin guide are the real outputs, and the README
+and the pages in docs/ stay short, reachable and free of dead links."""
 
 from __future__ import annotations
+
+import re
+
+import pytest
 
 from conftest import ROOT, run_mot
 
@@ -30,3 +35,95 @@ def test_config_show_prints_the_resolved_loss_evaluators_and_their_options(write
     assert text["evaluator_options"] == {"text_lm": {}}
     assert shown["mixture"]["weight_unit"] == "tokens"
     assert shown["launch"]["strategy"] == "fsdp2"
+
+
+# The README and the guides in docs/: short enough to read, every page reachable, no dead links.
+
+README = ROOT / "README.md"
+DOC_PAGES = sorted((ROOT / "docs").glob("*.md"))
+LINKED_FILES = [README, *DOC_PAGES]
+
+_FENCE = re.compile(r"^ {0,3}(```|~~~).*?^ {0,3}\1[^\n]*$", re.M | re.S)
+_CODE_SPAN = re.compile(r"(`+).+?\1", re.S)
+_INLINE_LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\[\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+_REFERENCE_LINK = re.compile(r"^ {0,3}\[[^\]]+\]:\s*<?(\S+?)>?(?:\s+\"[^\"]*\")?\s*$", re.M)
+_HEADING = re.compile(r"^ {0,3}(#{1,6})\s+(.*?)\s*#*\s*$", re.M)
+
+
+def _prose(text: str) -> str:
+    """The text outside fenced code blocks and code spans: where links and headings live."""
+    return _CODE_SPAN.sub("", _FENCE.sub("", text))
+
+
+def _links(path) -> list[str]:
+    prose = _prose(path.read_text())
+    return _INLINE_LINK.findall(prose) + _REFERENCE_LINK.findall(prose)
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: markup dropped, lowercase, punctuation other than '-' and
+    '_' removed, each space a '-'."""
+    text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # a link's text
+    text = text.replace("`", "").lower()
+    text = re.sub(r"[^\w\- ]", "", text)
+    return text.replace(" ", "-")
+
+
+def _anchors(path) -> set[str]:
+    anchors: set[str] = set()
+    counts: dict[str, int] = {}
+    for match in _HEADING.finditer(_FENCE.sub("", path.read_text())):
+        slug = _slug(match.group(2))
+        n = counts.get(slug, 0)
+        counts[slug] = n + 1
+        anchors.add(slug if n == 0 else f"{slug}-{n}")
+    return anchors
+
+
+def _is_relative(target: str) -> bool:
+    return not re.match(r"^[a-z][a-z0-9+.-]*:", target, re.I) and not target.startswith("#")
+
+
+def test_the_readme_is_at_most_300_lines():
+    lines = README.read_text().count("\n")
+    assert lines <= 300, f"README.md has {lines} lines: move detail into a page under docs/"
+
+
+def test_every_docs_page_is_linked_from_the_readme():
+    linked = {(README.parent / target.split("#")[0]).resolve() for target in _links(README) if _is_relative(target)}
+    missing = [page.name for page in DOC_PAGES if page.resolve() not in linked]
+    assert not missing, f"docs pages not linked from README.md: {missing}"
+
+
+@pytest.mark.parametrize("page", LINKED_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_relative_link_resolves(page):
+    dead = []
+    for target in _links(page):
+        if not _is_relative(target):
+            continue
+        file_part, _, anchor = target.partition("#")
+        path = (page.parent / file_part).resolve()
+        if not path.exists():
+            dead.append(f"{target} (no such path)")
+        elif anchor and path.suffix == ".md" and anchor not in _anchors(path):
+            dead.append(f"{target} (no heading makes #{anchor} in {path.name})")
+    assert not dead, f"dead links in {page.relative_to(ROOT)}: {dead}"
+
+
+@pytest.mark.parametrize("page", LINKED_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_anchor_within_a_page_names_one_of_its_headings(page):
+    anchors = _anchors(page)
+    dead = [t for t in _links(page) if t.startswith("#") and t[1:] not in anchors]
+    assert not dead, f"anchors in {page.relative_to(ROOT)} that no heading there makes: {dead}"
+
+
+def test_the_configuration_guides_key_reference_is_every_key_of_the_schema():
+    """docs/configuration.md's table is `mot config keys --markdown` of the current schema:
+    a key added, removed or redescribed fails here until the page is regenerated."""
+    from mot_core.config import config_keys_markdown
+
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    section = text[text.index("\n## Every key\n") :]
+    begin, end = "<!-- keys:begin -->\n", "<!-- keys:end -->"
+    table = section[section.index(begin) + len(begin) : section.index(end)]
+    assert table == config_keys_markdown(), "regenerate it: mot config keys --markdown"

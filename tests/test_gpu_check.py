@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mot_core.bench import gpu_check
-from mot_core.bench.gpu_kit import kit_configs
+from tools.gpu import check as gpu_check
+from tools.gpu.kit import kit_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 # Packages of this project's dependencies that the CUDA machine's image does not hold and the
@@ -43,7 +43,7 @@ def _python(*args: str, env: dict | None = None, timeout: int = 900) -> subproce
 @pytest.fixture(scope="module")
 def tiny_kit(tmp_path_factory) -> Path:
     kit = tmp_path_factory.mktemp("gpu_kit")
-    result = _python("-m", "mot_core.bench.gpu_kit", "--out", str(kit), "--images-per-source", "100",
+    result = _python("-m", "tools.gpu.kit", "--out", str(kit), "--images-per-source", "100",
                      "--fit-steps", "3", "--no-wheels", "--tiny")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return kit
@@ -57,7 +57,7 @@ def test_the_dry_run_passes_every_section_without_the_packages_the_gpu_machine_l
     probe = _python("-c", "import ray", env={"PYTHONPATH": str(blocker)})
     assert "No module named 'ray'" in probe.stderr  # the simulation holds in child processes
     out = tmp_path / "out"
-    result = _python("-m", "mot_core.bench.gpu_check", "--dry-run", "--kit", str(tiny_kit), "--out", str(out),
+    result = _python("-m", "tools.gpu.check", "--dry-run", "--kit", str(tiny_kit), "--out", str(out),
                      env={"PYTHONPATH": str(blocker)})
     report = json.loads((out / "gpu_check.json").read_text())
     log = (out / "gpu_check.log").read_text()
@@ -123,6 +123,6 @@ def test_the_install_step_installs_the_project_for_its_entry_points(tmp_path, mo
     (["--kit", "/nonexistent"], "is not a GPU-check kit (no kit.json); prepare one with `make gpu-kit`"),
 ])
 def test_bad_gpu_check_input_is_one_line(tmp_path, args, message):
-    result = _python("-m", "mot_core.bench.gpu_check", "--out", str(tmp_path / "o"), "--kit", str(tmp_path), *args)
+    result = _python("-m", "tools.gpu.check", "--out", str(tmp_path / "o"), "--kit", str(tmp_path), *args)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, \
         result.stderr

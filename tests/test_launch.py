@@ -301,7 +301,7 @@ def _wrapped(error: BaseException) -> RuntimeError:
     ],
 )
 def test_the_driver_restarts_a_failed_group_but_not_a_repeating_error(outcomes, max_failures, fits, message):
-    from mot_core.cluster.driver import fit_with_retries
+    from mot_core.distributed.launch import fit_with_retries
 
     made: list[int] = []
     queue = list(outcomes)

@@ -19,7 +19,7 @@ from conftest import PLUGIN_SOURCE, run_mot
 from mot_core.cli import main
 from mot_core.errors import MotError
 from mot_core.plugin_api import Modality, PluginOptions, ValueSpan
-from mot_core.train.conformance import BUILD, ENCODE, EVALUATORS, LOSSES, TOKENIZERS, check_plugin
+from mot_core.testing.conformance import BUILD, ENCODE, EVALUATORS, LOSSES, TOKENIZERS, check_plugin
 from registry import hookimpl
 from registry.manager import build_registry
 from test_plugin_contract import (
@@ -423,8 +423,8 @@ def test_evaluators_generate_through_the_same_entry_point(tmp_path):
     from mot_core.config import validate_config
     from mot_core.generate.api import generate_segments
     from mot_core.plugin_api import EvaluationContext, RawSegment, SamplingParams
-    from mot_core.train.experiment import build_experiment, build_model, model_args
-    from mot_core.train.tokenize import prepare_vocabulary
+    from mot_core.experiment.build import build_experiment, build_model, model_args
+    from mot_core.experiment.tokenize import prepare_vocabulary
 
     from test_plugin_contract import _config
 

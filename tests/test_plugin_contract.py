@@ -20,6 +20,7 @@ from mot_core.plugin_api import DataSource, Evaluator, Modality, PluginOptions, 
 from plugins.autoregressive import AutoregressiveLoss
 from registry import hookimpl
 from registry.manager import build_registry
+from conftest import use_registry
 
 PLUGIN = "glyph_plugin"
 
@@ -192,7 +193,7 @@ def _config(run_dir: Path) -> dict:
 
 
 def _train(tmp_path, monkeypatch, capsys, plugin) -> tuple[int, str]:
-    monkeypatch.setattr("mot_core.train.experiment.get_registry", lambda: build_registry((plugin,)))
+    use_registry(monkeypatch, lambda: build_registry((plugin,)))
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(_config(tmp_path / "run")))
     code = main(["train", str(config)])

@@ -10,7 +10,7 @@ import torch
 
 from mot_core.cli import main
 from mot_core.errors import MotError
-from mot_core.launch.device import cpu_bf16_flag, describe_precision, native_bf16_cpu, uses_bf16
+from mot_core.devices.device import cpu_bf16_flag, describe_precision, native_bf16_cpu, uses_bf16
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 

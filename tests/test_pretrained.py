@@ -16,9 +16,10 @@ from mot_core.config import validate_config
 from mot_core.errors import MotError
 from mot_core.model.attention import AttentionLayout
 from mot_core.model.routing import build_routing
-from mot_core.train.experiment import build_experiment, build_model, model_args
-from mot_core.train.pretrained import read_checkpoint, resolve_init_from, start_from_pretrained
-from mot_core.train.tokenize import prepare_vocabulary
+from mot_core.experiment.build import build_experiment, build_model, model_args
+from mot_core.experiment.resolve import resolve_config
+from mot_core.hf.llama import read_checkpoint, start_from_pretrained
+from mot_core.experiment.tokenize import prepare_vocabulary
 
 transformers = pytest.importorskip("transformers")
 
@@ -75,7 +76,7 @@ def run_config(corpus: Path, run_dir: Path, folder: Path, **model) -> dict:
 
 
 def build(data: dict):
-    config = resolve_init_from(validate_config(data))
+    config = resolve_config(data)
     exp = build_experiment(config)
     vocab = prepare_vocabulary(exp)
     model = build_model(model_args(config, vocab), vocab)
@@ -113,7 +114,7 @@ def test_towers_copied_from_the_checkpoint_give_the_dense_models_outputs(folders
     """At step 0, MoT whose every tower is a copy of the pretrained one computes what the dense
     model (one shared tower) computes, on an interleaved sequence of two modalities."""
     from mot_core.model.transformer import ModelArgs, MoTTransformer
-    from mot_core.train.pretrained import load_llama
+    from mot_core.hf.llama import load_llama
 
     checkpoint = read_checkpoint(folders["gqa"])
     s = checkpoint.settings
@@ -138,7 +139,7 @@ def test_towers_copied_from_the_checkpoint_give_the_dense_models_outputs(folders
 
 def test_a_trained_run_exports_as_a_llama_that_transformers_loads(folders, text_corpus, tmp_path, capsys):
     """Train from the checkpoint, export the text tower: `transformers` gives the run's logits."""
-    from mot_core.train.runs import load_run
+    from mot_core.runs.reopen import load_run
 
     data = run_config(text_corpus, tmp_path / "run", folders["gqa"])
     data["train"].update(steps=3, eval_every=0, checkpoint_every=0)
@@ -288,7 +289,7 @@ def test_validation_at_step_0_equals_the_checkpoints_own_loss_on_the_same_data(f
     document alone, with the run's positions), to fp32 precision."""
     from mot_core.data import fixed_batches
     from mot_core.plugin_api import IGNORE_INDEX
-    from mot_core.train.runs import load_run
+    from mot_core.runs.reopen import load_run
 
     folder = folders["gqa"]
     data = run_config(text_corpus, tmp_path / "run", folder)

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from conftest import ROOT, tiny_config_dict
 
-from mot_core.plugin_api import PlainProgress, progress
+from mot_core.progress import PlainProgress, progress
 
 
 class FakeTerminal(io.StringIO):

@@ -13,7 +13,7 @@ import yaml
 
 from conftest import nan_losses_on
 from mot_core.cli import main
-from mot_core.train.trainer import lr_factor
+from mot_core.training.state import lr_factor
 
 
 def _records(run: Path) -> list[dict]:
@@ -49,7 +49,7 @@ def test_a_lower_learning_rate_on_resume_takes_effect_and_is_recorded(write_conf
 def test_the_optimizer_uses_the_new_settings_from_the_resumed_step(write_config, tmp_path):
     import torch
 
-    from mot_core.train import checkpoint as ckpt
+    from mot_core.training import checkpoint as ckpt
 
     config = write_config("opt", steps=3, checkpoint_every=3)
     assert main(["train", str(config)]) == 0
@@ -130,7 +130,7 @@ def test_a_folder_listed_twice_under_two_spellings_is_refused(tmp_path):
 
 
 def test_a_tampered_meta_json_is_damage_and_an_unchecksummed_checkpoint_is_reported(write_config, tmp_path, capsys):
-    from mot_core.train import checkpoint as ckpt
+    from mot_core.training import checkpoint as ckpt
 
     config = write_config("meta", steps=4, checkpoint_every=2)
     assert main(["train", str(config)]) == 0

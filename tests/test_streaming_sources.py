@@ -149,7 +149,7 @@ def test_wikipedia_of_ones_own_streams(tmp_path, monkeypatch):
             assert [d.segments[0].payload.split("\n")[0] for d in docs] == [
                 t for t in titles for _ in range(1 if split_documents == "article" else 2)]
     # A dump of one's own is never parsed whole up front, nor kept.
-    monkeypatch.setattr(text_data, "_load_wikipedia", lambda *a: pytest.fail("the whole dump was loaded"))
+    monkeypatch.setattr(text_data, "load_wikipedia", lambda *a: pytest.fail("the whole dump was loaded"))
     stream = Wikipedia(WikipediaOptions(path=str(dump), min_chars=10)).documents("train")
     assert next(stream).segments[0].payload.startswith("Article")
 
@@ -169,12 +169,12 @@ def test_wikipedia_errors_and_fingerprint(tmp_path):
 
 
 def test_wikipedia_default_dump_streams_the_same_articles():
-    from plugins.text.data import _load_wikipedia
+    from plugins.common.wikipedia import load_wikipedia
 
     source = Wikipedia(WikipediaOptions())
     stream = source.documents("val")
     assert isinstance(stream, Iterator)
-    expected = [f"{t}\n\n{b}" for t, b in _load_wikipedia(None, 500) if in_val_split(t, 0.05)]
+    expected = [f"{t}\n\n{b}" for t, b in load_wikipedia(None, 500) if in_val_split(t, 0.05)]
     assert [d.segments[0].payload for d in stream] == expected
     assert source.fingerprint() == Wikipedia(WikipediaOptions()).fingerprint()
 
@@ -238,9 +238,9 @@ def test_captioned_images_decode_each_image_as_it_is_taken(image_data, monkeypat
     import plugins.images.data as image_data_module
 
     decoded = []
-    real_rgb, real_any = image_data_module._read_rgb, image_data_module._read_any_image
-    monkeypatch.setattr(image_data_module, "_read_rgb", lambda *a: decoded.append(a[0]) or real_rgb(*a))
-    monkeypatch.setattr(image_data_module, "_read_any_image", lambda *a: decoded.append(a[0]) or real_any(*a))
+    real_prepared, real_any = image_data_module.read_prepared_image, image_data_module.read_any_image
+    monkeypatch.setattr(image_data_module, "read_prepared_image", lambda *a: decoded.append(a[0]) or real_prepared(*a))
+    monkeypatch.setattr(image_data_module, "read_any_image", lambda *a: decoded.append(a[0]) or real_any(*a))
     stream = images_source(image_data, directions=["image_to_caption"]).documents("train")
     assert decoded == []
     first = next(stream)

@@ -15,7 +15,7 @@ import yaml
 
 from conftest import tiny_config_dict
 from mot_core.cli import main
-from mot_core.cluster.sweep import parse_grid, plan_sweep, split_values
+from mot_core.distributed.sweep import parse_grid, plan_sweep, split_values
 
 
 def _base(tmp_path: Path, corpus: Path, **train) -> Path:

@@ -132,7 +132,7 @@ def mlflow_client(run: Path):
 
 
 def mlflow_history(run: Path, run_id: str, keys) -> dict[str, list[tuple[int, float]]]:
-    from mot_core.train.trackers import mlflow_names
+    from mot_core.training.trackers import mlflow_names
 
     client = mlflow_client(run)
     return {key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, name))
@@ -231,7 +231,7 @@ def test_a_resumed_run_sends_every_step_once_to_the_same_runs(write_config, tmp_
 
 KILLER = textwrap.dedent("""
     import os, sys
-    import mot_core.train.trainer as trainer
+    import mot_core.training.state as trainer
     from mot_core.data import PackedStream
     calls = [0]
     class Killed(PackedStream):

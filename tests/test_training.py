@@ -101,8 +101,10 @@ def test_resume_never_refuses_to_overwrite(write_config, tmp_path, capsys, unint
 
 
 def test_tokenizer_options_changed_under_an_existing_run(write_config, tmp_path, capsys, uninterrupted):
+    """The resume's own refusal names the option, before any tokenizer is looked at."""
     code = main(["train", str(tmp_path / "full.yaml"), "mixture.modalities.text.options.vocab_size=400"])
-    assert code == 2 and "tokenizer saved in" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and "mixture.modalities.text.options.vocab_size was 300 when" in err, err
 
 
 def test_token_shares_are_printed_at_start_and_logged(text_corpus, tmp_path, capsys):

@@ -153,15 +153,15 @@ def step_times_side_by_side(config_path: Path, steps: int = 60) -> dict:
     import numpy as np
     import torch
 
-    from mot_core.config import load_raw_config, validate_config
     from mot_core.data import PackedStream
     from mot_core.data.stores import DocumentList
-    from mot_core.train.evaluation import forward_losses
-    from mot_core.train.experiment import apply_tower_defaults, build_experiment, build_model, model_args
-    from mot_core.train.tokenize import open_data, prepare_vocabulary
-    from mot_core.train.trainer import build_optimizer
+    from mot_core.experiment.build import build_experiment, build_model, model_args
+    from mot_core.experiment.resolve import resolve_config
+    from mot_core.experiment.tokenize import open_data, prepare_vocabulary
+    from mot_core.training.evaluation import forward_losses
+    from mot_core.training.state import build_optimizer
 
-    config = validate_config(apply_tower_defaults(load_raw_config(config_path)))
+    config = resolve_config(config_path)
     exp = build_experiment(config)
     vocab = prepare_vocabulary(exp)
     data = open_data(exp, vocab, missing="error")

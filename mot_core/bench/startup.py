@@ -48,11 +48,11 @@ def _dense_checkpoint(config: dict, folder: Path) -> int:
     import torch
     from safetensors.torch import save_file
 
-    from mot_core.config import validate_config
-    from mot_core.train.experiment import build_experiment, build_model, model_args
-    from mot_core.train.tokenize import prepare_vocabulary
+    from mot_core.experiment.build import build_experiment, build_model, model_args
+    from mot_core.experiment.resolve import resolve_config
+    from mot_core.experiment.tokenize import prepare_vocabulary
 
-    run = validate_config(config)
+    run = resolve_config(config)
     exp = build_experiment(run)
     vocab = prepare_vocabulary(exp)
     torch.manual_seed(0)

@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from mot_core.bench.matching import Match, ema, match_curves
-from mot_core.config import validate_config
 from mot_core.plotting import finish, panels
-from mot_core.train.trainer import train
+from mot_core.runs.start import resolve_local_config, train_locally
 
 TIED = {"ffn": False, "attention": False, "norm": False}
 UNTIED = {"ffn": True, "attention": True, "norm": True}
@@ -26,8 +25,9 @@ COLORS = {"dense": "tab:gray", "mot": "tab:blue", "moe4x": "tab:orange"}
 
 
 def twin_config(raw: dict, variant: str, out_dir: Path, steps: int | None) -> dict:
-    """The base config with only the towers (untie, FFN kind; per-modality tower FFNs and
-    groups removed), the run dir and optionally the steps changed."""
+    """The base config (YAML + overrides, before the front door) with only the towers (untie,
+    FFN kind; per-modality tower FFNs and groups removed), the run dir and optionally the steps
+    changed; the plugins' tower defaults are applied to it as to any config."""
     data = copy.deepcopy(raw)
     untie, ffn = TWINS[variant]
     model = data.setdefault("model", {})
@@ -100,7 +100,7 @@ def plot(curves: dict[str, dict], matches: dict[str, dict], smoothing: float, pa
 def run_step_match(raw: dict, out_dir: Path, steps: int | None, smoothing: float, variants: tuple[str, ...] = ("dense", "mot")
                    ) -> dict:
     for variant in variants:
-        train(validate_config(twin_config(raw, variant, out_dir, steps)))  # resumes if interrupted
+        train_locally(resolve_local_config(twin_config(raw, variant, out_dir, steps)))  # resumes if interrupted
     curves = {v: load_curves(out_dir / v) for v in variants}
     dense = curves["dense"]
     matches = {v: compare(dense, curves[v], smoothing) for v in variants if v != "dense"}

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from mot_core.model.attention import AttentionLayout
 from mot_core.bench.naive import NaiveMoTTransformer
-from mot_core.launch.host import keep_freed_memory_in_heap
+from mot_core.devices.host import keep_freed_memory_in_heap
 from mot_core.model.moe import MoEArgs
 from mot_core.model.transformer import ModelArgs, MoTTransformer
 from mot_core.model.routing import build_routing
@@ -126,7 +126,7 @@ def _sync(device: torch.device) -> None:
 
 def resolve_device(name: str) -> torch.device:
     """auto | cpu | cuda; asking for cuda without a CUDA device is a one-line MotError."""
-    from mot_core.launch.device import resolve_device as resolve
+    from mot_core.devices.device import resolve_device as resolve
 
     return resolve(name)
 
@@ -287,7 +287,7 @@ def _datasheet_peak(device: torch.device, dtype: str) -> float | None:
 
 
 def _cpu_name() -> str:
-    from mot_core.launch.device import native_bf16_cpu
+    from mot_core.devices.device import native_bf16_cpu
 
     name = "cpu"
     try:

@@ -39,9 +39,8 @@ def cmd_bench_throughput(ns: argparse.Namespace) -> int:
 def cmd_bench_step_match(ns: argparse.Namespace) -> int:
     from mot_core.bench.step_match import format_report, run_step_match
     from mot_core.config import load_raw_config
-    from mot_core.train.experiment import apply_tower_defaults
 
-    raw = apply_tower_defaults(load_raw_config(ns.config, ns.overrides))
+    raw = load_raw_config(ns.config, ns.overrides)  # each twin is resolved from it (run_step_match)
     variants = ("dense", "mot", "moe4x") if ns.moe4x else ("dense", "mot")
     report = run_step_match(raw, Path(ns.out), ns.steps, ns.smoothing, variants)
     print(json.dumps(report) if ns.json else format_report(report))

@@ -9,11 +9,10 @@ from mot_core.errors import MotError
 
 
 def load_config(config_path: str, overrides: list[str]):
-    """YAML + overrides + plugin tower defaults -> validated ``RunConfig``."""
-    from mot_core.config import load_raw_config, validate_config
-    from mot_core.train.experiment import apply_tower_defaults
+    """The config ``mot train CONFIG key=value ...`` would run (``resolve_local_config``)."""
+    from mot_core.runs.start import resolve_local_config
 
-    return validate_config(apply_tower_defaults(load_raw_config(config_path, overrides)))
+    return resolve_local_config(config_path, overrides)
 
 
 def config_command(sub, group: str, name: str, help_text: str, func) -> argparse.ArgumentParser:

@@ -9,7 +9,7 @@ from mot_core.cli.common import config_command, load_config
 
 
 def cmd_data_prepare(ns: argparse.Namespace) -> int:
-    from mot_core.train.preparation import data_prepare
+    from mot_core.experiment.preparation import data_prepare
 
     for name, report in data_prepare(load_config(ns.config, ns.overrides)).items():
         print(f"{name}: {json.dumps(report) if report else 'nothing to prepare'}")
@@ -17,7 +17,7 @@ def cmd_data_prepare(ns: argparse.Namespace) -> int:
 
 
 def cmd_tokenizer_fit(ns: argparse.Namespace) -> int:
-    from mot_core.train.preparation import tokenizer_fit
+    from mot_core.experiment.preparation import tokenizer_fit
 
     reports = tokenizer_fit(load_config(ns.config, ns.overrides), force=ns.force)
     if not reports:
@@ -29,13 +29,13 @@ def cmd_tokenizer_fit(ns: argparse.Namespace) -> int:
 
 
 def cmd_data_tokenize(ns: argparse.Namespace) -> int:
-    from mot_core.train.experiment import build_experiment
-    from mot_core.train.tokenize import data_root, prepare_vocabulary, tokenize_locally
+    from mot_core.experiment.build import build_experiment
+    from mot_core.experiment.tokenize import data_root, prepare_vocabulary, tokenize_locally
 
     config = load_config(ns.config, ns.overrides)
     exp = build_experiment(config)
     if ns.address:
-        from mot_core.cluster.tokenize import tokenize_on_ray
+        from mot_core.distributed.tokenize import tokenize_on_ray
 
         report = tokenize_on_ray(config, ns.address, force=ns.force)
     else:

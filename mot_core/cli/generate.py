@@ -56,7 +56,7 @@ def _run_job(model, vocab, labels: list[str], payloads: list, prompt_modality: s
 def generate_samples(checkpoint: Path, ns: argparse.Namespace, params) -> list[dict]:
     """The jobs of one ``mot generate``: prompts (text or files) -> --modality, and the older
     --image FILE -> caption."""
-    from mot_core.train.runs import load_run
+    from mot_core.runs.reopen import load_run
 
     _, vocab, _, model, _ = load_run(checkpoint, with_data=False)
     jobs = []

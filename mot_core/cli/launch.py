@@ -5,15 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mot_core.cli.common import load_config, non_negative_float, positive_int
+from mot_core.cli.common import non_negative_float, positive_int
 
 
 def cmd_launch(ns: argparse.Namespace) -> int:
-    from mot_core.cluster.driver import launch
+    from mot_core.distributed.launch import launch
 
-    config = load_config(ns.config, ns.overrides)
-    launch(config, ns.num_workers, ns.gpus_per_worker, ns.address)
-    run_dir = Path(config.run.dir).resolve()
+    config, _ = launch(ns.config, ns.overrides, ns.num_workers, ns.gpus_per_worker, ns.address)
+    run_dir = Path(config.run.dir)
     print(f"done: metrics in {run_dir / 'metrics.jsonl'}, the final checkpoint in {run_dir / 'checkpoints'}")
     return 0
 

@@ -24,7 +24,7 @@ def cmd_plugins_check(ns: argparse.Namespace) -> int:
     """One PASS/FAIL/SKIP line per check, then "N passed, M skipped, K failed". Exit 2 if a
     check failed, like every other error of this CLI; a SKIP is not a failure (the check could
     not run here), but it is counted, never reported as passed."""
-    from mot_core.train.conformance import check_plugins, summary_of
+    from mot_core.testing import check_plugins, summary_of
 
     reports = check_plugins(ns.names or None, config_paths=ns.config or None)
     print(summary_of(reports))

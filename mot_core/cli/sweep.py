@@ -28,8 +28,8 @@ def format_table(rows: list[dict], metric: str) -> str:
 
 def cmd_sweep(ns: argparse.Namespace) -> int:
     from mot_core.cli.compare import plot_runs
-    from mot_core.cluster.driver import check_address
-    from mot_core.cluster.sweep import plan_sweep, read_results, run_sweep
+    from mot_core.distributed.launch import check_address
+    from mot_core.distributed.sweep import plan_sweep, read_results, run_sweep
 
     plan = plan_sweep(ns.config, ns.overrides, ns.grid, ns.out, ns.samples, ns.scheduler, ns.metric)
     if ns.address:

@@ -14,23 +14,23 @@ from mot_core.errors import MotError
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    from mot_core.train.trainer import train
-
-    config = load_config(ns.config, ns.overrides)
     if ns.process_group:
-        from mot_core.cluster.process_group import train_in_process_group
+        from mot_core.distributed.process_group import train_in_process_group
 
-        train_in_process_group(config, ns.process_group)
+        config = train_in_process_group(ns.config, ns.overrides, ns.process_group)
         if os.environ.get("RANK", "0") != "0":
             return 0
     else:
-        train(config)
+        from mot_core.runs.start import train_locally
+
+        config = load_config(ns.config, ns.overrides)
+        train_locally(config)
     print(f"done: metrics in {Path(config.run.dir) / 'metrics.jsonl'}")
     return 0
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:
-    from mot_core.train.runs import evaluate_checkpoint
+    from mot_core.runs.reopen import evaluate_checkpoint
 
     if ns.full and ns.batches:
         raise MotError("--full scores every held-out position; leave out --batches")
@@ -50,11 +50,20 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 
 
 def cmd_config_show(ns: argparse.Namespace) -> int:
-    from mot_core.train.experiment import build_experiment
-    from mot_core.train.pretrained import resolve_init_from
+    from mot_core.experiment.build import build_experiment
 
-    config = resolve_init_from(load_config(ns.config, ns.overrides))
-    print(build_experiment(config).resolved_yaml(), end="")
+    print(build_experiment(load_config(ns.config, ns.overrides)).resolved_yaml(), end="")
+    return 0
+
+
+def cmd_config_keys(ns: argparse.Namespace) -> int:
+    from mot_core.config import config_keys, config_keys_markdown
+
+    if ns.markdown:
+        print(config_keys_markdown(), end="")
+        return 0
+    for key, kind, default, description in config_keys():
+        print(f"{key} ({kind}, default {default}){': ' + description if description else ''}")
     return 0
 
 
@@ -77,3 +86,7 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
     config_command(sub, "config", "show", "print the resolved, validated config", cmd_config_show)
+    group = next(a for a in sub.choices["config"]._actions if isinstance(a, argparse._SubParsersAction))
+    p = group.add_parser("keys", help="every key of the run config: its type, default and meaning")
+    p.add_argument("--markdown", action="store_true", help="as the Markdown table of docs/configuration.md")
+    p.set_defaults(func=cmd_config_keys)

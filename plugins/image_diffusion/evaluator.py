@@ -9,7 +9,7 @@ With the model (``mot eval --samples N``):
 - ``vae_psnr``: reconstruction of held-out images by the VAE (an upper bound on sample quality);
 - ``fid_local`` (or ``fid_inception`` with Inception weights): Frechet distance between held-out
   images and images generated from their captions, through the caption-word feature network
-  of ``plugins.image_vq.fid``; NOT comparable with published FID;
+  of ``plugins.common.fid``; NOT comparable with published FID;
 - ``clip_local`` (or ``clip_score`` with a published CLIP): image-caption similarity of those
   generated images, x100; the local model is trained here and NOT comparable with CLIP scores;
   ``clip_local_real`` is the same score of the held-out images themselves, the ceiling;
@@ -38,12 +38,11 @@ class ImageDiffusionEvaluator(Evaluator):
         return {}
 
     def evaluate_model(self, context: EvaluationContext) -> dict[str, float]:
+        from plugins.common.fid import frechet_distance, inception_feature_net, load_feature_net
+        from plugins.common.images import images_with_captions, psnr_from_mse
         from plugins.image_diffusion.captioning import cider_score, references_by_image
         from plugins.image_diffusion.clip_score import image_text_scorer
         from plugins.image_diffusion.vae import decode_latents, encode_latents
-        from plugins.image_vq.fid import frechet_distance, inception_feature_net, load_feature_net
-        from plugins.image_vq.modality import images_with_captions
-        from plugins.image_vq.vqgan import psnr_from_mse
 
         modality = self.modality
         opts = modality.options

@@ -25,6 +25,7 @@ from mot_core.errors import MotError
 from mot_core.plugin_api import (
     ContinuousSegment, Modality, PluginOptions, RawDocument, SamplingParams, SpanGrammar, SpanRunner, fingerprint_files,
 )
+from plugins.common.images import images_with_captions, load_image_file, save_image_grid
 from plugins.image_diffusion.modules import (
     LinearPatchAdapter, LinearPatchHead, UNetPatchAdapter, UNetPatchHead, patchify, unpatchify,
 )
@@ -96,9 +97,8 @@ class ImageDiffusion(Modality):
 
     def fit(self, train_docs: list[RawDocument], val_docs: list[RawDocument], progress: bool = True,
             force: bool = False) -> dict[str, float]:
+        from plugins.common.fid import FEATURE_FILE, fit_feature_net
         from plugins.image_diffusion.clip_score import fit_contrastive_scorer
-        from plugins.image_vq.fid import FEATURE_FILE, fit_feature_net
-        from plugins.image_vq.modality import images_with_captions
 
         opts: ImageDiffusionOptions = self.options
         out = Path(opts.tokenizer_dir)
@@ -224,13 +224,9 @@ class ImageDiffusion(Modality):
         return list(decode_latents(self._require(), latents))
 
     def read_payload(self, path: Path) -> torch.Tensor:
-        from plugins.images.data import load_image_file
-
         return load_image_file(Path(path), self.options.image_size)
 
     def write_payloads(self, payloads: list[torch.Tensor], path: Path, captions: list[str] | None = None) -> Path:
-        from plugins.images.data import save_image_grid
-
         images = torch.stack(list(payloads))
         save_image_grid(images, Path(path), nrow=min(8, len(images)), captions=captions)
         return Path(path)

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from mot_core.errors import MotError
 from mot_core.plugin_api import progress as progress_display
-from plugins.images.folders import warmup_cosine_lr, write_folder_atomically
+from plugins.common.tokenizer_fitting import warmup_cosine_lr, write_folder_atomically
 
 # AutoencoderKL is imported where it is used: diffusers costs ~4 s to import and every `mot`
 # command loads this plugin; only runs that use it pay.

@@ -9,7 +9,7 @@ import torch
 from pydantic import Field
 
 from mot_core.plugin_api import EvaluationContext, Evaluator, PluginOptions, SamplingParams
-from plugins.image_vq.modality import images_with_captions
+from plugins.common.images import images_with_captions
 from plugins.image_vq.tokenizer_io import reconstruction_metrics
 
 
@@ -25,7 +25,7 @@ class ImageVQEvaluatorOptions(PluginOptions):
 class ImageVQEvaluator(Evaluator):
     """Per-token: the image-token validation loss. With the model (``mot eval``):
     ``recon_psnr``/``recon_mse``/``codebook_perplexity`` of the tokenizer on held-out images,
-    and ``fid_local`` (see ``plugins.image_vq.fid``: not comparable with published FID)
+    and ``fid_local`` (see ``plugins.common.fid``: not comparable with published FID)
     between held-out images and images generated from their captions."""
 
     name = "image_vq"
@@ -42,7 +42,7 @@ class ImageVQEvaluator(Evaluator):
         return {"loss": self.nats / self.tokens} if self.tokens else {}
 
     def evaluate_model(self, context: EvaluationContext) -> dict[str, float]:
-        from plugins.image_vq.fid import frechet_distance, inception_feature_net, load_feature_net
+        from plugins.common.fid import frechet_distance, inception_feature_net, load_feature_net
 
         modality = self.modality
         images, captions = images_with_captions(context.val_docs, modality.name)

@@ -19,6 +19,7 @@ from pydantic import Field, model_validator
 from mot_core.errors import MotError
 from mot_core.plugin_api import SpanGrammar
 from mot_core.plugin_api import Modality, PluginOptions, RawDocument, fingerprint_files
+from plugins.common.images import images_with_captions, load_image_file, save_image_grid
 from plugins.image_vq.tokenizer_io import (
     DEFAULT_FIT_BATCH_SIZE,
     DEFAULT_FIT_LR,
@@ -79,7 +80,7 @@ class ImageVQ(Modality):
     # -- tokenizer lifecycle ---------------------------------------------------------------
     def fit(self, train_docs: list[RawDocument], val_docs: list[RawDocument], progress: bool = True,
             force: bool = False) -> dict[str, float]:
-        from plugins.image_vq.fid import FEATURE_FILE, fit_feature_net
+        from plugins.common.fid import FEATURE_FILE, fit_feature_net
 
         opts: ImageVQOptions = self.options
         if opts.taming_checkpoint:
@@ -226,13 +227,9 @@ class ImageVQ(Modality):
 
 
     def read_payload(self, path: Path) -> torch.Tensor:
-        from plugins.images.data import load_image_file
-
         return load_image_file(Path(path), self._require().config.resolution)
 
     def write_payloads(self, payloads: list[torch.Tensor], path: Path, captions: list[str] | None = None) -> Path:
-        from plugins.images.data import save_image_grid
-
         images = torch.stack(list(payloads))
         save_image_grid(images, Path(path), nrow=min(8, len(images)), captions=captions)
         return Path(path)
@@ -276,25 +273,3 @@ class CodeCache:
             os.replace(tmp, self.file)
         except (OSError, RuntimeError):  # a read-only or full tokenizer folder: the cache only saves time
             tmp.unlink(missing_ok=True)
-
-
-def images_with_captions(docs: list[RawDocument], image_modality: str) -> tuple[torch.Tensor, list[str]]:
-    """All images of ``image_modality`` in the documents, (N, 3, H, W), with the text of the
-    document's other segments as each image's caption ("" when it has none)."""
-    images, captions = [], []
-    for doc in docs:
-        text = " ".join(s.payload for s in doc.segments if s.modality != image_modality and isinstance(s.payload, str))
-        for segment in doc.segments:
-            if segment.modality == image_modality:
-                images.append(segment.payload)
-                captions.append(text)
-    if not images:
-        raise MotError(f"no '{image_modality}' images in the data to fit the tokenizer on")
-    # Each image appears once per direction (caption->image, image->caption): keep one copy.
-    unique: dict[int, int] = {}
-    for index, image in enumerate(images):
-        key = hash(image.numpy().tobytes())
-        if key not in unique or (not captions[unique[key]] and captions[index]):
-            unique[key] = index
-    keep = sorted(unique.values())
-    return torch.stack([images[i] for i in keep]).float(), [captions[i] for i in keep]

@@ -25,8 +25,9 @@ from safetensors.torch import load_file, save_file
 
 from mot_core.errors import MotError
 from mot_core.plugin_api import progress as progress_display
-from plugins.images.folders import warmup_cosine_lr, write_folder_atomically
-from plugins.image_vq.vqgan import VQGAN, VQGANConfig, code_statistics, psnr_from_mse
+from plugins.common.images import psnr_from_mse
+from plugins.common.tokenizer_fitting import warmup_cosine_lr, write_folder_atomically
+from plugins.image_vq.vqgan import VQGAN, VQGANConfig, code_statistics
 
 WEIGHTS_FILE = "vqgan.safetensors"
 META_FILE = "vqgan.json"

@@ -22,7 +22,6 @@ Shapes: ``B`` batch, ``C`` image channels, ``H = W = resolution``, ``g = grid_si
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -535,8 +534,3 @@ class VQGAN(nn.Module):
     @property
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-
-def psnr_from_mse(mse: float, peak: float = 1.0) -> float:
-    """Peak signal-to-noise ratio in dB for a mean squared error on a [0, peak] scale."""
-    return float("inf") if mse <= 0 else 10.0 * math.log10(peak * peak / mse)

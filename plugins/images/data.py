@@ -21,20 +21,19 @@ from __future__ import annotations
 import csv
 import functools
 import json
-import math
 import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Iterator, Literal
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont, ImageOps
 from pydantic import Field, field_validator, model_validator
 
 from mot_core.errors import MotError
 from mot_core.plugin_api import DataSource, PluginOptions, RawDocument, RawSegment, Split, fingerprint_files
+from plugins.common.images import read_any_image, read_prepared_image, to_signed_float
+from plugins.common.messages import one_line
 
 Direction = Literal["caption_to_image", "image_to_caption"]
 PREPARE_HINT = "run `mot data prepare` first"
@@ -44,9 +43,6 @@ CAPTIONS_FORMAT = (
     'captions.jsonl with one {"file": "cat.jpg", "caption": "a cat on a sofa"} a line '
     '("split": "train" or "val" optional), or captions.csv with a header line file,caption[,split]'
 )
-CAPTION_FONT_PX = 10
-CAPTION_LINES = 2
-MIN_CAPTIONED_TILE_PX = 96  # captions need about this much width to be legible
 IMAGES_PER_PART = 4096  # a split is read in parts of at most this many images of one source or folder
 
 
@@ -264,7 +260,7 @@ class CaptionedImages(DataSource):
             # One independent tensor per image, decoded now: a payload carries only its own
             # pixels when pickled, and nothing holds the images already taken.
             caption = RawSegment(opts.text_modality, loaded.captions[index])
-            image = RawSegment(opts.image_modality, _to_signed_float(loaded.pixels(index)))
+            image = RawSegment(opts.image_modality, to_signed_float(loaded.pixels(index)))
             for direction in opts.directions:
                 if direction == "image_to_caption":
                     yield RawDocument((image, caption))
@@ -289,11 +285,6 @@ def _drops_caption(name: str, caption_dropout: float) -> bool:
     return zlib.crc32(f"caption-dropout/{name}".encode("utf-8")) % 10_000 < caption_dropout * 10_000
 
 
-def _to_signed_float(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 (..., 3, H, W) in [0, 255] -> float32 in [-1, 1]."""
-    return pixels.to(torch.float32).div_(127.5).sub_(1.0)
-
-
 @dataclass(frozen=True)
 class _LoadedSource:
     """One source folder's captions file read: parallel tuples, and where to find each image.
@@ -310,9 +301,9 @@ class _LoadedSource:
     def pixels(self, index: int) -> torch.Tensor:
         path = self.folder / self.files[index]
         if self.lines is None:
-            array = _read_rgb(path, self.image_size)
+            array = read_prepared_image(path, self.image_size)
         else:
-            array = _read_any_image(path, self.image_size, f"{self.captions_name} line {self.lines[index]}")
+            array = read_any_image(path, self.image_size, f"{self.captions_name} line {self.lines[index]}")
         return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
@@ -390,28 +381,6 @@ def _read_captions(path: Path) -> tuple[list[str], list[str], list[str]]:
     return files, captions, splits
 
 
-def _read_rgb(path: Path, expected_size: int) -> np.ndarray:
-    """One image file -> (S, S, 3) uint8 RGB; transparent pixels become white."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            size = image.size
-            has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
-            rgb = (
-                Image.alpha_composite(Image.new("RGBA", size, (255, 255, 255, 255)), image.convert("RGBA")).convert("RGB")
-                if has_alpha
-                else image.convert("RGB")
-            )
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise MotError(f"cannot read image {path} ({exc}); run `mot data prepare` again, forcing a rebuild") from None
-    if size != (expected_size, expected_size):
-        raise MotError(
-            f"image {path} is {size[0]}x{size[1]} pixels but image_size is {expected_size}; "
-            f"prepare the data at that size (`mot data prepare`) or change image_size"
-        )
-    return np.array(rgb, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on read-only arrays
-
-
 # --- folders of one's own ----------------------------------------------------------------------
 
 
@@ -442,7 +411,7 @@ def _read_folder_captions(path: Path, val_fraction: float) -> list[_CaptionLine]
     try:
         text = path.read_text(encoding="utf-8-sig")  # -sig: spreadsheets often start a CSV with a BOM
     except (OSError, UnicodeDecodeError) as exc:
-        raise MotError(f"dataset 'captioned_images': cannot read {path}: {_one_line(exc)}") from None
+        raise MotError(f"dataset 'captioned_images': cannot read {path}: {one_line(exc)}") from None
     rows = _csv_rows(path, text) if path.suffix.lower() == ".csv" else _jsonl_rows(path, text)
     lines = []
     for number, file, caption, split in rows:
@@ -524,141 +493,3 @@ def _load_folder_cached(captions: str, image_size: int, val_fraction: float,
         path.parent, tuple(line.file for line in lines), tuple(line.caption for line in lines),
         tuple(line.split for line in lines), image_size, tuple(line.number for line in lines), path.name,
     )
-
-
-def _read_any_image(path: Path, size: int, named_in: str) -> np.ndarray:
-    """Any image Pillow reads -> (size, size, 3) uint8 RGB: upright (EXIF orientation), flattened
-    on white if transparent, shorter side resized to ``size`` and centre-cropped."""
-    if not path.is_file():
-        raise MotError(f"dataset 'captioned_images': image {path} (named in {named_in}) is missing; "
-                       "add the file or remove its line")
-    try:
-        with Image.open(path) as image:
-            image.draft(None, (2 * size, 2 * size))  # JPEG: decode at a reduced scale, still >= 2x the target
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-                rgba = image.convert("RGBA")
-                image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-            else:
-                image = image.convert("RGB")
-            square = ImageOps.fit(image, (size, size), method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise MotError(f"dataset 'captioned_images': cannot read image {path} (named in {named_in}): {_one_line(exc)}; "
-                       "replace the file or remove its line") from None
-    return np.array(square, dtype=np.uint8)
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
-
-
-def load_image_file(path: str | Path, expected_size: int) -> torch.Tensor:
-    """Any image file Pillow reads -> float32 (3, expected_size, expected_size) in [-1, 1]: an
-    image of that size as the dataset reads its prepared files, any other (a photo) as the
-    dataset reads a user folder (upright, shorter side resized, centre-cropped).
-
-    Raises ``MotError`` naming the file if it is missing or cannot be read."""
-    path = Path(path)
-    if not path.is_file():
-        raise MotError(f"image {path} not found")
-    try:
-        with Image.open(path) as probe:
-            size = probe.size
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise MotError(f"cannot read image {path}: {_one_line(exc)}") from None
-    if size == (expected_size, expected_size):
-        array = _read_rgb(path, expected_size)
-    else:
-        array = _read_any_image(path, expected_size, "the command line")
-    return _to_signed_float(torch.from_numpy(array).permute(2, 0, 1))
-
-
-def save_image_grid(
-    images: torch.Tensor,
-    path: str | Path,
-    nrow: int = 8,
-    captions: list[str] | None = None,
-    *,
-    tile_scale: int | None = None,
-    padding: int = 2,
-) -> Path:
-    """Write images as one PNG grid, optionally with each caption under its tile.
-
-    Args:
-        images: (N, 3, H, W) in [-1, 1] (values outside are clipped).
-        path: output PNG; parent folders are created.
-        nrow: tiles per row.
-        captions: N strings, wrapped to two lines under each tile (cut with "…" if longer).
-        tile_scale: integer nearest-neighbour upscaling of every tile. Default: 1 without
-            captions; with captions, the smallest factor making tiles >= 96 px wide.
-        padding: grey pixels between and around tiles.
-
-    Output size, with s = tile_scale, c = caption strip height (0 without captions),
-    cols = min(nrow, N), rows = ceil(N / cols):
-        width  = cols * (W * s + padding) + padding
-        height = rows * (H * s + c + padding) + padding
-    """
-    if images.dim() != 4 or images.size(1) != 3 or images.size(0) == 0:
-        raise ValueError(f"images must be (N, 3, H, W) with N >= 1, got {tuple(images.shape)}")
-    if captions is not None and len(captions) != images.size(0):
-        raise ValueError(f"{len(captions)} captions for {images.size(0)} images")
-    from torchvision.utils import make_grid
-
-    count, _, height, width = images.shape
-    if tile_scale is None:
-        tile_scale = 1 if captions is None else max(1, math.ceil(MIN_CAPTIONED_TILE_PX / width))
-    tiles = (images.detach().to("cpu", torch.float32).clamp(-1, 1) + 1) / 2  # (N, 3, H, W) in [0, 1]
-    if tile_scale > 1:
-        tiles = tiles.repeat_interleave(tile_scale, dim=2).repeat_interleave(tile_scale, dim=3)
-    font = ImageFont.load_default(size=CAPTION_FONT_PX)
-    line_height = CAPTION_FONT_PX + 3
-    strip = CAPTION_LINES * line_height + 2 if captions is not None else 0
-    if strip:
-        tiles = torch.cat([tiles, tiles.new_ones(count, 3, strip, tiles.size(3))], dim=2)
-    columns = min(nrow, count)
-    grid = make_grid(tiles, nrow=columns, padding=padding, pad_value=0.5)
-    if count == 1:  # make_grid returns a lone image without its padding
-        grid = torch.nn.functional.pad(grid, (padding,) * 4, value=0.5)
-    picture = Image.fromarray(grid.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy())
-    if captions is not None:
-        draw = ImageDraw.Draw(picture)
-        tile_width, tile_height = tiles.size(3), tiles.size(2)
-        for k, caption in enumerate(captions):
-            left = (k % columns) * (tile_width + padding) + padding
-            top = (k // columns) * (tile_height + padding) + padding + height * tile_scale + 1
-            for n, line in enumerate(_wrap(caption, font, tile_width - 2, CAPTION_LINES)):
-                draw.text((left + 1, top + n * line_height), line, fill=(0, 0, 0), font=font)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    picture.save(path, format="PNG")
-    return path
-
-
-def _wrap(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, max_width: int, max_lines: int) -> list[str]:
-    """Greedy word wrap to at most ``max_lines`` lines of ``max_width`` pixels; the last line
-    ends with "…" when text was left out."""
-    def fits(candidate: str) -> bool:
-        return font.getlength(candidate) <= max_width
-
-    lines: list[str] = []
-    words = text.split()
-    while words and len(lines) < max_lines:
-        line = words.pop(0)
-        while words and fits(f"{line} {words[0]}"):
-            line = f"{line} {words.pop(0)}"
-        lines.append(line)
-    truncated = bool(words)
-    last = lines[-1] if lines else ""
-    if truncated or not fits(last):
-        while last and not fits(last + "…"):
-            last = last[:-1].rstrip()
-        lines[-1] = last + "…"
-    # A single over-long word on an earlier line is cut without a mark: rare, and still readable.
-    return [line if fits(line) else _cut(line, fits) for line in lines]
-
-
-def _cut(line: str, fits: Callable[[str], bool]) -> str:
-    while line and not fits(line):
-        line = line[:-1]
-    return line

@@ -186,9 +186,9 @@ def spoken_texts(options: SynthesisOptions) -> list[str]:
     captions = captions[: options.caption_sentences]
     sentences: list[str] = []
     if options.wikipedia_sentences:
-        from plugins.text.data import _load_wikipedia
+        from plugins.common.wikipedia import load_wikipedia
 
-        for _, body in _load_wikipedia(None, 500):
+        for _, body in load_wikipedia(None, 500):
             for sentence in re.split(r"(?<=[.!?])\s+", body):
                 sentence = " ".join(sentence.split())
                 words = sentence.split()

@@ -7,8 +7,6 @@ does not move when documents are added, the corpus moves, or the loader's order 
 
 from __future__ import annotations
 
-import bz2
-import functools
 import glob
 import re
 import zlib
@@ -19,8 +17,8 @@ from pydantic import Field
 
 from mot_core.errors import MotError
 from mot_core.plugin_api import DataSource, PluginOptions, RawDocument, RawSegment, Split, fingerprint_files
+from plugins.common.wikipedia import iter_wikipedia, load_wikipedia, wikipedia_dump_path
 
-GENSIM_WIKI = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 MAX_TEXT_PARTS = 64  # text_files: a split is read in at most this many parts (contiguous groups of files)
 
 
@@ -53,14 +51,14 @@ class Wikipedia(DataSource):
         """Read lazily: a dump of one's own (``path``) is parsed as the documents are taken, never
         held whole; gensim's small default dump is parsed once per process and kept."""
         opts: WikipediaOptions = self.options
-        file = _dump_path(opts.path)
+        file = wikipedia_dump_path(opts.path)
         if not file.is_file():
             raise MotError(f"wikipedia dump not found: {file}")
         if opts.path is None:
-            articles = iter(_load_wikipedia(None, opts.min_chars))
+            articles = iter(load_wikipedia(None, opts.min_chars))
         else:
             wanted = lambda title: in_val_split(title, opts.val_fraction) == (split == "val")  # noqa: E731
-            articles = _iter_wikipedia(file, opts.min_chars, wanted)
+            articles = iter_wikipedia(file, opts.min_chars, wanted)
         return self._documents(articles, split)
 
     def _documents(self, articles, split: Split) -> Iterator[RawDocument]:
@@ -81,50 +79,7 @@ class Wikipedia(DataSource):
 
     def fingerprint(self) -> str:
         """The dump's name, size and modification time, and the options."""
-        return fingerprint_files([_dump_path(self.options.path)], extra=super().fingerprint(), contents=False)
-
-
-def _dump_path(path: str | None) -> Path:
-    if path is None:
-        from gensim.test.utils import datapath
-
-        path = datapath(GENSIM_WIKI)
-    return Path(path)
-
-
-@functools.lru_cache(maxsize=4)
-def _load_wikipedia(path: str | None, min_chars: int) -> tuple[tuple[str, str], ...]:
-    """Every article of a dump, parsed once per process and kept: for gensim's small default
-    dump (``path`` None). A dump of one's own is read with ``_iter_wikipedia``, lazily."""
-    file = _dump_path(path)
-    if not file.is_file():
-        raise MotError(f"wikipedia dump not found: {file}")
-    return tuple(_iter_wikipedia(file, min_chars))
-
-
-def _iter_wikipedia(file: Path, min_chars: int, wanted=None) -> Iterator[tuple[str, str]]:
-    """(title, cleaned body) of each article of a dump, in order, parsed as they are taken;
-    ``wanted(title)`` False skips an article without cleaning its markup."""
-    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
-
-    opener = bz2.open if file.suffix == ".bz2" else open
-    try:
-        with opener(file, "rb") as handle:
-            for title, markup, *_ in extract_pages(handle):
-                if wanted is not None and not wanted(title):
-                    continue
-                body = _clean(filter_wiki(markup))
-                if not body.upper().startswith("#REDIRECT") and len(body) >= min_chars:
-                    yield title, body
-    except (OSError, EOFError, SyntaxError) as exc:  # SyntaxError: ElementTree's ParseError
-        raise MotError(f"cannot read wikipedia dump {file}: {exc}") from None
-
-
-def _clean(text: str) -> str:
-    # filter_wiki leaves image captions as "thumb|...", empty bullet lines and runs of blanks.
-    text = re.sub(r"^(thumb|left|right|upright)\|.*$", "", text, flags=re.MULTILINE)
-    text = re.sub(r"[ \t]+\n", "\n", text)
-    return re.sub(r"\n{3,}", "\n\n", text).strip()
+        return fingerprint_files([wikipedia_dump_path(self.options.path)], extra=super().fingerprint(), contents=False)
 
 
 class TextFilesOptions(PluginOptions):

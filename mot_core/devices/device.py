@@ -1,0 +1,89 @@
+"""Device, precision and seeding for a single-process run."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import random
+
+import numpy as np
+import torch
+
+from mot_core.errors import MotError
+from mot_core.devices.host import keep_freed_memory_in_heap
+
+__all__ = ["autocast_for", "describe_precision", "keep_freed_memory_in_heap", "native_bf16_cpu", "resolve_device",
+           "seed_everything", "uses_bf16"]
+
+# CPU features that multiply bf16 in hardware. Without them oneDNN still runs bf16 matmuls, by
+# converting to fp32 (as slow as fp32 or slower, and less exact), so ``auto`` keeps fp32 there.
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+BF16_OVERRIDE = "MOT_CPU_BF16"
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise MotError("device cuda was asked for (run.device or --device) but no CUDA device is available")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def native_bf16_cpu(honour_override: bool = True) -> str | None:
+    """The CPU flag that gives native bf16 matrix products (``amx_bf16`` before
+    ``avx512_bf16``), or None. ``MOT_CPU_BF16=1`` / ``0`` overrides the detection: the test
+    suite pins 0 so that results do not depend on the machine, and 1 lets a machine without
+    the feature exercise the bf16 CPU path."""
+    forced = os.environ.get(BF16_OVERRIDE, "").strip()
+    if honour_override and forced:
+        if forced not in ("0", "1"):
+            raise MotError(f"{BF16_OVERRIDE}={forced!r}: use 1 (bf16 where train.precision is auto) or 0 (fp32)")
+        return f"{BF16_OVERRIDE}=1" if forced == "1" else None
+    return cpu_bf16_flag()
+
+
+@functools.lru_cache(maxsize=4)
+def cpu_bf16_flag(cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """The first of ``NATIVE_BF16_FLAGS`` among the CPU's flags (read from ``cpuinfo``), or None."""
+    try:
+        with open(cpuinfo) as handle:
+            flags = next((line.split(":", 1)[1].split() for line in handle if line.startswith("flags")), [])
+    except OSError:  # not Linux: no detection, fp32
+        return None
+    return next((flag for flag in NATIVE_BF16_FLAGS if flag in flags), None)
+
+
+def uses_bf16(device: torch.device, precision: str) -> bool:
+    """``train.precision``: bf16 and fp32 are taken as written; ``auto`` is bf16 autocast on
+    CUDA and on a CPU with native bf16 matmul (AMX or AVX-512 BF16), fp32 elsewhere."""
+    if precision != "auto":
+        return precision == "bf16"
+    return device.type == "cuda" or (device.type == "cpu" and native_bf16_cpu() is not None)
+
+
+def describe_precision(device: torch.device, precision: str) -> str:
+    """One phrase for the run's banner, saying why ``auto`` chose what it chose."""
+    dtype = "bf16 autocast" if uses_bf16(device, precision) else "fp32"
+    if precision != "auto":
+        return dtype
+    if device.type == "cpu":
+        native = native_bf16_cpu()
+        if native is None:
+            why = "CPU has no native bf16 matmul"
+        else:
+            why = native if native.startswith(BF16_OVERRIDE) else f"CPU has {native}"
+        return f"{dtype} (precision auto: {why})"
+    return f"{dtype} (precision auto)"
+
+
+def autocast_for(device: torch.device, precision: str):
+    if uses_bf16(device, precision):
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

@@ -1,0 +1,357 @@
+"""``mot sweep``: trials of ``mot train`` as Ray Tune trials, locally or on a cluster.
+
+A sweep is a grid (dotted config key -> values; every combination is a trial), named variants
+(sets of settings tried as one more axis: the tower grid dense / MoE-4x / MoT) and repeats
+(``samples``, seed = run.seed + repeat). Every trial is planned and validated before anything
+runs, and is an ordinary run folder, ``<out>/trials/<name>``, that ``mot eval``, ``mot
+compare`` and ``mot train`` read.
+
+Resume: the plan is written to ``<out>/sweep.json``; running the same command again restores
+Ray Tune's experiment (``Tuner.restore``): finished and early-stopped trials are kept, the
+unfinished ones start again and ``mot train`` continues each from its own last checkpoint
+(exact, as any resumed run).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from mot_core.config import RunConfig, SweepSection, load_raw_config, validate_section
+from mot_core.errors import MotError
+from mot_core.experiment.build import build_experiment
+from mot_core.experiment.resolve import resolve_config
+from mot_core.runs.start import local_saved_config, start_run, train_locally
+from mot_core.training.runtime import Reporter, local_runtime
+from mot_core.training.trackers import read_records
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One run of the sweep: its folder name, the settings it changes, and what the table shows."""
+
+    name: str
+    settings: dict[str, Any]  # dotted key -> value, applied over the base config
+    values: dict[str, Any]  # column -> value: the swept keys, "variant", "repeat"
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    out: Path
+    sweep: SweepSection
+    metric: str
+    trials: list[Trial]
+    configs: dict[str, dict]  # trial name -> its validated config, as a dict
+
+
+def split_values(text: str) -> list[str]:
+    """``a,b,[1,2],{x: 1}`` -> ["a", "b", "[1,2]", "{x: 1}"]: commas inside brackets stay."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        if char in "[{(":
+            depth += 1
+        elif char in "]})":
+            depth -= 1
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    parts.append(current)
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _scalar(text: str) -> Any:
+    """A YAML value, with 1e-3 read as a number (YAML 1.1 wants 1.0e-3; the config's own
+    loader, OmegaConf, reads both)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value.strip()):
+        return float(value)
+    return value
+
+
+def parse_grid(items: list[str]) -> dict[str, list[Any]]:
+    """``--grid key=v1,v2`` arguments -> key -> values (YAML scalars: 1e-3, true, [1, 2])."""
+    grid: dict[str, list[Any]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not key.strip() or not values.strip():
+            raise MotError(f"--grid {item!r}: expected key=value1,value2 (e.g. --grid train.lr=1e-3,3e-3)")
+        try:
+            grid[key.strip()] = [_scalar(v) for v in split_values(values)]
+        except yaml.YAMLError as exc:
+            raise MotError(f"--grid {item!r}: a value is not YAML ({str(exc).splitlines()[0]})") from None
+    return grid
+
+
+def _set(data: dict, key: str, value: Any) -> None:
+    node = data
+    *parents, leaf = key.split(".")
+    for part in parents:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise MotError(f"sweep key '{key}': '{part}' is not a section")
+        node = child
+    node[leaf] = copy.deepcopy(value)
+
+
+def _is_config_key(key: str) -> bool:
+    """True when ``key`` names a setting of the run config, or lies inside a free-form dict
+    (plugin ``options``), which the plugin validates when the trial is built."""
+    import typing
+
+    def model_of(annotation):
+        """The section class inside ``annotation`` (``X``, ``X | None``), or None."""
+        if hasattr(annotation, "model_fields"):
+            return annotation
+        return next((a for a in typing.get_args(annotation) if hasattr(a, "model_fields")), None)
+
+    annotation: Any = RunConfig
+    parts = key.split(".")
+    i = 0
+    while i < len(parts):
+        if typing.get_origin(annotation) is dict:  # a name (modality, dataset) or a free key
+            value = typing.get_args(annotation)[1]
+            if model_of(value) is None:
+                return True  # plugin options: the plugin's own model checks them
+            annotation, i = value, i + 1
+            continue
+        model = model_of(annotation)
+        if model is None:
+            return False  # a key below a plain setting
+        if parts[i] not in model.model_fields:
+            return False
+        annotation, i = model.model_fields[parts[i]].annotation, i + 1
+    return True
+
+
+def _slug(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+    slug = re.sub(r"[^A-Za-z0-9.+-]+", "-", text).rstrip("-")
+    if not text.startswith("-"):  # a negative number keeps its sign
+        slug = slug.lstrip("-")
+    return slug[:40] or "x"
+
+
+def metrics_logged(modalities: list[str]) -> str:
+    return ", ".join(["loss", "loss/<modality>", "val/<modality>/loss", "val/<modality>/<evaluator metric>"]) + \
+        f" for <modality> in {', '.join(modalities)}"
+
+
+def check_metric(metric: str, modalities: list[str]) -> None:
+    parts = metric.split("/")
+    ok = metric == "loss" or (len(parts) == 2 and parts[0] == "loss" and parts[1] in modalities) or (
+        len(parts) == 3 and parts[0] == "val" and parts[1] in modalities)
+    if not ok:
+        raise MotError(f"sweep.metric '{metric}' is not logged by any trial (runs log {metrics_logged(modalities)})")
+
+
+def plan_sweep(config_path: str, overrides: list[str], grid_items: list[str], out: str | None,
+               samples: int | None = None, scheduler: str | None = None, metric: str | None = None) -> SweepPlan:
+    """Every trial planned and validated (its config and its plugins' options) before anything
+    runs; one-line errors name the trial."""
+    raw = load_raw_config(config_path, overrides)
+    section = dict(raw.pop("sweep", None) or {})
+    section["grid"] = {**(section.get("grid") or {}), **parse_grid(grid_items)}
+    for key, value in (("samples", samples), ("scheduler", scheduler), ("metric", metric)):
+        if value is not None:
+            section[key] = value
+    sweep: SweepSection = validate_section(SweepSection, section, "sweep")
+    for key, values in sweep.grid.items():
+        if not _is_config_key(key):
+            raise MotError(f"sweep grid key '{key}' is not a config key")
+        if not values:
+            raise MotError(f"sweep grid key '{key}' has no values")
+        if key.startswith("sweep.") or key == "run.dir":
+            raise MotError(f"sweep grid key '{key}' cannot be swept (each trial has its own run.dir)")
+    for name, settings in sweep.variants.items():
+        for key in settings:
+            if not _is_config_key(key):
+                raise MotError(f"sweep variant '{name}': '{key}' is not a config key")
+    try:
+        base = resolve_config(raw)
+    except MotError as exc:
+        raise MotError(f"the sweep's base config: {exc}") from None
+    root = Path(out or Path(base.run.dir)).resolve()
+    modalities = list(base.mixture.modalities)
+    chosen = sweep.metric or f"val/{modalities[0]}/loss"
+    check_metric(chosen, modalities)
+
+    if sweep.scheduler == "asha" and sweep.grace_steps >= base.train.steps:
+        raise MotError(f"sweep.grace_steps={sweep.grace_steps} is not below train.steps={base.train.steps}: asha could "
+                       "never stop a trial; lower sweep.grace_steps")
+    keys = list(sweep.grid)
+    variants = list(sweep.variants.items()) or [(None, {})]
+    trials, configs = [], {}
+    for index, (combo, (variant, settings), repeat) in enumerate(
+            itertools.product(itertools.product(*sweep.grid.values()), variants, range(sweep.samples))):
+        values = dict(zip(keys, combo))
+        label = [f"{k.split('.')[-1]}={_slug(v)}" for k, v in values.items()]
+        if variant is not None:
+            label.insert(0, _slug(variant))
+        if sweep.samples > 1:
+            label.append(f"r{repeat}")
+        name = f"t{index:03d}_" + "_".join(label) if label else f"t{index:03d}"
+        data = copy.deepcopy(raw)
+        for key, value in {**settings, **values}.items():
+            _set(data, key, value)
+        _set(data, "run.dir", str(root / "trials" / name))
+        _set(data, "run.seed", base.run.seed + repeat)
+        shown = {**({"variant": variant} if variant is not None else {}), **values,
+                 **({"repeat": repeat} if sweep.samples > 1 else {})}
+        try:  # the front door, as `mot train` of the trial's own folder resolves it
+            config = resolve_config(data, saved=local_saved_config)
+            build_experiment(config)  # plugin options, losses, evaluators
+        except MotError as exc:
+            raise MotError(f"trial {name} ({shown}): {str(exc).removeprefix('config error: ')}") from None
+        trials.append(Trial(name, {**settings, **values}, shown))
+        configs[name] = config.model_dump(mode="json")
+    return SweepPlan(root, sweep, chosen, trials, configs)
+
+
+def _check_same_plan(plan: SweepPlan) -> None:
+    record = plan.out / "sweep.json"
+    wanted = {"trials": [asdict(t) for t in plan.trials], "metric": plan.metric,
+              "scheduler": plan.sweep.scheduler}
+    if record.is_file():
+        try:
+            saved = json.loads(record.read_text())
+        except ValueError:
+            saved = None
+        if saved != json.loads(json.dumps(wanted)):
+            raise MotError(f"{plan.out} holds a sweep with other trials or settings (sweep.json); use the same "
+                           "command to finish it, or another --out")
+        return
+    plan.out.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_suffix(".tmp")
+    tmp.write_text(json.dumps(wanted, indent=2))
+    os.replace(tmp, record)
+
+
+class TuneReports(Reporter):
+    """A trial's metrics to Ray Tune: every logged step and every checkpointed one, with the
+    newest validation metrics carried forward, from the first report that holds the sweep's
+    metric on (a scheduler needs it in every report)."""
+
+    def __init__(self, metric: str):
+        self.metric = metric
+        self.latest_validation: dict[str, float] = {}
+
+    def report(self, record: dict) -> None:
+        from ray import tune
+
+        self.latest_validation.update({k: v for k, v in record.items() if k.startswith("val/")})
+        scalars = {k: float(v) for k, v in record.items() if isinstance(v, (int, float))}
+        merged = {**self.latest_validation, **scalars}
+        if self.metric in merged:
+            tune.report(merged)
+
+    def saved(self, record: dict) -> None:
+        self.report(record)
+
+
+def _trial(params: dict, configs: dict, cwd: str, threads: int, metric: str) -> None:
+    """A Tune trainable: the trial's ``mot train``, resumed from its own checkpoint if it has one."""
+    import torch
+
+    os.chdir(cwd)  # relative data and tokenizer paths mean what they meant where the sweep started
+    torch.set_num_threads(threads)
+    train_locally(trial_config(configs, params["trial"]), TuneReports(metric))
+
+
+def trial_config(configs: dict[str, dict], name: str) -> RunConfig:
+    """The config a trial runs: its planned config through the front door, as `mot train` of
+    the trial's own folder resolves it."""
+    return resolve_config(configs[name], saved=local_saved_config)
+
+
+def _prepare_data(plan: SweepPlan) -> None:
+    """Every unfinished trial started here without its loop, one after the other, before any
+    trial trains: its refusals checked, its tokenizers fitted and its sources tokenized, so
+    trials that share a ``data.dir`` never race to write the same shards, and a trial's first
+    step is not delayed by its data."""
+    for trial in plan.trials:
+        config = trial_config(plan.configs, trial.name)
+        if any(r["step"] == config.train.steps for r in read_records(Path(config.run.dir) / "metrics.jsonl")):
+            continue
+        start_run(config, local_runtime(torch.device("cpu"), Path(config.run.dir)), execute=lambda run, runtime: {})
+
+
+def run_sweep(plan: SweepPlan, address: str | None) -> None:
+    """Run (or finish) the sweep's trials on Ray Tune."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    _check_same_plan(plan)
+    _prepare_data(plan)
+    sweep = plan.sweep
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}})
+    try:
+        resources = {"cpu": sweep.cpus_per_trial, **({"gpu": sweep.gpus_per_trial} if sweep.gpus_per_trial else {})}
+        trainable = tune.with_resources(
+            tune.with_parameters(_trial, configs=plan.configs, cwd=os.getcwd(),
+                                 threads=max(1, int(sweep.cpus_per_trial)), metric=plan.metric), resources)
+        scheduler = FIFOScheduler() if sweep.scheduler == "fifo" else ASHAScheduler(
+            time_attr="step", grace_period=sweep.grace_steps,
+            max_t=max(c["train"]["steps"] for c in plan.configs.values()))
+        storage = str(plan.out)
+        if tune.Tuner.can_restore(str(plan.out / "tune")):
+            print(f"resuming the sweep in {plan.out}: finished trials are kept, unfinished ones continue from their "
+                  "checkpoints", flush=True)
+            tuner = tune.Tuner.restore(str(plan.out / "tune"), trainable, resume_unfinished=True,
+                                       resume_errored=True, restart_errored=False)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"trial": tune.grid_search([t.name for t in plan.trials])},
+                tune_config=tune.TuneConfig(metric=plan.metric, mode=sweep.mode, scheduler=scheduler,
+                                            max_concurrent_trials=sweep.max_concurrent or None),
+                run_config=tune.RunConfig(name="tune", storage_path=storage, verbose=1,
+                                          failure_config=tune.FailureConfig(max_failures=0)),
+            )
+        results = tuner.fit()
+        failed = [r for r in results if r.error is not None]
+        if failed:
+            from mot_core.distributed.launch import _root_cause
+
+            name = (failed[0].config or {}).get("trial", "?")
+            raise MotError(f"{len(failed)} trial(s) failed; {name}: {_root_cause(failed[0].error)} (run the same "
+                           "command again to retry them)")
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def read_results(plan: SweepPlan) -> list[dict]:
+    """One row per trial from its own metrics.jsonl (the record of what ran), best first by the
+    sweep's metric; a trial that never logged it sorts last."""
+    rows = []
+    for trial in plan.trials:
+        run = plan.out / "trials" / trial.name
+        file = run / "metrics.jsonl"
+        records = read_records(file)
+        steps = max((r.get("step", 0) for r in records), default=0)
+        total = plan.configs[trial.name]["train"]["steps"]
+        final = next((r for r in reversed(records) if any(k.startswith("val/") for k in r)), {})
+        losses = {k: v for k, v in final.items() if k.startswith("val/") and k.endswith("/loss")}
+        score = next((r[plan.metric] for r in reversed(records) if plan.metric in r), None)
+        rows.append({"trial": trial.name, "run": str(run), "values": trial.values, "steps": steps,
+                     "status": "finished" if steps >= total else ("stopped early" if steps else "not run"),
+                     "metric": score, "val_losses": losses, "val_step": final.get("step")})
+    sign = 1 if plan.sweep.mode == "min" else -1
+    return sorted(rows, key=lambda r: (r["metric"] is None, sign * (r["metric"] or 0.0)))

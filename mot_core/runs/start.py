@@ -1,0 +1,146 @@
+"""The front door's second half: the one way a run starts, from a resolved ``RunConfig`` (see
+``mot_core.experiment.resolve``) and the runtime it trains in.
+
+    start_run(config, runtime)
+      experiment     the plugins' modalities, losses, evaluators and sources built from the config
+      lock           one trainer per run folder (held by the process that prepares the data)
+      refusals       everything that can refuse the run, before anything is written: the run
+                     folder, trackers, device settings, the model's shape, a resume's changes
+                     against its checkpoint, a shared tokenizer fitted on other data, a
+                     pretrained checkpoint that does not fit the model, the memory it needs
+      tokenizers     fitted (a first start) or reloaded
+      shards         every source tokenized once (the parts still missing)
+      loop           training (``mot_core.training.loop``), or for the ``mot launch`` driver the
+                     worker group that trains
+
+``mot train``, ``mot train --process-group``, ``mot launch`` (driver and workers), ``mot sweep``
+trials and ``mot bench step-match`` start their runs here. A refused resume leaves the run folder
+as it was, byte for byte; a refused first start leaves no run folder behind.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from mot_core.config import RunConfig
+from mot_core.devices.device import describe_precision, seed_everything
+from mot_core.errors import MotError
+from mot_core.experiment.build import Experiment, build_experiment, check_model_shape, model_args
+from mot_core.experiment.resolve import Source, resolve_config
+from mot_core.experiment.tokenize import prepare_vocabulary, tokenize_locally
+from mot_core.hf.llama import check_tensors, check_vocabulary, read_checkpoint
+from mot_core.training import checkpoint as ckpt
+from mot_core.training.loop import train_loop
+from mot_core.training.memory import check_training_fits
+from mot_core.training.resume import resume_changes
+from mot_core.training.runtime import LocalCheckpoints, Runtime, local_runtime
+from mot_core.training.state import PreparedRun
+from mot_core.training.trackers import check_trackers
+
+Execute = Callable[[PreparedRun, Runtime], dict]
+
+
+def resolve_local_config(source: Source, overrides=()) -> RunConfig:
+    """The config ``mot train`` runs from ``source`` and ``overrides``: resolved with the saved
+    config of the checkpoint it would resume from in its run folder, if any (what ``mot config
+    show`` and the ``mot data`` commands show and use too)."""
+    return resolve_config(source, overrides, saved=local_saved_config)
+
+
+def local_saved_config(config: RunConfig) -> str | None:
+    """The saved config of the newest intact checkpoint in ``config``'s run folder, or None
+    (none, or only those of another way of training: ``start_run`` says so in one line)."""
+    try:
+        return LocalCheckpoints(Path(config.run.dir)).resumed_config()
+    except MotError:
+        return None
+
+
+def train_locally(config: RunConfig, reporter=None) -> dict:
+    """``mot train``: ``config`` in this process, its checkpoints in its run folder."""
+    from mot_core.devices.device import resolve_device
+
+    return start_run(config, local_runtime(resolve_device(config.run.device), Path(config.run.dir), reporter))
+
+
+def start_run(config: RunConfig, runtime: Runtime, execute: Execute | None = None) -> dict:
+    """Start (or resume) the run of ``config`` in ``runtime``; returns what ``execute`` returns
+    (default: train here, ``train_loop``, and return the last step's metrics)."""
+    exp = build_experiment(config)
+    trains_here = execute is None
+    refuse_before_the_folder(exp, runtime, trains_here)
+    if not runtime.prepares_data:
+        runtime.parallel.barrier()  # the process that prepares the data has written it
+    created = not exp.run_dir.exists()
+    lock = ckpt.RunLock(exp.run_dir) if runtime.prepares_data else None
+    try:
+        try:
+            run = prepare(exp, runtime, trains_here)
+        except MotError:
+            if created and lock is not None:  # a refused first start: nothing of it stays
+                lock.release()
+                lock = None
+                shutil.rmtree(exp.run_dir, ignore_errors=True)
+            raise
+        if runtime.prepares_data:
+            write_shards(run)
+            runtime.parallel.barrier()  # the others read the tokenizers and shards from here on
+        return (execute or train_loop)(run, runtime)
+    except OSError as exc:  # metrics, config or state files: the disk, not the code
+        raise ckpt.storage_error(exc, Path(exc.filename or exp.run_dir), "training") from None
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def refuse_before_the_folder(exp: Experiment, runtime: Runtime, trains_here: bool) -> None:
+    """What can refuse the run before its folder is created or locked."""
+    config = exp.config
+    if exp.run_dir.exists() and not exp.run_dir.is_dir():
+        raise MotError(f"run.dir {exp.run_dir} is a file; give a folder (it is created if missing)")
+    if runtime.is_main:
+        check_trackers(config.train.loggers)  # the trackers' packages (the main process logs)
+    check_model_shape(config)
+    if trains_here:
+        if config.model.attention_backend == "flex" and runtime.device.type == "cpu":  # before torch warns
+            raise MotError("attention backend 'flex' has no backward pass on CPU in this torch; train with "
+                           "model.attention_backend=sdpa (flex works on CPU for eval and generation)")
+        describe_precision(runtime.device, config.train.precision)  # a bad MOT_CPU_BF16 is one line
+
+
+def prepare(exp: Experiment, runtime: Runtime, trains_here: bool) -> PreparedRun:
+    """The refusals that read the run folder and the data, then the tokenizers (fitted on a
+    first start, which is the one write before the last refusal: a refused first start is
+    removed whole by ``start_run``)."""
+    config = exp.config
+    latest = runtime.store.latest(report=print if runtime.is_main else (lambda line: None))
+    if latest is not None and config.run.resume == "never":
+        raise MotError(f"{exp.run_dir} already holds checkpoints; use run.resume=auto to continue or a new run.dir")
+    config_yaml = exp.resolved_yaml()
+    # Settings that may not change on resume are refused here, before the run folder changes.
+    changes = resume_changes(runtime.store.saved_config(latest), config_yaml, str(latest)) if latest is not None else []
+    init = config.model.init_from
+    pretrained = read_checkpoint(init.path) if latest is None and init is not None else None
+    seed_everything(config.run.seed)  # tokenizer fits draw from the run's seed
+    vocab = prepare_vocabulary(exp, check_fitted_on=runtime.prepares_data)
+    args = model_args(config, vocab)
+    if pretrained is not None:
+        check_vocabulary(pretrained, vocab.modalities[init.modality].vocab_size, init.modality, init.path)
+        check_tensors(pretrained, args)
+    if trains_here:  # before tokenizing or allocating
+        check_training_fits(args, runtime.device, runtime.world if runtime.parallel.shards_at_build else 1)
+    if runtime.prepares_data:
+        removed = ckpt.clean_leftovers(exp.run_dir)
+        if removed:
+            print(f"removed leftovers of an interrupted checkpoint save: {', '.join(removed)}")
+    return PreparedRun(config, exp, vocab, args, config_yaml, latest, changes, pretrained)
+
+
+def write_shards(run: PreparedRun) -> None:
+    """Tokenize every source's missing parts into shards (``mot data tokenize`` ran first, or
+    an earlier start did: then nothing is left to do)."""
+    for name, counts in tokenize_locally(run.exp, run.vocab, progress=True).items():
+        print(f"tokenized {name}: {counts['documents']:,} documents, {counts['tokens']:,} tokens in "
+              f"{counts['shards']} shards", flush=True)

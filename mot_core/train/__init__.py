@@ -1,1 +1,0 @@
-"""Runs: building an experiment from a config, the training loop, checkpoints, evaluation."""
