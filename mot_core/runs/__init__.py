@@ -1,4 +1,8 @@
-"""A trained run, opened from a plugin's own script (a sampler, an analysis, a notebook).
+"""Runs: the one way a run starts (``mot_core.runs.start.start_run``, the front door's second
+half), and a trained run reopened (``reopen``: ``mot eval``, ``mot generate``; ``export``:
+``mot export``).
+
+``open_run`` opens a trained run from a plugin's own script (a sampler, an analysis, a notebook):
 
     from mot_core.plugin_api import RawSegment, SamplingParams
     from mot_core.runs import open_run
