@@ -202,3 +202,39 @@ def test_a_resume_is_refused_or_continued_alike_by_every_way_of_training(way, tm
     assert "resuming from" in resumed.stdout
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_one_way_of_training_does_not_lose_the_steps_another_took(tmp_path, text_corpus):
+    """`--process-group` after `mot train` continued its run, and `mot train` after the sharded
+    checkpoints went past its newest: each is one line naming the newer checkpoint and who
+    wrote it, and the run folder stays as it was; a run continued in order trains on."""
+    data = tiny_config_dict(text_corpus, tmp_path / "run", steps=2, checkpoint_every=2, eval_every=2)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(data))
+    run = tmp_path / "run"
+    group = ["--process-group", "fsdp2"]
+
+    def mot(*args):
+        result = _mot(tmp_path, *args)
+        return result.returncode, result.stdout[-2000:] + result.stderr[-2000:]
+
+    assert mot("train", str(config), *group)[0] == 0  # sharded step 2, exported as mot train's step 2
+    assert mot("train", str(config), "train.steps=4")[0] == 0  # mot train continues the export
+    before = _digest(run)
+    code, out = mot("train", str(config), "train.steps=6", *group)
+    assert code == 2 and "holds a `mot train` checkpoint of step 4 and `mot train --process-group`'s newest is " \
+        "step 2" in out, out
+    assert _digest(run) == before
+
+    other = tmp_path / "other"
+    data["run"]["dir"] = str(other)
+    config.write_text(yaml.safe_dump(data))
+    assert mot("train", str(config), *group)[0] == 0
+    assert mot("train", str(config), "train.steps=4", *group)[0] == 0
+    shutil.rmtree(other / "checkpoints" / "step_0000004")  # as if the run ended between its last save and the export
+    before = _digest(other)
+    code, out = mot("train", str(config), "train.steps=6")
+    assert code == 2 and "holds a checkpoint of step 4 from `mot train --process-group` and `mot train`'s newest is " \
+        "step 2" in out, out
+    assert _digest(other) == before

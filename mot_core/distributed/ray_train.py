@@ -37,8 +37,7 @@ class RayTrainCheckpoints(ShardedStore):
         import ray.train
 
         found = storage.intact_checkpoints(self.storage_path, self.name)
-        if not found:
-            self.refuse_local_checkpoints("`mot launch`")
+        self.refuse_newer_local_checkpoints(found, "`mot launch`")
         return ray.train.Checkpoint(found[-1][1]) if found else None
 
     def saved_config(self, handle) -> str:

@@ -79,13 +79,29 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 OTHER_LAYOUTS = (("distributed_checkpoints", "`mot train --process-group`"), ("ray/{name}", "`mot launch`"))
 
 
-def checkpoints_of_other_layouts(run_dir: Path) -> str | None:
-    """Which other way of training left checkpoints in ``run_dir`` (None if none did)."""
+def newest_of_other_layouts(run_dir: Path) -> tuple[int, str] | None:
+    """(step, who) of the newest checkpoint another way of training left in ``run_dir``, or
+    None. Its step is read from its meta.json; a folder without a readable one is not counted."""
+    newest = None
     for folder, who in OTHER_LAYOUTS:
         root = run_dir / folder.format(name=run_dir.resolve().name)
-        if root.is_dir() and any(p.name.startswith("checkpoint_") and (p / "meta.json").is_file() for p in root.iterdir()):
-            return who
-    return None
+        if not root.is_dir():
+            continue
+        for path in root.iterdir():
+            if not path.name.startswith("checkpoint_"):
+                continue
+            try:
+                step = int(json.loads((path / "meta.json").read_text())["step"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if newest is None or step > newest[0]:
+                newest = (step, who)
+    return newest
+
+
+def step_of(path: Path) -> int:
+    """The step of a ``mot train`` checkpoint folder, from its name."""
+    return int(_COMPLETE.match(path.name).group(1))
 
 
 def clean_leftovers(run_dir: Path) -> list[str]:

@@ -177,11 +177,13 @@ class LocalCheckpoints(CheckpointStore):
 
     def latest(self, report: Callable[[str], None] = print) -> Path | None:
         found = ckpt.latest_intact(self.run_dir, report=report)
-        if found is None:
-            other = ckpt.checkpoints_of_other_layouts(self.run_dir)
-            if other:
-                raise MotError(f"{self.run_dir} holds the checkpoints of {other} and none of `mot train`; continue it "
-                               "the way it was trained, warm-start from it (model.warm_start), or use a new run.dir")
+        other = ckpt.newest_of_other_layouts(self.run_dir)
+        if other is not None and (found is None or other[0] > ckpt.step_of(found)):
+            step, who = other
+            mine = "none of `mot train`" if found is None else f"`mot train`'s newest is step {ckpt.step_of(found)}"
+            raise MotError(f"{self.run_dir} holds a checkpoint of step {step} from {who} and {mine}: starting here "
+                           f"would lose those steps; continue it with {who}, warm-start from it (model.warm_start), "
+                           "or use a new run.dir")
         return found
 
     def saved_config(self, handle: Path) -> str:

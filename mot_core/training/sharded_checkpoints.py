@@ -144,12 +144,16 @@ class ShardedStore(CheckpointStore):
     def finish(self, keep: int, parallel: Parallelism) -> None:
         export_final(self.last, self.run_dir, keep, parallel)
 
-    def refuse_local_checkpoints(self, who: str) -> None:
-        """No checkpoint of this store, but ``mot train``'s in the run folder: starting over
-        would overwrite that run."""
-        if ckpt.list_checkpoints(self.run_dir):
-            raise MotError(f"{self.run_dir} holds `mot train` checkpoints and none of {who}; continue it with "
-                           "`mot train`, warm-start from it (model.warm_start), or use a new run.dir")
+    def refuse_newer_local_checkpoints(self, found: list[tuple[int, str]], who: str) -> None:
+        """``mot train`` continued the run past this store's newest checkpoint (or trained it
+        alone): resuming (or starting) here would lose those steps."""
+        local = ckpt.list_checkpoints(self.run_dir)
+        if not local or (found and ckpt.step_of(local[-1]) <= found[-1][0]):
+            return
+        mine = f"none of {who}" if not found else f"{who}'s newest is step {found[-1][0]}"
+        raise MotError(f"{self.run_dir} holds a `mot train` checkpoint of step {ckpt.step_of(local[-1])} and {mine}: "
+                       f"starting here would lose those steps; continue it with `mot train`, warm-start from it "
+                       "(model.warm_start), or use a new run.dir")
 
 
 class ShardedFolderCheckpoints(ShardedStore):
@@ -159,8 +163,7 @@ class ShardedFolderCheckpoints(ShardedStore):
 
     def latest(self, report: Callable[[str], None] = print):
         found = storage.intact_checkpoints(str(self.run_dir), self.FOLDER)
-        if not found:
-            self.refuse_local_checkpoints("`mot train --process-group`")
+        self.refuse_newer_local_checkpoints(found, "`mot train --process-group`")
         return LocalFolder(found[-1][1]) if found else None
 
     def save(self, step, model, optimizer, state, config_yaml, args, keep, record, parallel) -> str:
