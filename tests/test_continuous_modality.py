@@ -401,7 +401,7 @@ def test_each_loss_reaches_only_its_own_tower_and_modules(noisy_registry, tmp_pa
     noisy_registry()
     config = validate_config(_patch_config(tmp_path / "g", "noisy_patches"))
     exp = build_experiment(config)
-    data = open_data(exp, prepare_vocabulary(exp))
+    data = open_data(exp, prepare_vocabulary(exp), missing="memory")
     torch.manual_seed(0)
     model = build_model(model_args(config, data.vocab), data.vocab)
     with torch.no_grad():  # a trained-looking head: zeros would hide gradient paths

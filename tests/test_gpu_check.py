@@ -18,7 +18,7 @@ from tools.gpu.kit import kit_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 # Packages of this project's dependencies that the CUDA machine's image does not hold and the
-# kit does not carry (see gpu_kit.WHEELS): the check must not need them.
+# kit does not carry (see tools/gpu/kit.py, WHEELS): the check must not need them.
 NOT_ON_THE_GPU_MACHINE = ("ray", "gensim", "mlxtend", "soundfile", "espeakng_loader", "pycocoevalcap", "wandb",
                           "mlflow", "importlinter", "xformers")
 BLOCKER = f'''

@@ -12,8 +12,6 @@ import yaml
 
 from conftest import tiny_config_dict
 from mot_core.cli import main
-from mot_core.config import validate_config
-from mot_core.errors import MotError
 from mot_core.model.attention import AttentionLayout
 from mot_core.model.routing import build_routing
 from mot_core.experiment.build import build_experiment, build_model, model_args

@@ -164,7 +164,7 @@ def step_times_side_by_side(config_path: Path, steps: int = 60) -> dict:
     config = resolve_config(config_path)
     exp = build_experiment(config)
     vocab = prepare_vocabulary(exp)
-    data = open_data(exp, vocab, missing="error")
+    data = open_data(exp, vocab)
     sharded = data.train["text_files"]
     in_memory = DocumentList([sharded[i] for i in range(len(sharded))])
     tcfg = config.train

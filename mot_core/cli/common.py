@@ -15,17 +15,21 @@ def load_config(config_path: str, overrides: list[str]):
     return resolve_local_config(config_path, overrides)
 
 
+def group_command(sub, group: str, name: str, help_text: str, func) -> argparse.ArgumentParser:
+    """``mot GROUP NAME ...``; GROUP's parser is created on first use."""
+    if group not in sub.choices:
+        group_parser = sub.add_parser(group, help=f"{group} tools")
+        group_parser.set_defaults(commands=group_parser.add_subparsers(dest=f"{group}_command", required=True))
+    p = sub.choices[group].get_default("commands").add_parser(name, help=help_text)
+    p.set_defaults(func=func)
+    return p
+
+
 def config_command(sub, group: str, name: str, help_text: str, func) -> argparse.ArgumentParser:
     """``mot GROUP NAME CONFIG [key=value ...]``; GROUP's parser is created on first use."""
-    groups = sub.choices
-    if group not in groups:
-        group_parser = sub.add_parser(group, help=f"{group} tools")
-        group_parser.add_subparsers(dest=f"{group}_command", required=True)
-    group_sub = next(a for a in groups[group]._actions if isinstance(a, argparse._SubParsersAction))
-    p = group_sub.add_parser(name, help=help_text)
+    p = group_command(sub, group, name, help_text, func)
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. train.steps=100")
-    p.set_defaults(func=func)
     return p
 
 

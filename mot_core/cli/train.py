@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from mot_core.cli.common import config_command, load_config, non_negative_int, positive_int
+from mot_core.cli.common import config_command, group_command, load_config, non_negative_int, positive_int
 from mot_core.errors import MotError
 
 
@@ -86,7 +86,6 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
     config_command(sub, "config", "show", "print the resolved, validated config", cmd_config_show)
-    group = next(a for a in sub.choices["config"]._actions if isinstance(a, argparse._SubParsersAction))
-    p = group.add_parser("keys", help="every key of the run config: its type, default and meaning")
+    p = group_command(sub, "config", "keys", "every key of the run config: its type, default and meaning",
+                      cmd_config_keys)
     p.add_argument("--markdown", action="store_true", help="as the Markdown table of docs/configuration.md")
-    p.set_defaults(func=cmd_config_keys)

@@ -133,7 +133,7 @@ def launch(source: Source, overrides=(), num_workers: int | None = None, gpus_pe
 
     config = launch_config(resolve_config(source, overrides, saved=saved), num_workers, gpus_per_worker)
     plan = plan_launch(config, address)
-    driver = Runtime(torch.device("cpu"), launch_store(config), prepares_data=True)
+    driver = Runtime(torch.device("cpu"), launch_store(config))  # the driver prepares the data
     metrics = start_run(config, driver, execute=lambda run, runtime: _fit(run, runtime, plan))
     return config, metrics
 
@@ -171,7 +171,7 @@ def _fit(run: PreparedRun, driver: Runtime, plan: LaunchPlan) -> dict:
                 ),
             )
 
-        if run.latest is not None:
+        if run.latest is not None:  # as a URI (a Ray checkpoint's path drops the scheme of s3://)
             print(f"resuming from {storage.join(plan.storage_path, plan.name, Path(run.latest.path).name)}")
         return fit_with_retries(make_trainer, config.launch.max_failures)
     finally:
@@ -182,8 +182,9 @@ def _fit(run: PreparedRun, driver: Runtime, plan: LaunchPlan) -> dict:
 def worker_loop_config(run: PreparedRun, driver: Runtime, plan: LaunchPlan) -> dict:
     """What every worker receives (``ray_train.train_worker``): the driver's resolved config,
     the saved config of the checkpoint the run resumes from (the record of a pretrained model's
-    shapes: workers never read a moved pretrained folder), where the checkpoints are, and the
-    folder relative paths mean something in."""
+    shapes: on a resume, workers never read a moved pretrained folder; a first start reads it,
+    as it loads its weights), where the checkpoints are, and the folder relative paths mean
+    something in."""
     return {"config": run.config.model_dump(mode="json"),
             "saved": driver.store.saved_config(run.latest) if run.latest is not None else None,
             "storage_path": plan.storage_path, "name": plan.name, "cwd": os.getcwd()}

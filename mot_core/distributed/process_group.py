@@ -24,7 +24,7 @@ from mot_core.errors import MotError
 from mot_core.experiment.resolve import Source, resolve_config
 from mot_core.runs.start import start_run
 from mot_core.training.parallelism import DataParallel
-from mot_core.training.runtime import Runtime
+from mot_core.training.runtime import PREPARE, WAIT_FOR_RANK_0, Runtime
 from mot_core.training.sharded_checkpoints import ShardedFolderCheckpoints
 
 
@@ -56,7 +56,7 @@ def train_in_process_group(source: Source, overrides, strategy: str) -> RunConfi
     try:
         parallel = DataParallel(rank, world, strategy, device, uses_bf16(device, config.train.precision),
                                 config.launch.reshard_after_forward)
-        start_run(config, Runtime(device, folder_store(config), parallel, prepares_data=rank == 0))
+        start_run(config, Runtime(device, folder_store(config), parallel, data=PREPARE if rank == 0 else WAIT_FOR_RANK_0))
     finally:
         dist.destroy_process_group()
     return config

@@ -17,7 +17,7 @@ from mot_core.experiment.resolve import resolve_config
 from mot_core.runs.start import start_run
 from mot_core.training import storage
 from mot_core.training.parallelism import DataParallel
-from mot_core.training.runtime import Reporter, Runtime
+from mot_core.training.runtime import PREPARED, Reporter, Runtime
 from mot_core.training.sharded_checkpoints import ShardedStore, write_sharded
 
 
@@ -103,7 +103,7 @@ def worker_runtime(config: RunConfig, device: torch.device, rank: int, world: in
     parallel = DataParallel(rank, world, config.launch.strategy, device, uses_bf16(device, config.train.precision),
                             config.launch.reshard_after_forward)
     return Runtime(device, RayTrainCheckpoints(storage_path, name, Path(config.run.dir)), parallel, RayTrainReports(),
-                   prepares_data=False)
+                   data=PREPARED)
 
 
 def _metrics(record: dict) -> dict:

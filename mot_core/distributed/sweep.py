@@ -263,8 +263,6 @@ class TuneReports(Reporter):
 
 def _trial(params: dict, configs: dict, cwd: str, threads: int, metric: str) -> None:
     """A Tune trainable: the trial's ``mot train``, resumed from its own checkpoint if it has one."""
-    import torch
-
     os.chdir(cwd)  # relative data and tokenizer paths mean what they meant where the sweep started
     torch.set_num_threads(threads)
     train_locally(trial_config(configs, params["trial"]), TuneReports(metric))

@@ -264,17 +264,13 @@ class OpenedData:
     val: list[DocumentStore]
 
 
-def open_data(exp: Experiment, vocab: Vocabulary, missing: str = "tokenize", splits: Iterable[str] = SPLITS,
-              progress: bool = True) -> OpenedData:
-    """Open every source's shards. What is missing is tokenized first (``tokenize``: ``mot
-    train``, the ``mot launch`` driver), an error (``error``: a launch worker, which must
-    read what the driver wrote), or tokenized into memory without writing (``memory``: ``mot
-    eval`` never writes into a run folder)."""
-    prints = fingerprints(exp, vocab)
-    if missing == "tokenize":
-        for name, counts in tokenize_locally(exp, vocab, progress=progress, prints=prints).items():
-            print(f"tokenized {name}: {counts['documents']:,} documents, {counts['tokens']:,} tokens in "
-                  f"{counts['shards']} shards", flush=True)
+def open_data(exp: Experiment, vocab: Vocabulary, missing: str = "error", splits: Iterable[str] = SPLITS,
+              prints: dict[str, Fingerprints] | None = None) -> OpenedData:
+    """Open every source's shards (written before: ``mot_core.runs.start.start_run`` tokenizes
+    what is missing before training opens them). A split without shards is an error
+    (``error``), or is tokenized into memory without writing (``memory``: ``mot eval`` never
+    writes into a run folder). ``prints``: the sources' fingerprints, when already computed."""
+    prints = prints or fingerprints(exp, vocab)
     root = data_root(exp)
     stores: dict[str, dict[str, DocumentStore]] = {split: {} for split in splits}
     for name in exp.sources:

@@ -31,8 +31,9 @@ import torch
 from mot_core.config import RunConfig
 from mot_core.data import Vocabulary
 from mot_core.plugin_api import Modality, RawSegment, SamplingParams
+from mot_core.runs.start import start_run  # the front door's second half
 
-__all__ = ["Run", "open_run"]
+__all__ = ["Run", "open_run", "start_run"]
 
 
 @dataclass

@@ -15,7 +15,8 @@
 
 ``mot train``, ``mot train --process-group``, ``mot launch`` (driver and workers), ``mot sweep``
 trials and ``mot bench step-match`` start their runs here. A refused resume leaves the run folder
-as it was, byte for byte; a refused first start leaves no run folder behind.
+as it was, byte for byte; a first start refused before its shards are written leaves no run
+folder behind.
 """
 
 from __future__ import annotations
@@ -25,17 +26,17 @@ from pathlib import Path
 from typing import Callable
 
 from mot_core.config import RunConfig
-from mot_core.devices.device import describe_precision, seed_everything
+from mot_core.devices.device import describe_precision, resolve_device, seed_everything, use_deterministic_cpu
 from mot_core.errors import MotError
 from mot_core.experiment.build import Experiment, build_experiment, check_model_shape, model_args
 from mot_core.experiment.resolve import Source, resolve_config
-from mot_core.experiment.tokenize import prepare_vocabulary, tokenize_locally
+from mot_core.experiment.tokenize import fingerprints, prepare_vocabulary, tokenize_locally
 from mot_core.hf.llama import check_tensors, check_vocabulary, read_checkpoint
 from mot_core.training import checkpoint as ckpt
 from mot_core.training.loop import train_loop
 from mot_core.training.memory import check_training_fits
 from mot_core.training.resume import resume_changes
-from mot_core.training.runtime import LocalCheckpoints, Runtime, local_runtime
+from mot_core.training.runtime import WAIT_FOR_RANK_0, LocalCheckpoints, Runtime, local_runtime
 from mot_core.training.state import PreparedRun
 from mot_core.training.trackers import check_trackers
 
@@ -60,33 +61,43 @@ def local_saved_config(config: RunConfig) -> str | None:
 
 def train_locally(config: RunConfig, reporter=None) -> dict:
     """``mot train``: ``config`` in this process, its checkpoints in its run folder."""
-    from mot_core.devices.device import resolve_device
-
     return start_run(config, local_runtime(resolve_device(config.run.device), Path(config.run.dir), reporter))
 
 
 def start_run(config: RunConfig, runtime: Runtime, execute: Execute | None = None) -> dict:
     """Start (or resume) the run of ``config`` in ``runtime``; returns what ``execute`` returns
-    (default: train here, ``train_loop``, and return the last step's metrics)."""
+    (default: train here, ``train_loop``, and return the last step's metrics).
+
+    The process that prepares the data (``runtime.data``) locks the run folder, checks every
+    refusal, fits or reloads the tokenizers and writes the shards; in a process group the other
+    ranks then receive its verdict (so a refusal is the same one line on every rank) and reload
+    what it wrote. A launch worker finds the data prepared by its driver."""
     exp = build_experiment(config)
     trains_here = execute is None
     refuse_before_the_folder(exp, runtime, trains_here)
-    if not runtime.prepares_data:
-        runtime.parallel.barrier()  # the process that prepares the data has written it
     created = not exp.run_dir.exists()
     lock = ckpt.RunLock(exp.run_dir) if runtime.prepares_data else None
     try:
-        try:
-            run = prepare(exp, runtime, trains_here)
-        except MotError:
-            if created and lock is not None:  # a refused first start: nothing of it stays
-                lock.release()
-                lock = None
-                shutil.rmtree(exp.run_dir, ignore_errors=True)
-            raise
+        run, refusal = None, None
         if runtime.prepares_data:
-            write_shards(run)
-            runtime.parallel.barrier()  # the others read the tokenizers and shards from here on
+            try:
+                run = prepare(exp, runtime, trains_here)
+            except MotError as exc:
+                if created:  # a refused first start: nothing of it stays
+                    lock.release()
+                    lock = None
+                    shutil.rmtree(exp.run_dir, ignore_errors=True)
+                refusal = str(exc)
+            if refusal is None:
+                try:
+                    write_shards(run)
+                except MotError as exc:
+                    refusal = str(exc)
+        if runtime.data == WAIT_FOR_RANK_0 or (runtime.prepares_data and runtime.world > 1):
+            refusal = runtime.parallel.verdict_of_rank_0(refusal)  # the others wait for the data here
+        if refusal is not None:
+            raise MotError(refusal)
+        run = run or prepare(exp, runtime, trains_here)
         return (execute or train_loop)(run, runtime)
     except OSError as exc:  # metrics, config or state files: the disk, not the code
         raise ckpt.storage_error(exc, Path(exc.filename or exp.run_dir), "training") from None
@@ -123,7 +134,11 @@ def prepare(exp: Experiment, runtime: Runtime, trains_here: bool) -> PreparedRun
     changes = resume_changes(runtime.store.saved_config(latest), config_yaml, str(latest)) if latest is not None else []
     init = config.model.init_from
     pretrained = read_checkpoint(init.path) if latest is None and init is not None else None
-    seed_everything(config.run.seed)  # tokenizer fits draw from the run's seed
+    if latest is None and config.model.warm_start:
+        ckpt.LazyWeights(Path(config.model.warm_start))  # its file is there and readable
+    seed_everything(config.run.seed)  # tokenizer fits draw from the run's seed, deterministically on a CPU
+    if trains_here and runtime.device.type == "cpu":
+        use_deterministic_cpu()
     vocab = prepare_vocabulary(exp, check_fitted_on=runtime.prepares_data)
     args = model_args(config, vocab)
     if pretrained is not None:
@@ -135,12 +150,12 @@ def prepare(exp: Experiment, runtime: Runtime, trains_here: bool) -> PreparedRun
         removed = ckpt.clean_leftovers(exp.run_dir)
         if removed:
             print(f"removed leftovers of an interrupted checkpoint save: {', '.join(removed)}")
-    return PreparedRun(config, exp, vocab, args, config_yaml, latest, changes, pretrained)
+    return PreparedRun(config, exp, vocab, args, config_yaml, latest, changes, pretrained, fingerprints(exp, vocab))
 
 
 def write_shards(run: PreparedRun) -> None:
     """Tokenize every source's missing parts into shards (``mot data tokenize`` ran first, or
     an earlier start did: then nothing is left to do)."""
-    for name, counts in tokenize_locally(run.exp, run.vocab, progress=True).items():
+    for name, counts in tokenize_locally(run.exp, run.vocab, progress=True, prints=run.fingerprints).items():
         print(f"tokenized {name}: {counts['documents']:,} documents, {counts['tokens']:,} tokens in "
               f"{counts['shards']} shards", flush=True)

@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mot_core.errors import MotError
+from mot_core.training import storage
 
 PREFIX = "step_"
 _COMPLETE = re.compile(rf"^{PREFIX}(\d+)$")
@@ -80,22 +81,14 @@ OTHER_LAYOUTS = (("distributed_checkpoints", "`mot train --process-group`"), ("r
 
 
 def newest_of_other_layouts(run_dir: Path) -> tuple[int, str] | None:
-    """(step, who) of the newest checkpoint another way of training left in ``run_dir``, or
-    None. Its step is read from its meta.json; a folder without a readable one is not counted."""
+    """(step, who) of the newest intact checkpoint another way of training left in ``run_dir``
+    (intact as that way of training counts it: every worker's files whole), or None."""
     newest = None
     for folder, who in OTHER_LAYOUTS:
-        root = run_dir / folder.format(name=run_dir.resolve().name)
-        if not root.is_dir():
-            continue
-        for path in root.iterdir():
-            if not path.name.startswith("checkpoint_"):
-                continue
-            try:
-                step = int(json.loads((path / "meta.json").read_text())["step"])
-            except (OSError, ValueError, KeyError, TypeError):
-                continue
-            if newest is None or step > newest[0]:
-                newest = (step, who)
+        root, _, name = str(run_dir / folder.format(name=run_dir.resolve().name)).rpartition("/")
+        found = storage.intact_checkpoints(root, name) if Path(root, name).is_dir() else []
+        if found and (newest is None or found[-1][0] > newest[0]):
+            newest = (found[-1][0], who)
     return newest
 
 

@@ -17,7 +17,7 @@ from mot_core.progress import progress
 from mot_core.training.evaluation import evaluate
 from mot_core.training.runtime import Runtime
 from mot_core.training.state import PreparedRun, TrainState, build_state
-from mot_core.training.step import SkippedUpdates, train_step
+from mot_core.training.step import train_step
 from mot_core.training.trackers import open_trackers, read_records
 
 
@@ -29,8 +29,6 @@ def train_loop(run: PreparedRun, runtime: Runtime) -> dict:
     _check_losses_and_evaluators(state, run, runtime)
     log = MetricsLog(exp.run_dir / "metrics.jsonl", state.step) if main else None
     trackers = open_trackers(run.config, exp.run_dir, state.step, main)  # after MetricsLog cut the file at the step
-    skips = SkippedUpdates(tcfg, state.skipped_total, exp.run_dir)
-    skips.last_saved = state.step
     record: dict = {}
     bar, failure = None, None
     write = print if main else (lambda _: None)
@@ -42,7 +40,7 @@ def train_loop(run: PreparedRun, runtime: Runtime) -> dict:
         write = bar.write if main else write
         state.model.train()
         while state.step < tcfg.steps:
-            record = train_step(state, exp, runtime, skips, write)
+            record = train_step(state, exp, runtime, write)
             final = state.step == tcfg.steps
             if (tcfg.eval_every and state.step % tcfg.eval_every == 0) or final:
                 record.update(evaluate(state.model, state.val_batches, state.vocab, exp, runtime.device, state.autocast))
@@ -56,14 +54,14 @@ def train_loop(run: PreparedRun, runtime: Runtime) -> dict:
                 write(format_record(record, tcfg.steps))
             if (tcfg.checkpoint_every and state.step % tcfg.checkpoint_every == 0) or final:
                 save(state, run, runtime, record)
-                skips.last_saved = state.step
+                state.skips.last_saved = state.step
             elif logged:
                 runtime.reporter.report(record)
         if trackers:
             trackers.log_images(state.step, run_figures(exp.run_dir))
     except BaseException as exc:
         failure = exc  # what the trackers record as the run's end (failed, or killed by an interrupt)
-        if isinstance(exc, KeyboardInterrupt) and state.step > skips.last_saved and not state.updating \
+        if isinstance(exc, KeyboardInterrupt) and state.step > state.skips.last_saved and not state.updating \
                 and runtime.world == 1:
             write(f"interrupted: saved {save(state, run, runtime, record)}")
         raise
@@ -78,7 +76,7 @@ def train_loop(run: PreparedRun, runtime: Runtime) -> dict:
 def save(state: TrainState, run: PreparedRun, runtime: Runtime, record: dict) -> str:
     """Checkpoint the last finished step (a collective where there are several workers)."""
     trainer = {"scheduler": state.scheduler.state_dict(), "data": runtime.parallel.gather_stream_state(state.data_state),
-               "skipped_updates": state.skipped_total}
+               "skipped_updates": state.skips.total}
     return runtime.save(state.step, state.model, state.optimizer, trainer, run.config_yaml, run.args,
                         run.config.train.keep_checkpoints, record)
 

@@ -52,6 +52,11 @@ class DataParallel(Parallelism):
     def barrier(self) -> None:
         dist.barrier()
 
+    def verdict_of_rank_0(self, error: str | None) -> str | None:
+        verdict = [error]
+        dist.broadcast_object_list(verdict, src=0)
+        return verdict[0]
+
     def describe(self) -> str:
         backend = dist.get_backend() if dist.is_initialized() else "none"
         return f"{self.world} workers, {self.strategy}, {backend}, {'bf16' if self.bf16 else 'fp32'}"

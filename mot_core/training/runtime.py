@@ -77,6 +77,11 @@ class Parallelism(abc.ABC):
     def barrier(self) -> None:
         """Wait for every worker (after one of them prepared what the others read)."""
 
+    def verdict_of_rank_0(self, error: str | None) -> str | None:
+        """Rank 0's refusal (a ``MotError`` message), or None, on every rank: a collective, so
+        that ranks waiting for rank 0 stop with its one line instead of waiting forever."""
+        return error
+
     def describe(self) -> str:
         return ""
 
@@ -136,17 +141,28 @@ class Reporter:
         """A checkpointed step (after the store wrote it)."""
 
 
+PREPARE, WAIT_FOR_RANK_0, PREPARED = "prepare", "wait for rank 0", "prepared"
+"""Who prepares a run's data (``Runtime.data``): this process (``mot train``, a process group's
+rank 0, the ``mot launch`` driver, a sweep trial), rank 0 of this process's group (the other
+ranks of a process group wait for its verdict), or a process that ran before this one started
+(``mot launch``'s workers: the driver did)."""
+
+
 @dataclass
 class Runtime:
-    """What the loop runs in. ``prepares_data``: this process holds the run folder's lock, fits
-    tokenizers and writes shards before training (``mot train``, a process group's rank 0, the
-    ``mot launch`` driver); the others read what it wrote."""
+    """What the loop runs in. ``data``: who holds the run folder's lock, fits tokenizers and
+    writes shards before training (``PREPARE``: this process; ``WAIT_FOR_RANK_0``;
+    ``PREPARED``); the others read what it wrote."""
 
     device: torch.device
     store: CheckpointStore
     parallel: Parallelism = field(default_factory=SingleProcess)
     reporter: Reporter = field(default_factory=Reporter)
-    prepares_data: bool = True
+    data: str = PREPARE
+
+    @property
+    def prepares_data(self) -> bool:
+        return self.data == PREPARE
 
     @property
     def rank(self) -> int:

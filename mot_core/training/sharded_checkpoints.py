@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 
 from mot_core.errors import MotError
 from mot_core.training import checkpoint as ckpt
@@ -147,11 +146,11 @@ class ShardedStore(CheckpointStore):
     def refuse_newer_local_checkpoints(self, found: list[tuple[int, str]], who: str) -> None:
         """``mot train`` continued the run past this store's newest checkpoint (or trained it
         alone): resuming (or starting) here would lose those steps."""
-        local = ckpt.list_checkpoints(self.run_dir)
-        if not local or (found and ckpt.step_of(local[-1]) <= found[-1][0]):
+        local = ckpt.latest_intact(self.run_dir, report=lambda line: None)
+        if local is None or (found and ckpt.step_of(local) <= found[-1][0]):
             return
         mine = f"none of {who}" if not found else f"{who}'s newest is step {found[-1][0]}"
-        raise MotError(f"{self.run_dir} holds a `mot train` checkpoint of step {ckpt.step_of(local[-1])} and {mine}: "
+        raise MotError(f"{self.run_dir} holds a `mot train` checkpoint of step {ckpt.step_of(local)} and {mine}: "
                        f"starting here would lose those steps; continue it with `mot train`, warm-start from it "
                        "(model.warm_start), or use a new run.dir")
 

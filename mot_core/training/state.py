@@ -15,12 +15,13 @@ from typing import Any, Callable
 
 import torch
 
-from mot_core.config import RunConfig
+from mot_core.config import RunConfig, TrainSection
 from mot_core.data import Batch, PackedStream, Vocabulary, fixed_batches
-from mot_core.devices.device import autocast_for, describe_precision, keep_freed_memory_in_heap, seed_everything
+from mot_core.devices.device import autocast_for, describe_precision, seed_everything, use_deterministic_cpu
 from mot_core.devices.host import host_memory_mb
 from mot_core.errors import MotError
 from mot_core.experiment.build import Experiment, build_model, extras_sampler
+from mot_core.data.shards import Fingerprints
 from mot_core.experiment.tokenize import open_data
 from mot_core.hf.llama import LlamaCheckpoint, start_from_pretrained
 from mot_core.model.transformer import ModelArgs, MoTTransformer, warm_start_from_dense
@@ -48,6 +49,49 @@ class PreparedRun:
     latest: Any | None = None
     changes: list[str] = field(default_factory=list)
     pretrained: LlamaCheckpoint | None = None
+    fingerprints: dict[str, Fingerprints] | None = None  # each source's, computed once per start
+
+
+class SkippedUpdates:
+    """``train.on_nonfinite``: a NaN/inf loss or gradient stops the run (``stop``) or skips the
+    update (``skip``) up to ``max_consecutive_skips`` in a row and ``max_total_skips`` in all."""
+
+    def __init__(self, tcfg: TrainSection, total: int, run_dir):
+        self.tcfg, self.total, self.run_dir = tcfg, total, run_dir
+        self.consecutive = 0
+        self.last_saved = 0
+
+    def check_loss(self, value: float, step: int) -> None:
+        if not math.isfinite(value) and self.tcfg.on_nonfinite == "stop":
+            raise MotError(
+                f"loss is {value} at step {step}; stopped before it reached the weights "
+                f"(last checkpoint: step {self.last_saved}; train.on_nonfinite=skip skips such steps instead)"
+            )
+
+    def check_gradient(self, grad_norm: float, step: int) -> bool:
+        """True when the update may be applied; counts a skipped one (or stops the run)."""
+        if math.isfinite(grad_norm):
+            self.consecutive = 0
+            return True
+        if self.tcfg.on_nonfinite == "stop":
+            raise MotError(
+                f"gradient norm is {grad_norm} at step {step}; stopped before it reached the weights "
+                f"(last checkpoint: step {self.last_saved}; train.on_nonfinite=skip skips such steps instead)"
+            )
+        self.consecutive, self.total = self.consecutive + 1, self.total + 1
+        tcfg = self.tcfg
+        over = ("consecutive", self.consecutive, tcfg.max_consecutive_skips) \
+            if self.consecutive > tcfg.max_consecutive_skips else \
+            ("total", self.total, tcfg.max_total_skips) if self.total > tcfg.max_total_skips else None
+        if over is not None:
+            kind, count, limit = over
+            raise MotError(
+                f"{count} {kind} updates skipped for a non-finite gradient at step {step} "
+                f"(train.max_{kind}_skips={limit}): the run diverged; "
+                + (f"the last good checkpoint is step {self.last_saved} in {self.run_dir}: resume it with a lower "
+                   "train.lr (it may change on resume)" if self.last_saved else "no checkpoint was saved: lower train.lr")
+            )
+        return False
 
 
 @dataclass
@@ -64,8 +108,8 @@ class TrainState:
     vocab: Vocabulary
     sources: list[str]
     autocast: Callable
+    skips: SkippedUpdates
     step: int = 0
-    skipped_total: int = 0
     data_state: dict = field(default_factory=dict)  # the stream's position after the last finished step
     updating: bool = False  # between the update and the step's count: no consistent state to save
 
@@ -106,9 +150,8 @@ def build_state(run: PreparedRun, runtime: Runtime) -> TrainState:
     device, main = runtime.device, runtime.is_main
     seed_everything(config.run.seed)
     if device.type == "cpu":
-        torch.use_deterministic_algorithms(True)
-        keep_freed_memory_in_heap()
-    data = open_data(exp, vocab, missing="error", progress=main)
+        use_deterministic_cpu()
+    data = open_data(exp, vocab, prints=run.fingerprints)
     if main:
         (exp.run_dir / "config.yaml").write_text(run.config_yaml)  # what runs from now on
     model, forward = _build_model(run, runtime)
@@ -126,18 +169,19 @@ def build_state(run: PreparedRun, runtime: Runtime) -> TrainState:
     if main:
         print("\n".join(describe_coverage(val_batches, list(exp.sources), vocab.names)))
     state = TrainState(model, forward, optimizer, scheduler, stream, val_batches, vocab, sources,
-                       autocast_for(device, tcfg.precision))
+                       autocast_for(device, tcfg.precision), SkippedUpdates(tcfg, 0, exp.run_dir))
     if run.latest is not None:
         meta, saved = runtime.store.load(run.latest, model, optimizer, run.args, runtime.parallel)
         scheduler.load_state_dict(saved["scheduler"])
         apply_optimizer_settings(optimizer, scheduler, tcfg)  # the config's lr, schedule, betas, decay
         stream.load_state_dict(saved["data"])
-        state.step, state.skipped_total = meta["step"], saved.get("skipped_updates", 0)
+        state.step, state.skips.total = meta["step"], saved.get("skipped_updates", 0)
         if main:
             print(f"resuming from {run.latest} (step {state.step})")
             if run.changes:
                 print(f"changed on resume, in effect from step {state.step + 1}: {'; '.join(run.changes)}")
     state.data_state = stream.state_dict()
+    state.skips.last_saved = state.step
     if main:
         _describe_start(run, runtime, state)
     return state
@@ -168,7 +212,7 @@ def _build_model(run: PreparedRun, runtime: Runtime) -> tuple[MoTTransformer, Ca
         warm_start_from_dense(model, ckpt.LazyWeights(source))
         if main:
             print(f"warm start: copied {source} into every tower")
-    if first_start and run.pretrained is not None:
+    if run.pretrained is not None:  # read by a first start only
         message = start_from_pretrained(model, run.pretrained, config, run.vocab)
         if main:
             print(message)

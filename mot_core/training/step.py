@@ -14,55 +14,11 @@ import time
 
 import torch
 
-from mot_core.config import TrainSection
-from mot_core.errors import MotError
 from mot_core.data import PackedStream
 from mot_core.experiment.build import Experiment
 from mot_core.training.evaluation import forward_losses, reduce_losses
 from mot_core.training.runtime import Runtime
 from mot_core.training.state import TrainState
-
-
-class SkippedUpdates:
-    """``train.on_nonfinite``: a NaN/inf loss or gradient stops the run (``stop``) or skips the
-    update (``skip``) up to ``max_consecutive_skips`` in a row and ``max_total_skips`` in all."""
-
-    def __init__(self, tcfg: TrainSection, total: int, run_dir):
-        self.tcfg, self.total, self.run_dir = tcfg, total, run_dir
-        self.consecutive = 0
-        self.last_saved = 0
-
-    def check_loss(self, value: float, step: int) -> None:
-        if not math.isfinite(value) and self.tcfg.on_nonfinite == "stop":
-            raise MotError(
-                f"loss is {value} at step {step}; stopped before it reached the weights "
-                f"(last checkpoint: step {self.last_saved}; train.on_nonfinite=skip skips such steps instead)"
-            )
-
-    def check_gradient(self, grad_norm: float, step: int) -> bool:
-        """True when the update may be applied; counts a skipped one (or stops the run)."""
-        if math.isfinite(grad_norm):
-            self.consecutive = 0
-            return True
-        if self.tcfg.on_nonfinite == "stop":
-            raise MotError(
-                f"gradient norm is {grad_norm} at step {step}; stopped before it reached the weights "
-                f"(last checkpoint: step {self.last_saved}; train.on_nonfinite=skip skips such steps instead)"
-            )
-        self.consecutive, self.total = self.consecutive + 1, self.total + 1
-        tcfg = self.tcfg
-        over = ("consecutive", self.consecutive, tcfg.max_consecutive_skips) \
-            if self.consecutive > tcfg.max_consecutive_skips else \
-            ("total", self.total, tcfg.max_total_skips) if self.total > tcfg.max_total_skips else None
-        if over is not None:
-            kind, count, limit = over
-            raise MotError(
-                f"{count} {kind} updates skipped for a non-finite gradient at step {step} "
-                f"(train.max_{kind}_skips={limit}): the run diverged; "
-                + (f"the last good checkpoint is step {self.last_saved} in {self.run_dir}: resume it with a lower "
-                   "train.lr (it may change on resume)" if self.last_saved else "no checkpoint was saved: lower train.lr")
-            )
-        return False
 
 
 def step_loss(per_modality: dict, exp: Experiment, runtime: Runtime) -> tuple[torch.Tensor, dict[str, float]]:
@@ -103,10 +59,10 @@ def mix_record(stream: PackedStream, sources: list[str], modalities: list[str], 
     return record
 
 
-def train_step(state: TrainState, exp: Experiment, runtime: Runtime, skips: SkippedUpdates, write) -> dict:
+def train_step(state: TrainState, exp: Experiment, runtime: Runtime, write) -> dict:
     """Train one step; returns its record (``step``, per-modality losses, ``loss``, ``lr``,
     ``grad_norm``, throughput, and on logged steps router statistics and token shares)."""
-    tcfg, names = exp.config.train, state.vocab.names
+    tcfg, names, skips = exp.config.train, state.vocab.names, state.skips
     started = time.perf_counter()
     batch = state.stream.next_batch(len(names)).to(runtime.device)
     with state.autocast():
@@ -144,7 +100,6 @@ def train_step(state: TrainState, exp: Experiment, runtime: Runtime, skips: Skip
               f"{skips.consecutive} in a row, {skips.total} in all)")
     state.scheduler.step()
     state.step += 1
-    state.skipped_total = skips.total
     state.data_state = state.stream.state_dict()
     state.updating = False
     elapsed = time.perf_counter() - started
