@@ -161,6 +161,24 @@ def test_a_trained_run_exports_as_a_llama_that_transformers_loads(folders, text_
     assert "is not an empty folder" in capsys.readouterr().err
 
 
+def test_a_run_from_scratch_exports_with_its_default_ffn_width(text_corpus, tmp_path, capsys):
+    """model.ffn_hidden left unset: the export writes the width the model was built with, and
+    `transformers` gives the run's logits."""
+    from mot_core.runs.reopen import load_run
+
+    data = tiny_config_dict(text_corpus, tmp_path / "run", steps=2, eval_every=0, checkpoint_every=0)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(data))
+    assert main(["train", str(tmp_path / "run.yaml")]) == 0
+    out = tmp_path / "exported"
+    assert main(["export", str(tmp_path / "run"), "--out", str(out)]) == 0, capsys.readouterr().err
+    _, vocab, _, model, _ = load_run(tmp_path / "run", with_data=False)
+    reference = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert reference.config.intermediate_size == model.layers[0].ffn.w2.weight.shape[-1]
+    ids = torch.randint(0, vocab.size, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(logits(model.eval(), ids), reference(ids).logits, rtol=0, atol=1e-5)
+
+
 def _drop_tensor(folder: Path, name: str) -> None:
     from safetensors.torch import load_file, save_file
 

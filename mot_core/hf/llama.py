@@ -31,7 +31,7 @@ import torch
 from mot_core.config import RopeScalingSection, RunConfig
 from mot_core.errors import MotError
 from mot_core.model.frozen import read_rows, write_rows
-from mot_core.model.towers import MixedTowerFFN, TowerSwiGLU
+from mot_core.model.towers import MixedTowerFFN, TowerSwiGLU, default_ffn_hidden
 from mot_core.model.transformer import ModelArgs, MoTTransformer
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
@@ -355,6 +355,7 @@ def export_llama(model: MoTTransformer, group: int, row_offset: int, vocab_size:
         raise MotError("a model with QK-norm is not a Llama (tower.qk_norm)")
     norm_row = _tower_rows(args, args.untie_norm, [group])
     attn_row = _tower_rows(args, args.untie_attention, [group])
+    hidden = args.ffn_hidden or default_ffn_hidden(args.dim)  # a run from scratch leaves it to the model
     rows = list(range(row_offset, row_offset + vocab_size))
     state = {"model.embed_tokens.weight": read_rows(model.embed, "weight", rows),
              "model.norm.weight": read_rows(model.final_norm, "weight", norm_row)[0]}
@@ -368,7 +369,7 @@ def export_llama(model: MoTTransformer, group: int, row_offset: int, vocab_size:
         if not isinstance(ffn, TowerSwiGLU):
             raise MotError(f"tower {group}'s FFN is a mixture of experts; only a SwiGLU tower exports as a Llama")
         qkv = read_rows(block.wqkv, "weight", attn_row)[0]
-        gate, up = read_rows(ffn.w13, "weight", ffn_rows)[0].split(args.ffn_hidden)
+        gate, up = read_rows(ffn.w13, "weight", ffn_rows)[0].split(hidden)
         state.update({
             hf["attn_norm"]: read_rows(block.attn_norm, "weight", norm_row)[0],
             hf["ffn_norm"]: read_rows(block.ffn_norm, "weight", norm_row)[0],
@@ -385,7 +386,7 @@ def export_llama(model: MoTTransformer, group: int, row_offset: int, vocab_size:
                         original_max_position_embeddings=s.original_max_position)
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-        "hidden_size": args.dim, "intermediate_size": args.ffn_hidden, "num_hidden_layers": args.n_layers,
+        "hidden_size": args.dim, "intermediate_size": hidden, "num_hidden_layers": args.n_layers,
         "num_attention_heads": args.n_heads, "num_key_value_heads": kv, "head_dim": head_dim,
         "rms_norm_eps": args.norm_eps, "vocab_size": vocab_size, "max_position_embeddings": max_positions,
         "tie_word_embeddings": args.tie_embeddings, "attention_bias": False, "mlp_bias": False,
