@@ -180,6 +180,21 @@ def latest_intact(run_dir: Path, report=print) -> Path | None:
     return None
 
 
+def newest_saved_config(run_dir: Path) -> str | None:
+    """The config.yaml of the newest checkpoint whose meta.json and config.yaml are intact, or
+    None. Its weights are not read: what a run resumes as (its shape, its data) is the same in
+    every checkpoint of it, and hashing gigabytes to read one small file would be wasted."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+            expected = meta.get("sha256", {}).get("config.yaml") if isinstance(meta, dict) else None
+            if expected is None or _sha256(path / "config.yaml") == expected:
+                return (path / "config.yaml").read_text()
+        except (OSError, ValueError, AttributeError):
+            continue
+    return None
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,

@@ -205,6 +205,9 @@ class LocalCheckpoints(CheckpointStore):
     def saved_config(self, handle: Path) -> str:
         return (handle / "config.yaml").read_text()
 
+    def resumed_config(self) -> str | None:
+        return ckpt.newest_saved_config(self.run_dir)  # without hashing the weights twice per start
+
     def load(self, handle: Path, model, optimizer, args, parallel) -> tuple[dict, dict]:
         meta = ckpt.read_meta(handle)
         ckpt.check_compatible(meta["model_args"], args, handle)

@@ -49,16 +49,6 @@ def check_writable(uri: str) -> None:
                        "(launch.storage_path)") from None
 
 
-def read_text(uri: str) -> str:
-    """A small file (a checkpoint's config.yaml) as text."""
-    fs, path = _filesystem(uri)
-    try:
-        with fs.open_input_stream(path) as handle:
-            return handle.read().decode()
-    except (OSError, ValueError) as exc:
-        raise MotError(f"cannot read {uri}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-
-
 def intact_checkpoints(uri: str, name: str) -> list[tuple[int, str]]:
     """(step, URI) of every intact checkpoint of run ``name``, oldest first. Intact: meta.json
     is there and every worker's listed files are present with their sizes (a crash during an
