@@ -312,3 +312,44 @@ def test_every_epoch_reads_every_document_once(monkeypatch, full):
     assert all(sorted(e) == list(range(205)) for e in epochs)
     assert epochs[0] != epochs[1] != epochs[2]
     assert [order.document(1, i) for i in range(len(order))] == epochs[1]  # a function of (epoch, position)
+
+
+def test_a_store_without_random_access_is_read_chunk_by_chunk_whatever_its_size():
+    """An object store fetches a record batch per read: its order visits chunks (record
+    batches) in a random order and the documents of each chunk together, even when small
+    enough for a full permutation; every epoch still reads every document once."""
+    from mot_core.data.stores import EpochOrder
+
+    order = EpochOrder([130, 70], seed=3, source=0, chunk_docs=64, random_access=False)
+    assert not order.full
+    epoch = [order.document(0, i) for i in range(len(order))]
+    assert sorted(epoch) == list(range(200))
+    chunk_of = [d // 64 if d < 130 else 3 + (d - 130) // 64 for d in epoch]
+    runs = 1 + sum(a != b for a, b in zip(chunk_of, chunk_of[1:]))
+    assert runs == 5  # 130 = 64 + 64 + 2 and 70 = 64 + 6 documents: each chunk read in one run
+
+
+@pytest.mark.parametrize("ahead", [False, True], ids=["on demand", "built ahead"])
+def test_lanes_crossing_an_epoch_boundary_build_each_epoch_order_once(monkeypatch, ahead):
+    """Lanes reach the end of an epoch at different steps, so the packer asks for two epochs
+    in turn: each epoch's order is built once (before, 800 steps of 16 lanes over 4,000
+    documents rebuilt it 478 times). Built ahead in the background (large sources), the orders
+    and so the batches are the same."""
+    from mot_core.data.stores import EpochOrder
+
+    def run() -> tuple[list, EpochOrder, int]:
+        docs = [doc(np.arange(100, 100 + 3 + i % 5)) for i in range(4000)]
+        stream = PackedStream([docs], [1.0], seq_len=16, seed=0, lanes=16)
+        tokens = [stream.next_batch(1).tokens for _ in range(800)]
+        order = stream.orders[0]
+        epochs = 1 + max(lane.taken[0] * 16 + lane.index for lane in stream._lanes.values()) // len(order)
+        return tokens, order, epochs
+
+    expected, order, epochs = run()
+    assert epochs >= 3  # the run crossed at least two boundaries
+    assert order.rebuilt == epochs
+    if ahead:
+        monkeypatch.setattr(EpochOrder, "PREFETCH_FROM", 0)
+        tokens, order, epochs = run()
+        assert all(torch.equal(a, b) for a, b in zip(tokens, expected))
+        assert epochs <= order.rebuilt <= epochs + 1  # the last one may be built ahead for nothing

@@ -207,3 +207,56 @@ def test_tokenize_as_a_ray_data_job_writes_the_same_shards(tmp_path, text_corpus
         assert _shard_bytes(a) == _shard_bytes(b)
         assert read_index(str(tmp_path / "ray" / "tokens"), "text_files", split)["shards"] == \
             read_index(str(tmp_path / "local" / "tokens"), "text_files", split)["shards"]
+
+
+def test_shards_written_before_record_batches_read_the_same(tmp_path):
+    """Shards of the first layout (one record batch, no lengths in the footer) still open and
+    give the same documents: tokenized data kept from earlier versions trains as it did."""
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    from mot_core.data import shards as layout
+
+    vocab = ramp_vocab()
+    raw = ramp_documents(7)
+    prints = Fingerprints("v", {}, "s")
+    writer = ShardWriter(str(tmp_path), "ramp", "train", 0, prints, shard_tokens=10_000)
+    writer.add(vocab.encode_documents(raw, "ramp"), len(raw))
+    shards = writer.finish()
+    index = write_index(str(tmp_path), "ramp", "train", prints, 1, shards, vocab.names)
+    current = ShardedDocuments(str(tmp_path), "ramp", "train", index, vocab.expand)
+    expected = [current.encoded(i) for i in range(len(current))]
+
+    path = tmp_path / "ramp" / "train" / shards[0]["file"]
+    table = ipc.open_file(pa.memory_map(str(path))).read_all().combine_chunks()
+    sink = pa.BufferOutputStream()
+    with ipc.new_file(sink, layout.SCHEMA) as old:  # one batch, no footer metadata
+        old.write_batch(table.to_batches()[0])
+    path.write_bytes(sink.getvalue().to_pybytes())
+    old_index = dict(index, shards=[{k: v for k, v in shards[0].items() if k != "batch_documents"}
+                                    | {"bytes": path.stat().st_size}])
+    store = ShardedDocuments(str(tmp_path), "ramp", "train", old_index, vocab.expand)
+    assert store.lengths().tolist() == current.lengths().tolist()
+    for got, want in zip((store.encoded(i) for i in range(len(store))), expected):
+        assert all(np.array_equal(getattr(got, f), getattr(want, f)) for f in ("ids", "seg_modality", "seg_length", "values"))
+
+
+def test_a_shard_of_many_documents_is_read_a_record_batch_at_a_time(tmp_path):
+    """A shard holds record batches of BATCH_DOCUMENTS documents and every length in its
+    footer: lengths come from the footer alone, and a document read fetches its batch only."""
+    from mot_core.data.shards import BATCH_DOCUMENTS
+
+    vocab = ramp_vocab()
+    raw = (ramp_documents(10) * 15)[:150]  # words stay inside the tiny vocabulary
+    prints = Fingerprints("v", {}, "s")
+    writer = ShardWriter(str(tmp_path), "ramp", "train", 0, prints, shard_tokens=1 << 30)  # one shard
+    writer.add(vocab.encode_documents(raw, "ramp"), len(raw))
+    shards = writer.finish()
+    assert len(shards) == 1 and shards[0]["batch_documents"] == BATCH_DOCUMENTS
+    index = write_index(str(tmp_path), "ramp", "train", prints, 1, shards, vocab.names)
+    store = ShardedDocuments(str(tmp_path), "ramp", "train", index, vocab.expand)
+    expected = vocab.tokenize(raw, "ramp")
+    assert store.lengths().tolist() == [len(d) for d in expected] and not store._batches  # footer only
+    for i in (149, 0, 77, 128):
+        assert np.array_equal(store[i].ids, expected[i].ids)
+    assert sorted(store._batches) == [(0, 0), (0, 1), (0, 2)]  # 150 documents: batches of 64, 64 and 22

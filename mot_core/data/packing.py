@@ -183,7 +183,8 @@ class PackedStream:
         self.mean_lengths = np.array([s.total_tokens() / len(s) for s in self.sources], dtype=np.float64)
         self.weights = torch.tensor(self.target_shares, dtype=torch.float64)
         self.weight_unit = weight_unit
-        self.orders = [EpochOrder(s.block_sizes, seed, i, shuffle, s.chunk_docs) for i, s in enumerate(self.sources)]
+        self.orders = [EpochOrder(s.block_sizes, seed, i, shuffle, s.chunk_docs, random_access=s.random_access)
+                       for i, s in enumerate(self.sources)]
         self._lanes = {lane: _Lane.start(lane, seed, len(self.sources)) for lane in self.owned}
         self._open: OrderedDict[tuple[int, int], TokenDocument] = OrderedDict()
 

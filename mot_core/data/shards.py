@@ -1,18 +1,22 @@
 """Tokenized documents on disk or in an object store: Arrow IPC shards with an index.
 
-Why Arrow IPC (the Feather v2 file format, through ``pyarrow``): a shard is one record batch
-whose columns are list arrays, so a memory-mapped shard gives every document's ids as a
+Why Arrow IPC (the Feather v2 file format, through ``pyarrow``): a shard is a file of record
+batches whose columns are list arrays, so a memory-mapped shard gives every document's ids as a
 zero-copy numpy view (``offsets[i]:offsets[i+1]`` of one buffer), like Megatron's ``.bin`` +
-``.idx`` pair, but in a self-describing, checksummed-by-schema format that any Arrow reader
-(pandas, Polars, DuckDB, HF ``datasets``) opens, with continuous values and segment tables
-next to the ids; and ``pyarrow.fs`` reads the same files from S3 or GCS, the file systems the
-checkpoint storage already uses. Parquet would compress better but must be decoded, not
-mapped; MosaicML MDS shards would add a dependency and a row format of their own.
+``.idx`` pair, but in a self-describing format that any Arrow reader (pandas, Polars, DuckDB,
+HF ``datasets``) opens, with continuous values and segment tables next to the ids; and
+``pyarrow.fs`` reads the same files from S3 or GCS, the file systems the checkpoint storage
+already uses. Each record batch holds ``BATCH_DOCUMENTS`` documents and the footer holds every
+document's length, so a reader on an object store learns a shard's layout from its footer and
+then fetches one batch per range read, never a whole shard (MosaicML streaming's shard index
+does the same job). Parquet would compress better but must be decoded, not mapped; MosaicML MDS
+shards would add a dependency and a row format of their own.
 
 Layout of one source's split (``<data.dir>/<source>/<split>/``)::
 
     index.json                  written last: format, fingerprints, every shard's counts
-    part-00000-00000.arrow      part 0, shard 0: columns ids, seg_modality, seg_length, values
+    part-00000-00000.arrow      part 0, shard 0: columns ids, seg_modality, seg_length, values;
+                                footer: every document's length
     part-00000.json             progress of part 0 (raw documents read, shards written, done)
 
 One row per document (``EncodedDocument``). Shards are written to a temporary name and moved
@@ -142,7 +146,7 @@ class ShardWriter:
         _write_atomic(self.fs, f"{self.folder}/{name}", data)
         self.progress["shards"].append({
             "file": name, "documents": len(self.pending), "tokens": int(sum(len(d) for d in self.pending)),
-            "bytes": len(data),
+            "bytes": len(data), "batch_documents": BATCH_DOCUMENTS,
         })
         self.progress["documents_read"] += self.pending_read
         self.pending, self.pending_read = [], 0
@@ -153,7 +157,9 @@ class ShardWriter:
 
 
 def encode_shard(docs: list[EncodedDocument]) -> bytes:
-    """Documents -> the bytes of one Arrow IPC file (one record batch)."""
+    """Documents -> the bytes of one Arrow IPC file: record batches of ``BATCH_DOCUMENTS``
+    documents, and every document's token count in the footer (``LENGTHS_KEY``), so that a
+    reader learns the shard's layout from its footer and reads one batch with one range read."""
 
     def column(arrays: list[np.ndarray], dtype, large: bool = False) -> pa.Array:
         lengths = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
@@ -162,13 +168,16 @@ def encode_shard(docs: list[EncodedDocument]) -> bytes:
         kind = pa.LargeListArray if large else pa.ListArray
         return kind.from_arrays(pa.array(offsets), pa.array(flat))
 
-    batch = pa.RecordBatch.from_arrays([
-        column([d.ids for d in docs], np.int32), column([d.seg_modality for d in docs], np.int16),
-        column([d.seg_length for d in docs], np.int32), column([d.values for d in docs], np.float32, large=True),
-    ], schema=SCHEMA)
+    lengths = np.fromiter((d.ids.size for d in docs), dtype="<i4", count=len(docs))
     sink = pa.BufferOutputStream()
-    with ipc.new_file(sink, SCHEMA) as writer:
-        writer.write_batch(batch)
+    with ipc.new_file(sink, SCHEMA, metadata={LENGTHS_KEY: lengths.tobytes()}) as writer:
+        for first in range(0, max(len(docs), 1), BATCH_DOCUMENTS):
+            part = docs[first:first + BATCH_DOCUMENTS]
+            writer.write_batch(pa.RecordBatch.from_arrays([
+                column([d.ids for d in part], np.int32), column([d.seg_modality for d in part], np.int16),
+                column([d.seg_length for d in part], np.int32),
+                column([d.values for d in part], np.float32, large=True),
+            ], schema=SCHEMA))
     return sink.getvalue().to_pybytes()
 
 
@@ -206,72 +215,201 @@ def check_index(index: dict, where: str, fingerprints: Fingerprints, retokenize:
                        f"(files added, removed or modified, or other options); {retokenize}")
 
 
+BATCH_DOCUMENTS = 64  # documents per record batch: the unit of a range read, and of the shuffle's chunks
+LENGTHS_KEY = b"mot.lengths"  # footer metadata: every document's token count (int32, little-endian)
+
+
+class ReadCounter:
+    """Bytes and requests a store fetched from an object store (what a range read costs)."""
+
+    def __init__(self):
+        self.bytes = 0
+        self.requests = 0
+
+
+class _CountingFile:
+    """A file-like view of a pyarrow input file that counts what is read through it: each
+    ``read`` is one ranged GET on an object store."""
+
+    def __init__(self, native, counter: ReadCounter):
+        self.native, self.counter = native, counter
+        self.closed = False
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return False
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.native.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.native.tell()
+
+    def size(self) -> int:
+        return self.native.size()
+
+    def read(self, nbytes: int = -1) -> bytes:
+        data = self.native.read(None if nbytes is None or nbytes < 0 else nbytes)
+        self.counter.bytes += len(data)
+        self.counter.requests += 1
+        return data
+
+    def close(self) -> None:
+        self.closed = True
+        self.native.close()
+
+
+@dataclass
+class _OpenShard:
+    reader: ipc.RecordBatchFileReader
+    lengths: np.ndarray  # (documents,) int64 tokens of each document
+    batch_documents: int  # rows per record batch (the last one may hold fewer)
+
+
 class ShardedDocuments:
     """The documents of one split of one source, read from its shards (``DocumentStore``).
 
-    Every shard is checked when the store opens (size, schema, rows and tokens against the
-    index); documents are then read one at a time from memory-mapped files (or, from an
-    object store, a shard at a time), and expanded with the run's vocabulary."""
+    Opening the store checks every shard's size against the index (one listing of the folder).
+    A shard's footer (schema, record batches, every document's length) is read when the shard
+    is first used, and checked against the index; up to ``EAGER_FOOTERS`` local shards are all
+    checked at once (mapped, each costs about 80 us to open), so a damaged one stops the run
+    before it trains, while a corpus of 10^5 shards, or one in an object store, starts at once. Documents are
+    read one record batch (``BATCH_DOCUMENTS`` documents) at a time: zero-copy from a memory-mapped
+    file, or with one range read from an object store, never a whole shard. Documents are
+    expanded with the run's vocabulary.
+
+    From an object store the epoch order shuffles batches, then the documents of each batch
+    (``random_access`` is False): a full permutation would fetch a batch per document. Local
+    shards keep a full permutation."""
+
+    EAGER_FOOTERS = 1024
 
     def __init__(self, root: str, source: str, split: str, index: dict,
                  expand: Callable[[EncodedDocument], TokenDocument], fix: str = "run `mot data tokenize CONFIG --force`",
-                 cached_shards: int | None = None):
+                 cached_batches: int | None = None):
         """``fix``: what an error about a damaged shard tells the user to do."""
         self.fs, self.folder = filesystem(split_folder(root, source, split))
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
         self.index, self.expand, self.fix = index, expand, fix
         self.shards = index["shards"]
         self.block_sizes = [int(s["documents"]) for s in self.shards]
-        # mapped shards are read anywhere at no cost: shuffle in chunks across all of them; a
-        # shard fetched from an object store is read whole, so its documents are read together
-        self.chunk_docs = 64 if self.local else None
+        batched_shards = all(s.get("batch_documents") for s in self.shards)
+        # shards written before record batches (one batch each) are read whole: shuffle whole shards
+        self.chunk_docs = BATCH_DOCUMENTS if self.local or batched_shards else None
+        self.random_access = self.local
         self.first = np.concatenate([[0], np.cumsum(self.block_sizes)]).astype(np.int64)
-        self._open: OrderedDict[int, list[tuple[np.ndarray, np.ndarray]]] = OrderedDict()
-        # mapped shards cost address space, not memory: keep them all; fetched ones: a few
-        self._cached = cached_shards or (1 << 16 if self.local else 4)
-        self._check_files()
+        self.reads = ReadCounter()
+        self.shard_bytes = int(sum(int(s["bytes"]) for s in self.shards))
+        self._shards: OrderedDict[int, _OpenShard] = OrderedDict()
+        self._batches: OrderedDict[tuple[int, int], list[tuple[np.ndarray, np.ndarray]]] = OrderedDict()
+        # mapped batches cost address space, not memory: keep many; fetched ones: enough for every lane's chunk
+        self._cached_batches = cached_batches or (1 << 16 if self.local else 256)
+        self._cached_shards = 4096 if self.local else 256
+        self._check_sizes()
+        if self.local and len(self.shards) <= self.EAGER_FOOTERS:
+            for number in range(len(self.shards)):
+                self._shard(number)
 
-    def _check_files(self) -> None:
-        infos = self.fs.get_file_info([f"{self.folder}/{s['file']}" for s in self.shards])
-        for shard, info in zip(self.shards, infos):
-            where = f"{self.folder}/{shard['file']}"
-            if info.type != pafs.FileType.File:
-                raise MotError(f"shard {where} is missing; {self.fix}")
-            if info.size != shard["bytes"]:
-                raise MotError(f"shard {where} has {info.size} bytes where its index says {shard['bytes']} (truncated "
-                               f"or replaced); {self.fix}")
-        for number in range(len(self.shards)):
-            self._shard(number)
+    def _where(self, number: int) -> str:
+        return f"{self.folder}/{self.shards[number]['file']}"
 
-    def _shard(self, number: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(offsets, flat values) of each column of a shard (zero-copy views of the mapped
-        file), opened once and kept among a few."""
-        found = self._open.get(number)
+    def _unreadable(self, number: int, exc: BaseException) -> MotError:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return MotError(f"shard {self._where(number)} cannot be read ({detail}); {self.fix}")
+
+    def _check_sizes(self) -> None:
+        if self.local:
+            infos = self.fs.get_file_info([self._where(n) for n in range(len(self.shards))])
+            sizes = {info.path.rsplit("/", 1)[-1]: info.size for info in infos if info.type == pafs.FileType.File}
+        else:  # one listing (a request per 1,000 files), not a request per shard
+            try:
+                listing = self.fs.get_file_info(pafs.FileSelector(self.folder, allow_not_found=True))
+            except OSError as exc:
+                raise MotError(f"cannot list the shards in {self.folder}: {str(exc).splitlines()[0]}; {self.fix}") from None
+            sizes = {info.base_name: info.size for info in listing if info.type == pafs.FileType.File}
+            self.reads.requests += 1
+        for number, shard in enumerate(self.shards):
+            size = sizes.get(shard["file"])
+            if size is None:
+                raise MotError(f"shard {self._where(number)} is missing; {self.fix}")
+            if size != shard["bytes"]:
+                raise MotError(f"shard {self._where(number)} has {size} bytes where its index says {shard['bytes']} "
+                               f"(truncated or replaced); {self.fix}")
+
+    def _shard(self, number: int) -> _OpenShard:
+        """A shard's footer, read and checked against the index once, and kept among many."""
+        found = self._shards.get(number)
         if found is not None:
-            self._open.move_to_end(number)
+            self._shards.move_to_end(number)
             return found
-        shard = self.shards[number]
-        where = f"{self.folder}/{shard['file']}"
+        shard, where = self.shards[number], self._where(number)
         try:
-            source = pa.memory_map(where) if self.local else self.fs.open_input_file(where)
+            if self.local:
+                source = pa.memory_map(where)
+            else:
+                source = _CountingFile(self.fs.open_input_file(where), self.reads)
             reader = ipc.open_file(source)
-            if reader.schema != SCHEMA or reader.num_record_batches != 1:
-                raise MotError(f"shard {where} does not hold one batch of the {FORMAT} schema (not a shard of this "
-                               f"framework); {self.fix}")
-            batch = reader.get_batch(0)
         except (pa.ArrowInvalid, OSError) as exc:
-            raise MotError(f"shard {where} cannot be read ({str(exc).splitlines()[0]}); {self.fix}") from None
-        columns = [(batch.column(c).offsets.to_numpy(), batch.column(c).values.to_numpy()) for c in range(4)]
-        offsets = columns[0][0]
-        if batch.num_rows != shard["documents"] or int(offsets[-1] - offsets[0]) != shard["tokens"]:
-            raise MotError(f"shard {where} holds {batch.num_rows} documents and {int(offsets[-1] - offsets[0])} tokens "
-                           f"where the index says {shard['documents']} and {shard['tokens']}: the index does not "
-                           f"match its shards; {self.fix}")
-        found = columns
-        self._open[number] = found
-        if len(self._open) > self._cached:
-            self._open.popitem(last=False)
+            raise self._unreadable(number, exc) from None
+        documents = int(shard["documents"])
+        if reader.schema != SCHEMA:
+            raise MotError(f"shard {where} does not hold the {FORMAT} schema (not a shard of this framework); "
+                           f"{self.fix}")
+        metadata = reader.metadata or {}
+        if LENGTHS_KEY in metadata:
+            lengths = np.frombuffer(metadata[LENGTHS_KEY], dtype="<i4").astype(np.int64)
+            per_batch = BATCH_DOCUMENTS
+        else:  # written before record batches: one batch, whose offsets give the lengths
+            per_batch = max(documents, 1)
+            lengths = None
+        expected_batches = max(-(-documents // per_batch), 1)
+        if reader.num_record_batches != expected_batches:
+            raise MotError(f"shard {where} holds {reader.num_record_batches} record batches where its index's "
+                           f"{documents} documents make {expected_batches}: the index does not match its shards; "
+                           f"{self.fix}")
+        found = _OpenShard(reader, lengths if lengths is not None else np.zeros(0, np.int64), per_batch)
+        self._shards[number] = found
+        if lengths is None:
+            found.lengths = np.diff(self._batch(number, 0)[0][0]).astype(np.int64)
+        if found.lengths.size != documents or int(found.lengths.sum()) != int(shard["tokens"]):
+            del self._shards[number]
+            raise MotError(f"shard {where} holds {found.lengths.size} documents and {int(found.lengths.sum())} tokens "
+                           f"where the index says {documents} and {shard['tokens']}: the index does not match its "
+                           f"shards; {self.fix}")
+        if len(self._shards) > self._cached_shards:
+            self._shards.popitem(last=False)
         return found
+
+    def _batch(self, number: int, batch: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(offsets, flat values) of each column of one record batch (zero-copy views of a
+        mapped file, or the bytes of one range read), kept among a few."""
+        key = (number, batch)
+        found = self._batches.get(key)
+        if found is not None:
+            self._batches.move_to_end(key)
+            return found
+        shard = self._shards.get(number) or self._shard(number)
+        try:
+            record = shard.reader.get_batch(batch)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise self._unreadable(number, exc) from None
+        documents = int(self.shards[number]["documents"])
+        rows = min(shard.batch_documents, documents - batch * shard.batch_documents) if documents else 0
+        columns = [(record.column(c).offsets.to_numpy(), record.column(c).values.to_numpy()) for c in range(4)]
+        offsets = columns[0][0]
+        expected = shard.lengths[batch * shard.batch_documents:batch * shard.batch_documents + rows]
+        if record.num_rows != rows or (shard.lengths.size and not np.array_equal(np.diff(offsets), expected)):
+            raise MotError(f"shard {self._where(number)}: record batch {batch} does not match the document lengths in "
+                           f"the shard's footer (damaged); {self.fix}")
+        self._batches[key] = columns
+        if len(self._batches) > self._cached_batches:
+            self._batches.popitem(last=False)
+        return columns
 
     def __len__(self) -> int:
         return int(self.first[-1])
@@ -280,13 +418,16 @@ class ShardedDocuments:
         return int(self.index["tokens"])
 
     def lengths(self) -> np.ndarray:
-        out = [np.diff(self._shard(n)[0][0]).astype(np.int64) for n in range(len(self.shards))]
+        """(N,) every document's tokens, from the shards' footers (no document is read)."""
+        out = [self._shard(n).lengths for n in range(len(self.shards))]
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
     def encoded(self, index: int) -> EncodedDocument:
         number = int(np.searchsorted(self.first, index, side="right") - 1)
         row = index - int(self.first[number])
-        cells = [values[offsets[row]:offsets[row + 1]] for offsets, values in self._shard(number)]
+        per_batch = self._shard(number).batch_documents
+        batch, row = divmod(row, per_batch)
+        cells = [values[offsets[row]:offsets[row + 1]] for offsets, values in self._batch(number, batch)]
         return EncodedDocument(*cells)
 
     def __getitem__(self, index: int) -> TokenDocument:

@@ -16,6 +16,7 @@ stream's position is two integers.
 from __future__ import annotations
 
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -26,6 +27,7 @@ from mot_core.data.vocabulary import TokenDocument
 class DocumentStore(Protocol):
     block_sizes: Sequence[int]  # documents per block (shard), in stored order
     chunk_docs: int | None  # the shuffle's chunk (None: whole blocks, for stores read a block at a time)
+    random_access: bool  # False: reading a document fetches its chunk; shuffle chunks, never all documents
 
     def __len__(self) -> int: ...
 
@@ -45,6 +47,7 @@ class DocumentList:
         self.docs = list(docs)
         self.block_sizes = [len(self.docs)]
         self.chunk_docs = 1  # in memory: a full permutation
+        self.random_access = True
 
     def __len__(self) -> int:
         return len(self.docs)
@@ -72,19 +75,29 @@ class EpochOrder:
     least ``chunk_docs`` consecutive documents of one block (shard), and the chunk table holds at
     most ``MAX_CHUNKS`` entries (chunks grow with the corpus), so memory is bounded whatever the
     corpus. (Documents stored in order, such as digits by class, then stay together within a
-    chunk: shuffle a very large corpus when writing it, as its sources usually are.) ``chunk_docs=None`` keeps whole blocks (a store that reads a block at
-    a time, as from an object store). ``shuffle=False`` reads the documents in stored order."""
+    chunk: shuffle a very large corpus when writing it, as its sources usually are.) A store
+    without random access (an object store, read a record batch at a time) is always read chunk
+    by chunk, whatever its size; ``chunk_docs=None`` keeps whole blocks (shards read whole).
+    ``shuffle=False`` reads the documents in stored order.
+
+    Lanes cross an epoch boundary at different steps, so the packer asks for two epochs in turn
+    for a while: the orders of the two newest epochs are kept (``EPOCHS_KEPT``), and each is
+    built once. A large source's next order (a permutation of 2^24 documents takes about a second
+    here) is built in a background thread once a lane is three quarters through the epoch, so no
+    step waits for it (numpy releases the GIL while it shuffles)."""
 
     MAX_CHUNKS = 1 << 20
     FULL_PERMUTATION = 1 << 24  # up to this many documents: one permutation of all of them (int32, 64 MB)
+    EPOCHS_KEPT = 2  # the epochs lanes are in at once: every lane is in epoch e or e + 1
+    PREFETCH_FROM = 1 << 16  # documents from which the next epoch's order is built ahead, in the background
 
     def __init__(self, block_sizes: Sequence[int], seed: int, source: int, shuffle: bool = True,
-                 chunk_docs: int | None = 64, cached_chunks: int = 64):
+                 chunk_docs: int | None = 64, cached_chunks: int = 64, random_access: bool = True):
         sizes = np.asarray(block_sizes, dtype=np.int64)
         first = np.concatenate([[0], np.cumsum(sizes)])[:-1]
         self.count = int(sizes.sum())
-        self.full = chunk_docs is not None and self.count <= self.FULL_PERMUTATION
-        self._permutation: tuple[int, np.ndarray] | None = None
+        self.full = random_access and chunk_docs is not None and self.count <= self.FULL_PERMUTATION
+        self.rebuilt = 0  # epoch orders built (a measure of thrashing at epoch boundaries)
         if self.full:
             self.first = self.sizes = None  # no chunk table: every document is its own chunk
         elif chunk_docs is not None and self.count:
@@ -97,7 +110,9 @@ class EpochOrder:
         else:
             self.first, self.sizes = first, sizes
         self.seed, self.source, self.shuffle = seed, source, shuffle
-        self._epoch: tuple[int, np.ndarray, np.ndarray] | None = None  # epoch, chunk order, its cumulative sizes
+        # epoch -> its document permutation, or (chunk order, its cumulative sizes)
+        self._epochs: OrderedDict[int, tuple] = OrderedDict()
+        self._next: tuple[int, Future] | None = None  # the next epoch's order, being built in the background
         self._rows: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._cached = cached_chunks
 
@@ -108,14 +123,8 @@ class EpochOrder:
         if not self.shuffle:
             return position
         if self.full:
-            if self._permutation is None or self._permutation[0] != epoch:
-                order = np.random.default_rng([self.seed, self.source, epoch]).permutation(self.count)
-                self._permutation = (epoch, order.astype(np.int32))
-            return int(self._permutation[1][position])
-        if self._epoch is None or self._epoch[0] != epoch:
-            chunks = np.random.default_rng([self.seed, self.source, epoch]).permutation(len(self.sizes))
-            self._epoch = (epoch, chunks, np.cumsum(self.sizes[chunks]))
-        _, chunks, ends = self._epoch
+            return int(self._order(epoch, position)[0][position])
+        chunks, ends = self._order(epoch, position)
         rank = int(np.searchsorted(ends, position, side="right"))
         chunk = int(chunks[rank])
         row = position - int(ends[rank] - self.sizes[chunk])
@@ -131,3 +140,39 @@ class EpochOrder:
         else:
             self._rows.move_to_end(key)
         return int(self.first[chunk]) + int(rows[row])
+
+    def _order(self, epoch: int, position: int) -> tuple:
+        found = self._epochs.get(epoch)
+        if found is not None:
+            self._epochs.move_to_end(epoch)
+        else:
+            ahead = self._next
+            found = ahead[1].result() if ahead is not None and ahead[0] == epoch else self._build(epoch)
+            self._epochs[epoch] = found
+            if len(self._epochs) > self.EPOCHS_KEPT:
+                self._epochs.popitem(last=False)
+        following = epoch + 1
+        if (self.count >= self.PREFETCH_FROM and 4 * position >= 3 * self.count and following not in self._epochs
+                and (self._next is None or self._next[0] < following)):
+            self._next = (following, _background().submit(self._build, following))
+        return found
+
+    def _build(self, epoch: int) -> tuple:
+        """Epoch ``epoch``'s document permutation, or its chunk order and cumulative sizes."""
+        self.rebuilt += 1
+        rng = np.random.default_rng([self.seed, self.source, epoch])
+        if self.full:
+            return (rng.permutation(self.count).astype(np.int32),)
+        chunks = rng.permutation(len(self.sizes))
+        return chunks, np.cumsum(self.sizes[chunks])
+
+
+_BUILDER: ThreadPoolExecutor | None = None
+
+
+def _background() -> ThreadPoolExecutor:
+    """One thread that builds epoch orders ahead, shared by every source of the process."""
+    global _BUILDER
+    if _BUILDER is None:
+        _BUILDER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epoch-order")
+    return _BUILDER

@@ -112,6 +112,19 @@ class TrainState:
     step: int = 0
     data_state: dict = field(default_factory=dict)  # the stream's position after the last finished step
     updating: bool = False  # between the update and the step's count: no consistent state to save
+    reads_reported: bool = False  # the first step's line on what the object-store shards cost
+
+    def object_store_reads(self) -> str | None:
+        """What this process fetched from shards in an object store so far, as one line
+        (bytes against the shards' size, and requests), or None when all shards are local."""
+        remote = [s for s in self.stream.sources if getattr(s, "reads", None) is not None and not s.local]
+        if not remote:
+            return None
+        fetched = sum(s.reads.bytes for s in remote)
+        total = max(1, sum(s.shard_bytes for s in remote))
+        requests = sum(s.reads.requests for s in remote)
+        return (f"read {fetched / 1e6:.2f} MB of the {total / 1e6:.1f} MB of training shards in the object store "
+                f"({100 * fetched / total:.2f}%) in {requests} requests")
 
     def trainable_modality_modules(self) -> list[torch.nn.Parameter]:
         """The parameters plugins own (adapters, heads) that train (read after each forward: a

@@ -65,6 +65,11 @@ def train_step(state: TrainState, exp: Experiment, runtime: Runtime, write) -> d
     tcfg, names, skips = exp.config.train, state.vocab.names, state.skips
     started = time.perf_counter()
     batch = state.stream.next_batch(len(names)).to(runtime.device)
+    if not state.reads_reported:
+        state.reads_reported = True
+        reads = state.object_store_reads()
+        if reads:  # every worker's own figure: each reads only its lanes' documents
+            print(f"worker {runtime.rank}: {reads} before step {state.step + 1}", flush=True)
     with state.autocast():
         per_modality = forward_losses(state.model, batch, state.vocab, exp, forward=state.forward)
     total, means = step_loss(per_modality, exp, runtime)
