@@ -472,6 +472,25 @@ def test_a_tokenizer_fitted_on_other_data_is_refused_in_one_line(photos, tmp_pat
     assert "was fitted on other data" in capsys.readouterr().err
 
 
+def test_tokenizer_fit_reads_the_fit_sample_once(photos, tmp_path, monkeypatch):
+    """The provenance probe of a shared tokenizer is the start of the fit sample: it is served
+    from the documents read for the fit, not read again."""
+    from mot_core.experiment import tokenize
+
+    reads: list[str] = []
+    original = tokenize.iter_documents
+
+    def counted(name, source, split, part=None):
+        reads.append(split)
+        return original(name, source, split, part)
+
+    monkeypatch.setattr(tokenize, "iter_documents", counted)
+    config = tmp_path / "fit.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(photos, tmp_path / "tok", tmp_path / "run")))
+    assert main(["tokenizer", "fit", str(config)]) == 0
+    assert sorted(reads) == ["train", "val"]
+
+
 def test_tokenizer_fit_with_nothing_to_fit_says_so_and_succeeds(tmp_path, capsys, book):
     config = tmp_path / "text.yaml"
     config.write_text(yaml.safe_dump({

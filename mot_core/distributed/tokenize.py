@@ -1,15 +1,23 @@
 """``mot data tokenize --address``: the tokenize job as a Ray Data job on a cluster.
 
 Each part of each source's split is one row of a Ray Data dataset; ``map_batches`` runs a
-class UDF that builds the run (its plugins, and the tokenizers the driver fitted and saved)
-once per actor and writes that part's shards straight into ``data.dir`` (a shared folder or
-an object store). The driver then writes the indexes. The same ``tokenize_part`` runs in
-``mot train``'s process when there is no cluster, so both write the same shards.
+class UDF that builds the run once per actor and writes that part's shards straight into
+``data.dir`` (a shared folder or an object store). The driver then writes the indexes. The
+same ``tokenize_part`` runs in ``mot train``'s process when there is no cluster, so both write
+the same shards.
+
+An actor may run on a node that holds none of the driver's files (``experiment.nodes``): it
+receives the tokenizers the driver fitted (their saved state, unpacked into a folder of its
+own), checks that it sees the driver's ``data.dir`` and every file the config names, and
+refuses, in one line, unless its vocabulary and sources have the driver's fingerprints.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import asdict
+from pathlib import Path
 
 import yaml
 
@@ -17,33 +25,78 @@ from mot_core.config import RunConfig
 from mot_core.errors import MotError
 from mot_core.experiment.build import build_experiment
 from mot_core.experiment.resolve import resolve_config
-from mot_core.experiment.tokenize import PartTask, fingerprints, finish, plan, prepare_vocabulary, tokenize_part
+from mot_core.experiment.nodes import (
+    check_marker, check_named_paths, leave_marker, named_paths, pack_state, remove_marker, this_node, unpack_state,
+)
+from mot_core.experiment.tokenize import (
+    PartTask, data_root, fingerprints, finish, plan, prepare_vocabulary, tokenize_part,
+)
 
 
 class _TokenizeParts:
     """Ray Data UDF: one actor holds one built run; each row is a part to tokenize."""
 
-    def __init__(self, config: dict):
-        # the driver's resolved config is the record of its shapes: nothing is read again here
-        self.exp = build_experiment(resolve_config(config, saved=yaml.safe_dump(config)))
-        # loads what the driver fitted and checked against the data: nothing is refitted or probed here
-        self.vocab = prepare_vocabulary(self.exp, check_fitted_on=False)
-        self.prints = fingerprints(self.exp, self.vocab)
+    def __init__(self, config: dict, data_dir: str, marker: str, paths: list, state: dict, expected: dict):
+        """``data_dir``: the driver's data root; ``marker``: its marker file there; ``paths``:
+        the files the config names, as the driver sees them; ``state``: the tokenizers' saved
+        state; ``expected``: each source's fingerprints on the driver."""
+        import tempfile
+
+        self.error = ""
+        try:
+            check_named_paths(paths)
+            check_marker(marker, "data.dir")
+            own = Path(tempfile.mkdtemp(prefix="mot-tokenize-"))  # this node's copy of the tokenizers
+            unpack_state(state, own)
+            local = {**config, "run": {**config["run"], "dir": str(own)}, "data": {**config["data"], "dir": data_dir}}
+            # the driver's resolved config is the record of its shapes: nothing is read again here
+            self.exp = build_experiment(resolve_config(local, saved=yaml.safe_dump(local)))
+            # loads what the driver fitted: nothing is refitted or probed here
+            self.vocab = prepare_vocabulary(self.exp, check_fitted_on=False)
+            self.prints = fingerprints(self.exp, self.vocab)
+            self._check_fingerprints(expected)
+        except MotError as exc:  # reported by the driver as one line, not a Ray traceback
+            self.error = str(exc)
+
+    def _check_fingerprints(self, expected: dict) -> None:
+        for source, prints in self.prints.items():
+            driver = expected[source]
+            if prints.vocabulary != driver["vocabulary"]:
+                changed = [m for m, fp in prints.modalities.items() if driver["modalities"].get(m) != fp]
+                what = f"modality '{changed[0]}'s tokenizer" if changed else "vocabulary (modalities or id ranges)"
+                raise MotError(f"{this_node()} builds another {what} than the driver: its shards would hold other ids; "
+                               "the tokenizers' state must reach every node (nothing written)")
+            if prints.source != driver["source"]:
+                raise MotError(f"{this_node()} reads other data for dataset '{source}' than the driver (its files "
+                               "differ or are missing there): every node must read the same files, from an object "
+                               "store or a shared folder (nothing written)")
 
     def __call__(self, rows: dict) -> dict:
         out = {"source": [], "split": [], "part": [], "shards": [], "error": []}
         for source, split, part in zip(rows["source"], rows["split"], rows["part"]):
             task = PartTask(str(source), str(split), int(part))
-            try:
-                shards, error = tokenize_part(self.exp, self.vocab, task, self.prints[task.source]), ""
-            except MotError as exc:  # reported by the driver as one line, not a Ray traceback
-                shards, error = [], str(exc)
+            shards, error = [], self.error
+            if not error:
+                try:
+                    shards = tokenize_part(self.exp, self.vocab, task, self.prints[task.source])
+                except MotError as exc:  # reported by the driver as one line, not a Ray traceback
+                    error = str(exc)
             out["source"].append(task.source)
             out["split"].append(task.split)
             out["part"].append(task.part)
             out["shards"].append(json.dumps(shards))
             out["error"].append(error)
         return out
+
+
+def actor_arguments(config: RunConfig, exp, prints: dict) -> dict:
+    """What every tokenize actor is built from (``_TokenizeParts``); leaves the marker file in
+    ``data.dir`` (removed by the caller)."""
+    dumped = config.model_dump(mode="json")
+    root = data_root(exp)
+    root = root if "://" in root else os.path.abspath(root)
+    return {"config": dumped, "data_dir": root, "marker": leave_marker(root), "paths": named_paths(dumped),
+            "state": pack_state(exp.modalities), "expected": {n: asdict(p) for n, p in prints.items()}}
 
 
 def tokenize_on_ray(config: RunConfig, address: str, force: bool = False, concurrency: int | None = None) -> dict:
@@ -57,9 +110,11 @@ def tokenize_on_ray(config: RunConfig, address: str, force: bool = False, concur
     check_address(address)
     exp = build_experiment(config)
     vocab = prepare_vocabulary(exp)
-    tasks, splits_todo = plan(exp, vocab, force)
+    prints = fingerprints(exp, vocab)
+    tasks, splits_todo = plan(exp, vocab, force, prints=prints)
     if not tasks:
         return {}
+    actor_kwargs = actor_arguments(config, exp, prints)
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(address=address, include_dashboard=False, log_to_driver=True)
@@ -70,11 +125,12 @@ def tokenize_on_ray(config: RunConfig, address: str, force: bool = False, concur
         # without starving a repartition task
         results = (
             ray.data.from_items(rows, override_num_blocks=len(rows))
-            .map_batches(_TokenizeParts, fn_constructor_kwargs={"config": config.model_dump(mode="json")},
+            .map_batches(_TokenizeParts, fn_constructor_kwargs=actor_kwargs,
                          batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1)
             .take_all()
         )
     finally:
+        remove_marker(actor_kwargs["marker"])
         if started_here:
             ray.shutdown()
     errors = [r["error"] for r in results if r["error"]]
