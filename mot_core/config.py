@@ -19,8 +19,11 @@ from typing import Any, Literal
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator, model_validator,
+)
 
+from mot_core import filesystems
 from mot_core.errors import MotError
 
 
@@ -224,6 +227,14 @@ class LaunchSection(Section):
         "all-gather in the backward)",
     )
 
+    @field_validator("storage_path")
+    @classmethod
+    def _no_secret(cls, value: str | None) -> str | None:
+        problem = value is not None and filesystems.uri_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
 
 class SweepSection(Section):
     """``mot sweep``: trials of ``mot train`` on Ray Tune (ignored by ``mot train``). Each
@@ -261,6 +272,37 @@ class DataSection(Section):
         "ones of each part): fitting is bounded whatever the corpus size",
     )
     encode_batch_documents: PositiveInt = Field(256, description="documents encoded per call of encode_batch")
+
+    @field_validator("dir")
+    @classmethod
+    def _no_secret(cls, value: str | None) -> str | None:
+        problem = value is not None and filesystems.uri_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+
+class StorageSection(Section):
+    """Object storage: how ``s3://`` URIs (``data.dir``, ``launch.storage_path``) reach their
+    server. No credentials here, ever: the AWS SDK reads them from AWS_ACCESS_KEY_ID /
+    AWS_SECRET_ACCESS_KEY (/ AWS_SESSION_TOKEN), AWS_PROFILE and the AWS credentials file, so a
+    run's saved config.yaml holds no secret."""
+
+    endpoint: str | None = Field(
+        None, description="the S3 endpoint of every s3:// URI that names none in its query "
+        "(?endpoint_override=...), e.g. http://127.0.0.1:8333 for a local SeaweedFS or MinIO; default: "
+        "AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, else AWS. Credentials only from the AWS variables or files",
+    )
+    region: str | None = Field(None, description="the S3 region; default: AWS_REGION / AWS_DEFAULT_REGION, else the "
+                               "bucket's own on AWS (us-east-1 at another endpoint)")
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        problem = value is not None and filesystems.endpoint_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
 
 class TowerSection(Section):
@@ -319,6 +361,7 @@ class RunConfig(Section):
     train: TrainSection = TrainSection()
     launch: LaunchSection = LaunchSection()
     data: DataSection = DataSection()
+    storage: StorageSection = StorageSection()
     sweep: SweepSection = SweepSection()
     mixture: MixtureSection
 

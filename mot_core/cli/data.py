@@ -29,11 +29,13 @@ def cmd_tokenizer_fit(ns: argparse.Namespace) -> int:
 
 
 def cmd_data_tokenize(ns: argparse.Namespace) -> int:
+    from mot_core import filesystems
     from mot_core.experiment.build import build_experiment
     from mot_core.experiment.tokenize import data_root, prepare_vocabulary, tokenize_locally
 
     config = load_config(ns.config, ns.overrides)
     exp = build_experiment(config)
+    filesystems.check_reachable(data_root(exp), "data.dir")  # before tokenizers are fitted into run.dir
     if ns.address:
         from mot_core.distributed.tokenize import tokenize_on_ray
 

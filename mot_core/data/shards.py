@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.ipc as ipc
 
+from mot_core import filesystems
 from mot_core.data.vocabulary import EncodedDocument, TokenDocument
 from mot_core.errors import MotError
 
@@ -52,20 +53,13 @@ INDEX = "index.json"
 
 
 def split_folder(root: str, source: str, split: str) -> str:
-    return f"{root.rstrip('/')}/{source}/{split}"
+    return filesystems.join(root, source, split)  # parts go before a URI's query
 
 
 def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     """A local folder or an object-store URI (``s3://``, ``gs://``, ``file://``) -> (file
-    system, path in it)."""
-    if "://" in path:
-        try:
-            return pafs.FileSystem.from_uri(path)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
-            raise MotError(f"data.dir {path}: {str(exc).splitlines()[0]}") from None
-    import os
-
-    return pafs.LocalFileSystem(), os.path.abspath(path)
+    system, path in it), with the endpoint and credentials ``mot_core.filesystems`` finds."""
+    return filesystems.resolve(path, "data.dir")
 
 
 def _read_json(fs: pafs.FileSystem, path: str) -> dict | None:
@@ -293,7 +287,8 @@ class ShardedDocuments:
                  expand: Callable[[EncodedDocument], TokenDocument], fix: str = "run `mot data tokenize CONFIG --force`",
                  cached_batches: int | None = None):
         """``fix``: what an error about a damaged shard tells the user to do."""
-        self.fs, self.folder = filesystem(split_folder(root, source, split))
+        self.uri = split_folder(root, source, split)
+        self.fs, self.folder = filesystem(self.uri)
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
         self.index, self.expand, self.fix = index, expand, fix
         self.shards = index["shards"]
@@ -318,9 +313,17 @@ class ShardedDocuments:
     def _where(self, number: int) -> str:
         return f"{self.folder}/{self.shards[number]['file']}"
 
+    def _named(self, number: int) -> str:
+        """The shard as the config names it (a local path, or a URI with its scheme)."""
+        return self._where(number) if self.local else filesystems.join(self.uri, self.shards[number]["file"])
+
     def _unreadable(self, number: int, exc: BaseException) -> MotError:
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return MotError(f"shard {self._where(number)} cannot be read ({detail}); {self.fix}")
+        if "does not exist" in detail or "No such file" in detail:
+            detail = "it is gone: deleted or moved since the run started"
+        elif not self.local and filesystems.failure_kind(exc) is not None:  # the store refused: credentials, network
+            return filesystems.describe_error(exc, self._named(number), "data.dir")
+        return MotError(f"shard {self._named(number)} cannot be read ({detail}); {self.fix}")
 
     def _check_sizes(self) -> None:
         if self.local:
@@ -330,15 +333,15 @@ class ShardedDocuments:
             try:
                 listing = self.fs.get_file_info(pafs.FileSelector(self.folder, allow_not_found=True))
             except OSError as exc:
-                raise MotError(f"cannot list the shards in {self.folder}: {str(exc).splitlines()[0]}; {self.fix}") from None
+                raise MotError(f"cannot list the shards in {self.uri}: {str(exc).splitlines()[0]}; {self.fix}") from None
             sizes = {info.base_name: info.size for info in listing if info.type == pafs.FileType.File}
             self.reads.requests += 1
         for number, shard in enumerate(self.shards):
             size = sizes.get(shard["file"])
             if size is None:
-                raise MotError(f"shard {self._where(number)} is missing; {self.fix}")
+                raise MotError(f"shard {self._named(number)} is missing; {self.fix}")
             if size != shard["bytes"]:
-                raise MotError(f"shard {self._where(number)} has {size} bytes where its index says {shard['bytes']} "
+                raise MotError(f"shard {self._named(number)} has {size} bytes where its index says {shard['bytes']} "
                                f"(truncated or replaced); {self.fix}")
 
     def _shard(self, number: int) -> _OpenShard:
@@ -347,7 +350,7 @@ class ShardedDocuments:
         if found is not None:
             self._shards.move_to_end(number)
             return found
-        shard, where = self.shards[number], self._where(number)
+        shard, where, named = self.shards[number], self._where(number), self._named(number)
         try:
             if self.local:
                 source = pa.memory_map(where)
@@ -358,7 +361,7 @@ class ShardedDocuments:
             raise self._unreadable(number, exc) from None
         documents = int(shard["documents"])
         if reader.schema != SCHEMA:
-            raise MotError(f"shard {where} does not hold the {FORMAT} schema (not a shard of this framework); "
+            raise MotError(f"shard {named} does not hold the {FORMAT} schema (not a shard of this framework); "
                            f"{self.fix}")
         metadata = reader.metadata or {}
         if LENGTHS_KEY in metadata:
@@ -369,7 +372,7 @@ class ShardedDocuments:
             lengths = None
         expected_batches = max(-(-documents // per_batch), 1)
         if reader.num_record_batches != expected_batches:
-            raise MotError(f"shard {where} holds {reader.num_record_batches} record batches where its index's "
+            raise MotError(f"shard {named} holds {reader.num_record_batches} record batches where its index's "
                            f"{documents} documents make {expected_batches}: the index does not match its shards; "
                            f"{self.fix}")
         found = _OpenShard(reader, lengths if lengths is not None else np.zeros(0, np.int64), per_batch)
@@ -378,7 +381,7 @@ class ShardedDocuments:
             found.lengths = np.diff(self._batch(number, 0)[0][0]).astype(np.int64)
         if found.lengths.size != documents or int(found.lengths.sum()) != int(shard["tokens"]):
             del self._shards[number]
-            raise MotError(f"shard {where} holds {found.lengths.size} documents and {int(found.lengths.sum())} tokens "
+            raise MotError(f"shard {named} holds {found.lengths.size} documents and {int(found.lengths.sum())} tokens "
                            f"where the index says {documents} and {shard['tokens']}: the index does not match its "
                            f"shards; {self.fix}")
         if len(self._shards) > self._cached_shards:
@@ -404,7 +407,7 @@ class ShardedDocuments:
         offsets = columns[0][0]
         expected = shard.lengths[batch * shard.batch_documents:batch * shard.batch_documents + rows]
         if record.num_rows != rows or (shard.lengths.size and not np.array_equal(np.diff(offsets), expected)):
-            raise MotError(f"shard {self._where(number)}: record batch {batch} does not match the document lengths in "
+            raise MotError(f"shard {self._named(number)}: record batch {batch} does not match the document lengths in "
                            f"the shard's footer (damaged); {self.fix}")
         self._batches[key] = columns
         if len(self._batches) > self._cached_batches:

@@ -6,6 +6,7 @@
       -> validation (pydantic, ``extra=forbid``: one line naming the key for every problem)
       -> pretrained shapes (``model.init_from``'s config.json on a run's first start; the run's
          saved config when it resumes, so a moved pretrained folder does not stop a resume)
+      -> the ``storage`` settings made the process's (``mot_core.filesystems.configure``)
 
 ``mot config show``, ``mot train`` (in one process or a process group), ``mot launch`` (driver
 and workers), ``mot sweep`` trials, ``mot bench``, ``mot plugins check``, ``mot eval`` and
@@ -19,6 +20,7 @@ import copy
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from mot_core import filesystems
 from mot_core.config import RunConfig, load_raw_config, merge_overrides, validate_config
 from mot_core.hf.llama import with_pretrained_shapes
 from registry import Registry, get_registry
@@ -40,6 +42,9 @@ def resolve_config(source: Source, overrides: Sequence[str] = (), saved: SavedCo
     else:
         raw = load_raw_config(source, overrides)
     config = validate_config(apply_tower_defaults(raw, registry))
+    # the storage settings hold for the process that runs this config: a launch worker, a sweep
+    # trial and a Ray Data tokenize task resolve the driver's config here too
+    filesystems.configure(config.storage.endpoint, config.storage.region)
     return with_pretrained_shapes(config, saved(config) if callable(saved) else saved)
 
 

@@ -11,6 +11,7 @@ fitted (or reloaded) before any part runs, on a bounded sample (``data.fit_sampl
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -19,8 +20,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
+from mot_core import filesystems
 from mot_core.data.shards import (
-    Fingerprints, ShardedDocuments, ShardWriter, batched, check_index, filesystem, read_index, split_folder, write_index,
+    Fingerprints, ShardedDocuments, ShardWriter, batched, check_index, read_index, split_folder, write_index,
 )
 from mot_core.data.stores import DocumentList, DocumentStore
 from mot_core.data.vocabulary import Vocabulary
@@ -164,20 +166,37 @@ def tokenize_part(exp: Experiment, vocab: Vocabulary, task: PartTask, prints: Fi
     finished. Returns the part's shard records. ``advance(n)`` is called after each chunk of
     ``n`` documents encoded (progress within a long part)."""
     cfg = exp.config.data
-    writer = ShardWriter(data_root(exp), task.source, task.split, task.part, prints, cfg.shard_tokens)
-    if writer.done:
-        return writer.progress["shards"]
-    source = exp.sources[task.source]
-    parts = num_parts(task.source, source, task.split)
-    docs = iter_documents(task.source, source, task.split, None if parts == 1 else task.part)
-    skipped = writer.documents_read
-    if skipped:
-        docs = itertools.islice(docs, skipped, None)  # read, not encoded: finished shards are kept
-        report(f"{task.source}/{task.split} part {task.part}: continuing after {skipped} documents already in shards")
-    for chunk in batched(docs, cfg.encode_batch_documents):
-        writer.add(vocab.encode_documents(chunk, task.source), len(chunk))
-        advance(len(chunk))
-    return writer.finish()
+    root = data_root(exp)
+    with object_store_errors(root, split_folder(root, task.source, task.split)):
+        writer = ShardWriter(root, task.source, task.split, task.part, prints, cfg.shard_tokens)
+        if writer.done:
+            return writer.progress["shards"]
+        source = exp.sources[task.source]
+        parts = num_parts(task.source, source, task.split)
+        docs = iter_documents(task.source, source, task.split, None if parts == 1 else task.part)
+        skipped = writer.documents_read
+        if skipped:
+            docs = itertools.islice(docs, skipped, None)  # read, not encoded: finished shards are kept
+            report(f"{task.source}/{task.split} part {task.part}: continuing after {skipped} documents already in "
+                   "shards")
+        for chunk in batched(docs, cfg.encode_batch_documents):
+            writer.add(vocab.encode_documents(chunk, task.source), len(chunk))
+            advance(len(chunk))
+        return writer.finish()
+
+
+@contextlib.contextmanager
+def object_store_errors(root: str, where: str):
+    """A failed request to the object store that holds the shards (``data.dir`` a URI) as one
+    line naming ``where``, the cause and the fix; a local disk's ``OSError`` is left to the
+    caller."""
+    try:
+        yield
+    except OSError as exc:
+        if not filesystems.is_uri(root):
+            raise
+        raise filesystems.describe_error(exc, where, "data.dir", f"{where} changed while it was used; run "
+                                         "`mot data tokenize CONFIG` again") from None
 
 
 def plan(exp: Experiment, vocab: Vocabulary, force: bool = False, splits: Iterable[str] = SPLITS,
@@ -187,17 +206,20 @@ def plan(exp: Experiment, vocab: Vocabulary, force: bool = False, splits: Iterab
     Shards that do not match are refused; ``force`` deletes every split's shards and writes
     them again."""
     root = data_root(exp)
+    filesystems.check_reachable(root, "data.dir")  # an object store: its endpoint, credentials and bucket
     tasks, splits_todo = [], {}
     prints = prints or fingerprints(exp, vocab)
     for name, source in exp.sources.items():
         for split in splits:
-            index = read_index(root, name, split)
             where = split_folder(root, name, split)
+            with object_store_errors(root, where):
+                index = read_index(root, name, split)
             if index is not None and not force:
                 check_index(index, where, prints[name], retokenize_hint(exp))
                 continue  # up to date (its shards are checked one by one when they are opened)
             if force:
-                _clear(where)
+                with object_store_errors(root, where):
+                    _clear(where)
             parts = num_parts(name, source, split)
             splits_todo[(name, split)] = (prints[name], parts)
             tasks += [PartTask(name, split, part) for part in range(parts)]
@@ -205,7 +227,7 @@ def plan(exp: Experiment, vocab: Vocabulary, force: bool = False, splits: Iterab
 
 
 def _clear(folder: str) -> None:
-    fs, path = filesystem(folder)
+    fs, path = filesystems.resolve(folder, "data.dir")
     from pyarrow import fs as pafs
 
     if fs.get_file_info(path).type == pafs.FileType.Directory:
@@ -217,7 +239,8 @@ def finish(exp: Experiment, vocab: Vocabulary, splits_todo: dict, shards: dict[P
     report = {}
     for (name, split), (prints, parts) in splits_todo.items():
         listed = [s for part in range(parts) for s in shards[PartTask(name, split, part)]]
-        index = write_index(data_root(exp), name, split, prints, parts, listed, vocab.names)
+        with object_store_errors(data_root(exp), split_folder(data_root(exp), name, split)):
+            index = write_index(data_root(exp), name, split, prints, parts, listed, vocab.names)
         if not index["documents"]:
             raise MotError(f"dataset '{name}' produced no tokens in its '{split}' split")
         report[f"{name}/{split}"] = {"documents": index["documents"], "tokens": index["tokens"], "shards": len(listed)}

@@ -28,7 +28,7 @@ CHANGEABLE = (
     "run.dir", "run.device", "run.resume",  # where the run lives and runs, not what it is
     "model.warm_start", "model.init_from.path",  # read only by a run's first start
     "model.activation_checkpointing", "model.attention_backend",  # memory and kernels: the same maths
-    "launch.", "sweep.",
+    "launch.", "sweep.", "storage.",  # where the shards and checkpoints are reached, not what they hold
     "data.dir", "data.fit_sample_documents", "data.encode_batch_documents",  # shards are checked by fingerprint
 )
 CHANGEABLE_IN_MODALITIES = ("loss_weight", "evaluators", "evaluator_options")

@@ -1,25 +1,23 @@
 """Checkpoint storage reached by URI: a local or shared folder, or an object store (s3://, gs://),
-through pyarrow's file systems (what Ray itself uses)."""
+through pyarrow's file systems (what Ray itself uses), as ``mot_core.filesystems`` resolves
+them."""
 
 from __future__ import annotations
 
 import json
 import uuid
 
+from mot_core import filesystems
 from mot_core.errors import MotError
+from mot_core.filesystems import join
+
+WHAT = "launch.storage_path"
 
 
-def _filesystem(uri: str):
-    import pyarrow.fs
-
-    try:
-        return pyarrow.fs.FileSystem.from_uri(uri)
-    except (pyarrow.ArrowInvalid, pyarrow.ArrowNotImplementedError, OSError, ValueError) as exc:
-        raise MotError(f"storage path {uri!r} is not usable: {str(exc).splitlines()[0]}") from None
-
-
-def join(root: str, *parts: str) -> str:
-    return "/".join([root.rstrip("/"), *parts])
+def resolved(uri: str):
+    """The storage URI (``launch.storage_path``, or a checkpoint's URI under it) -> (pyarrow file
+    system, path in it)."""
+    return filesystems.resolve(uri, WHAT)
 
 
 def check_writable(uri: str) -> None:
@@ -28,7 +26,8 @@ def check_writable(uri: str) -> None:
     launch refused later leaves nothing behind."""
     import pyarrow.fs
 
-    fs, path = _filesystem(uri)
+    filesystems.check_reachable(uri, WHAT)  # an object store's endpoint, credentials and bucket, one line each
+    fs, path = resolved(uri)
     path = path.rstrip("/")
     probe = f"{path}/.mot-write-probe-{uuid.uuid4().hex}"
     try:
@@ -44,6 +43,8 @@ def check_writable(uri: str) -> None:
         if created:
             fs.delete_dir(missing)
     except (OSError, ValueError) as exc:
+        if filesystems.is_uri(uri) and filesystems.failure_kind(exc):
+            raise filesystems.describe_error(exc, uri, WHAT) from None
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise MotError(f"cannot write checkpoints to storage path {uri}: {detail}; give a writable folder or URI "
                        "(launch.storage_path)") from None
@@ -55,11 +56,13 @@ def intact_checkpoints(uri: str, name: str) -> list[tuple[int, str]]:
     upload leaves a folder that is skipped)."""
     import pyarrow.fs
 
-    fs, path = _filesystem(uri)
+    fs, path = resolved(uri)
     root = f"{path.rstrip('/')}/{name}"
     try:
         entries = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
     except OSError as exc:
+        if filesystems.is_uri(uri):
+            raise filesystems.describe_error(exc, join(uri, name), WHAT) from None
         raise MotError(f"cannot list checkpoints in {join(uri, name)}: {str(exc).splitlines()[0]}") from None
     found = []
     for entry in entries:
