@@ -11,7 +11,7 @@ EMOJI_FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO   := examples/configs/chameleon
 
-.PHONY: demo demo-seeds test install setup clean gpu-kit gpu-check
+.PHONY: demo demo-seeds test install setup clean gpu-kit gpu-check cluster-up cluster-down
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,14 @@ gpu-kit: $(STAMP) $(EMOJI_FONT)
 GPU_OUT ?= runs/gpu_check
 gpu-check:
 	python3 -m tools.gpu.check --kit .gpu-kit --out $(GPU_OUT)
+
+# A Ray cluster on this machine: a head and 2 worker nodes that share no files with it, each in
+# its own mount namespace (tests/cluster.py; needs root). `up` prints the address for --address.
+cluster-up: $(STAMP)
+	$(BIN)/python -m tools.cluster up
+
+cluster-down:
+	$(BIN)/python -m tools.cluster down
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -157,3 +157,28 @@ def use_registry(monkeypatch, make_registry) -> None:
     where the registry is needed, so a broken plugin fails inside the command under test."""
     for module in ("mot_core.experiment.resolve", "mot_core.experiment.build"):
         monkeypatch.setattr(f"{module}.get_registry", make_registry)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server (SeaweedFS, ``tests/s3_server.py``) on loopback for the session: its
+    ``endpoint``, ``access_key``, ``secret_key``, a ``bucket``, and ``env()`` (the AWS variables
+    a client needs)."""
+    from s3_server import s3_server as start
+
+    with start(tmp_path_factory.mktemp("s3")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A multi-node Ray cluster on this machine (``tests/cluster.py``): a head with 0 CPUs (the
+    driver, this process, joins there) and two 1-CPU worker nodes (resources ``worker_0``,
+    ``worker_1``), each in its own mount namespace that holds the installed package and none of
+    this machine's files; ``address``, ``node_ids``, ``kill_node(i)``, ``add_node()``. About 10 s
+    to start on 2 cores: one per test module. A test that needs the S3 server on the nodes
+    starts its own: ``local_cluster(extra_env=s3_server.env())``."""
+    from cluster import local_cluster
+
+    with local_cluster(workers=2, cpus_per_worker=1, extra_env={"MOT_CPU_BF16": os.environ["MOT_CPU_BF16"]}) as cluster:
+        yield cluster

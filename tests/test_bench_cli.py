@@ -132,6 +132,23 @@ def test_startup_memory_bench_at_a_tiny_size(capsys, tmp_path):
     assert (tmp_path / "dense" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
+def test_export_memory_bench_at_a_tiny_size(capsys, tmp_path, monkeypatch):
+    """``mot bench export-memory`` end to end on a tiny model: the streamed export alone and by
+    rank 0 of two FSDP2 workers, the gather on both ranks; its temporary folder is removed."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    code = main(["bench", "export-memory", "--dim", "64", "--layers", "2", "--heads", "2", "--vocab", "256", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["parameters"] > 0 and report["largest_bytes"] <= report["weights_bytes"]
+    assert [r["rank"] for r in report["hold"]] == [0, 1] and "streamed" in report["hold"][0]
+    for row in [report["stream"], report["hold"][0]["streamed"], *(r["gathered"] for r in report["hold"])]:
+        assert row["peak"] >= row["rss_before"] > 0
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_startup_memory_bench_refuses_heads_that_do_not_divide(capsys):
     assert main(["bench", "startup-memory", "--dim", "64", "--heads", "5"]) == 2
     assert "--dim 64 is not divisible by --heads 5" in capsys.readouterr().err

@@ -26,7 +26,10 @@ import yaml
 from conftest import run_mot
 from mot_core.data import PackedStream
 from mot_core.errors import MotError
+from mot_core.training import checkpoint as ckpt
+from mot_core.training import storage
 from test_continuous_modality import ramp_documents, ramp_vocab
+from test_streamed_export import assert_export_is_the_distributed_checkpoint
 
 STEPS = 24
 
@@ -149,7 +152,7 @@ def launched(plugin_site, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_two_workers_give_mot_trains_loss_at_every_step(launched, strategy):
-    _, runs = launched
+    tmp, runs = launched
     single, parallel = _metrics(runs["single"]), _metrics(runs[strategy])
     assert [r["step"] for r in parallel] == list(range(1, STEPS + 1)) == [r["step"] for r in single]
     for a, b in zip(single, parallel):
@@ -166,6 +169,12 @@ def test_two_workers_give_mot_trains_loss_at_every_step(launched, strategy):
     assert ours.keys() == theirs.keys()
     for key in theirs:
         torch.testing.assert_close(ours[key], theirs[key], rtol=1e-4, atol=1e-5)
+    # the driver streamed the export from the last checkpoint in storage: its weights and AdamW
+    # state are the workers' shards gathered, bit for bit
+    found = storage.intact_checkpoints(str(runs[strategy] / "ray"), strategy)
+    assert found[-1][0] == STEPS
+    assert_export_is_the_distributed_checkpoint(runs[strategy] / "checkpoints" / f"step_{STEPS:07d}",
+                                                Path(found[-1][1]), tmp)
 
 
 def _kill_a_worker_once(metrics: Path, after_step: int, killed: list):
@@ -204,8 +213,7 @@ def test_a_killed_worker_costs_no_step_and_no_adam_moment(launched, plugin_site)
     assert [r["step"] for r in faulted] == list(range(1, STEPS + 1))  # no lost or repeated step
     for a, b in zip(uninterrupted, faulted):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=1e-7), a["step"]
-    states = [torch.load(run / "checkpoints" / f"step_{STEPS:07d}" / "trainer.pt", weights_only=False)
-              for run in (runs["ddp"], tmp / "faulted")]
+    states = [ckpt.load_trainer_state(run / "checkpoints" / f"step_{STEPS:07d}") for run in (runs["ddp"], tmp / "faulted")]
     moments = [s["optimizer_by_name"]["state"] for s in states]
     assert moments[0].keys() == moments[1].keys() and moments[0]
     for name, state in moments[0].items():

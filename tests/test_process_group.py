@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from test_streamed_export import assert_export_is_the_distributed_checkpoint
+
 
 def _mot(*args: str, cwd: Path, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
     command = (launcher or [sys.executable, "-m", "mot_core.cli"]) + list(args)
@@ -30,7 +32,9 @@ def test_fsdp2_in_one_process_trains_like_mot_train_and_resumes(write_config, tm
     run = tmp_path / "pg"
     steps = sorted(p.name for p in (run / "distributed_checkpoints").iterdir())
     assert steps == ["checkpoint_0000003", "checkpoint_0000006"]
-    assert (run / "checkpoints" / "step_0000006" / "model.safetensors").is_file()  # the export
+    # the export, streamed from the last distributed checkpoint: the same weights and AdamW state
+    assert_export_is_the_distributed_checkpoint(run / "checkpoints" / "step_0000006",
+                                                run / "distributed_checkpoints" / "checkpoint_0000006", tmp_path)
     plain = _mot("train", str(config), "run.dir=" + str(tmp_path / "plain"), cwd=tmp_path)
     assert plain.returncode == 0, plain.stderr[-3000:]
     assert _losses(run) == pytest.approx(_losses(tmp_path / "plain"), rel=1e-5)
@@ -52,6 +56,9 @@ def test_ddp_under_torchrun_with_two_processes_matches_one(write_config, tmp_pat
     single = _mot("train", str(config), "run.dir=" + str(tmp_path / "one"), cwd=tmp_path)
     assert single.returncode == 0
     assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-4)
+    last = sorted((tmp_path / "two" / "distributed_checkpoints").iterdir())[-1]
+    assert_export_is_the_distributed_checkpoint(tmp_path / "two" / "checkpoints" / f"step_{last.name[-7:]}", last,
+                                                tmp_path)
     # A resume rank 0 refuses: every rank stops with the same one line (none is left waiting)
     refused = _mot("train", str(config), "train.steps=8", "mixture.modalities.text.options.min_frequency=3",
                    "--process-group", "ddp", cwd=tmp_path, launcher=torchrun)

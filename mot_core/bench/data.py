@@ -261,3 +261,173 @@ def format_report(report: dict) -> str:
         f"ratio {side['ratio']:.3f}"
     )
     return "\n".join(lines)
+
+
+class _SyntheticStore:
+    """``documents`` short documents made on demand (``DocumentStore``): the order's cost at a
+    corpus size no disk here holds, without the cost of reading them."""
+
+    def __init__(self, documents: int):
+        self.count, self.block_sizes, self.chunk_docs, self.random_access = documents, [documents], 64, True
+
+    def __len__(self) -> int:
+        return self.count
+
+    def _length(self, index):
+        return 8 + (index * 7919) % 33  # 8 to 40 tokens, about 24 on average
+
+    def __getitem__(self, index: int):
+        import numpy as np
+
+        from mot_core.data import TokenDocument
+
+        ids = 4 + (index + np.arange(self._length(index), dtype=np.int64)) % 250
+        return TokenDocument(ids, np.zeros(ids.size, dtype=np.int64), np.full(ids.size, -1, dtype=np.int64))
+
+    def lengths(self):
+        import numpy as np
+
+        return self._length(np.arange(self.count, dtype=np.int64))
+
+    def total_tokens(self) -> int:
+        return int(self.lengths().sum())
+
+
+def epoch_boundary_steps(documents: int = 1 << 24, lanes: int = 16, seq_len: int = 512, steps: int = 100) -> dict:
+    """The data side of ``steps`` steps (``PackedStream.next_batch``) while the lanes cross an
+    epoch boundary one after another (lane l about 10 + 4 l steps before its end of the
+    epoch, with the next epoch's order built as a run would have built it by then), as the packer now runs (two epoch orders kept, the next one built in the
+    background) and as it ran before (one order kept, built on demand), side by side on one
+    source of ``documents`` documents. Returns each way's median and slowest step and the
+    number of orders built."""
+    import numpy as np
+
+    from mot_core.data import PackedStream
+    from mot_core.data.stores import EpochOrder
+
+    store = _SyntheticStore(documents)
+    per_step = seq_len / float(store.lengths()[: 1 << 16].mean())  # documents a lane takes per step
+    ways = {"now": (EpochOrder.EPOCHS_KEPT, EpochOrder.PREFETCH_FROM), "before": (1, documents + 1)}
+    report = {"documents": documents, "lanes": lanes, "seq_len": seq_len, "steps": steps}
+    saved = EpochOrder.EPOCHS_KEPT, EpochOrder.PREFETCH_FROM
+    try:
+        for name, (kept, prefetch_from) in ways.items():
+            EpochOrder.EPOCHS_KEPT, EpochOrder.PREFETCH_FROM = kept, prefetch_from
+            stream = PackedStream([store], [1.0], seq_len, seed=0, lanes=lanes)
+            for lane in stream._lanes.values():
+                lane.taken[0] = documents // lanes - int(per_step * (10 + 4 * lane.index))
+            stream.next_batch(1)  # the current epoch's order: built once at the start of any run
+            ahead = stream.orders[0]._next
+            if ahead is not None:
+                # a run's lanes pass three quarters of an epoch thousands of steps before its end
+                # (here they start 10 to 70 steps before it): the next order is ready by then
+                ahead[1].result()
+            def crossed() -> int:
+                return sum(lane.index + lane.taken[0] * lanes >= documents for lane in stream._lanes.values())
+
+            times, crossing = [], []  # crossing: a lane entered the next epoch during the step
+            for _ in range(steps):
+                before = crossed()
+                started = time.perf_counter()
+                stream.next_batch(1)
+                times.append(time.perf_counter() - started)
+                crossing.append(crossed() > before)
+            median = float(np.median(times))
+            at_boundary = [t for t, c in zip(times, crossing) if c]
+            report[name] = {"median_step_s": median, "slowest_step_s": max(times), "slowest_over_median": max(times) / median,
+                            "crossing_steps": len(at_boundary), "crossing_median_s": float(np.median(at_boundary)),
+                            "crossing_slowest_s": max(at_boundary), "orders_built": stream.orders[0].rebuilt,
+                            "lanes_crossed": crossed()}
+    finally:
+        EpochOrder.EPOCHS_KEPT, EpochOrder.PREFETCH_FROM = saved
+    return report
+
+
+def format_epoch_boundary(report: dict) -> str:
+    lines = [f"epoch boundary: {report['documents']:,} documents, {report['lanes']} lanes of {report['seq_len']} "
+             f"tokens, {report['steps']} steps (data side of each step)",
+             "packer | median step ms | slowest step ms | slowest / median | steps where a lane crossed: median ms, "
+             "slowest ms | epoch orders built | lanes crossed",
+             "---|---|---|---|---|---|---"]
+    for name in ("now", "before"):
+        r = report[name]
+        lines.append(f"{name} | {1000 * r['median_step_s']:.1f} | {1000 * r['slowest_step_s']:.1f} | "
+                     f"{r['slowest_over_median']:.2f} | {r['crossing_steps']} steps: {1000 * r['crossing_median_s']:.1f}, "
+                     f"{1000 * r['crossing_slowest_s']:.1f} | {r['orders_built']} | {r['lanes_crossed']}/{report['lanes']}")
+    return "\n".join(lines)
+
+
+WORKER_READ = re.compile(r"worker (\d+): read ([\d.]+) MB of the ([\d.]+) MB of training shards in the object store "
+                         r"\(([\d.]+)%\) in (\d+) requests before step (\d+)")
+
+
+def run_remote_bench(size: int, remote: str, out: Path, workers: int = 2, progress=print) -> dict:
+    """Shards in an object store against the same shards on disk, for a corpus of ``size``
+    bytes: tokenized once on disk, copied to ``remote`` (a URI the usual AWS variables or
+    ``storage`` reach), then
+      - ``mot train`` from disk and from ``remote``: time to the end of the first step;
+      - ``mot launch`` of ``workers`` workers from ``remote``: what each worker fetched before
+        its first step (the line each worker prints), against the shards' size."""
+    import shutil
+
+    import pyarrow.fs as pafs
+
+    from mot_core import filesystems
+
+    out.mkdir(parents=True, exist_ok=True)
+    label = _label(size)
+    corpus = build_corpus(out / f"corpus_{label}", size, real_text())
+    local_dir = out / f"local_{label}"
+    local_config = out / f"local_{label}.yaml"
+    local_config.write_text(yaml.safe_dump(bench_config(corpus, local_dir, 1, size)))
+    if not (local_dir / "tokens" / "text_files" / "train" / "index.json").is_file():
+        progress(f"{label}: tokenizing {size / 1e6:,.0f} MB")
+        watch(_mot(["data", "tokenize", str(local_config)]))
+    shards_mb = sum(p.stat().st_size for p in (local_dir / "tokens").rglob("*.arrow")) / 1e6
+    remote = remote.rstrip("/")
+    progress(f"{label}: copying {shards_mb:,.0f} MB of shards to {remote}")
+    fs, path = filesystems.resolve(remote, "--remote")
+    try:
+        fs.create_dir(path, recursive=True)
+        pafs.copy_files(str(local_dir / "tokens"), path, source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=fs, use_threads=True)
+    except OSError as exc:
+        raise filesystems.describe_error(exc, remote, "--remote") from None
+    firsts = {}
+    for where in ("disk", "remote"):
+        run_dir = out / f"{where}_run_{label}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.copytree(local_dir / "state", run_dir / "state")  # the same tokenizer: the same shards are valid
+        config = bench_config(corpus, run_dir, 1, size)
+        config["data"]["dir"] = str(local_dir / "tokens") if where == "disk" else remote
+        path_of = out / f"{where}_{label}.yaml"
+        path_of.write_text(yaml.safe_dump(config))
+        progress(f"{label}: mot train from {where}")
+        firsts[where] = watch(_mot(["train", str(path_of)]), metrics=run_dir / "metrics.jsonl")["first_step_s"]
+    launch_dir = out / f"launch_run_{label}"
+    shutil.rmtree(launch_dir, ignore_errors=True)
+    shutil.copytree(local_dir / "state", launch_dir / "state")
+    config = bench_config(corpus, launch_dir, 1, size)
+    config["data"]["dir"] = remote
+    launch_config = out / f"launch_{label}.yaml"
+    launch_config.write_text(yaml.safe_dump(config))
+    progress(f"{label}: mot launch of {workers} workers from {remote}")
+    launched = watch(_mot(["launch", str(launch_config), "--num-workers", str(workers)]))
+    reads = {int(m[0]): {"mb": float(m[1]), "shards_mb": float(m[2]), "percent": float(m[3]), "requests": int(m[4])}
+             for m in WORKER_READ.findall(launched["output"])}
+    if len(reads) != workers:
+        raise MotError(f"`mot launch` printed what {len(reads)} of its {workers} workers read: {launched['output'][-1500:]}")
+    return {"corpus": label, "bytes": size, "shards_mb": shards_mb, "remote": remote, "first_step_s": firsts,
+            "workers": reads}
+
+
+def format_remote_report(report: dict) -> str:
+    first = report["first_step_s"]
+    lines = [f"{report['corpus']} corpus, {report['shards_mb']:,.1f} MB of shards in {report['remote']}",
+             f"first step of `mot train` (from its start): disk {first['disk']:.1f} s, object store "
+             f"{first['remote']:.1f} s",
+             "launch worker | fetched before step 1 MB | of the shards | requests",
+             "---|---|---|---"]
+    for rank, r in sorted(report["workers"].items()):
+        lines.append(f"{rank} | {r['mb']:.2f} | {r['percent']:.2f}% | {r['requests']}")
+    return "\n".join(lines)

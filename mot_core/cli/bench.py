@@ -1,4 +1,4 @@
-"""``mot bench throughput`` and ``mot bench step-match``."""
+"""``mot bench``: throughput, step-match, data, startup-memory and export-memory."""
 
 from __future__ import annotations
 
@@ -48,8 +48,20 @@ def cmd_bench_step_match(ns: argparse.Namespace) -> int:
 
 
 def cmd_bench_data(ns: argparse.Namespace) -> int:
-    from mot_core.bench.data import format_report, parse_size, run_data_bench
+    from mot_core.bench.data import epoch_boundary_steps, format_epoch_boundary, format_report, parse_size, run_data_bench
 
+    if ns.epoch_boundary:
+        report = epoch_boundary_steps(documents=ns.documents)
+        print(json.dumps(report) if ns.json else format_epoch_boundary(report))
+        return 0
+    if ns.remote:
+        from mot_core.bench.data import format_remote_report, run_remote_bench
+
+        size = parse_size(ns.sizes.split(",")[0])
+        report = run_remote_bench(size, ns.remote, Path(ns.out), ns.workers,
+                                  progress=(lambda msg: print(msg, file=sys.stderr)) if not ns.json else (lambda msg: None))
+        print(json.dumps(report) if ns.json else format_remote_report(report))
+        return 0
     sizes = [parse_size(s) for s in ns.sizes.split(",") if s.strip()]
     if not sizes:
         raise MotError("--sizes names no corpus size (e.g. --sizes 5MB,50MB)")
@@ -66,6 +78,17 @@ def cmd_bench_startup(ns: argparse.Namespace) -> int:
         raise MotError(f"--dim {ns.dim} is not divisible by --heads {ns.heads}")
     report = run_startup_bench(Path(ns.out), ns.dim, ns.layers, ns.heads, ns.workers,
                                progress=(lambda msg: print(msg, file=sys.stderr)) if not ns.json else (lambda msg: None))
+    print(json.dumps(report) if ns.json else format_report(report))
+    return 0
+
+
+def cmd_bench_export_memory(ns: argparse.Namespace) -> int:
+    from mot_core.bench.export_memory import format_report, run_export_memory_bench
+
+    if ns.dim % ns.heads or (ns.dim // ns.heads) % 2:
+        raise MotError(f"--dim {ns.dim} must split into --heads {ns.heads} heads of an even size")
+    report = run_export_memory_bench(ns.dim, ns.layers, ns.heads, ns.vocab, ns.modalities, not ns.no_gather,
+                                     progress=(lambda msg: print(msg, file=sys.stderr)) if not ns.json else (lambda msg: None))
     print(json.dumps(report) if ns.json else format_report(report))
     return 0
 
@@ -109,6 +132,15 @@ def register(sub) -> None:
     p.add_argument("--sizes", default="5MB,50MB,500MB,2GB", help="corpus sizes, comma-separated (KB, MB, GB)")
     p.add_argument("--out", default="runs/bench_data", help="corpora, shards and runs (corpora are reused)")
     p.add_argument("--steps", type=positive_int, default=3, help="training steps of each run")
+    p.add_argument("--epoch-boundary", action="store_true",
+                   help="instead: the data side of 100 steps while 16 lanes cross an epoch boundary, the packer as it "
+                        "is against one that keeps a single epoch order (as before)")
+    p.add_argument("--documents", type=positive_int, default=1 << 24, help="documents of the source (--epoch-boundary)")
+    p.add_argument("--remote", metavar="URI",
+                   help="instead: the first --sizes corpus's shards copied to this object-store URI (s3://bucket/prefix): "
+                        "first step from there against from disk, and what each `mot launch` worker fetches before "
+                        "step 1")
+    p.add_argument("--workers", type=positive_int, default=2, help="launch workers (--remote)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_data)
     p = bsub.add_parser("startup-memory", help="peak host memory at start-up of a large warm-started model: "
@@ -120,3 +152,13 @@ def register(sub) -> None:
     p.add_argument("--out", default="runs/bench_startup")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_startup)
+    p = bsub.add_parser("export-memory", help="peak host memory of the end of a sharded run: its last distributed "
+                        "checkpoint exported a block at a time, against gathering it whole")
+    p.add_argument("--dim", type=positive_int, default=1024)
+    p.add_argument("--layers", type=positive_int, default=28, help="28 x dim 1024: 363M parameters")
+    p.add_argument("--heads", type=positive_int, default=16)
+    p.add_argument("--vocab", type=positive_int, default=4096, help="vocabulary size (all modalities)")
+    p.add_argument("--modalities", type=positive_int, default=1, help="towers of every component (1: dense)")
+    p.add_argument("--no-gather", action="store_true", help="skip the gathered export (it needs ~7x the weights)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench_export_memory)

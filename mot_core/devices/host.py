@@ -29,6 +29,27 @@ def keep_freed_memory_in_heap(limit_bytes: int = 1 << 30) -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, limit_bytes)) and bool(mallopt(_M_TRIM_THRESHOLD, limit_bytes))
 
 
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name is not None else None
+    except (OSError, AttributeError):
+        return None
+
+
+def give_back_freed_memory() -> None:
+    """Return the heap's free memory to the OS now (glibc's ``malloc_trim``; nothing elsewhere).
+
+    glibc keeps freed blocks below its mmap threshold in the heap, a threshold that grows with
+    the blocks freed (and that ``keep_freed_memory_in_heap`` raises to 1 GB): a process that
+    reads large blocks one after the other (a checkpoint's tensors) would otherwise keep
+    the free space of earlier ones resident, and stack the next on top of it when it does not fit."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def host_memory_mb() -> dict[str, float]:
     """This process's memory in MB, from /proc/self/status: ``rss`` (resident), ``peak``
     (VmHWM, the resident peak, file-backed pages such as memory-mapped checkpoints included)

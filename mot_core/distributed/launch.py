@@ -17,9 +17,12 @@ from pathlib import Path
 
 import torch
 
+from mot_core import filesystems
 from mot_core.config import RunConfig
 from mot_core.errors import MotError
+from mot_core.experiment.nodes import leave_marker, named_paths, pack_state, remove_marker
 from mot_core.experiment.resolve import Source, resolve_config
+from mot_core.experiment.tokenize import data_root
 from mot_core.runs.start import start_run
 from mot_core.training import storage
 from mot_core.training.runtime import Runtime
@@ -140,7 +143,8 @@ def launch(source: Source, overrides=(), num_workers: int | None = None, gpus_pe
 
 def _fit(run: PreparedRun, driver: Runtime, plan: LaunchPlan) -> dict:
     """The workers: a Ray Train ``TorchTrainer`` of ``plan.num_workers``, restarted from the last
-    checkpoint after a failure (``fit_with_retries``)."""
+    checkpoint after a failure (``fit_with_retries``); then the export of the last checkpoint as
+    a ``mot train`` checkpoint in the run folder."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -152,18 +156,23 @@ def _fit(run: PreparedRun, driver: Runtime, plan: LaunchPlan) -> dict:
     if started_here:
         ray.init(address=plan.address, include_dashboard=False, log_to_driver=True,
                  runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}})
+    markers = leave_markers(run)
     try:
         check_resources(plan)
+        # an object store's file system as resolved here (the URI's query endpoint, storage.endpoint,
+        # AWS_ENDPOINT_URL): Ray Train then reaches the same endpoint
+        storage_filesystem, storage_path = (storage.resolved(plan.storage_path) if filesystems.is_uri(plan.storage_path)
+                                            else (None, plan.storage_path))
         resources = {"CPU": 1, **({"GPU": plan.gpus_per_worker} if plan.gpus_per_worker else {})}
 
         def make_trainer():
             return TorchTrainer(
                 train_worker,
-                train_loop_config=worker_loop_config(run, driver, plan),
+                train_loop_config=worker_loop_config(run, driver, plan, markers),
                 scaling_config=ScalingConfig(num_workers=plan.num_workers, use_gpu=bool(plan.gpus_per_worker),
                                              resources_per_worker=resources),
                 run_config=RayRunConfig(
-                    name=plan.name, storage_path=plan.storage_path,
+                    name=plan.name, storage_path=storage_path, storage_filesystem=storage_filesystem,
                     checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
                     # the driver restarts the group itself (fit_with_retries): Ray would retry
                     # an error that fails the same way on every attempt
@@ -172,22 +181,42 @@ def _fit(run: PreparedRun, driver: Runtime, plan: LaunchPlan) -> dict:
             )
 
         if run.latest is not None:  # as a URI (a Ray checkpoint's path drops the scheme of s3://)
-            print(f"resuming from {storage.join(plan.storage_path, plan.name, Path(run.latest.path).name)}")
-        return fit_with_retries(make_trainer, config.launch.max_failures)
+            print(f"resuming from {filesystems.join(plan.storage_path, plan.name, Path(run.latest.path).name)}")
+        metrics = fit_with_retries(make_trainer, config.launch.max_failures)
     finally:
+        for marker in markers.values():
+            remove_marker(marker)
         if started_here:
             ray.shutdown()
+    # The final weights and AdamW state, from the last checkpoint in storage into this run folder,
+    # a block at a time: no worker gathers them, and no worker need see this folder.
+    driver.store.export(config.train.keep_checkpoints)
+    return metrics
 
 
-def worker_loop_config(run: PreparedRun, driver: Runtime, plan: LaunchPlan) -> dict:
+def worker_loop_config(run: PreparedRun, driver: Runtime, plan: LaunchPlan, markers: dict[str, str]) -> dict:
     """What every worker receives (``ray_train.train_worker``): the driver's resolved config,
     the saved config of the checkpoint the run resumes from (the record of a pretrained model's
     shapes: on a resume, workers never read a moved pretrained folder; a first start reads it,
-    as it loads its weights), where the checkpoints are, and the folder relative paths mean
-    something in."""
-    return {"config": run.config.model_dump(mode="json"),
+    as it loads its weights), where the checkpoints are, the folder relative paths mean
+    something in, and what a node holding none of this machine's files needs
+    (``experiment.nodes``): the files the config names, the markers left in ``data.dir`` and
+    ``run.dir``, the tokenizers' saved state and the vocabulary's fingerprint."""
+    dumped = run.config.model_dump(mode="json")
+    vocabulary = next(iter(run.fingerprints.values())).vocabulary if run.fingerprints else None
+    return {"config": dumped,
             "saved": driver.store.saved_config(run.latest) if run.latest is not None else None,
-            "storage_path": plan.storage_path, "name": plan.name, "cwd": os.getcwd()}
+            "storage_path": plan.storage_path, "name": plan.name, "cwd": os.getcwd(),
+            "paths": named_paths(dumped), "data_marker": markers["data"], "run_marker": markers["run"],
+            "state": pack_state(run.exp.modalities), "vocabulary": vocabulary}
+
+
+def leave_markers(run: PreparedRun) -> dict[str, str]:
+    """Marker files in ``data.dir`` and ``run.dir``: a worker that sees the first reads the
+    driver's shards; one that does not see the second keeps the run's files on its own node."""
+    root = data_root(run.exp)
+    return {"data": leave_marker(root if "://" in root else os.path.abspath(root)),
+            "run": leave_marker(str(run.exp.run_dir.resolve()))}
 
 
 def fit_with_retries(make_trainer, max_failures: int) -> dict:

@@ -15,7 +15,8 @@ from mot_core.devices.device import uses_bf16
 from mot_core.errors import MotError
 from mot_core.experiment.resolve import resolve_config
 from mot_core.runs.start import start_run
-from mot_core.training import storage
+from mot_core.experiment.nodes import check_marker, check_named_paths, sees, unpack_state
+from mot_core.training import run_files, storage
 from mot_core.training.parallelism import DataParallel
 from mot_core.training.runtime import PREPARED, Reporter, Runtime
 from mot_core.training.sharded_checkpoints import ShardedStore, write_sharded
@@ -24,21 +25,33 @@ from mot_core.training.sharded_checkpoints import ShardedStore, write_sharded
 class RayTrainCheckpoints(ShardedStore):
     """Checkpoints in Ray Train's storage: ``<storage_path>/<name>/checkpoint_*``, a shared
     folder or an object-store URI. Each is written by every worker into a folder of its own
-    that Ray uploads with ``ray.train.report``, which also carries the step's metrics."""
+    that Ray uploads with ``ray.train.report``, which also carries the step's metrics. The
+    workers export nothing at the end (``finish``): the driver does, after they finish
+    (``export``), into its own run folder, reading the last checkpoint from storage."""
 
-    def __init__(self, storage_path: str, name: str, run_dir: Path):
-        super().__init__(run_dir)
+    def __init__(self, storage_path: str, name: str, run_dir: Path, carries_run_files: bool = False):
+        super().__init__(run_dir, carries_run_files)
         self.storage_path, self.name = storage_path, name
+
+    def intact(self) -> list[tuple[int, str]]:
+        return storage.intact_checkpoints(self.storage_path, self.name)
+
+    def handle(self, where: str):
+        """A checkpoint's URI (from ``intact``) as Ray's checkpoint, on the file system resolved
+        here: the URI's own endpoint (its query, storage.endpoint, AWS_ENDPOINT_URL), not the one
+        Ray would guess from the URI."""
+        import ray.train
+
+        filesystem, path = storage.resolved(where)
+        return ray.train.Checkpoint(path, filesystem=filesystem)
 
     def latest(self, report=print):
         """The newest intact checkpoint in storage. Not ``ray.train.get_checkpoint()``: Ray
         registers a reported checkpoint when its controller next polls the workers, so a worker
         killed in between leaves a complete checkpoint that Ray would not hand back."""
-        import ray.train
-
-        found = storage.intact_checkpoints(self.storage_path, self.name)
+        found = self.intact()
         self.refuse_newer_local_checkpoints(found, "`mot launch`")
-        return ray.train.Checkpoint(found[-1][1]) if found else None
+        return self.handle(found[-1][1]) if found else None
 
     def saved_config(self, handle) -> str:
         """The one file, read where the checkpoint is (no download of the checkpoint)."""
@@ -51,8 +64,9 @@ class RayTrainCheckpoints(ShardedStore):
     def save(self, step, model, optimizer, state, config_yaml, args, keep, record, parallel) -> str:
         import ray.train
 
-        self.remember(step, model, optimizer, state, config_yaml, args)
         with tempfile.TemporaryDirectory(prefix="mot-ckpt-") as folder:
+            if self.carries_run_files and parallel.is_main:
+                run_files.pack(self.run_dir, Path(folder))
             write_sharded(Path(folder), step, model, optimizer, state, config_yaml, args, parallel, shared=False)
             ray.train.report(_metrics(record), checkpoint=ray.train.Checkpoint.from_directory(folder))
         return f"checkpoint of step {step} (reported to Ray Train)"
@@ -70,24 +84,32 @@ class RayTrainReports(Reporter):
 
 
 def train_worker(loop_config: dict) -> None:
-    """``train_loop_per_worker`` of the TorchTrainer. ``loop_config``: ``config`` (the driver's
-    resolved config, as a dict), ``saved`` (the saved config of the checkpoint the run resumes
-    from, or None), ``storage_path`` and ``name`` (where the run's checkpoints are), ``cwd``."""
+    """``train_loop_per_worker`` of the TorchTrainer. ``loop_config`` (``launch.worker_loop_config``):
+    ``config`` (the driver's resolved config, as a dict), ``saved`` (the saved config of the
+    checkpoint the run resumes from, or None), ``storage_path`` and ``name`` (where the run's
+    checkpoints are), ``cwd``, and what a node holding none of the driver's files needs
+    (``experiment.nodes``): ``paths``, ``data_marker``, ``run_marker``, ``state``, ``vocabulary``."""
     import ray.train
     import ray.train.torch
 
     # Relative paths in plugin options (data folders, tokenizer folders) mean what they meant
-    # where `mot launch` was started: the same folder on every node of a shared file system.
-    if not os.path.isdir(loop_config["cwd"]):
-        raise MotError(f"the folder `mot launch` was started from, {loop_config['cwd']}, does not exist on this "
-                       "worker's node; give absolute paths on a file system every node mounts")
-    os.chdir(loop_config["cwd"])
+    # where `mot launch` was started, where that folder exists (a shared file system)
+    if os.path.isdir(loop_config["cwd"]):
+        os.chdir(loop_config["cwd"])
+    check_named_paths(loop_config["paths"])
+    check_marker(loop_config["data_marker"], "data.dir")
     config = worker_config(loop_config)
+    own_folder = None
+    if not sees(loop_config["run_marker"]):  # the driver's run folder is not on this node
+        own_folder = Path(tempfile.mkdtemp(prefix="mot-run-"))
+        unpack_state(loop_config["state"], own_folder)
     context = ray.train.get_context()
     device = ray.train.torch.get_device() if config.launch.gpus_per_worker > 0 else torch.device("cpu")
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    start_run(config, worker_runtime(config, device, context.get_world_rank(), context.get_world_size(),
-                                     loop_config["storage_path"], loop_config["name"]))
+    runtime = worker_runtime(config, device, context.get_world_rank(), context.get_world_size(),
+                             loop_config["storage_path"], loop_config["name"], own_folder)
+    runtime.driver_vocabulary = loop_config["vocabulary"]
+    start_run(config, runtime)
 
 
 def worker_config(loop_config: dict) -> RunConfig:
@@ -97,13 +119,15 @@ def worker_config(loop_config: dict) -> RunConfig:
 
 
 def worker_runtime(config: RunConfig, device: torch.device, rank: int, world: int, storage_path: str,
-                   name: str) -> Runtime:
+                   name: str, own_folder: Path | None = None) -> Runtime:
     """A launch worker's runtime: data-parallel, checkpoints in Ray Train's storage, metrics to
-    Ray Train; the driver prepared the data."""
+    Ray Train; the driver prepared the data. ``own_folder``: this node's folder for the run's
+    files, where it does not see ``run.dir`` (rank 0's metrics then travel in the checkpoints)."""
     parallel = DataParallel(rank, world, config.launch.strategy, device, uses_bf16(device, config.train.precision),
                             config.launch.reshard_after_forward)
-    return Runtime(device, RayTrainCheckpoints(storage_path, name, Path(config.run.dir)), parallel, RayTrainReports(),
-                   data=PREPARED)
+    run_dir = own_folder or Path(config.run.dir)
+    store = RayTrainCheckpoints(storage_path, name, run_dir, carries_run_files=own_folder is not None)
+    return Runtime(device, store, parallel, RayTrainReports(), data=PREPARED, run_dir=own_folder)
 
 
 def _metrics(record: dict) -> dict:

@@ -72,7 +72,10 @@ class _TokenizeParts:
                                "store or a shared folder (nothing written)")
 
     def __call__(self, rows: dict) -> dict:
-        out = {"source": [], "split": [], "part": [], "shards": [], "error": []}
+        import ray
+
+        out = {"source": [], "split": [], "part": [], "shards": [], "error": [], "node": []}
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "this process"
         for source, split, part in zip(rows["source"], rows["split"], rows["part"]):
             task = PartTask(str(source), str(split), int(part))
             shards, error = [], self.error
@@ -86,6 +89,7 @@ class _TokenizeParts:
             out["part"].append(task.part)
             out["shards"].append(json.dumps(shards))
             out["error"].append(error)
+            out["node"].append(node)
         return out
 
 
@@ -133,6 +137,7 @@ def tokenize_on_ray(config: RunConfig, address: str, force: bool = False, concur
         remove_marker(actor_kwargs["marker"])
         if started_here:
             ray.shutdown()
+    print(f"tokenized {len(results)} parts with {workers} actors on {len({r['node'] for r in results})} nodes", flush=True)
     errors = [r["error"] for r in results if r["error"]]
     if errors:
         raise MotError(errors[0])

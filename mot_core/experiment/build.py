@@ -41,9 +41,11 @@ class Experiment:
         return dump_config(self.config, self.plugin_options)
 
 
-def build_experiment(config: RunConfig, registry: Registry | None = None) -> Experiment:
+def build_experiment(config: RunConfig, registry: Registry | None = None, run_dir: Path | None = None) -> Experiment:
+    """``run_dir``: where this process keeps the run's files, when not ``run.dir`` (a launch
+    worker on a node that does not see the driver's run folder)."""
     registry = registry or get_registry()
-    run_dir = Path(config.run.dir)
+    run_dir = Path(run_dir or config.run.dir)
     modalities, losses, weights, evaluators, options = {}, {}, {}, {}, {}
     evaluator_options: dict[tuple[str, str], Any] = {}
     for name, entry in config.mixture.modalities.items():

@@ -94,6 +94,19 @@ def remove_marker(marker: str) -> None:
         pass  # already gone: nothing to clean
 
 
+def sees(marker: str) -> bool:
+    """Whether this node sees the driver's marker (its folder is this node's too)."""
+    import pyarrow.fs as pafs
+
+    from mot_core.data.shards import filesystem
+
+    fs, path = filesystem(marker)
+    try:
+        return fs.get_file_info(path).type == pafs.FileType.File
+    except OSError:
+        return False
+
+
 def check_marker(marker: str, key: str) -> None:
     """A one-line error when this node does not see the driver's marker in ``key``'s folder:
     what it wrote there would land on its own disk, where nobody reads it."""

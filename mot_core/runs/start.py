@@ -25,12 +25,14 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+from mot_core import filesystems
 from mot_core.config import RunConfig
 from mot_core.devices.device import describe_precision, resolve_device, seed_everything, use_deterministic_cpu
 from mot_core.errors import MotError
 from mot_core.experiment.build import Experiment, build_experiment, check_model_shape, model_args
 from mot_core.experiment.resolve import Source, resolve_config
-from mot_core.experiment.tokenize import fingerprints, prepare_vocabulary, tokenize_locally
+from mot_core.experiment.nodes import this_node
+from mot_core.experiment.tokenize import data_root, fingerprints, prepare_vocabulary, tokenize_locally
 from mot_core.hf.llama import check_tensors, check_vocabulary, read_checkpoint
 from mot_core.training import checkpoint as ckpt
 from mot_core.training.loop import train_loop
@@ -72,7 +74,7 @@ def start_run(config: RunConfig, runtime: Runtime, execute: Execute | None = Non
     refusal, fits or reloads the tokenizers and writes the shards; in a process group the other
     ranks then receive its verdict (so a refusal is the same one line on every rank) and reload
     what it wrote. A launch worker finds the data prepared by its driver."""
-    exp = build_experiment(config)
+    exp = build_experiment(config, run_dir=runtime.run_dir)
     trains_here = execute is None
     refuse_before_the_folder(exp, runtime, trains_here)
     created = not exp.run_dir.exists()
@@ -98,12 +100,26 @@ def start_run(config: RunConfig, runtime: Runtime, execute: Execute | None = Non
         if refusal is not None:
             raise MotError(refusal)
         run = run or prepare(exp, runtime, trains_here)
+        check_driver_vocabulary(run, runtime)
         return (execute or train_loop)(run, runtime)
     except OSError as exc:  # metrics, config or state files: the disk, not the code
         raise ckpt.storage_error(exc, Path(exc.filename or exp.run_dir), "training") from None
     finally:
         if lock is not None:
             lock.release()
+
+
+def check_driver_vocabulary(run: PreparedRun, runtime: Runtime) -> None:
+    """A launch worker reads the shards its driver wrote: its tokenizers must be the driver's,
+    or every id it trains on would be another token."""
+    expected = runtime.driver_vocabulary
+    if expected is None:
+        return
+    for prints in (run.fingerprints or {}).values():
+        if prints.vocabulary != expected:
+            raise MotError(f"{this_node()} builds another vocabulary than the `mot launch` driver (its tokenizers "
+                           "differ): the shards would be read as other tokens; the tokenizers' state must reach every "
+                           "node")
 
 
 def refuse_before_the_folder(exp: Experiment, runtime: Runtime, trains_here: bool) -> None:
@@ -114,6 +130,7 @@ def refuse_before_the_folder(exp: Experiment, runtime: Runtime, trains_here: boo
     if runtime.is_main:
         check_trackers(config.train.loggers)  # the trackers' packages (the main process logs)
     check_model_shape(config)
+    filesystems.check_reachable(data_root(exp), "data.dir")  # shards in an object store: before tokenizers are fitted
     if trains_here:
         if config.model.attention_backend == "flex" and runtime.device.type == "cpu":  # before torch warns
             raise MotError("attention backend 'flex' has no backward pass on CPU in this torch; train with "

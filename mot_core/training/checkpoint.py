@@ -1,10 +1,16 @@
 """Checkpoints: safetensors weights + everything needed to resume bit-for-bit.
 
 Layout of ``<run_dir>/checkpoints/step_0000100/``:
-    model.safetensors   weights
-    trainer.pt          optimizer, scheduler, data-stream position, RNG states
-    config.yaml         the resolved run config
-    meta.json           step and model args
+    model.safetensors       weights
+    trainer.pt              optimizer, scheduler, data-stream position, RNG states
+    config.yaml             the resolved run config
+    meta.json               step and model args
+    optimizer.safetensors   only in the export of a sharded run (``save_streamed_checkpoint``):
+                            the AdamW moments, named ``<parameter>.<moment>``; trainer.pt then
+                            holds the rest of the optimizer state (step counts, param groups)
+
+``model.safetensors`` and ``optimizer.safetensors`` of an export are written a tensor (or a part
+of one) at a time (``StreamedSafetensors``), so no process holds the whole model to write them.
 
 A checkpoint is written to a temporary folder, flushed to disk, and renamed into place, so a
 crash at any instant leaves either the previous checkpoints alone or the new one complete.
@@ -20,12 +26,15 @@ from collections.abc import Mapping
 import dataclasses
 import errno
 import hashlib
+import itertools
 import json
+import math
 import os
 import re
 import shutil
+import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -36,6 +45,7 @@ from mot_core.training import storage
 PREFIX = "step_"
 _COMPLETE = re.compile(rf"^{PREFIX}(\d+)$")
 CHECKSUMMED = ("model.safetensors", "trainer.pt", "config.yaml")
+OPTIMIZER_FILE = "optimizer.safetensors"
 
 
 def storage_error(exc: BaseException, path: Path, doing: str) -> MotError:
@@ -149,10 +159,11 @@ def damage(path: Path) -> str | None:
         return "meta.json has no step"
     if "meta_sha256" in meta and _json_digest({k: v for k, v in meta.items() if k != "meta_sha256"}) != meta["meta_sha256"]:
         return "meta.json does not match its checksum"
-    for name in CHECKSUMMED:
+    sums = meta.get("sha256", {}) if isinstance(meta.get("sha256"), dict) else {}
+    for name in [*CHECKSUMMED, *(n for n in sums if n not in CHECKSUMMED)]:  # and an export's optimizer.safetensors
         if not (path / name).is_file():
             return f"{name} missing"
-        expected = meta.get("sha256", {}).get(name)
+        expected = sums.get(name)
         if expected is not None and _sha256(path / name) != expected:
             return f"{name} does not match its checksum"
     return None
@@ -228,8 +239,15 @@ def _write_checkpoint(tmp: Path, final: Path, run_dir: Path, step: int, state: d
     (tmp / "config.yaml").write_text(config_yaml)
     for name in CHECKSUMMED:
         _fsync(tmp / name)
-    meta = {"step": step, "model_args": dataclasses.asdict(model_args),
-            "sha256": {name: _sha256(tmp / name) for name in CHECKSUMMED}}
+    sums = {name: _sha256(tmp / name) for name in CHECKSUMMED}
+    return _commit(tmp, final, run_dir, step, dataclasses.asdict(model_args), sums, keep)
+
+
+def _commit(tmp: Path, final: Path, run_dir: Path, step: int, model_args: dict, sums: dict[str, str],
+            keep: int) -> Path:
+    """Write meta.json (with the checksums ``sums`` of the other files, already flushed) into
+    ``tmp``, rename it into place and drop the checkpoints beyond the newest ``keep``."""
+    meta = {"step": step, "model_args": model_args, "sha256": sums}
     meta["meta_sha256"] = _json_digest(meta)  # meta.json checks itself too
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     _fsync(tmp / "meta.json")
@@ -244,6 +262,179 @@ def _write_checkpoint(tmp: Path, final: Path, run_dir: Path, step: int, state: d
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+# safetensors' codes for torch dtypes, in the order of its own writer (which puts the tensors of
+# the later ones first, so that every tensor's offset is a multiple of its element size)
+_SAFETENSORS_DTYPES = {
+    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.float8_e5m2: "F8_E5M2",
+    torch.float8_e4m3fn: "F8_E4M3", torch.int16: "I16", torch.uint16: "U16", torch.float16: "F16",
+    torch.bfloat16: "BF16", torch.int32: "I32", torch.uint32: "U32", torch.float32: "F32", torch.float64: "F64",
+    torch.int64: "I64", torch.uint64: "U64",
+}
+_DTYPE_RANK = {dtype: rank for rank, dtype in enumerate(_SAFETENSORS_DTYPES)}
+
+
+def _finite(block: torch.Tensor) -> bool:
+    """No NaN or inf in ``block``, found without a mask of its size: its min and max (which
+    propagate NaN) are finite."""
+    values = block.reshape(-1) if block.itemsize > 1 else block.reshape(-1).float()  # float8: no aminmax
+    low, high = torch.aminmax(values)
+    return math.isfinite(float(low)) and math.isfinite(float(high))
+
+
+class StreamedSafetensors:
+    """A safetensors file written a tensor, or a part of a tensor, at a time. The format: an
+    8-byte little-endian header length, a JSON header naming every tensor's dtype, shape and
+    byte range in the data that follows (padded with spaces to a multiple of 8 bytes), then the
+    raw little-endian bytes. The header needs only the dtypes and shapes (``specs``), so it is
+    written first; ``write`` puts a tensor, or a block of it at ``offsets``, into its range.
+    Tensors are laid out as ``safetensors.torch.save_file`` lays them out (the same file, byte
+    for byte, once everything is written).
+
+    The SHA-256 of the file is computed as it is written: bytes that extend the written prefix
+    are hashed from memory, bytes written ahead of it (the blocks of a tensor split along a
+    later axis arrive out of order) are read back from the file once the prefix reaches them.
+    ``names`` is the file's order: writing in it keeps reading back to those out-of-order
+    blocks. ``check_finite``: ``nonfinite`` lists the floating-point tensors that hold NaN or inf."""
+
+    def __init__(self, path: Path, specs: Mapping[str, tuple[torch.dtype, Sequence[int]]], check_finite: bool = False):
+        for name, (dtype, _) in specs.items():
+            if dtype not in _SAFETENSORS_DTYPES:
+                raise MotError(f"cannot write {name} to {path.name}: safetensors has no {dtype}")
+        self.path, self.check_finite = path, check_finite
+        self.names = sorted(specs, key=lambda n: (-_DTYPE_RANK[specs[n][0]], n))
+        header, end = {}, 0
+        self._regions: dict[str, tuple[int, tuple[int, ...], torch.dtype]] = {}
+        for name in self.names:
+            dtype, shape = specs[name]
+            shape = tuple(int(s) for s in shape)
+            size = math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [end, end + size]}
+            self._regions[name] = (end, shape, dtype)
+            end += size
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        self._data = 8 + len(text)
+        self.size = self._data + end
+        self._unwritten = {name: math.prod(shape) * dtype.itemsize for name, (_, shape, dtype) in self._regions.items()}
+        self.nonfinite: list[str] = []
+        self._digest = hashlib.sha256()
+        self._hashed = 0  # the file's prefix [0, _hashed) is written and hashed
+        self._ahead: dict[int, int] = {}  # start -> end of ranges written past that prefix
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._write_at(0, memoryview(struct.pack("<Q", len(text)) + text))
+
+    def __enter__(self) -> "StreamedSafetensors":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def write(self, name: str, tensor: torch.Tensor, offsets: Sequence[int] | None = None) -> None:
+        """Write ``tensor``, the block of tensor ``name`` that starts at ``offsets`` (None: the
+        whole tensor). Blocks of one tensor must not overlap."""
+        start, shape, dtype = self._regions[name]
+        offsets = tuple(int(o) for o in offsets) if offsets is not None else (0,) * len(shape)
+        sizes = tuple(tensor.shape)
+        if tensor.dtype != dtype or len(sizes) != len(shape) or len(offsets) != len(shape) or any(
+                o < 0 or o + n > s for o, n, s in zip(offsets, sizes, shape)):
+            raise MotError(f"{self.path.name}: a block {list(sizes)} at {list(offsets)} ({tensor.dtype}) does not fit "
+                           f"{name} {list(shape)} ({dtype})")
+        if tensor.numel() == 0:
+            return
+        block = tensor.detach().cpu().contiguous()
+        if self.check_finite and block.is_floating_point() and name not in self.nonfinite and not _finite(block):
+            self.nonfinite.append(name)
+        data = memoryview(block.reshape(-1).view(torch.uint8).numpy())
+        item = dtype.itemsize
+        # the block is contiguous in the file along its axes from `split` on (those after it
+        # are whole): one run of bytes for each index of the axes before it
+        split = max((axis for axis in range(len(shape)) if sizes[axis] != shape[axis]), default=0)
+        strides = [math.prod(shape[axis + 1:]) for axis in range(len(shape))]
+        run = (sizes[split] * strides[split] if shape else 1) * item
+        for index, outer in enumerate(itertools.product(*(range(n) for n in sizes[:split]))):
+            element = sum((o + i) * stride for o, i, stride in zip(offsets, outer, strides))
+            element += offsets[split] * strides[split] if shape else 0
+            self._write_at(self._data + start + element * item, data[index * run:(index + 1) * run])
+        self._unwritten[name] -= block.numel() * item
+
+    def _write_at(self, position: int, data: memoryview) -> None:
+        if not len(data):
+            return
+        done = 0
+        while done < len(data):
+            done += os.pwrite(self._fd, data[done:], position + done)
+        end = position + len(data)
+        if position != self._hashed:
+            self._ahead[position] = end
+            return
+        self._digest.update(data)
+        self._hashed = end
+        while self._hashed in self._ahead:  # read back what was written ahead, now next in line
+            end = self._ahead.pop(self._hashed)
+            while self._hashed < end:
+                chunk = os.pread(self._fd, min(end - self._hashed, 1 << 20), self._hashed)
+                if not chunk:
+                    raise OSError(errno.EIO, f"{self.path} is shorter than what was written to it")
+                self._digest.update(chunk)
+                self._hashed += len(chunk)
+
+    def close(self) -> str:
+        """Flush the file to disk; returns its SHA-256. Every tensor must have been written whole."""
+        missing = [name for name, left in self._unwritten.items() if left]
+        if missing or self._hashed != self.size:
+            raise MotError(f"{self.path.name}: {missing[0] if missing else 'a range'} was not written whole; the "
+                           "checkpoint it was read from is incomplete")
+        os.fsync(self._fd)
+        self.__exit__()
+        return self._digest.hexdigest()
+
+
+@dataclasses.dataclass
+class StreamedTensors:
+    """The tensors of one safetensors file of a checkpoint, to be read one at a time: their
+    dtypes and shapes (known before any is read) and ``fill``, which reads them, whole or in
+    blocks, into the writer it is given (``StreamedSafetensors.write``)."""
+
+    specs: dict[str, tuple[torch.dtype, tuple[int, ...]]]
+    fill: Callable[[StreamedSafetensors], None]
+
+
+def save_streamed_checkpoint(run_dir: Path, step: int, weights: StreamedTensors, moments: StreamedTensors,
+                             trainer_state: dict[str, Any], config_yaml: str, model_args: dict, keep: int) -> Path:
+    """A checkpoint written from tensors read a block at a time (the export of a sharded run):
+    ``model.safetensors`` from ``weights``, ``optimizer.safetensors`` from ``moments`` (named
+    ``<parameter>.<moment>``); ``trainer_state["optimizer_by_name"]`` holds the rest of the
+    optimizer state (``load_trainer_state`` puts the moments back into it). The same checks,
+    checksums and atomic rename as ``save_checkpoint``."""
+    final = checkpoint_dir(run_dir, step)
+    tmp = final.with_name(f"{final.name}.tmp{os.getpid()}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        sums = {}
+        for name, source in (("model.safetensors", weights), (OPTIMIZER_FILE, moments)):
+            with StreamedSafetensors(tmp / name, source.specs, check_finite=source is weights) as writer:
+                source.fill(writer)
+                sums[name] = writer.close()
+            if writer.nonfinite:
+                raise MotError(f"not saving step {step}: weights hold NaN or inf ({', '.join(writer.nonfinite[:3])}); "
+                               "the last checkpoint is kept")
+        torch.save({**trainer_state, "optimizer_tensors": OPTIMIZER_FILE}, tmp / "trainer.pt")
+        (tmp / "config.yaml").write_text(config_yaml)
+        for name in ("trainer.pt", "config.yaml"):
+            _fsync(tmp / name)
+            sums[name] = _sha256(tmp / name)
+        return _commit(tmp, final, run_dir, step, model_args, sums, keep)
+    except MotError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise storage_error(exc, tmp, f"saving the checkpoint of step {step} (the previous one is kept)") from None
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -292,8 +483,19 @@ class LazyWeights(Mapping):
 
 
 def load_trainer_state(path: Path) -> dict[str, Any]:
+    """The trainer state of a checkpoint; the AdamW moments of an export (``optimizer.safetensors``)
+    are put back into its ``optimizer_by_name``, as an export written before them held them."""
     # weights_only=False: the state holds RNG byte tensors and plain Python containers we wrote.
-    return torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+    state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+    file = state.pop("optimizer_tensors", None)
+    if file is not None:
+        if not (path / file).is_file():
+            raise MotError(f"checkpoint {path} has no {file} (its AdamW moments)")
+        moments = state["optimizer_by_name"]["state"]
+        for name, tensor in load_file(str(path / file)).items():
+            parameter, _, moment = name.rpartition(".")
+            moments.setdefault(parameter, {})[moment] = tensor
+    return state
 
 
 def check_compatible(saved_args: dict[str, Any], current_args: Any, where: Path) -> None:

@@ -159,6 +159,9 @@ class Runtime:
     parallel: Parallelism = field(default_factory=SingleProcess)
     reporter: Reporter = field(default_factory=Reporter)
     data: str = PREPARE
+    # a launch worker on a node that does not see run.dir: its own folder for the run's files
+    run_dir: Path | None = None
+    driver_vocabulary: str | None = None  # the vocabulary fingerprint the driver's shards were written with
 
     @property
     def prepares_data(self) -> bool:
