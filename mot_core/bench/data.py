@@ -431,3 +431,54 @@ def format_remote_report(report: dict) -> str:
     for rank, r in sorted(report["workers"].items()):
         lines.append(f"{rank} | {r['mb']:.2f} | {r['percent']:.2f}% | {r['requests']}")
     return "\n".join(lines)
+
+
+def many_shards_start(count: int, root: str, lanes: int = 16, seq_len: int = 256) -> dict:
+    """Start-up against the number of shards: ``count`` small shards (8 documents each) written
+    under ``root`` (a folder or an object-store URI), then the time to open the split (sizes
+    from one listing, footers checked at once only up to ``ShardedDocuments.EAGER_FOOTERS``
+    local shards) and the data side of the first step (``lanes`` rows of ``seq_len``)."""
+    import numpy as np
+
+    from mot_core.data import PackedStream
+    from mot_core.data.shards import (
+        BATCH_DOCUMENTS, Fingerprints, ShardedDocuments, encode_shard, filesystem, split_folder, write_index,
+    )
+    from mot_core.data.vocabulary import EncodedDocument
+
+    docs = [EncodedDocument(4 + np.arange(24 + i, dtype=np.int32) % 250, np.zeros(1, np.int16),
+                            np.array([24 + i], np.int32), np.zeros(0, np.float32)) for i in range(8)]
+    data = encode_shard(docs)
+    fs, folder = filesystem(split_folder(root, "many", "train"))
+    fs.create_dir(folder, recursive=True)
+    started = time.perf_counter()
+    shards = []
+    for number in range(count):
+        name = f"part-00000-{number:06d}.arrow"
+        with fs.open_output_stream(f"{folder}/{name}") as handle:
+            handle.write(data)
+        shards.append({"file": name, "documents": len(docs), "tokens": int(sum(d.ids.size for d in docs)),
+                       "bytes": len(data), "batch_documents": BATCH_DOCUMENTS})
+    written = time.perf_counter() - started
+    index = write_index(root, "many", "train", Fingerprints("bench", {}, "bench"), 1, shards, ["text"])
+
+    def expand(encoded):
+        from mot_core.data import TokenDocument
+
+        ids = encoded.ids.astype(np.int64)
+        return TokenDocument(ids, np.zeros(ids.size, np.int64), np.full(ids.size, -1, np.int64))
+
+    started = time.perf_counter()
+    store = ShardedDocuments(root, "many", "train", index, expand)
+    opened = time.perf_counter() - started
+    started = time.perf_counter()
+    PackedStream([store], [1.0], seq_len, seed=0, lanes=lanes).next_batch(1)
+    first = time.perf_counter() - started
+    return {"shards": count, "root": root, "write_s": written, "open_s": opened, "first_batch_s": first,
+            "fetched_mb": store.reads.bytes / 1e6, "requests": store.reads.requests}
+
+
+def format_many_shards(report: dict) -> str:
+    return (f"{report['shards']:,} shards in {report['root']}: opened in {report['open_s']:.2f} s, the first step's "
+            f"batch in {report['first_batch_s']:.2f} s (written in {report['write_s']:.1f} s; fetched "
+            f"{report['fetched_mb']:.2f} MB in {report['requests']} requests)")

@@ -54,6 +54,19 @@ def cmd_bench_data(ns: argparse.Namespace) -> int:
         report = epoch_boundary_steps(documents=ns.documents)
         print(json.dumps(report) if ns.json else format_epoch_boundary(report))
         return 0
+    if ns.shards:
+        import tempfile
+
+        from mot_core.bench.data import format_many_shards, many_shards_start
+
+        root = ns.remote or tempfile.mkdtemp(prefix="mot-many-shards-", dir=ns.out if Path(ns.out).is_dir() else None)
+        report = many_shards_start(ns.shards, root.rstrip("/") + ("/many-shards" if ns.remote else ""))
+        print(json.dumps(report) if ns.json else format_many_shards(report))
+        if not ns.remote:
+            import shutil
+
+            shutil.rmtree(root, ignore_errors=True)
+        return 0
     if ns.remote:
         from mot_core.bench.data import format_remote_report, run_remote_bench
 
@@ -141,6 +154,9 @@ def register(sub) -> None:
                         "first step from there against from disk, and what each `mot launch` worker fetches before "
                         "step 1")
     p.add_argument("--workers", type=positive_int, default=2, help="launch workers (--remote)")
+    p.add_argument("--shards", type=positive_int, metavar="N",
+                   help="instead: start-up against the shard count: N small shards written (to a temporary folder, "
+                        "or under --remote), then the time to open them and build the first step's batch")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_data)
     p = bsub.add_parser("startup-memory", help="peak host memory at start-up of a large warm-started model: "

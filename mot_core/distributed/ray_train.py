@@ -43,7 +43,9 @@ class RayTrainCheckpoints(ShardedStore):
         import ray.train
 
         filesystem, path = storage.resolved(where)
-        return ray.train.Checkpoint(path, filesystem=filesystem)
+        checkpoint = ray.train.Checkpoint(path, filesystem=filesystem)
+        checkpoint.uri = where  # how messages name it (Ray's path drops the scheme)
+        return checkpoint
 
     def latest(self, report=print):
         """The newest intact checkpoint in storage. Not ``ray.train.get_checkpoint()``: Ray
@@ -52,6 +54,10 @@ class RayTrainCheckpoints(ShardedStore):
         found = self.intact()
         self.refuse_newer_local_checkpoints(found, "`mot launch`")
         return self.handle(found[-1][1]) if found else None
+
+    def name_of(self, handle) -> str:
+        """The checkpoint's URI (``s3://bucket/...``, or a folder), not Ray's repr of it."""
+        return getattr(handle, "uri", None) or str(handle)
 
     def saved_config(self, handle) -> str:
         """The one file, read where the checkpoint is (no download of the checkpoint)."""

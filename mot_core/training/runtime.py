@@ -103,6 +103,10 @@ class CheckpointStore(abc.ABC):
         reported through ``report``). A one-line ``MotError`` when the run folder holds the
         checkpoints of another way of training, which this one would overwrite."""
 
+    def name_of(self, handle: Any) -> str:
+        """A checkpoint as messages name it (a folder, or a storage URI)."""
+        return str(handle)
+
     @abc.abstractmethod
     def saved_config(self, handle: Any) -> str:
         """The resolved config (YAML) the checkpoint was written with."""

@@ -190,7 +190,7 @@ def build_state(run: PreparedRun, runtime: Runtime) -> TrainState:
         stream.load_state_dict(saved["data"])
         state.step, state.skips.total = meta["step"], saved.get("skipped_updates", 0)
         if main:
-            print(f"resuming from {run.latest} (step {state.step})")
+            print(f"resuming from {runtime.store.name_of(run.latest)} (step {state.step})")
             if run.changes:
                 print(f"changed on resume, in effect from step {state.step + 1}: {'; '.join(run.changes)}")
     state.data_state = stream.state_dict()
