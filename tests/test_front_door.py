@@ -117,10 +117,12 @@ def test_every_entry_point_runs_the_same_config(config, tmp_path, monkeypatch, c
     seen["train --process-group"] = _what_runs(group.value.config)
 
     def driver_starts(config, runtime, execute=None):  # the driver hands its run to the workers
-        return execute(SimpleNamespace(config=config, latest=None), runtime)
+        return execute(SimpleNamespace(config=config, latest=None, fingerprints=None,
+                                       exp=SimpleNamespace(modalities={})), runtime)
 
     def workers(run, driver, plan):
-        seen["launch worker"] = _what_runs(worker_config(launch_module.worker_loop_config(run, driver, plan)))
+        markers = {"data": "unused", "run": "unused"}
+        seen["launch worker"] = _what_runs(worker_config(launch_module.worker_loop_config(run, driver, plan, markers)))
         return {}
 
     monkeypatch.setattr("mot_core.distributed.launch.start_run", driver_starts)
