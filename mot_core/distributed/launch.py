@@ -59,8 +59,8 @@ def check_address(address: str, timeout_s: float = 5.0) -> None:
 def launch_config(config: RunConfig, num_workers: int | None, gpus_per_worker: float | None) -> RunConfig:
     """The config with the command line's worker settings written into ``launch``, and
     ``run.dir`` and a local ``launch.storage_path`` absolute: workers run in Ray's own working
-    folders (their working directory is set to this one, for the relative paths inside plugin
-    options)."""
+    folders (their working directory is set to this one where their node has it, for the
+    relative paths inside plugin options; elsewhere every path the config names is checked)."""
     launch = config.launch.model_copy(update={
         k: v for k, v in {"num_workers": num_workers, "gpus_per_worker": gpus_per_worker}.items() if v is not None
     })
