@@ -306,3 +306,17 @@ def test_a_missing_tracker_package_is_one_line_naming_the_extra(write_config, tm
     assert code == 2 and err == (f"error: train.loggers has {logger} but the {logger} package is not installed: "
                                  f"pip install 'mot-framework[{logger}]'")
     assert not (tmp_path / "missing").exists()  # refused before the run folder is created
+
+
+def test_a_tensorboard_start_names_its_event_file_after_the_last_starts(tmp_path):
+    """A resume within the second of the killed start still sorts after it (TensorBoard reads a
+    folder's event files in name order; names start with whole seconds, then the process id)."""
+    import time
+
+    from mot_core.training.trackers import wait_for_a_later_event_file_second
+
+    now = int(time.time())
+    (tmp_path / f"events.out.tfevents.{now}.some.host.99999.0").write_bytes(b"")
+    wait_for_a_later_event_file_second(tmp_path)
+    assert int(time.time()) > now
+    wait_for_a_later_event_file_second(tmp_path / "absent")  # a first start: nothing to wait for

@@ -149,6 +149,22 @@ class _Base(abc.ABC):
         """Flush and release; ``error``: the exception that ends the run, if one does."""
 
 
+def wait_for_a_later_event_file_second(log_dir: Path) -> None:
+    """Return once the clock's whole second is past every event file's in ``log_dir``.
+
+    An event file is named ``events.out.tfevents.<whole seconds>.<host>.<pid>...`` and
+    TensorBoard reads a folder's files in name order. A start that follows the one before within
+    the same second (a fast resume after a kill) would otherwise sort by process id, maybe before
+    it, and its steps would come first and read as a restart going back."""
+    import time
+
+    seconds = [int(name.split(".")[3]) for name in (p.name for p in log_dir.glob("events.out.tfevents.*"))
+               if name.split(".")[3].isdigit()]
+    newest = max(seconds, default=0)
+    while int(time.time()) <= newest:
+        time.sleep(0.05)
+
+
 class TensorBoardTracker(_Base):
     """Scalars with ``add_scalar`` (TensorBoard stores them as float32), the run config as text
     (``add_hparams`` would need final metrics), figures with ``add_image``; event files in
@@ -165,7 +181,9 @@ class TensorBoardTracker(_Base):
         from torch.utils.tensorboard import SummaryWriter
 
         super().__init__(state)
-        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        log_dir = run_dir / "tensorboard"
+        wait_for_a_later_event_file_second(log_dir)
+        self.writer = SummaryWriter(log_dir=str(log_dir))
         self.config_yaml, self.start_step = config_yaml, start_step
         self.config_sha = hashlib.sha256(config_yaml.encode()).hexdigest()
 
