@@ -25,6 +25,7 @@ import os
 import re
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -91,6 +92,22 @@ def uri_problem(uri: str) -> str | None:
 
 def is_uri(path: str) -> bool:
     return "://" in path
+
+
+RUN_CACHE_VARIABLE = "MOT_RUN_CACHE"
+
+
+def local_folder(path: str) -> Path:
+    """Where this process keeps the files of the folder ``path`` names: the folder itself, or
+    for an object-store URI its working copy, ``$MOT_RUN_CACHE/<scheme>/<bucket>/<prefix>``
+    (default ``~/.cache/mot/runs``; see ``mot_core.training.run_mirror``)."""
+    if not is_uri(path):
+        return Path(path)
+    parts = urlsplit(path)
+    if parts.scheme.lower() == "file":
+        return Path(unquote(parts.path))
+    base = Path(os.environ.get(RUN_CACHE_VARIABLE) or Path.home() / ".cache" / "mot" / "runs")
+    return base / parts.scheme.lower() / parts.netloc / unquote(parts.path).strip("/")
 
 
 def join(uri: str, *parts: str) -> str:

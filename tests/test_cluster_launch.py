@@ -6,9 +6,10 @@ The worker nodes hold the installed framework and one read-only dataset folder (
 mounts its datasets), nothing else: not the run folder, not the tokenizers. Through S3 alone:
   - ``mot data tokenize --address`` runs its actors on both worker nodes and writes the shards
     into the bucket;
-  - ``mot launch`` with DDP and with FSDP2 gives ``mot train``'s loss at every step, each worker
-    reading only its lanes' record batches (and saying how much it fetched before step 1);
-    the driver writes the metrics and the exported checkpoint into its own run folder;
+  - ``mot launch`` with DDP and with FSDP2, ``run.dir`` in the bucket too, gives ``mot train``'s
+    loss at every step, each worker reading only its lanes' record batches (and saying how much
+    it fetched before step 1); the driver writes the metrics and the exported checkpoint into its
+    working copy of the run folder and pushes them to the bucket;
   - a worker node killed mid-run (its raylet and every process on it) and a replacement node
     started: the launch resumes from the checkpoint in the bucket and loses no step;
   - a node that cannot see a path the config names, or the driver's data folder, stops the
@@ -53,10 +54,14 @@ def cluster(s3_server, tmp_path_factory, text_corpus):
         yield tmp, corpus, prefix, nodes, env
 
 
-def _config(tmp: Path, corpus: Path, prefix: str, name: str, **launch) -> Path:
+def _config(tmp: Path, corpus: Path, prefix: str, name: str, run_on_s3: bool = False, **launch) -> Path:
+    """``run_on_s3``: ``run.dir`` in the bucket too, and Ray's checkpoints in it (their default,
+    ``<run.dir>/ray``); else a folder of this machine, and the checkpoints under ``<prefix>/ray``."""
     data = tiny_config_dict(corpus, tmp / name, steps=STEPS, eval_every=0, checkpoint_every=3, log_every=1)
     data["data"] = {"dir": f"{prefix}/tokens", "shard_tokens": 4000}
-    data["launch"] = {"storage_path": f"{prefix}/ray", **launch}
+    data["launch"] = dict(launch) if run_on_s3 else {"storage_path": f"{prefix}/ray", **launch}
+    if run_on_s3:
+        data["run"]["dir"] = f"{prefix}/runs/{name}"
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -97,13 +102,33 @@ def tokenized(cluster):
     return _metrics(tmp / "single")
 
 
+def _store_files(prefix: str, env: dict) -> dict[str, bytes]:
+    """Every file under ``prefix`` in the bucket, by its path relative to it."""
+    import pyarrow.fs as pafs
+
+    client = pafs.S3FileSystem(access_key=env["AWS_ACCESS_KEY_ID"], secret_key=env["AWS_SECRET_ACCESS_KEY"],
+                               endpoint_override=env["AWS_ENDPOINT_URL"].removeprefix("http://"), scheme="http")
+    root = prefix.removeprefix("s3://")
+    files = {}
+    for info in client.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)):
+        if info.type == pafs.FileType.File:
+            with client.open_input_stream(info.path) as handle:
+                files[info.path[len(root) + 1:]] = handle.read()
+    return files
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_a_launch_across_nodes_without_a_shared_disk_matches_mot_train(cluster, tokenized, strategy):
+    """data.dir, run.dir and Ray's checkpoints all in the bucket: the driver keeps a working copy
+    of the run folder and pushes it; the run is whole in the store."""
     tmp, corpus, prefix, nodes, env = cluster
-    config = _config(tmp, corpus, prefix, strategy, strategy=strategy)
-    result = _mot(env, "launch", str(config), "--address", nodes.address, "--num-workers", "2", cwd=tmp)
+    config = _config(tmp, corpus, prefix, strategy, run_on_s3=True, strategy=strategy)
+    result = _mot({**env, "MOT_RUN_CACHE": str(tmp / "driver_copies")}, "launch", str(config), "--address",
+                  nodes.address, "--num-workers", "2", cwd=tmp)
     assert result.returncode == 0, result.stdout[-5000:]
-    launched = _metrics(tmp / strategy)  # written by the driver: rank 0's node does not see this folder
+    stored = _store_files(f"{prefix}/runs/{strategy}", env)
+    # written by the driver (rank 0's node sees neither the bucket's run folder nor the driver's copy)
+    launched = [json.loads(line) for line in stored["metrics.jsonl"].decode().splitlines()]
     assert [r["step"] for r in launched] == list(range(1, STEPS + 1))
     for a, b in zip(tokenized, launched):
         assert b["loss"] == pytest.approx(a["loss"], rel=2e-5, abs=1e-6), a["step"]
@@ -111,8 +136,9 @@ def test_a_launch_across_nodes_without_a_shared_disk_matches_mot_train(cluster, 
     assert sorted({r[0] for r in reads}) == ["0", "1"], result.stdout[-3000:]  # (Ray may echo a line twice)
     for _, fetched, total in reads:
         assert float(fetched) < float(total)  # its lanes' record batches, not the corpus
-    assert (tmp / strategy / "checkpoints" / f"step_{STEPS:07d}" / "model.safetensors").is_file()
-    assert (tmp / strategy / "loss_curves.png").is_file()
+    assert f"checkpoints/step_{STEPS:07d}/model.safetensors" in stored and "loss_curves.png" in stored
+    assert any(name.startswith("ray/") for name in stored)  # Ray's checkpoints: the default, <run.dir>/ray
+    assert not (tmp / strategy).exists()
 
 
 def test_a_killed_node_is_replaced_and_the_launch_loses_no_step(cluster, tokenized, monkeypatch):

@@ -9,7 +9,7 @@ from pathlib import Path
 def cmd_export(ns: argparse.Namespace) -> int:
     from mot_core.runs.export import export_run
 
-    print(export_run(Path(ns.run), ns.modality, Path(ns.out)))
+    print(export_run(ns.run, ns.modality, Path(ns.out)))
     return 0
 
 

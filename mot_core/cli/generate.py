@@ -53,7 +53,7 @@ def _run_job(model, vocab, labels: list[str], payloads: list, prompt_modality: s
     return {"modality": target, "file": str(written), "prompts": len(labels)}
 
 
-def generate_samples(checkpoint: Path, ns: argparse.Namespace, params) -> list[dict]:
+def generate_samples(checkpoint: str | Path, ns: argparse.Namespace, params) -> list[dict]:
     """The jobs of one ``mot generate``: prompts (text or files) -> --modality, and the older
     --image FILE -> caption."""
     from mot_core.runs.reopen import load_run
@@ -100,7 +100,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         output_file(ns.out, "--out")
     params = SamplingParams(temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p, cfg_scale=ns.cfg,
                             denoising_steps=ns.steps)
-    for job in generate_samples(Path(ns.checkpoint), ns, params):
+    for job in generate_samples(ns.checkpoint, ns, params):
         if "file" in job:
             print(f"{job['modality']} for {job['prompts']} prompt(s) x {ns.samples}: {job['file']}")
         for label, output in job.get("text", []):

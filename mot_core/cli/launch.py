@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
+from mot_core import filesystems
 from mot_core.cli.common import non_negative_float, positive_int
 
 
@@ -12,8 +11,9 @@ def cmd_launch(ns: argparse.Namespace) -> int:
     from mot_core.distributed.launch import launch
 
     config, _ = launch(ns.config, ns.overrides, ns.num_workers, ns.gpus_per_worker, ns.address)
-    run_dir = Path(config.run.dir)
-    print(f"done: metrics in {run_dir / 'metrics.jsonl'}, the final checkpoint in {run_dir / 'checkpoints'}")
+    run_dir = config.run.dir
+    print(f"done: metrics in {filesystems.join(run_dir, 'metrics.jsonl')}, the final checkpoint in "
+          f"{filesystems.join(run_dir, 'checkpoints')}")
     return 0
 
 

@@ -7,8 +7,8 @@ import json
 import math
 import os
 import sys
-from pathlib import Path
 
+from mot_core import filesystems
 from mot_core.cli.common import config_command, group_command, load_config, non_negative_int, positive_int
 from mot_core.errors import MotError
 
@@ -25,7 +25,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
         config = load_config(ns.config, ns.overrides)
         train_locally(config)
-    print(f"done: metrics in {Path(config.run.dir) / 'metrics.jsonl'}")
+    print(f"done: metrics in {filesystems.join(config.run.dir, 'metrics.jsonl')}")
     return 0
 
 
@@ -35,7 +35,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     if ns.full and ns.batches:
         raise MotError("--full scores every held-out position; leave out --batches")
     report = (lambda line: print(line, file=sys.stderr)) if ns.json else print
-    metrics = evaluate_checkpoint(Path(ns.checkpoint), ns.batches, ns.samples, full=ns.full, report=report,
+    metrics = evaluate_checkpoint(ns.checkpoint, ns.batches, ns.samples, full=ns.full, report=report,
                                   sampling=ns.sampling)
     if ns.json:
         print(json.dumps(metrics))

@@ -25,6 +25,7 @@ from mot_core.experiment.resolve import Source, resolve_config
 from mot_core.experiment.tokenize import data_root
 from mot_core.runs.start import start_run
 from mot_core.training import storage
+from mot_core.training.run_mirror import mirror_of
 from mot_core.training.runtime import Runtime
 from mot_core.training.state import PreparedRun
 
@@ -64,19 +65,19 @@ def launch_config(config: RunConfig, num_workers: int | None, gpus_per_worker: f
     launch = config.launch.model_copy(update={
         k: v for k, v in {"num_workers": num_workers, "gpus_per_worker": gpus_per_worker}.items() if v is not None
     })
-    run_dir = Path(config.run.dir).resolve()
-    storage_path = launch.storage_path or str(run_dir / "ray")
+    run_dir = config.run.dir if filesystems.is_uri(config.run.dir) else str(Path(config.run.dir).resolve())
+    storage_path = launch.storage_path or filesystems.join(run_dir, "ray")  # run.dir on a store: Ray's there too
     if "://" not in storage_path:
         storage_path = os.path.abspath(storage_path)
     return config.model_copy(update={"launch": launch.model_copy(update={"storage_path": storage_path}),
-                                     "run": config.run.model_copy(update={"dir": str(run_dir)})})
+                                     "run": config.run.model_copy(update={"dir": run_dir})})
 
 
 def launch_store(config: RunConfig):
     """The run's checkpoints in Ray Train's storage (``config`` from ``launch_config``)."""
     from mot_core.distributed.ray_train import RayTrainCheckpoints
 
-    run_dir = Path(config.run.dir)
+    run_dir = filesystems.local_folder(config.run.dir)
     return RayTrainCheckpoints(config.launch.storage_path, run_dir.name, run_dir)
 
 
@@ -98,7 +99,7 @@ def plan_launch(config: RunConfig, address: str | None) -> LaunchPlan:
         if launch.num_workers * launch.gpus_per_worker > have:
             raise MotError(f"{launch.num_workers} workers x {launch.gpus_per_worker:g} GPUs but this machine has {have} "
                            "CUDA GPUs; lower --gpus-per-worker or --num-workers, or join a cluster with --address")
-    run_dir = Path(config.run.dir)
+    run_dir = filesystems.local_folder(config.run.dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise MotError(f"run.dir {run_dir} is a file; give a folder (it is created if missing)")
     storage.check_writable(launch.storage_path)
@@ -136,7 +137,8 @@ def launch(source: Source, overrides=(), num_workers: int | None = None, gpus_pe
 
     config = launch_config(resolve_config(source, overrides, saved=saved), num_workers, gpus_per_worker)
     plan = plan_launch(config, address)
-    driver = Runtime(torch.device("cpu"), launch_store(config))  # the driver prepares the data
+    # the driver prepares the data, and keeps a run folder on an object store in step with its copy here
+    driver = Runtime(torch.device("cpu"), launch_store(config), mirror=mirror_of(config.run.dir))
     metrics = start_run(config, driver, execute=lambda run, runtime: _fit(run, runtime, plan))
     return config, metrics
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from mot_core import filesystems
 from mot_core.config import RunConfig
 from mot_core.devices.device import resolve_device, uses_bf16
 from mot_core.errors import MotError
@@ -29,6 +30,10 @@ from mot_core.training.sharded_checkpoints import ShardedFolderCheckpoints
 
 
 def folder_store(config: RunConfig) -> ShardedFolderCheckpoints:
+    if filesystems.is_uri(config.run.dir) and not config.run.dir.lower().startswith("file://"):
+        raise MotError(f"run.dir {config.run.dir} is on an object store, which `mot train --process-group` does not "
+                       "write to (its ranks save into one shared folder); use `mot launch` (launch.storage_path and "
+                       "run.dir may be s3:// URIs there) or a shared folder")
     # storage paths are URIs: a relative run.dir is not one
     return ShardedFolderCheckpoints(Path(config.run.dir).resolve())
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from mot_core import filesystems
 from mot_core.config import RunConfig
 from mot_core.devices.device import uses_bf16
 from mot_core.errors import MotError
@@ -109,11 +110,13 @@ def train_worker(loop_config: dict) -> None:
     if not sees(loop_config["run_marker"]):  # the driver's run folder is not on this node
         own_folder = Path(tempfile.mkdtemp(prefix="mot-run-"))
         unpack_state(loop_config["state"], own_folder)
+    # the driver's folder (its working copy of a run.dir on an object store), where this node has it
+    driver_folder = Path(loop_config["run_marker"]).parent
     context = ray.train.get_context()
     device = ray.train.torch.get_device() if config.launch.gpus_per_worker > 0 else torch.device("cpu")
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     runtime = worker_runtime(config, device, context.get_world_rank(), context.get_world_size(),
-                             loop_config["storage_path"], loop_config["name"], own_folder)
+                             loop_config["storage_path"], loop_config["name"], own_folder, driver_folder)
     runtime.driver_vocabulary = loop_config["vocabulary"]
     start_run(config, runtime)
 
@@ -125,15 +128,15 @@ def worker_config(loop_config: dict) -> RunConfig:
 
 
 def worker_runtime(config: RunConfig, device: torch.device, rank: int, world: int, storage_path: str,
-                   name: str, own_folder: Path | None = None) -> Runtime:
+                   name: str, own_folder: Path | None = None, driver_folder: Path | None = None) -> Runtime:
     """A launch worker's runtime: data-parallel, checkpoints in Ray Train's storage, metrics to
     Ray Train; the driver prepared the data. ``own_folder``: this node's folder for the run's
     files, where it does not see ``run.dir`` (rank 0's metrics then travel in the checkpoints)."""
     parallel = DataParallel(rank, world, config.launch.strategy, device, uses_bf16(device, config.train.precision),
                             config.launch.reshard_after_forward)
-    run_dir = own_folder or Path(config.run.dir)
+    run_dir = own_folder or driver_folder or filesystems.local_folder(config.run.dir)
     store = RayTrainCheckpoints(storage_path, name, run_dir, carries_run_files=own_folder is not None)
-    return Runtime(device, store, parallel, RayTrainReports(), data=PREPARED, run_dir=own_folder)
+    return Runtime(device, store, parallel, RayTrainReports(), data=PREPARED, run_dir=run_dir)
 
 
 def _metrics(record: dict) -> dict:

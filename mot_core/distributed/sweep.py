@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import yaml
 
+from mot_core import filesystems
 from mot_core.config import RunConfig, SweepSection, load_raw_config, validate_section
 from mot_core.errors import MotError
 from mot_core.experiment.build import build_experiment
@@ -183,6 +184,10 @@ def plan_sweep(config_path: str, overrides: list[str], grid_items: list[str], ou
         base = resolve_config(raw)
     except MotError as exc:
         raise MotError(f"the sweep's base config: {exc}") from None
+    if filesystems.is_uri(out or base.run.dir):
+        raise MotError(f"the sweep's trials go to {out or base.run.dir}, an object store: `mot sweep` keeps its trials' "
+                       "run folders on this machine's disk (Ray Tune's results with them); give a folder (--out or "
+                       "run.dir)")
     root = Path(out or Path(base.run.dir)).resolve()
     modalities = list(base.mixture.modalities)
     chosen = sweep.metric or f"val/{modalities[0]}/loss"
@@ -283,7 +288,7 @@ def _prepare_data(plan: SweepPlan) -> None:
         config = trial_config(plan.configs, trial.name)
         if any(r["step"] == config.train.steps for r in read_records(Path(config.run.dir) / "metrics.jsonl")):
             continue
-        start_run(config, local_runtime(torch.device("cpu"), Path(config.run.dir)), execute=lambda run, runtime: {})
+        start_run(config, local_runtime(torch.device("cpu"), config.run.dir), execute=lambda run, runtime: {})
 
 
 def run_sweep(plan: SweepPlan, address: str | None) -> None:

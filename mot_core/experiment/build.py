@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from mot_core import filesystems
 from mot_core.config import RunConfig, dump_config, validate_section
 from mot_core.data import Batch, Vocabulary
 from mot_core.data.packing import ExtrasSampler
@@ -45,7 +46,7 @@ def build_experiment(config: RunConfig, registry: Registry | None = None, run_di
     """``run_dir``: where this process keeps the run's files, when not ``run.dir`` (a launch
     worker on a node that does not see the driver's run folder)."""
     registry = registry or get_registry()
-    run_dir = Path(run_dir or config.run.dir)
+    run_dir = Path(run_dir or filesystems.local_folder(config.run.dir))
     modalities, losses, weights, evaluators, options = {}, {}, {}, {}, {}
     evaluator_options: dict[tuple[str, str], Any] = {}
     for name, entry in config.mixture.modalities.items():

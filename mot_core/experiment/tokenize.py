@@ -36,7 +36,13 @@ SPLITS = ("train", "val")
 
 
 def data_root(exp: Experiment) -> str:
-    return exp.config.data.dir or str(exp.run_dir / "tokens")
+    """``data.dir``; by default ``<run.dir>/tokens``: in the store for a run folder on an object
+    store (every worker reads the shards there; they are never copied to a working copy)."""
+    if exp.config.data.dir:
+        return exp.config.data.dir
+    if filesystems.is_uri(exp.config.run.dir) and not exp.config.run.dir.lower().startswith("file://"):
+        return filesystems.join(exp.config.run.dir, "tokens")
+    return str(exp.run_dir / "tokens")
 
 
 def retokenize_hint(exp: Experiment) -> str:

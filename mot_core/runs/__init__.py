@@ -65,5 +65,5 @@ def open_run(path: str | Path) -> Run:
     Raises ``MotError`` (one line) for a missing, damaged or incompatible checkpoint."""
     from mot_core.runs.reopen import load_run
 
-    exp, vocab, _, model, meta = load_run(Path(path), with_data=False)
+    exp, vocab, _, model, meta = load_run(path, with_data=False)
     return Run(step=int(meta["step"]), config=exp.config, vocab=vocab, model=model)

@@ -11,7 +11,7 @@ from mot_core.hf.llama import export_llama
 from mot_core.runs.reopen import load_run
 
 
-def export_run(run: Path, modality: str, out: Path) -> str:
+def export_run(run: str | Path, modality: str, out: Path) -> str:
     """``mot export RUN --format hf``: the tower of ``modality`` and its vocabulary rows, from
     the run's newest intact checkpoint (or the checkpoint named), as a Llama folder that
     ``transformers`` loads; the modality's tokenizer goes with it when it has an HF one."""

@@ -10,6 +10,7 @@ import yaml
 
 from mot_core.experiment.resolve import resolve_config
 from mot_core.data import Vocabulary, fixed_batches
+from mot_core import filesystems
 from mot_core.errors import MotError
 from mot_core.generate.api import generate_segments
 from mot_core.generate.tasks import prompt_to_span, span_to_text
@@ -17,14 +18,36 @@ from mot_core.devices.device import autocast_for, resolve_device
 from mot_core.model.transformer import MoTTransformer
 from mot_core.plugin_api import EvaluationContext
 from mot_core.training import checkpoint as ckpt
+from mot_core.training.run_mirror import RunMirror, mirror_of
 from mot_core.training.evaluation import describe_coverage, evaluate
 from mot_core.experiment.build import Experiment, build_experiment, build_model, extras_sampler, model_args
 from mot_core.experiment.tokenize import OpenedData, open_data, prepare_vocabulary, source_documents
 
 
-def load_run(checkpoint: Path, with_data: bool = True) -> tuple[Experiment, Vocabulary, OpenedData | None, MoTTransformer, dict]:
-    """Checkpoint folder (or run folder: its newest checkpoint) -> experiment, vocabulary,
-    held-out data (the run's shards; None unless ``with_data``), model, meta."""
+def pulled(path: str | Path) -> tuple[Path, str | None]:
+    """A run or checkpoint folder, or its URI on an object store -> (the local folder to read,
+    the run folder's URI or None). A store's run is copied into its working copy first: its
+    files and the checkpoint named (``.../checkpoints/step_0000006``) or its newest intact one."""
+    text = str(path)
+    mirror = mirror_of(text)
+    if mirror is None:
+        return filesystems.local_folder(text), None
+    base, _, query = text.partition("?")
+    head, _, last = base.rstrip("/").rpartition("/")
+    if ckpt.is_checkpoint_name(last) and head.endswith("/checkpoints"):
+        run_uri = head[:-len("/checkpoints")] + (f"?{query}" if query else "")
+        return RunMirror(run_uri).pull(last, report=lambda line: print(line, file=sys.stderr)), run_uri
+    found = mirror.pull(report=lambda line: print(line, file=sys.stderr))
+    if found is None:
+        raise MotError(f"{text} holds no checkpoint (checkpoints/step_* with a meta.json)")
+    return mirror.local, text
+
+
+def load_run(checkpoint: str | Path, with_data: bool = True) -> tuple[Experiment, Vocabulary, OpenedData | None, MoTTransformer, dict]:
+    """Checkpoint folder (or run folder: its newest checkpoint), either of them maybe on an
+    object store -> experiment, vocabulary, held-out data (the run's shards; None unless
+    ``with_data``), model, meta."""
+    checkpoint, run_uri = pulled(checkpoint)
     if not checkpoint.exists():
         raise MotError(f"checkpoint not found: {checkpoint}")
     if not (checkpoint / "meta.json").is_file():
@@ -44,8 +67,9 @@ def load_run(checkpoint: Path, with_data: bool = True) -> tuple[Experiment, Voca
     config = resolve_config(yaml.safe_load(saved) or {}, saved=saved)
     # The run is the folder this checkpoint sits in, wherever it was trained: a moved or copied
     # run reads its own tokenizers, not those at the run.dir recorded when it was trained.
-    run_folder = checkpoint.resolve().parent.parent
-    config = config.model_copy(update={"run": config.run.model_copy(update={"dir": str(run_folder)})})
+    # A run on an object store is its URI (its shards are there; its working copy holds the rest).
+    run_folder = run_uri or str(checkpoint.resolve().parent.parent)
+    config = config.model_copy(update={"run": config.run.model_copy(update={"dir": run_folder})})
     exp = build_experiment(config)
     vocab = prepare_vocabulary(exp, check_fitted_on=False)
     data = open_data(exp, vocab, missing="memory", splits=("val",)) if with_data else None
@@ -56,7 +80,7 @@ def load_run(checkpoint: Path, with_data: bool = True) -> tuple[Experiment, Voca
     return exp, vocab, data, model.eval(), meta
 
 
-def evaluate_checkpoint(path: Path, batches: int | None = None, samples: int = 0, full: bool = False,
+def evaluate_checkpoint(path: str | Path, batches: int | None = None, samples: int = 0, full: bool = False,
                         report=print, sampling: str | None = None) -> dict[str, float]:
     """Token-level validation metrics, plus model-level ones (reconstruction, and with
     ``samples`` > 0 generation-based scores such as FID). ``full``: every held-out position

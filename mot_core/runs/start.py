@@ -22,6 +22,7 @@ folder behind.
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -38,6 +39,7 @@ from mot_core.training import checkpoint as ckpt
 from mot_core.training.loop import train_loop
 from mot_core.training.memory import check_training_fits
 from mot_core.training.resume import resume_changes
+from mot_core.training.run_mirror import mirror_of
 from mot_core.training.runtime import WAIT_FOR_RANK_0, LocalCheckpoints, Runtime, local_runtime
 from mot_core.training.state import PreparedRun
 from mot_core.training.trackers import check_trackers
@@ -55,7 +57,10 @@ def resolve_local_config(source: Source, overrides=()) -> RunConfig:
 def local_saved_config(config: RunConfig) -> str | None:
     """The saved config of the newest intact checkpoint in ``config``'s run folder, or None
     (none, or only those of another way of training: ``start_run`` says so in one line)."""
+    mirror = mirror_of(config.run.dir)
     try:
+        if mirror is not None:  # read in the store, nothing copied yet
+            return mirror.newest_saved_config()
         return LocalCheckpoints(Path(config.run.dir)).resumed_config()
     except MotError:
         return None
@@ -63,7 +68,7 @@ def local_saved_config(config: RunConfig) -> str | None:
 
 def train_locally(config: RunConfig, reporter=None) -> dict:
     """``mot train``: ``config`` in this process, its checkpoints in its run folder."""
-    return start_run(config, local_runtime(resolve_device(config.run.device), Path(config.run.dir), reporter))
+    return start_run(config, local_runtime(resolve_device(config.run.device), config.run.dir, reporter))
 
 
 def start_run(config: RunConfig, runtime: Runtime, execute: Execute | None = None) -> dict:
@@ -79,10 +84,13 @@ def start_run(config: RunConfig, runtime: Runtime, execute: Execute | None = Non
     refuse_before_the_folder(exp, runtime, trains_here)
     created = not exp.run_dir.exists()
     lock = ckpt.RunLock(exp.run_dir) if runtime.prepares_data else None
+    pushes = runtime.mirror is not None and runtime.prepares_data
     try:
         run, refusal = None, None
         if runtime.prepares_data:
             try:
+                if pushes:  # under the lock: the store's run into its working copy
+                    runtime.mirror.pull()
                 run = prepare(exp, runtime, trains_here)
             except MotError as exc:
                 if created:  # a refused first start: nothing of it stays
@@ -105,8 +113,24 @@ def start_run(config: RunConfig, runtime: Runtime, execute: Execute | None = Non
     except OSError as exc:  # metrics, config or state files: the disk, not the code
         raise ckpt.storage_error(exc, Path(exc.filename or exp.run_dir), "training") from None
     finally:
-        if lock is not None:
-            lock.release()
+        try:
+            if pushes and exp.run_dir.is_dir():  # a crash too: what it saved reaches the store
+                push_at_the_end(runtime.mirror, failing=sys.exc_info()[1])
+        finally:
+            if lock is not None:
+                lock.release()
+
+
+def push_at_the_end(mirror, failing: BaseException | None) -> None:
+    """The run's last push. When the run is failing already, a failed push is one more line on
+    stderr and the run's own error is the one raised (the store then lacks what this copy holds
+    since its last push; the next start here sends it)."""
+    try:
+        mirror.push()
+    except MotError as exc:
+        if failing is None:
+            raise
+        print(f"error: {exc}", file=sys.stderr, flush=True)
 
 
 def check_driver_vocabulary(run: PreparedRun, runtime: Runtime) -> None:

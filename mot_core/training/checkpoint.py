@@ -102,6 +102,11 @@ def newest_of_other_layouts(run_dir: Path) -> tuple[int, str] | None:
     return newest
 
 
+def is_checkpoint_name(name: str) -> bool:
+    """Whether ``name`` is a complete checkpoint folder's name (``step_NNNNNNN``)."""
+    return _COMPLETE.match(name) is not None
+
+
 def step_of(path: Path) -> int:
     """The step of a ``mot train`` checkpoint folder, from its name."""
     return int(_COMPLETE.match(path.name).group(1))

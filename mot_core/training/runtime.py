@@ -23,8 +23,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from mot_core import filesystems
 from mot_core.errors import MotError
 from mot_core.training import checkpoint as ckpt
+from mot_core.training.run_mirror import RunMirror, mirror_of
 
 
 def rng_state() -> dict:
@@ -166,6 +168,9 @@ class Runtime:
     # a launch worker on a node that does not see run.dir: its own folder for the run's files
     run_dir: Path | None = None
     driver_vocabulary: str | None = None  # the vocabulary fingerprint the driver's shards were written with
+    # run.dir on an object store: the store's copy, pulled at the start and pushed after every
+    # checkpoint and at the end by the process that holds the run's lock (``run_mirror``)
+    mirror: RunMirror | None = None
 
     @property
     def prepares_data(self) -> bool:
@@ -185,6 +190,8 @@ class Runtime:
 
     def save(self, step: int, model, optimizer, state: dict, config_yaml: str, args, keep: int, record: dict) -> str:
         where = self.store.save(step, model, optimizer, state, config_yaml, args, keep, record, self.parallel)
+        if self.mirror is not None and self.prepares_data:
+            self.mirror.push()
         self.reporter.saved(record)
         return where
 
@@ -235,6 +242,8 @@ class LocalCheckpoints(CheckpointStore):
         return str(ckpt.save_checkpoint(self.run_dir, step, model, full, config_yaml, args, keep))
 
 
-def local_runtime(device: torch.device, run_dir: Path, reporter: Reporter | None = None) -> Runtime:
-    """``mot train``'s runtime (and a sweep trial's, with its reporter)."""
-    return Runtime(device, LocalCheckpoints(run_dir), reporter=reporter or Reporter())
+def local_runtime(device: torch.device, run_dir: str, reporter: Reporter | None = None) -> Runtime:
+    """``mot train``'s runtime (and a sweep trial's, with its reporter); ``run_dir``: ``run.dir``,
+    a folder or an object-store URI (kept in step with its working copy here)."""
+    return Runtime(device, LocalCheckpoints(filesystems.local_folder(run_dir)), reporter=reporter or Reporter(),
+                   mirror=mirror_of(run_dir))
