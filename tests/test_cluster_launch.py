@@ -10,6 +10,8 @@ mounts its datasets), nothing else: not the run folder, not the tokenizers. Thro
     loss at every step, each worker reading only its lanes' record batches (and saying how much
     it fetched before step 1); the driver writes the metrics and the exported checkpoint into its
     working copy of the run folder and pushes them to the bucket;
+  - ``mot sweep --address`` with its folder in the bucket runs a trial on each worker node, each
+    from and to its own run folder there, Ray Tune's state there too;
   - a worker node killed mid-run (its raylet and every process on it) and a replacement node
     started: the launch resumes from the checkpoint in the bucket and loses no step;
   - a node that cannot see a path the config names, or the driver's data folder, stops the
@@ -139,6 +141,33 @@ def test_a_launch_across_nodes_without_a_shared_disk_matches_mot_train(cluster, 
     assert f"checkpoints/step_{STEPS:07d}/model.safetensors" in stored and "loss_curves.png" in stored
     assert any(name.startswith("ray/") for name in stored)  # Ray's checkpoints: the default, <run.dir>/ray
     assert not (tmp / strategy).exists()
+
+
+def test_a_sweep_runs_its_trials_on_both_nodes_with_everything_in_the_bucket(cluster, tokenized):
+    """``mot sweep --address --out s3://...``: the driver fits each trial's tokenizers and pushes
+    them to the trial's run folder in the bucket; each trial trains on a worker node from its
+    run folder there (the nodes do not see the driver's files) and pushes it back; Ray Tune's
+    state is in the bucket; the table is made from the trials' metrics in the bucket."""
+    tmp, corpus, prefix, nodes, env = cluster
+    config = _config(tmp, corpus, prefix, "sweep_base")
+    out = f"{prefix}/sweep"
+    result = _mot({**env, "MOT_RUN_CACHE": str(tmp / "driver_copies")}, "sweep", str(config), "train.steps=4",
+                  "train.eval_every=2", "--grid", "train.lr=0.001,0.003", "--out", out, "--address", nodes.address,
+                  cwd=tmp)
+    assert result.returncode == 0, result.stdout[-5000:]
+    placed = dict(re.findall(r"trial (t\d{3}_\S+) on Ray node ([0-9a-f]+)", result.stdout))
+    workers = {nodes.node_ids[f"worker_{i}"] for i in range(2)}
+    assert len(placed) == 2 and set(placed.values()) == workers, (placed, workers)  # one trial on each node
+    stored = _store_files(out, env)
+    for trial in placed:
+        steps = [json.loads(line)["step"] for line in stored[f"trials/{trial}/metrics.jsonl"].decode().splitlines()]
+        assert steps[-1] == 4, (trial, steps)
+        assert f"trials/{trial}/checkpoints/step_0000004/meta.json" in stored
+    assert {"sweep.json", "results.md", "results.json", "loss_curves.png"} <= set(stored)
+    assert any(name.startswith("tune/") for name in stored)  # Ray Tune's state, beside the trials
+    rows = json.loads(stored["results.json"])
+    assert {r["trial"] for r in rows} == set(placed) and all(r["status"] == "finished" for r in rows)
+    assert f"table: {out}/results.md" in result.stdout
 
 
 def test_a_killed_node_is_replaced_and_the_launch_loses_no_step(cluster, tokenized, monkeypatch):

@@ -18,8 +18,11 @@ def cmd_data_prepare(ns: argparse.Namespace) -> int:
 
 def cmd_tokenizer_fit(ns: argparse.Namespace) -> int:
     from mot_core.experiment.preparation import tokenizer_fit
+    from mot_core.training.run_mirror import run_files_synced
 
-    reports = tokenizer_fit(load_config(ns.config, ns.overrides), force=ns.force)
+    config = load_config(ns.config, ns.overrides)
+    with run_files_synced(config.run.dir):
+        reports = tokenizer_fit(config, force=ns.force)
     if not reports:
         print(f"nothing to fit: no modality of {ns.config} has a separate tokenizer fit "
               "(text BPE and other small tokenizers are fitted by `mot train` itself)")
@@ -33,15 +36,18 @@ def cmd_data_tokenize(ns: argparse.Namespace) -> int:
     from mot_core.experiment.build import build_experiment
     from mot_core.experiment.tokenize import data_root, prepare_vocabulary, tokenize_locally
 
-    config = load_config(ns.config, ns.overrides)
-    exp = build_experiment(config)
-    filesystems.check_reachable(data_root(exp), "data.dir")  # before tokenizers are fitted into run.dir
-    if ns.address:
-        from mot_core.distributed.tokenize import tokenize_on_ray
+    from mot_core.training.run_mirror import run_files_synced
 
-        report = tokenize_on_ray(config, ns.address, force=ns.force)
-    else:
-        report = tokenize_locally(exp, prepare_vocabulary(exp), force=ns.force)
+    config = load_config(ns.config, ns.overrides)
+    with run_files_synced(config.run.dir):
+        exp = build_experiment(config)
+        filesystems.check_reachable(data_root(exp), "data.dir")  # before tokenizers are fitted into run.dir
+        if ns.address:
+            from mot_core.distributed.tokenize import tokenize_on_ray
+
+            report = tokenize_on_ray(config, ns.address, force=ns.force)
+        else:
+            report = tokenize_locally(exp, prepare_vocabulary(exp), force=ns.force)
     if not report:
         print(f"every source is already tokenized in {data_root(exp)} (--force writes them again)")
         return 0

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
+from mot_core import filesystems
 from mot_core.cli.common import positive_int
 
 
@@ -34,7 +34,7 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
     plan = plan_sweep(ns.config, ns.overrides, ns.grid, ns.out, ns.samples, ns.scheduler, ns.metric)
     if ns.address:
         check_address(ns.address)
-    print(f"sweep: {len(plan.trials)} trials in {plan.out / 'trials'} (ranked by {plan.metric}, "
+    print(f"sweep: {len(plan.trials)} trials in {filesystems.join(plan.shown, 'trials')} (ranked by {plan.metric}, "
           f"scheduler {plan.sweep.scheduler})", flush=True)
     run_sweep(plan, ns.address)
     rows = read_results(plan)
@@ -42,9 +42,14 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
     (plan.out / "results.md").write_text(table + "\n")
     (plan.out / "results.json").write_text(json.dumps(rows, indent=2))
     figure = plan.out / "loss_curves.png"
-    plot_runs([Path(r["run"]) for r in rows if r["steps"]], figure)
+    plot_runs([plan.out / "trials" / r["trial"] for r in rows if r["steps"]], figure)
+    mirror = plan.root_mirror()
+    if mirror is not None:
+        mirror.push()
     print(table)
-    print(f"table: {plan.out / 'results.md'}; loss curves: {figure}; `mot compare {plan.out}` compares the trials")
+    shown = plan.shown
+    print(f"table: {filesystems.join(shown, 'results.md')}; loss curves: {filesystems.join(shown, 'loss_curves.png')}; "
+          f"`mot compare {plan.out}` compares the trials" + (" (this machine's copy of them)" if plan.uri else ""))
     return 0
 
 

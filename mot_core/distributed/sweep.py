@@ -32,6 +32,7 @@ from mot_core.errors import MotError
 from mot_core.experiment.build import build_experiment
 from mot_core.experiment.resolve import resolve_config
 from mot_core.runs.start import local_saved_config, start_run, train_locally
+from mot_core.training.run_mirror import RunMirror, mirror_of
 from mot_core.training.runtime import Reporter, local_runtime
 from mot_core.training.trackers import read_records
 
@@ -47,11 +48,34 @@ class Trial:
 
 @dataclass(frozen=True)
 class SweepPlan:
+    """``out``: the sweep's folder here; ``uri``: the sweep's folder on an object store, whose
+    working copy ``out`` is (each trial a run folder of its own in the store, Ray Tune's state
+    in ``<uri>/tune``), or None."""
     out: Path
     sweep: SweepSection
     metric: str
     trials: list[Trial]
     configs: dict[str, dict]  # trial name -> its validated config, as a dict
+    uri: str | None = None
+
+    @property
+    def shown(self) -> str:
+        """Where the sweep is, as the user named it."""
+        return self.uri or str(self.out)
+
+    def root_mirror(self) -> RunMirror | None:
+        """The sweep's own files in the store (sweep.json, the results): not its trials, not Tune's."""
+        return RunMirror(self.uri, self.out, not_copied=("trials", "tune")) if self.uri else None
+
+    def trial_dir(self, name: str) -> str:
+        """A trial's ``run.dir``."""
+        return filesystems.join(self.uri, "trials", name) if self.uri else str(self.out / "trials" / name)
+
+    def pull_trial_files(self) -> None:
+        """The trials' metrics and figures into their working copies (no checkpoint)."""
+        if self.uri:
+            for trial in self.trials:
+                RunMirror(self.trial_dir(trial.name)).pull(checkpoints=False)
 
 
 def split_values(text: str) -> list[str]:
@@ -184,11 +208,11 @@ def plan_sweep(config_path: str, overrides: list[str], grid_items: list[str], ou
         base = resolve_config(raw)
     except MotError as exc:
         raise MotError(f"the sweep's base config: {exc}") from None
-    if filesystems.is_uri(out or base.run.dir):
-        raise MotError(f"the sweep's trials go to {out or base.run.dir}, an object store: `mot sweep` keeps its trials' "
-                       "run folders on this machine's disk (Ray Tune's results with them); give a folder (--out or "
-                       "run.dir)")
-    root = Path(out or Path(base.run.dir)).resolve()
+    where = out or base.run.dir
+    uri = where if mirror_of(where) is not None else None
+    if uri is not None:
+        filesystems.check_reachable(uri, "--out" if out else "run.dir")
+    root = filesystems.local_folder(where).resolve()
     modalities = list(base.mixture.modalities)
     chosen = sweep.metric or f"val/{modalities[0]}/loss"
     check_metric(chosen, modalities)
@@ -211,7 +235,7 @@ def plan_sweep(config_path: str, overrides: list[str], grid_items: list[str], ou
         data = copy.deepcopy(raw)
         for key, value in {**settings, **values}.items():
             _set(data, key, value)
-        _set(data, "run.dir", str(root / "trials" / name))
+        _set(data, "run.dir", filesystems.join(uri, "trials", name) if uri else str(root / "trials" / name))
         _set(data, "run.seed", base.run.seed + repeat)
         shown = {**({"variant": variant} if variant is not None else {}), **values,
                  **({"repeat": repeat} if sweep.samples > 1 else {})}
@@ -222,10 +246,13 @@ def plan_sweep(config_path: str, overrides: list[str], grid_items: list[str], ou
             raise MotError(f"trial {name} ({shown}): {str(exc).removeprefix('config error: ')}") from None
         trials.append(Trial(name, {**settings, **values}, shown))
         configs[name] = config.model_dump(mode="json")
-    return SweepPlan(root, sweep, chosen, trials, configs)
+    return SweepPlan(root, sweep, chosen, trials, configs, uri)
 
 
 def _check_same_plan(plan: SweepPlan) -> None:
+    mirror = plan.root_mirror()
+    if mirror is not None:
+        mirror.pull(checkpoints=False)
     record = plan.out / "sweep.json"
     wanted = {"trials": [asdict(t) for t in plan.trials], "metric": plan.metric,
               "scheduler": plan.sweep.scheduler}
@@ -235,13 +262,15 @@ def _check_same_plan(plan: SweepPlan) -> None:
         except ValueError:
             saved = None
         if saved != json.loads(json.dumps(wanted)):
-            raise MotError(f"{plan.out} holds a sweep with other trials or settings (sweep.json); use the same "
+            raise MotError(f"{plan.shown} holds a sweep with other trials or settings (sweep.json); use the same "
                            "command to finish it, or another --out")
         return
     plan.out.mkdir(parents=True, exist_ok=True)
     tmp = record.with_suffix(".tmp")
     tmp.write_text(json.dumps(wanted, indent=2))
     os.replace(tmp, record)
+    if mirror is not None:
+        mirror.push()
 
 
 class TuneReports(Reporter):
@@ -267,8 +296,13 @@ class TuneReports(Reporter):
 
 
 def _trial(params: dict, configs: dict, cwd: str, threads: int, metric: str) -> None:
-    """A Tune trainable: the trial's ``mot train``, resumed from its own checkpoint if it has one."""
-    os.chdir(cwd)  # relative data and tokenizer paths mean what they meant where the sweep started
+    """A Tune trainable: the trial's ``mot train``, resumed from its own checkpoint if it has one
+    (on a node that does not hold the sweep's folder, from its run folder in the object store)."""
+    import ray
+
+    if os.path.isdir(cwd):  # relative data and tokenizer paths mean what they meant where the sweep started
+        os.chdir(cwd)
+    print(f"trial {params['trial']} on Ray node {ray.get_runtime_context().get_node_id()}", flush=True)
     torch.set_num_threads(threads)
     train_locally(trial_config(configs, params["trial"]), TuneReports(metric))
 
@@ -284,9 +318,11 @@ def _prepare_data(plan: SweepPlan) -> None:
     trial trains: its refusals checked, its tokenizers fitted and its sources tokenized, so
     trials that share a ``data.dir`` never race to write the same shards, and a trial's first
     step is not delayed by its data."""
+    plan.pull_trial_files()
     for trial in plan.trials:
         config = trial_config(plan.configs, trial.name)
-        if any(r["step"] == config.train.steps for r in read_records(Path(config.run.dir) / "metrics.jsonl")):
+        local = filesystems.local_folder(config.run.dir)
+        if any(r["step"] == config.train.steps for r in read_records(local / "metrics.jsonl")):
             continue
         start_run(config, local_runtime(torch.device("cpu"), config.run.dir), execute=lambda run, runtime: {})
 
@@ -312,19 +348,22 @@ def run_sweep(plan: SweepPlan, address: str | None) -> None:
         scheduler = FIFOScheduler() if sweep.scheduler == "fifo" else ASHAScheduler(
             time_attr="step", grace_period=sweep.grace_steps,
             max_t=max(c["train"]["steps"] for c in plan.configs.values()))
-        storage = str(plan.out)
-        if tune.Tuner.can_restore(str(plan.out / "tune")):
-            print(f"resuming the sweep in {plan.out}: finished trials are kept, unfinished ones continue from their "
+        # Tune's state beside the trials: in the store for a sweep there (every node reaches it)
+        storage_filesystem, storage = (filesystems.resolve(plan.uri, "--out") if plan.uri else (None, str(plan.out)))
+        state = f"{storage.rstrip('/')}/tune"
+        if tune.Tuner.can_restore(state, storage_filesystem=storage_filesystem):
+            print(f"resuming the sweep in {plan.shown}: finished trials are kept, unfinished ones continue from their "
                   "checkpoints", flush=True)
-            tuner = tune.Tuner.restore(str(plan.out / "tune"), trainable, resume_unfinished=True,
-                                       resume_errored=True, restart_errored=False)
+            tuner = tune.Tuner.restore(state, trainable, resume_unfinished=True, resume_errored=True,
+                                       restart_errored=False, storage_filesystem=storage_filesystem)
         else:
             tuner = tune.Tuner(
                 trainable,
                 param_space={"trial": tune.grid_search([t.name for t in plan.trials])},
                 tune_config=tune.TuneConfig(metric=plan.metric, mode=sweep.mode, scheduler=scheduler,
                                             max_concurrent_trials=sweep.max_concurrent or None),
-                run_config=tune.RunConfig(name="tune", storage_path=storage, verbose=1,
+                run_config=tune.RunConfig(name="tune", storage_path=storage, storage_filesystem=storage_filesystem,
+                                          verbose=1,
                                           failure_config=tune.FailureConfig(max_failures=0)),
             )
         results = tuner.fit()
@@ -344,6 +383,7 @@ def read_results(plan: SweepPlan) -> list[dict]:
     """One row per trial from its own metrics.jsonl (the record of what ran), best first by the
     sweep's metric; a trial that never logged it sorts last."""
     rows = []
+    plan.pull_trial_files()
     for trial in plan.trials:
         run = plan.out / "trials" / trial.name
         file = run / "metrics.jsonl"
@@ -353,7 +393,7 @@ def read_results(plan: SweepPlan) -> list[dict]:
         final = next((r for r in reversed(records) if any(k.startswith("val/") for k in r)), {})
         losses = {k: v for k, v in final.items() if k.startswith("val/") and k.endswith("/loss")}
         score = next((r[plan.metric] for r in reversed(records) if plan.metric in r), None)
-        rows.append({"trial": trial.name, "run": str(run), "values": trial.values, "steps": steps,
+        rows.append({"trial": trial.name, "run": plan.trial_dir(trial.name), "values": trial.values, "steps": steps,
                      "status": "finished" if steps >= total else ("stopped early" if steps else "not run"),
                      "metric": score, "val_losses": losses, "val_step": final.get("step")})
     sign = 1 if plan.sweep.mode == "min" else -1

@@ -21,6 +21,7 @@ same store folder at once are not detected (an object store has no lock to take)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -37,6 +38,20 @@ _LEFTOVER = re.compile(r"\.(tmp|old)\d*")
 _CHUNK = 8 << 20
 
 
+@contextlib.contextmanager
+def run_files_synced(run_dir: str):
+    """Around a command that writes a run's files without training (``mot data tokenize`` and
+    ``mot tokenizer fit`` save the tokenizers' state): for a run folder on an object store, its
+    files are pulled first (no checkpoint) and what the command wrote is pushed once it succeeded."""
+    mirror = mirror_of(run_dir)
+    if mirror is None:
+        yield
+        return
+    mirror.pull(checkpoints=False)
+    yield
+    mirror.push()
+
+
 def mirror_of(run_dir: str) -> RunMirror | None:
     """The mirror of ``run.dir`` when it names an object store, else None."""
     if not filesystems.is_uri(run_dir) or run_dir.lower().startswith("file://"):
@@ -47,9 +62,12 @@ def mirror_of(run_dir: str) -> RunMirror | None:
 class RunMirror:
     """``uri``: the run folder in the store; ``local``: its working copy here."""
 
-    def __init__(self, uri: str, local: Path | None = None):
+    def __init__(self, uri: str, local: Path | None = None, not_copied: tuple[str, ...] = ()):
+        """``not_copied``: more top-level folders left to the store (a sweep's trials, each a
+        run folder of its own, and Ray Tune's state)."""
         self.uri = uri
         self.local = local or filesystems.local_folder(uri)
+        self.not_copied = not_copied
         self._fs, self._root = filesystems.resolve(uri, "run.dir")
 
     # -- what the store holds --------------------------------------------------------------
@@ -62,7 +80,10 @@ class RunMirror:
                                                                             allow_not_found=True)), "listing")
         prefix = self._root.rstrip("/") + "/"
         return {info.path[len(prefix):]: [info.size, info.mtime_ns or 0] for info in infos
-                if info.type == pafs.FileType.File and copied(info.path[len(prefix):])}
+                if info.type == pafs.FileType.File and self._copied(info.path[len(prefix):])}
+
+    def _copied(self, name: str) -> bool:
+        return copied(name) and name.split("/")[0] not in self.not_copied
 
     def newest_saved_config(self) -> str | None:
         """The config.yaml of the store's newest checkpoint, without copying anything (what
@@ -76,10 +97,12 @@ class RunMirror:
 
     # -- pull ------------------------------------------------------------------------------
 
-    def pull(self, checkpoint: str | None = None, report: Callable[[str], None] = print) -> Path | None:
+    def pull(self, checkpoint: str | None = None, report: Callable[[str], None] = print,
+             checkpoints: bool = True) -> Path | None:
         """Copy the run's files and one checkpoint here; returns that checkpoint's folder (None
         when the store holds none). ``checkpoint``: a checkpoint folder's name (``step_0000006``);
-        default the newest intact one (a damaged newer one is reported and skipped)."""
+        default the newest intact one (a damaged newer one is reported and skipped).
+        ``checkpoints=False``: the run's files alone (metrics, figures, config)."""
         remote = self._remote_files()
         synced = self._synced()
         steps = _checkpoint_steps(remote)
@@ -89,7 +112,7 @@ class RunMirror:
         for name, stamp in remote.items():
             if not name.startswith("checkpoints/"):
                 self._fetch(name, stamp, synced)
-        candidates = [checkpoint] if checkpoint is not None else list(reversed(steps))
+        candidates = [checkpoint] if checkpoint is not None else list(reversed(steps)) if checkpoints else []
         chosen, damaged = None, []
         for step in candidates:
             for name, stamp in sorted(remote.items(), key=lambda item: item[0].endswith("/meta.json")):
@@ -150,7 +173,7 @@ class RunMirror:
         if not self.local.is_dir():
             return
         synced = self._synced()
-        changed = [name for name in _local_files(self.local)
+        changed = [name for name in _local_files(self.local) if self._copied(name)
                    if name not in synced or not _same(self.local / name, synced[name]["local"])]
         changed.sort(key=lambda name: (name.startswith("checkpoints/") and name.endswith("/meta.json"), name))
         sent = {}
