@@ -33,12 +33,22 @@ class Section(BaseModel):
 
 class RunSection(Section):
     dir: str = Field("runs/default", description="the run folder: config.yaml, metrics.jsonl, checkpoints, the "
-                     "tokenizers (state/) and, by default, the shards (tokens/); created if missing")
+                     "tokenizers (state/) and, by default, the shards (tokens/); created if missing; or an "
+                     "object-store URI (s3://bucket/runs/name): worked on in a local copy ($MOT_RUN_CACHE) "
+                     "and pushed to the store after every checkpoint")
     seed: int = Field(0, ge=0, lt=2**32, description="seeds Python, NumPy (which takes < 2**32) and torch")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when there is a GPU, else the CPU")
     resume: Literal["auto", "never"] = Field(
         "auto", description="auto: continue from the newest checkpoint in run.dir if there is one"
     )
+
+    @field_validator("dir")
+    @classmethod
+    def _no_secret(cls, value: str) -> str:
+        problem = filesystems.uri_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
 
 class UntieSection(Section):

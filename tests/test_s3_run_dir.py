@@ -175,3 +175,16 @@ def test_a_store_that_lost_files_is_what_the_working_copy_becomes(s3, tmp_path):
     (here.local / "new.txt").write_text("only here")
     here.pull()
     assert not (here.local / "notes.txt").exists() and (here.local / "new.txt").read_text() == "only here"
+
+
+def test_what_cannot_use_a_store_run_folder_says_so_in_one_line(s3, text_corpus, tmp_path):  # noqa: F811
+    from mot_core.distributed.process_group import folder_store
+    from mot_core.experiment.resolve import resolve_config
+
+    uri = f"s3://{s3.bucket}/empty-{uuid.uuid4().hex[:8]}/run?endpoint_override={s3.endpoint}"
+    config = resolve_config({**tiny_config_dict(text_corpus, tmp_path / "x"), "run": {"dir": uri}})
+    with pytest.raises(MotError, match=r"is on an object store, which `mot train --process-group` does not write to"):
+        folder_store(config)
+    result = mot(s3.env(), tmp_path, "eval", uri)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: {uri} holds no checkpoint (checkpoints/step_* with a meta.json)"]

@@ -147,6 +147,7 @@ def test_credentials_in_a_uri_or_endpoint_are_refused_without_repeating_them(s3,
     config = tiny_config_dict(text_corpus, tmp_path / "run")
     for key, value in (("data", {"dir": f"s3://AKIAX:{s3.secret_key}@{s3.bucket}/t"}),
                        ("launch", {"storage_path": f"s3://AKIAX:{s3.secret_key}@{s3.bucket}/t"}),
+                       ("run", {"dir": f"s3://AKIAX:{s3.secret_key}@{s3.bucket}/runs/t"}),
                        ("data", {"dir": f"s3://{s3.bucket}/t?access_key=AKIAX&secret_key={s3.secret_key}"}),
                        ("storage", {"endpoint": f"http://AKIAX:{s3.secret_key}@127.0.0.1:1"})):
         with pytest.raises(MotError) as caught:
