@@ -11,7 +11,7 @@ EMOJI_FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO   := examples/configs/chameleon
 
-.PHONY: demo demo-seeds test install setup clean gpu-kit gpu-check cluster-up cluster-down
+.PHONY: demo demo-seeds test install setup clean gpu-kit gpu-check cluster-up cluster-down cluster-demo
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,12 @@ cluster-up: $(STAMP)
 
 cluster-down:
 	$(BIN)/python -m tools.cluster down
+
+# The cluster chain end to end (tools/cluster/demo.py, a few minutes here): an S3 server and the
+# cluster above, then tokenize, launch, eval, generate, export and sweep with everything in the
+# bucket, then both torn down.
+cluster-demo: $(STAMP)
+	$(BIN)/python -m tools.cluster.demo
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
