@@ -282,6 +282,10 @@ class DataSection(Section):
         "ones of each part): fitting is bounded whatever the corpus size",
     )
     encode_batch_documents: PositiveInt = Field(256, description="documents encoded per call of encode_batch")
+    on_bad_record: Literal["error", "skip"] = Field(
+        "error", description="a record a source cannot read (a truncated tar, an undecodable image, a missing "
+        "caption, a wrong column type, an empty document): error stops with one line naming it; skip leaves it out "
+        "and `mot data tokenize` reports how many it skipped per source and why (also in each split's index.json)")
 
     @field_validator("dir")
     @classmethod

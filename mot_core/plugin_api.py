@@ -38,11 +38,11 @@ __all__ = [
     # what a plugin contributes
     "Modality", "Loss", "DataSource", "Evaluator", "PluginOptions",
     # data flowing through them
-    "RawDocument", "RawSegment", "ContinuousSegment", "ModalitySlice", "IGNORE_INDEX", "CONTINUOUS",
+    "RawDocument", "RawSegment", "BadRecord", "ContinuousSegment", "ModalitySlice", "IGNORE_INDEX", "CONTINUOUS",
     # generation and evaluation
     "SamplingParams", "SpanGrammar", "ValueSpan", "SpanRunner", "EvaluationContext",
     # helpers
-    "fingerprint_files", "origin", "progress",
+    "fingerprint_files", "origin", "progress", "storage_path",
 ]
 
 def fingerprint_files(paths: Iterable[Path | str], extra: str = "", contents: bool = True) -> str:
@@ -67,6 +67,16 @@ def fingerprint_files(paths: Iterable[Path | str], extra: str = "", contents: bo
                 for block in iter(lambda: handle.read(1 << 20), b""):
                     digest.update(block)
     return digest.hexdigest()
+
+
+def storage_path(path: str, what: str):
+    """A local path or an object-store URI (``s3://bucket/key``, ``gs://``, with the endpoint
+    and credentials the run's ``storage`` settings and the AWS variables give, as for the
+    shards) -> (``pyarrow.fs.FileSystem``, path in it). ``what`` names the option in errors.
+    Raises a one-line ``MotError`` for a malformed URI or one holding credentials."""
+    from mot_core import filesystems
+
+    return filesystems.resolve(path, what)
 
 
 def origin(obj: Any) -> str:
@@ -169,6 +179,22 @@ class RawDocument:
     """One training sample: segments in reading order (interleaving of any pattern)."""
 
     segments: tuple[RawSegment, ...]
+
+
+@dataclass(frozen=True)
+class BadRecord:
+    """What a source yields in place of a record it cannot read, as real corpora have them: the
+    engine stops with one line (``data.on_bad_record: error``) or leaves the record out and
+    counts it by ``cause`` (``skip``). Never drop a record silently.
+
+    ``where``: the file, and the member or row (``shard-00003.tar: 000123.jpg``);
+    ``cause``: a short kind, counted (``truncated tar``, ``undecodable image``, ``missing
+    caption``, ``wrong column type``, ``empty document``, ``unreadable audio``);
+    ``detail``: what the reader said (one line)."""
+
+    where: str
+    cause: str
+    detail: str = ""
 
 
 class Modality(abc.ABC):

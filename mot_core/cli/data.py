@@ -34,7 +34,7 @@ def cmd_tokenizer_fit(ns: argparse.Namespace) -> int:
 def cmd_data_tokenize(ns: argparse.Namespace) -> int:
     from mot_core import filesystems
     from mot_core.experiment.build import build_experiment
-    from mot_core.experiment.tokenize import data_root, prepare_vocabulary, tokenize_locally
+    from mot_core.experiment.tokenize import data_root, describe_skipped, prepare_vocabulary, tokenize_locally
 
     from mot_core.training.run_mirror import run_files_synced
 
@@ -52,7 +52,8 @@ def cmd_data_tokenize(ns: argparse.Namespace) -> int:
         print(f"every source is already tokenized in {data_root(exp)} (--force writes them again)")
         return 0
     for name, counts in report.items():
-        print(f"{name}: {counts['documents']:,} documents, {counts['tokens']:,} tokens, {counts['shards']} shards")
+        print(f"{name}: {counts['documents']:,} documents, {counts['tokens']:,} tokens, {counts['shards']} shards"
+              f"{describe_skipped(counts)}")
     print(f"shards in {data_root(exp)}")
     return 0
 

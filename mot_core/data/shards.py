@@ -107,6 +107,7 @@ class ShardWriter:
                                      "documents_read": 0, "shards": [], "done": False}
         self.pending: list[EncodedDocument] = []
         self.pending_read = 0
+        self.pending_skipped: dict[str, int] = {}  # bad records left out since the last shard, by cause
 
     @property
     def done(self) -> bool:
@@ -117,19 +118,28 @@ class ShardWriter:
         """Raw documents of the part already in finished shards (skipped when resuming)."""
         return int(self.progress["documents_read"])
 
-    def add(self, docs: list[EncodedDocument], raw_read: int) -> None:
+    def add(self, docs: list[EncodedDocument], raw_read: int, skipped: dict[str, int] | None = None) -> None:
         """Documents encoded from the next ``raw_read`` raw documents of the part (some raw
-        documents encode to nothing); a shard is written once enough tokens are pending."""
+        documents encode to nothing), and the bad records left out before them by cause
+        (``skipped``); a shard is written once enough tokens are pending."""
         self.pending += docs
         self.pending_read += raw_read
+        for cause, count in (skipped or {}).items():
+            self.pending_skipped[cause] = self.pending_skipped.get(cause, 0) + count
         if sum(len(d) for d in self.pending) >= self.shard_tokens:
             self._flush()
 
-    def finish(self) -> list[dict]:
-        if self.pending or (not self.progress["shards"] and self.pending_read):
+    def finish(self, skipped: dict[str, int] | None = None) -> list[dict]:
+        """Write what is pending; the part's last shard record holds every bad record the part
+        left out, by cause (``skipped``: those after its last document)."""
+        self.add([], 0, skipped)
+        if self.pending or (not self.progress["shards"] and (self.pending_read or self.pending_skipped)):
             self._flush()
         self.progress["documents_read"] += self.pending_read
+        self._take_skipped()
         self.pending_read = 0
+        if self.progress["shards"] and self.progress.get("skipped"):
+            self.progress["shards"][-1]["skipped"] = dict(sorted(self.progress["skipped"].items()))
         self.progress["done"] = True
         self._save_progress()
         return self.progress["shards"]
@@ -143,8 +153,17 @@ class ShardWriter:
             "bytes": len(data), "batch_documents": BATCH_DOCUMENTS,
         })
         self.progress["documents_read"] += self.pending_read
+        self._take_skipped()
         self.pending, self.pending_read = [], 0
         self._save_progress()
+
+    def _take_skipped(self) -> None:
+        """Counted with the documents read: a resume re-reads from the last shard on, and counts
+        the bad records among those again."""
+        totals = self.progress.setdefault("skipped", {})
+        for cause, count in self.pending_skipped.items():
+            totals[cause] = totals.get(cause, 0) + count
+        self.pending_skipped = {}
 
     def _save_progress(self) -> None:
         _write_atomic(self.fs, self.progress_path, json.dumps(self.progress).encode("utf-8"))
@@ -184,6 +203,12 @@ def write_index(root: str, source: str, split: str, fingerprints: Fingerprints, 
         "parts": parts, "documents": int(sum(s["documents"] for s in shards)),
         "tokens": int(sum(s["tokens"] for s in shards)), "shards": shards,
     }
+    skipped: dict[str, int] = {}
+    for shard in shards:
+        for cause, count in shard.get("skipped", {}).items():
+            skipped[cause] = skipped.get(cause, 0) + count
+    if skipped:  # bad records left out (data.on_bad_record: skip), by cause
+        index["skipped"] = dict(sorted(skipped.items()))
     _write_atomic(fs, f"{folder}/{INDEX}", json.dumps(index, indent=1).encode("utf-8"))
     return index
 

@@ -91,6 +91,7 @@ def build_experiment(config: RunConfig, registry: Registry | None = None, run_di
             raise MotError(
                 f"dataset '{name}' yields {', '.join(source.modalities)} but mixture.modalities lacks {', '.join(missing)}"
             )
+        source._mot_on_bad_record = config.data.on_bad_record  # read by experiment.tokenize.iter_documents
         sources[name], source_weights[name] = source, entry.weight
     # Modalities sharing a tower sit next to each other, so each tower is one contiguous block
     # of the modality-sorted stream (groups in order of first appearance).

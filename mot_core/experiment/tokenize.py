@@ -11,6 +11,7 @@ fitted (or reloaded) before any part runs, on a bounded sample (``data.fit_sampl
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import itertools
@@ -27,7 +28,7 @@ from mot_core.data.shards import (
 from mot_core.data.stores import DocumentList, DocumentStore
 from mot_core.data.vocabulary import Vocabulary
 from mot_core.errors import MotError, plugin_boundary
-from mot_core.plugin_api import DataSource, RawDocument, RawSegment, origin
+from mot_core.plugin_api import BadRecord, DataSource, RawDocument, RawSegment, origin
 from mot_core.progress import progress as progress_display
 from mot_core.experiment.build import Experiment
 from mot_core.experiment.provenance import check_tokenizers_fit_this_data
@@ -49,9 +50,13 @@ def retokenize_hint(exp: Experiment) -> str:
     return f"run `mot data tokenize CONFIG --force` to write them again (they are in {data_root(exp)})"
 
 
-def iter_documents(name: str, source: DataSource, split: str, part: int | None = None) -> Iterator[RawDocument]:
+def iter_documents(name: str, source: DataSource, split: str, part: int | None = None,
+                   skipped: collections.Counter | None = None) -> Iterator[RawDocument]:
     """``source.documents(split)`` (or one part of it), read lazily and checked document by
-    document: ``RawDocument``s whose segments are ``RawSegment``s of the source's modalities."""
+    document: ``RawDocument``s whose segments are ``RawSegment``s of the source's modalities.
+
+    A ``BadRecord`` the source yields stops the read with one line (``data.on_bad_record:
+    error``, the default) or is left out and counted by cause in ``skipped`` (``skip``)."""
     call = f"documents('{split}')" if part is None else f"read_part('{split}', {part})"
     where = f"{origin(source)}: dataset '{name}', {call}"
     with plugin_boundary(where):
@@ -59,6 +64,7 @@ def iter_documents(name: str, source: DataSource, split: str, part: int | None =
     if isinstance(docs, (str, bytes, dict)) or not hasattr(docs, "__iter__"):
         raise MotError(f"{where} returned {type(docs).__name__}; expected a list or an iterator of RawDocument")
     declared = set(source.modalities)
+    policy = getattr(source, "_mot_on_bad_record", "error")
     iterator = iter(docs)
     position = 0
     while True:
@@ -66,6 +72,14 @@ def iter_documents(name: str, source: DataSource, split: str, part: int | None =
             doc = next(iterator, _END)
         if doc is _END:
             return
+        if isinstance(doc, BadRecord):
+            if policy != "skip":
+                detail = f" ({doc.detail})" if doc.detail else ""
+                raise MotError(f"dataset '{name}': bad record at {doc.where}: {doc.cause}{detail}; fix or remove it, or "
+                               "set data.on_bad_record=skip to leave such records out (they are counted)")
+            if skipped is not None:
+                skipped[doc.cause] += 1
+            continue
         _check_document(doc, position, where, declared)
         position += 1
         yield doc
@@ -179,16 +193,20 @@ def tokenize_part(exp: Experiment, vocab: Vocabulary, task: PartTask, prints: Fi
             return writer.progress["shards"]
         source = exp.sources[task.source]
         parts = num_parts(task.source, source, task.split)
-        docs = iter_documents(task.source, source, task.split, None if parts == 1 else task.part)
-        skipped = writer.documents_read
-        if skipped:
-            docs = itertools.islice(docs, skipped, None)  # read, not encoded: finished shards are kept
-            report(f"{task.source}/{task.split} part {task.part}: continuing after {skipped} documents already in "
+        bad: collections.Counter = collections.Counter()
+        docs = iter_documents(task.source, source, task.split, None if parts == 1 else task.part, skipped=bad)
+        done = writer.documents_read
+        if done:  # read, not encoded: finished shards are kept (and the bad records among them counted)
+            for _ in itertools.islice(docs, done):
+                pass
+            bad.clear()
+            report(f"{task.source}/{task.split} part {task.part}: continuing after {done} documents already in "
                    "shards")
         for chunk in batched(docs, cfg.encode_batch_documents):
-            writer.add(vocab.encode_documents(chunk, task.source), len(chunk))
+            writer.add(vocab.encode_documents(chunk, task.source), len(chunk), dict(bad))
+            bad.clear()
             advance(len(chunk))
-        return writer.finish()
+        return writer.finish(dict(bad))
 
 
 @contextlib.contextmanager
@@ -249,8 +267,19 @@ def finish(exp: Experiment, vocab: Vocabulary, splits_todo: dict, shards: dict[P
             index = write_index(data_root(exp), name, split, prints, parts, listed, vocab.names)
         if not index["documents"]:
             raise MotError(f"dataset '{name}' produced no tokens in its '{split}' split")
-        report[f"{name}/{split}"] = {"documents": index["documents"], "tokens": index["tokens"], "shards": len(listed)}
+        report[f"{name}/{split}"] = {"documents": index["documents"], "tokens": index["tokens"], "shards": len(listed),
+                                     **({"skipped": index["skipped"]} if "skipped" in index else {})}
     return report
+
+
+def describe_skipped(counts: dict) -> str:
+    """", 3 bad records skipped (undecodable image: 2, missing caption: 1)" for a split's
+    report that left records out, else ""."""
+    skipped = counts.get("skipped") or {}
+    if not skipped:
+        return ""
+    causes = ", ".join(f"{cause}: {count:,}" for cause, count in sorted(skipped.items(), key=lambda item: -item[1]))
+    return f", {sum(skipped.values()):,} bad records skipped ({causes})"
 
 
 def tokenize_locally(exp: Experiment, vocab: Vocabulary, force: bool = False, progress: bool = True,

@@ -33,7 +33,7 @@ from mot_core.errors import MotError
 from mot_core.experiment.build import Experiment, build_experiment, check_model_shape, model_args
 from mot_core.experiment.resolve import Source, resolve_config
 from mot_core.experiment.nodes import this_node
-from mot_core.experiment.tokenize import data_root, fingerprints, prepare_vocabulary, tokenize_locally
+from mot_core.experiment.tokenize import data_root, describe_skipped, fingerprints, prepare_vocabulary, tokenize_locally
 from mot_core.hf.llama import check_tensors, check_vocabulary, read_checkpoint
 from mot_core.training import checkpoint as ckpt
 from mot_core.training.loop import train_loop
@@ -199,4 +199,4 @@ def write_shards(run: PreparedRun) -> None:
     an earlier start did: then nothing is left to do)."""
     for name, counts in tokenize_locally(run.exp, run.vocab, progress=True, prints=run.fingerprints).items():
         print(f"tokenized {name}: {counts['documents']:,} documents, {counts['tokens']:,} tokens in "
-              f"{counts['shards']} shards", flush=True)
+              f"{counts['shards']} shards{describe_skipped(counts)}", flush=True)

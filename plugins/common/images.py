@@ -73,6 +73,34 @@ def read_any_image(path: Path, size: int, named_in: str) -> np.ndarray:
     return np.array(square, dtype=np.uint8)
 
 
+def square_rgb(image: Image.Image, size: int) -> np.ndarray:
+    """A decoded Pillow image -> (size, size, 3) uint8 RGB: upright (EXIF orientation),
+    flattened on white if transparent, shorter side resized to ``size`` and centre-cropped."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    else:
+        image = image.convert("RGB")
+    square = ImageOps.fit(image, (size, size), method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))
+    return np.array(square, dtype=np.uint8)
+
+
+def decode_image_bytes(data: bytes, size: int) -> np.ndarray:
+    """An encoded image (JPEG, PNG, WebP, ... as a WebDataset member or a Parquet cell holds it)
+    -> (size, size, 3) uint8 RGB, as ``square_rgb``. Raises ``ValueError`` saying why it cannot
+    be decoded (the caller names the record)."""
+    import io
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.draft(None, (2 * size, 2 * size))  # JPEG: decode at a reduced scale, still >= 2x the target
+            image.load()
+            return square_rgb(image, size)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ValueError(one_line(exc) or type(exc).__name__) from None
+
+
 def to_signed_float(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 (..., 3, H, W) in [0, 255] -> float32 in [-1, 1]."""
     return pixels.to(torch.float32).div_(127.5).sub_(1.0)

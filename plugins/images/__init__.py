@@ -2,9 +2,10 @@
 handwritten MNIST digits (rendered offline by ``mot data prepare``), or folders of one's own."""
 
 from plugins.images.data import CaptionedImages
+from plugins.images.formats import ImageTextParquet, InterleavedDocuments, WebDataset
 from registry import hookimpl
 
 
 @hookimpl
 def mot_datasets():
-    return [CaptionedImages]
+    return [CaptionedImages, WebDataset, ImageTextParquet, InterleavedDocuments]

@@ -3,6 +3,7 @@
 from plugins.text.data import TextFiles, Wikipedia
 from plugins.text.evaluator import LanguageModelEvaluator
 from plugins.text.modality import Text
+from plugins.text.records import TextRecords
 from registry import hookimpl
 
 
@@ -13,7 +14,7 @@ def mot_modalities():
 
 @hookimpl
 def mot_datasets():
-    return [Wikipedia, TextFiles]
+    return [Wikipedia, TextFiles, TextRecords]
 
 
 @hookimpl

@@ -1,0 +1,146 @@
+"""The files a data source names, wherever they are: local paths, ``s3://`` and ``gs://`` URIs
+(through the same ``pyarrow.fs`` file systems, endpoint and credentials as the shards:
+``mot_core.plugin_api.storage_path``), with glob and brace patterns, read plain or compressed.
+
+    paths: ["/data/laion/{00000..00099}.tar"]            brace ranges keep their zero padding
+    paths: ["s3://bucket/fineweb/*.jsonl.zst"]           a glob in the last component of a URI
+    paths: ["corpus/**/*.parquet"]                       any glob, locally
+
+A pattern that matches nothing is a one-line error naming it; files are listed in order
+(patterns as given, each pattern's matches sorted), with their sizes and modification times,
+which make the source's fingerprint (no file is read for it).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from mot_core.errors import MotError
+from mot_core.plugin_api import storage_path
+
+_BRACE = re.compile(r"\{([^{}]*)\}")
+_RANGE = re.compile(r"^(\d+)\.\.(\d+)$")
+COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2"}
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """One listed file: ``name`` is how messages show it (the path or URI as listed)."""
+
+    name: str
+    filesystem: Any  # pyarrow.fs.FileSystem
+    path: str
+    size: int
+    mtime_ns: int
+
+    @property
+    def base_name(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+    @property
+    def folder(self) -> str:
+        """The folder the file is in, as listed (a URI's, or a local path's)."""
+        return self.name.split("?", 1)[0].rsplit("/", 1)[0]
+
+    def compression(self) -> str | None:
+        """The codec its name ends with (``.gz``, ``.zst``, ``.bz2``), or None."""
+        return next((codec for suffix, codec in COMPRESSIONS.items() if self.base_name.endswith(suffix)), None)
+
+    def stem_suffix(self) -> str:
+        """Its extension without a compression suffix: ``.jsonl`` for ``x.jsonl.zst``."""
+        name = self.base_name
+        for suffix in COMPRESSIONS:
+            if name.endswith(suffix):
+                name = name[: -len(suffix)]
+        return os.path.splitext(name)[1].lower()
+
+    def open_stream(self):
+        """A sequential stream of its (decompressed) bytes."""
+        return self.filesystem.open_input_stream(self.path, compression=self.compression())
+
+    def open_random_access(self):
+        """A seekable file (Parquet reads its footer, then the row groups it needs)."""
+        return self.filesystem.open_input_file(self.path)
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """``a{0..2}b`` -> a0b a1b a2b (zero padding kept: ``{00..02}``); ``{x,y}`` -> x y; nested
+    and repeated braces expand left to right."""
+    match = _BRACE.search(pattern)
+    if match is None:
+        return [pattern]
+    body = match.group(1)
+    numeric = _RANGE.match(body)
+    if numeric:
+        first, last = numeric.groups()
+        width = len(first) if first.startswith("0") or len(first) == len(last) else 0
+        step = 1 if int(last) >= int(first) else -1
+        choices = [str(n).zfill(width) for n in range(int(first), int(last) + step, step)]
+    else:
+        choices = body.split(",")
+    head, tail = pattern[: match.start()], pattern[match.end():]
+    return [expanded for choice in choices for expanded in expand_braces(head + choice + tail)]
+
+
+def list_files(patterns: list[str], option: str) -> list[StoredFile]:
+    """Every file the patterns name, in order; ``option`` names the setting in errors
+    (``mixture.datasets.NAME.options.paths``)."""
+    files: list[StoredFile] = []
+    for pattern in patterns:
+        found: list[StoredFile] = []
+        for expanded in expand_braces(pattern):
+            found += _list_one(expanded, option)
+        if not found:
+            raise MotError(f"{option}: no file found at '{pattern}'")
+        files += found
+    return files
+
+
+def _list_one(pattern: str, option: str) -> list[StoredFile]:
+    import pyarrow.fs as pafs
+
+    is_uri = "://" in pattern
+    if not is_uri:
+        names = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
+        fs, _ = storage_path(".", option)
+        infos = [(name, fs.get_file_info(os.path.abspath(name))) for name in names]
+        return [StoredFile(name, fs, info.path, info.size or 0, info.mtime_ns or 0)
+                for name, info in infos if info.type == pafs.FileType.File]
+    base, _, query = pattern.partition("?")
+    folder, _, last = base.rpartition("/")
+    if glob.has_magic(folder):
+        raise MotError(f"{option}: '{pattern}': in a URI only the last part of the path may be a pattern")
+    uri_of = (lambda name: f"{folder}/{name}" + (f"?{query}" if query else ""))  # noqa: E731
+    fs, root = storage_path(uri_of(last) if not glob.has_magic(last) else uri_of(""), option)
+    try:
+        if not glob.has_magic(last):
+            info = fs.get_file_info(root)
+            return [StoredFile(pattern, fs, root, info.size or 0, info.mtime_ns or 0)] if info.type == pafs.FileType.File else []
+        infos = fs.get_file_info(pafs.FileSelector(root.rstrip("/"), allow_not_found=True))
+    except OSError as exc:
+        raise MotError(f"{option}: cannot list '{pattern}': {' '.join(str(exc).split())}") from None
+    matched = sorted((i for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.base_name, last)),
+                     key=lambda i: i.base_name)
+    return [StoredFile(uri_of(i.base_name), fs, i.path, i.size or 0, i.mtime_ns or 0) for i in matched]
+
+
+def fingerprint(files: list[StoredFile], options: dict) -> str:
+    """The files' names, sizes and modification times, and the source's options (no file read)."""
+    digest = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode())
+    for file in files:
+        digest.update(f"\0{file.name}\0{file.size}\0{file.mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def in_val_split(key: str, val_fraction: float) -> bool:
+    """A record's split, from a stable hash of its key (its file's name and its row or member)."""
+    import zlib
+
+    return zlib.crc32(key.encode("utf-8")) % 10_000 < val_fraction * 10_000

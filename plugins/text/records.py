@@ -1,0 +1,120 @@
+"""``text_records``: text corpora as they ship (FineWeb, the Pile, RedPajama, C4): JSON lines or
+Parquet with a text column, plain or compressed (``.gz``, ``.zst``, ``.bz2``), local or in an
+object store (``plugins.common.stored_files``).
+
+One part per JSONL file, one per Parquet row group. Each record is one document; its split is a
+stable hash of its file's name and its line or row. A record that cannot be read (a line that
+is not JSON, no text field, a text field that is not a string, an empty text, a file cut short)
+is yielded as a ``BadRecord``: ``data.on_bad_record`` decides.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Literal
+
+from pydantic import Field
+
+from mot_core.errors import MotError
+from mot_core.plugin_api import BadRecord, DataSource, PluginOptions, RawDocument, RawSegment, Split
+from plugins.common.records import iter_jsonl, iter_parquet_column, parquet_row_groups
+from plugins.common.stored_files import StoredFile, fingerprint, in_val_split, list_files
+
+
+class TextRecordsOptions(PluginOptions):
+    paths: list[str] = Field(min_length=1, description="JSONL or Parquet files: paths, globs, {000..099} ranges, "
+                             "s3:// or gs:// URIs (a glob in the last part); .gz/.zst/.bz2 JSONL is decompressed")
+    text_field: str = Field("text", min_length=1, description="the field (JSONL) or column (Parquet) holding the text")
+    format: Literal["auto", "jsonl", "parquet"] = Field(
+        "auto", description="auto: by the extension (.parquet, .pq: Parquet; .jsonl, .json, .ndjson: JSON lines)")
+    val_fraction: float = Field(0.05, gt=0, lt=1, description="share of records held out (a stable hash of each)")
+    text_modality: str = Field("text", description="the modality that receives the text")
+
+
+class TextRecords(DataSource):
+    """JSON lines or Parquet rows with a text field: one document each."""
+
+    name = "text_records"
+    Options = TextRecordsOptions
+    modalities = ("text",)
+
+    def __init__(self, options: TextRecordsOptions):
+        super().__init__(options)
+        self.modalities = (options.text_modality,)
+        self._listed: list[StoredFile] | None = None
+        self._parts: list[tuple[StoredFile, int | None]] | None = None
+
+    @property
+    def _option(self) -> str:
+        return f"dataset '{self.name}' paths"
+
+    def _files(self) -> list[StoredFile]:
+        if self._listed is None:
+            self._listed = list_files(self.options.paths, self._option)
+        return self._listed
+
+    def _format(self, file: StoredFile) -> str:
+        if self.options.format != "auto":
+            return self.options.format
+        suffix = file.stem_suffix()
+        if suffix in (".parquet", ".pq"):
+            return "parquet"
+        if suffix in (".jsonl", ".json", ".ndjson"):
+            return "jsonl"
+        raise MotError(f"dataset '{self.name}': cannot tell the format of {file.name} from its name; set format: jsonl "
+                       "or parquet")
+
+    def _all_parts(self) -> list[tuple[StoredFile, int | None]]:
+        """(file, row group) of each part: a JSONL file whole (None), a Parquet file's row groups."""
+        if self._parts is None:
+            parts: list[tuple[StoredFile, int | None]] = []
+            for file in self._files():
+                if self._format(file) == "parquet":
+                    parts += [(file, group) for group in range(parquet_row_groups(file, self.name))]
+                else:
+                    parts.append((file, None))
+            self._parts = parts
+        return self._parts
+
+    def num_parts(self, split: Split) -> int:
+        return len(self._all_parts())
+
+    def read_part(self, split: Split, part: int) -> Iterator[RawDocument | BadRecord]:
+        parts = self._all_parts()
+        if not 0 <= part < len(parts):
+            raise MotError(f"dataset '{self.name}' has {len(parts)} parts, asked for part {part}")
+        file, group = parts[part]
+        return self._documents(file, group, split)
+
+    def documents(self, split: Split) -> Iterator[RawDocument | BadRecord]:
+        for file, group in self._all_parts():
+            yield from self._documents(file, group, split)
+
+    def fingerprint(self) -> str:
+        try:
+            files = self._files()
+        except MotError:  # documents() says what is missing
+            files = []
+        return fingerprint(files, self.options.model_dump(mode="json"))
+
+    def _documents(self, file: StoredFile, group: int | None, split: Split) -> Iterator[RawDocument | BadRecord]:
+        opts: TextRecordsOptions = self.options
+        rows = (iter_jsonl(file, opts.text_field) if group is None
+                else iter_parquet_column(file, group, opts.text_field, self.name))
+        for key, text in rows:
+            # a bad record too belongs to one split, and is reported once (a file's or a row
+            # group's, without a key of its own, with the train split)
+            if key == "" or key.startswith("row group"):
+                if split == "train":
+                    yield text
+                continue
+            if in_val_split(f"{file.base_name}:{key}", opts.val_fraction) != (split == "val"):
+                continue
+            if isinstance(text, BadRecord):
+                yield text
+            elif not isinstance(text, str):
+                yield BadRecord(f"{file.name}: {key}", "wrong column type",
+                                f"'{opts.text_field}' holds {type(text).__name__}, not a string")
+            elif not text.strip():
+                yield BadRecord(f"{file.name}: {key}", "empty document")
+            else:
+                yield RawDocument((RawSegment(opts.text_modality, text),))

