@@ -333,3 +333,66 @@ def test_a_bad_record_is_one_line_or_skipped_and_counted(case, articles, digits,
     assert f"1 bad records skipped ({cause}: 1)" in line, out
     index = json.loads((tmp_path / f"run_{case}_skip" / "tokens" / src / split / "index.json").read_text())
     assert index["skipped"] == {cause: 1}
+
+
+# -- the formats table: every format locally, as a Ray Data job, and from S3 -------------------
+
+@pytest.mark.slow
+def test_every_format_tokenizes_the_same_locally_on_ray_and_from_s3(articles, digits, tmp_path, prepared_vq,
+                                                                    s3_server, monkeypatch):
+    """The four formats in one mixture, written with their own writers: `mot data tokenize`
+    here, as a Ray Data job (`--address local`) and from a real S3 server give the same
+    documents and tokens per split (and the Ray job the same shard bytes)."""
+    import shutil
+
+    import pyarrow.fs as pafs
+
+    from mot_core import filesystems
+    from mot_core.cli import main
+    from test_chameleon_pipeline import tiny_chameleon
+    from test_shards import _mot, _shard_bytes
+
+    files = tmp_path / "files"
+    write_text_corpus(files / "text", articles)
+    write_webdataset(files / "tars", digits)
+    write_laion_parquet(files / "laion.parquet", digits)
+    write_obelics(files / "obelics.parquet", articles, digits)
+    prefix = f"{s3_server.bucket}/formats-{uuid.uuid4().hex[:8]}"
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    filesystems.configure(None, None)
+    bucket, _ = filesystems.resolve(f"s3://{prefix}", "test")
+    pafs.copy_files(str(files), prefix, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=bucket)
+
+    def config(name: str, root: str) -> Path:
+        data = tiny_chameleon(prepared_vq[0], tmp_path / "tok", tmp_path / name)
+        data["mixture"]["datasets"] = {
+            "text_records": {"options": {"paths": [f"{root}/text/part-*"], "val_fraction": 0.2}},
+            "webdataset": {"options": {"paths": [f"{root}/tars/{{00000..00002}}.tar"], "image_size": 32}},
+            "image_text_parquet": {"options": {"paths": [f"{root}/laion.parquet"], "caption_column": "TEXT",
+                                               "image_size": 32}},
+            "interleaved_documents": {"options": {"paths": [f"{root}/obelics.parquet"], "image_size": 32,
+                                                  "val_fraction": 0.25}},
+        }
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    local, on_ray, from_s3 = config("local", str(files)), config("ray", str(files)), config("s3", f"s3://{prefix}")
+    assert main(["tokenizer", "fit", str(local)]) == 0
+    assert main(["data", "tokenize", str(local)]) == 0
+    for name in ("ray", "s3"):  # the same tokenizers, so the same ids
+        shutil.copytree(tmp_path / "local" / "state", tmp_path / name / "state")
+    env = {**s3_server.env()}
+    result = _mot("data", "tokenize", str(on_ray), "--address", "local", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert main(["data", "tokenize", str(from_s3)]) == 0
+    for src in ("text_records", "webdataset", "image_text_parquet", "interleaved_documents"):
+        for split in ("train", "val"):
+            indexes = [json.loads((tmp_path / run / "tokens" / src / split / "index.json").read_text())
+                       for run in ("local", "ray", "s3")]
+            assert len({(i["documents"], i["tokens"]) for i in indexes}) == 1, (src, split, indexes)
+            assert indexes[0]["documents"] > 0
+            assert _shard_bytes(tmp_path / "local" / "tokens" / src / split) == \
+                _shard_bytes(tmp_path / "ray" / "tokens" / src / split)
+    filesystems.configure(None, None)
