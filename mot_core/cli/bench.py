@@ -67,6 +67,13 @@ def cmd_bench_data(ns: argparse.Namespace) -> int:
 
             shutil.rmtree(root, ignore_errors=True)
         return 0
+    if ns.images:
+        from mot_core.bench.image_formats import format_image_report, run_image_bench
+
+        report = run_image_bench(ns.images, Path(ns.out), ns.steps,
+                                 progress=(lambda msg: print(msg, file=sys.stderr)) if not ns.json else (lambda msg: None))
+        print(json.dumps(report) if ns.json else format_image_report(report))
+        return 0
     if ns.remote:
         from mot_core.bench.data import format_remote_report, run_remote_bench
 
@@ -154,6 +161,9 @@ def register(sub) -> None:
                         "first step from there against from disk, and what each `mot launch` worker fetches before "
                         "step 1")
     p.add_argument("--workers", type=positive_int, default=2, help="launch workers (--remote)")
+    p.add_argument("--images", type=positive_int, metavar="N",
+                   help="instead: N captioned images as a folder, WebDataset tars and Parquet, each tokenized (images "
+                        "per second against Pillow's decode rate), then train peak memory from N/4 and N images")
     p.add_argument("--shards", type=positive_int, metavar="N",
                    help="instead: start-up against the shard count: N small shards written (to a temporary folder, "
                         "or under --remote), then the time to open them and build the first step's batch")

@@ -63,7 +63,8 @@ class StoredFile:
 
     def open_stream(self):
         """A sequential stream of its (decompressed) bytes."""
-        return self.filesystem.open_input_stream(self.path, compression=self.compression())
+        # buffered: a tar is read 512 bytes at a time, a JSONL file a line at a time
+        return self.filesystem.open_input_stream(self.path, compression=self.compression(), buffer_size=1 << 20)
 
     def open_random_access(self):
         """A seekable file (Parquet reads its footer, then the row groups it needs)."""
