@@ -68,8 +68,13 @@ def check_parts(src) -> None:
 def _key(doc):
     if isinstance(doc, BadRecord):
         return ("bad", doc.where, doc.cause)
-    return tuple((s.modality, s.payload if isinstance(s.payload, str) else tuple(s.payload.shape))
-                 for s in doc.segments)
+    def payload(value):
+        if isinstance(value, str):
+            return value
+        samples = getattr(value, "samples", None)  # speech: an Audio clip
+        return tuple(value.shape) if samples is None else (value.sample_rate, len(samples))
+
+    return tuple((s.modality, payload(s.payload)) for s in doc.segments)
 
 
 def texts_of(docs) -> list[str]:
@@ -396,3 +401,79 @@ def test_every_format_tokenizes_the_same_locally_on_ray_and_from_s3(articles, di
             assert _shard_bytes(tmp_path / "local" / "tokens" / src / split) == \
                 _shard_bytes(tmp_path / "ray" / "tokens" / src / split)
     filesystems.configure(None, None)
+
+
+# -- speech in LibriSpeech's layout ------------------------------------------------------------
+
+SENTENCES = ("the quick brown fox jumps over the lazy dog", "handwritten digit seven",
+             "a grinning face with big eyes", "the history of the city begins in the middle ages",
+             "she sells sea shells by the sea shore", "rain falls softly on the quiet town",
+             "the museum opened its doors to the public", "a small boat crossed the wide river")
+
+
+def write_librispeech(root: Path) -> list[str]:
+    """Two speakers, one chapter each, FLAC clips at espeak's 22.05 kHz (the speech modality
+    resamples them to 16 kHz), upper-case transcripts as LibriSpeech has them."""
+    import soundfile
+
+    from plugins.speech.synth import Voice, synthesize
+
+    utterances = []
+    for speaker, (chapter, speed) in enumerate(((121123, 160), (97465, 210)), start=84):
+        folder = root / "dev-clean" / str(speaker) / str(chapter)
+        folder.mkdir(parents=True)
+        lines = []
+        for number, sentence in enumerate(SENTENCES):
+            utterance = f"{speaker}-{chapter}-{number:04d}"
+            samples, rate = synthesize(sentence, Voice("en-us", None, speed))
+            soundfile.write(folder / f"{utterance}.flac", samples, rate, format="FLAC")
+            lines.append(f"{utterance} {sentence.upper()}")
+            utterances.append(utterance)
+        (folder / f"{speaker}-{chapter}.trans.txt").write_text("\n".join(lines) + "\n")
+    return utterances
+
+
+def test_librispeech_folders_give_speech_text_documents_locally_and_from_s3(tmp_path, s3_server, monkeypatch):
+    import pyarrow.fs as pafs
+
+    from mot_core import filesystems
+    from plugins.speech.audio import Audio
+
+    utterances = write_librispeech(tmp_path / "LibriSpeech")
+    local = source("librispeech", paths=[str(tmp_path / "LibriSpeech" / "dev-clean" / "*" / "*" / "*.trans.txt")],
+                   directions=["transcript_to_speech"], val_fraction=0.2)
+    assert local.num_parts("train") == 2  # a part per chapter
+    docs = every_document(local)
+    assert len(docs) == len(utterances)
+    assert texts_of(docs) == sorted(SENTENCES * 2)  # lower-cased transcripts
+    for doc in docs:
+        words, speech = doc.segments
+        assert (words.modality, speech.modality) == ("text", "speech")
+        assert isinstance(speech.payload, Audio) and speech.payload.sample_rate == 22050 and speech.payload.seconds > 0.5
+    check_parts(local)
+
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    filesystems.configure(None, None)
+    prefix = f"{s3_server.bucket}/libri-{uuid.uuid4().hex[:8]}"
+    fs, _ = filesystems.resolve(f"s3://{prefix}", "test")
+    pafs.copy_files(str(tmp_path / "LibriSpeech"), prefix, source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=fs)
+    remote = source("librispeech", paths=[f"s3://{prefix}/**/*.trans.txt"], directions=["transcript_to_speech"],
+                    val_fraction=0.2)
+    assert remote.num_parts("train") == 2
+    for split in ("train", "val"):
+        mine = [(d.segments[0].payload, d.segments[1].payload.samples.tobytes()) for d in local.documents(split)]
+        theirs = [(d.segments[0].payload, d.segments[1].payload.samples.tobytes()) for d in remote.documents(split)]
+        assert mine == theirs
+    filesystems.configure(None, None)
+
+
+def test_an_audio_file_of_another_format_is_a_bad_record(tmp_path):
+    utterances = write_librispeech(tmp_path / "LibriSpeech")
+    chapter = tmp_path / "LibriSpeech" / "dev-clean" / "84" / "121123"
+    victim = chapter / f"{utterances[2]}.flac"
+    victim.write_bytes(b"ID3\x03\x00\x00\x00\x00\x00\x00" + b"\xff\xfb" * 400)  # an MP3's header under a .flac name
+    src = source("librispeech", paths=[str(chapter / "*.trans.txt")], val_fraction=0.01)
+    bad = [d for d in src.documents("train") if isinstance(d, BadRecord)]
+    assert [(b.cause, b.where.endswith(f"{utterances[2]}.flac")) for b in bad] == [("unreadable audio", True)]

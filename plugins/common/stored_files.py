@@ -5,6 +5,7 @@
     paths: ["/data/laion/{00000..00099}.tar"]            brace ranges keep their zero padding
     paths: ["s3://bucket/fineweb/*.jsonl.zst"]           a glob in the last component of a URI
     paths: ["corpus/**/*.parquet"]                       any glob, locally
+    paths: ["s3://bucket/LibriSpeech/**/*.trans.txt"]    any depth below a URI's folder
 
 A pattern that matches nothing is a one-line error naming it; files are listed in order
 (patterns as given, each pattern's matches sorted), with their sizes and modification times,
@@ -115,9 +116,12 @@ def _list_one(pattern: str, option: str) -> list[StoredFile]:
         return [StoredFile(name, fs, info.path, info.size or 0, info.mtime_ns or 0)
                 for name, info in infos if info.type == pafs.FileType.File]
     base, _, query = pattern.partition("?")
+    if "/**/" in base:
+        return _list_tree(base, query, pattern, option)
     folder, _, last = base.rpartition("/")
     if glob.has_magic(folder):
-        raise MotError(f"{option}: '{pattern}': in a URI only the last part of the path may be a pattern")
+        raise MotError(f"{option}: '{pattern}': in a URI only the last part of the path, or a /**/ (any depth), "
+                       "may be a pattern")
     uri_of = (lambda name: f"{folder}/{name}" + (f"?{query}" if query else ""))  # noqa: E731
     fs, root = storage_path(uri_of(last) if not glob.has_magic(last) else uri_of(""), option)
     try:
@@ -130,6 +134,29 @@ def _list_one(pattern: str, option: str) -> list[StoredFile]:
     matched = sorted((i for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.base_name, last)),
                      key=lambda i: i.base_name)
     return [StoredFile(uri_of(i.base_name), fs, i.path, i.size or 0, i.mtime_ns or 0) for i in matched]
+
+
+def _list_tree(base: str, query: str, pattern: str, option: str) -> list[StoredFile]:
+    """``s3://bucket/librispeech/**/*.trans.txt``: every file below the folder before ``/**/``
+    whose path under it matches the rest (at any depth), by one recursive listing."""
+    import pyarrow.fs as pafs
+
+    top, _, rest = base.partition("/**/")
+    if glob.has_magic(top):
+        raise MotError(f"{option}: '{pattern}': no pattern may come before /**/ in a URI")
+    fs, root = storage_path(top + (f"?{query}" if query else ""), option)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root.rstrip("/"), recursive=True, allow_not_found=True))
+    except OSError as exc:
+        raise MotError(f"{option}: cannot list '{pattern}': {' '.join(str(exc).split())}") from None
+    prefix = root.rstrip("/") + "/"
+    found = []
+    for info in sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path):
+        relative = info.path[len(prefix):]
+        if fnmatch.fnmatchcase(relative, rest) or fnmatch.fnmatchcase(relative, f"*/{rest}"):
+            name = f"{top}/{relative}" + (f"?{query}" if query else "")
+            found.append(StoredFile(name, fs, info.path, info.size or 0, info.mtime_ns or 0))
+    return found
 
 
 def fingerprint(files: list[StoredFile], options: dict) -> str:

@@ -4,6 +4,7 @@ espeak-ng, and unit evaluation."""
 
 from plugins.speech.data import SpokenSentences
 from plugins.speech.evaluator import SpeechUnitsEvaluator
+from plugins.speech.formats import LibriSpeech
 from plugins.speech.modality import Speech
 from registry import hookimpl
 
@@ -15,7 +16,7 @@ def mot_modalities():
 
 @hookimpl
 def mot_datasets():
-    return [SpokenSentences]
+    return [SpokenSentences, LibriSpeech]
 
 
 @hookimpl

@@ -1,0 +1,127 @@
+"""``librispeech``: speech sets in LibriSpeech's layout, local or in an object store.
+
+    LibriSpeech/dev-clean/84/121123/84-121123.trans.txt    "84-121123-0000 GO DO YOU HEAR"
+    LibriSpeech/dev-clean/84/121123/84-121123-0000.flac
+
+``paths`` names the transcript files (``**`` at any depth: ``LibriSpeech/dev-clean/**/*.trans.txt``);
+each line is an utterance id and its transcript, the audio beside it as ``<id>.<audio_extension>``.
+One part per transcript file (a chapter). Each utterance becomes a speech-text document in each
+of ``directions``; its split is a stable hash of its id. The clip is read at its own rate; the
+speech modality brings it to its tokenizer's rate (polyphase resampling, scipy). A clip that
+libsndfile cannot read (another format under the name, a file cut short), a missing clip and an
+empty transcript are ``BadRecord``s: ``data.on_bad_record`` decides.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Iterator
+
+import numpy as np
+from pydantic import Field
+
+from mot_core.errors import MotError
+from mot_core.plugin_api import BadRecord, DataSource, PluginOptions, RawDocument, RawSegment, Split, storage_path
+from plugins.common.messages import one_line
+from plugins.common.stored_files import StoredFile, fingerprint, in_val_split, list_files
+from plugins.speech.audio import Audio
+from plugins.speech.data import Direction
+
+
+class LibriSpeechOptions(PluginOptions):
+    paths: list[str] = Field(min_length=1, description="the transcript files (*.trans.txt): paths, globs, "
+                             "s3:// or gs:// URIs (**/ for any depth)")
+    audio_extension: str = Field("flac", min_length=1, description="the clips' extension (flac, wav, ogg)")
+    lowercase: bool = Field(True, description="lowercase the transcripts (LibriSpeech's are upper case)")
+    directions: list[Direction] = Field(default_factory=lambda: ["transcript_to_speech", "speech_to_transcript"],
+                                        min_length=1)
+    val_fraction: float = Field(0.05, gt=0, lt=1, description="share of utterances held out (a stable hash of each id)")
+    speech_modality: str = Field("speech", description="modality that receives the clips")
+    text_modality: str = Field("text", description="modality that receives the transcripts")
+
+
+class LibriSpeech(DataSource):
+    """Utterances of LibriSpeech-style folders: a clip and its transcript each."""
+
+    name = "librispeech"
+    Options = LibriSpeechOptions
+    modalities = ("speech", "text")
+
+    def __init__(self, options: LibriSpeechOptions):
+        super().__init__(options)
+        self.modalities = (options.speech_modality, options.text_modality)
+        self._listed: list[StoredFile] | None = None
+
+    def _files(self) -> list[StoredFile]:
+        if self._listed is None:
+            self._listed = list_files(self.options.paths, f"dataset '{self.name}' paths")
+        return self._listed
+
+    def num_parts(self, split: Split) -> int:
+        return len(self._files())
+
+    def read_part(self, split: Split, part: int) -> Iterator[RawDocument | BadRecord]:
+        files = self._files()
+        if not 0 <= part < len(files):
+            raise MotError(f"dataset '{self.name}' has {len(files)} parts, asked for part {part}")
+        return self._chapter(files[part], split)
+
+    def documents(self, split: Split) -> Iterator[RawDocument | BadRecord]:
+        for file in self._files():
+            yield from self._chapter(file, split)
+
+    def fingerprint(self) -> str:
+        """The transcript files' names, sizes and times (the clips are not listed: a chapter's
+        clips change with its transcript), and the options."""
+        try:
+            files = self._files()
+        except MotError:
+            files = []
+        return fingerprint(files, self.options.model_dump(mode="json"))
+
+    def _chapter(self, file: StoredFile, split: Split) -> Iterator[RawDocument | BadRecord]:
+        opts: LibriSpeechOptions = self.options
+        try:
+            with file.open_stream() as stream:
+                lines = stream.read().decode("utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            if split == "train":
+                yield BadRecord(file.name, "unreadable transcript file", one_line(exc))
+            return
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            utterance, _, transcript = line.strip().partition(" ")
+            if in_val_split(utterance, opts.val_fraction) != (split == "val"):
+                continue
+            where = f"{file.name}: line {number} ({utterance})"
+            transcript = transcript.strip()
+            if not transcript:
+                yield BadRecord(where, "missing transcript")
+                continue
+            audio = self._clip(file, utterance, where)
+            if isinstance(audio, BadRecord):
+                yield audio
+                continue
+            words = RawSegment(opts.text_modality, transcript.lower() if opts.lowercase else transcript)
+            speech = RawSegment(opts.speech_modality, audio)
+            for direction in opts.directions:
+                yield RawDocument((words, speech) if direction == "transcript_to_speech" else (speech, words))
+
+    def _clip(self, file: StoredFile, utterance: str, where: str) -> Audio | BadRecord:
+        import soundfile
+
+        path = f"{file.folder}/{utterance}.{self.options.audio_extension}"
+        try:
+            fs, resolved = storage_path(path, f"dataset '{self.name}' paths")
+            with fs.open_input_stream(resolved) as handle:
+                data = handle.read()
+        except (OSError, MotError) as exc:
+            return BadRecord(where, "missing audio", f"{path}: {one_line(exc)}")
+        try:
+            samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        except (RuntimeError, soundfile.LibsndfileError, TypeError) as exc:
+            return BadRecord(f"{where}: {path}", "unreadable audio", one_line(exc).splitlines()[0] if str(exc) else "")
+        if not len(samples):
+            return BadRecord(f"{where}: {path}", "unreadable audio", "no samples")
+        return Audio(samples.mean(axis=1).astype(np.float32), int(rate), path)
