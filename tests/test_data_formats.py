@@ -477,3 +477,60 @@ def test_an_audio_file_of_another_format_is_a_bad_record(tmp_path):
     src = source("librispeech", paths=[str(chapter / "*.trans.txt")], val_fraction=0.01)
     bad = [d for d in src.documents("train") if isinstance(d, BadRecord)]
     assert [(b.cause, b.where.endswith(f"{utterances[2]}.flac")) for b in bad] == [("unreadable audio", True)]
+
+
+# -- Hugging Face datasets on local disk -------------------------------------------------------
+
+def test_hf_save_to_disk_sets_map_image_text_and_audio_columns(digits, tmp_path):
+    """Written with datasets itself: an image-caption DatasetDict (train + validation) and an
+    audio-transcript Dataset (no held-out split: val_fraction of its rows)."""
+    import datasets
+    import soundfile
+
+    from plugins.speech.synth import Voice, synthesize
+
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    rows = {"image": [{"bytes": png, "path": None} for png, _ in digits], "caption": [c for _, c in digits]}
+    pairs = datasets.Dataset.from_dict(rows, features=features)
+    datasets.DatasetDict({"train": pairs.select(range(48)), "validation": pairs.select(range(48, 60))}) \
+        .save_to_disk(str(tmp_path / "pairs"))
+    src = source("hf_dataset", path=str(tmp_path / "pairs"), columns={"caption": "text", "image": "image"},
+                 image_size=16, rows_per_part=20)
+    assert (src.num_parts("train"), src.num_parts("val")) == (3, 1)
+    train, val = list(src.documents("train")), list(src.documents("val"))
+    assert (len(train), len(val)) == (48, 12)
+    assert [s.modality for s in train[0].segments] == ["text", "image"]  # the columns' order
+    assert texts_of(train + val) == sorted(c for _, c in digits)
+    check_parts(src)
+
+    clips = []
+    for sentence in SENTENCES:
+        samples, rate = synthesize(sentence, Voice("en-us", None, 170))
+        buffer = io.BytesIO()
+        soundfile.write(buffer, samples, rate, format="FLAC")
+        clips.append({"bytes": buffer.getvalue(), "path": None})
+    # the bytes kept as they are: a {bytes, path} struct cast to Audio (encoding clips anew would need torchcodec)
+    speech = datasets.Dataset.from_dict({"audio": clips, "text": list(SENTENCES)}).cast_column("audio", datasets.Audio())
+    speech.save_to_disk(str(tmp_path / "speech"))
+    spoken = source("hf_dataset", path=str(tmp_path / "speech"), columns={"text": "text", "audio": "speech"},
+                    val_fraction=0.25)
+    docs = every_document(spoken)
+    assert texts_of(docs) == sorted(SENTENCES) and all(d.segments[1].payload.sample_rate == 22050 for d in docs)
+
+
+def test_hf_load_dataset_reads_a_local_data_folder_and_refuses_in_one_line(digits, tmp_path):
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    data = tmp_path / "set" / "data"
+    data.mkdir(parents=True)
+    for split, part in (("train", slice(0, 50)), ("test", slice(50, 60))):
+        datasets.Dataset.from_dict({"image": [{"bytes": p, "path": None} for p, _ in digits[part]],
+                                    "text": [c for _, c in digits[part]]}, features=features) \
+            .to_parquet(str(data / f"{split}-00000-of-00001.parquet"))
+    src = source("hf_dataset", path=str(tmp_path / "set"), columns={"text": "text", "image": "image"}, image_size=16)
+    assert (len(list(src.documents("train"))), len(list(src.documents("val")))) == (50, 10)  # its test split
+    with pytest.raises(MotError, match=r"has no column 'caption' \(it has: image, text\)"):
+        source("hf_dataset", path=str(tmp_path / "set"), columns={"caption": "text"}).num_parts("train")
+    with pytest.raises(MotError, match=r"no folder at"):
+        source("hf_dataset", path=str(tmp_path / "nothing"), columns={"text": "text"}).num_parts("train")

@@ -4,28 +4,16 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from mot_core.errors import MotError
+from plugins.common.audio import Audio  # the payload (re-exported here, where the speech plugin made it first)
+
+__all__ = ["Audio", "load_audio_file", "save_wav", "to_rate"]
 
 MIN_SAMPLE_RATE = 8000  # below this, speech loses the band the features use
-
-
-@dataclass(frozen=True, eq=False)
-class Audio:
-    """A speech clip: (L,) float32 mono samples in [-1, 1] at ``sample_rate`` Hz. ``source``
-    names where it came from, for error messages."""
-
-    samples: np.ndarray
-    sample_rate: int
-    source: str = "audio"
-
-    @property
-    def seconds(self) -> float:
-        return len(self.samples) / self.sample_rate
 
 
 def load_audio_file(path: Path) -> Audio:

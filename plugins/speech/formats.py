@@ -14,17 +14,15 @@ empty transcript are ``BadRecord``s: ``data.on_bad_record`` decides.
 
 from __future__ import annotations
 
-import io
 from typing import Iterator
 
-import numpy as np
 from pydantic import Field
 
 from mot_core.errors import MotError
 from mot_core.plugin_api import BadRecord, DataSource, PluginOptions, RawDocument, RawSegment, Split, storage_path
 from plugins.common.messages import one_line
 from plugins.common.stored_files import StoredFile, fingerprint, in_val_split, list_files
-from plugins.speech.audio import Audio
+from plugins.common.audio import Audio, decode_audio_bytes
 from plugins.speech.data import Direction
 
 
@@ -109,8 +107,6 @@ class LibriSpeech(DataSource):
                 yield RawDocument((words, speech) if direction == "transcript_to_speech" else (speech, words))
 
     def _clip(self, file: StoredFile, utterance: str, where: str) -> Audio | BadRecord:
-        import soundfile
-
         path = f"{file.folder}/{utterance}.{self.options.audio_extension}"
         try:
             fs, resolved = storage_path(path, f"dataset '{self.name}' paths")
@@ -119,9 +115,6 @@ class LibriSpeech(DataSource):
         except (OSError, MotError) as exc:
             return BadRecord(where, "missing audio", f"{path}: {one_line(exc)}")
         try:
-            samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
-        except (RuntimeError, soundfile.LibsndfileError, TypeError) as exc:
-            return BadRecord(f"{where}: {path}", "unreadable audio", one_line(exc).splitlines()[0] if str(exc) else "")
-        if not len(samples):
-            return BadRecord(f"{where}: {path}", "unreadable audio", "no samples")
-        return Audio(samples.mean(axis=1).astype(np.float32), int(rate), path)
+            return decode_audio_bytes(data, path)
+        except ValueError as exc:
+            return BadRecord(f"{where}: {path}", "unreadable audio", str(exc))
