@@ -199,6 +199,25 @@ def test_image_text_parquet_reads_bytes_and_hf_image_structs(digits, tmp_path, s
     check_parts(src)
 
 
+def test_image_text_pairs_from_arrow_ipc_files_and_streams(digits, tmp_path):
+    """Arrow IPC: a file read a record batch per part, and a stream (as datasets writes its own
+    files) read whole."""
+    import pyarrow as pa
+
+    table = pa.table({"image": [png for png, _ in digits], "caption": [c for _, c in digits]})
+    with pa.OSFile(str(tmp_path / "pairs.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        for batch in table.to_batches(max_chunksize=25):
+            writer.write_batch(batch)
+    with pa.OSFile(str(tmp_path / "stream.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    options = dict(image_size=16, directions=["caption_to_image"], caption_dropout=0.0, val_fraction=0.2)
+    in_batches = source("image_text_parquet", paths=[str(tmp_path / "pairs.arrow")], **options)
+    whole = source("image_text_parquet", paths=[str(tmp_path / "stream.arrow")], **options)
+    assert (in_batches.num_parts("train"), whole.num_parts("train")) == (3, 1)
+    assert texts_of(every_document(in_batches)) == texts_of(every_document(whole)) == sorted(c for _, c in digits)
+    check_parts(in_batches)
+
+
 # -- interleaved documents ---------------------------------------------------------------------
 
 def write_obelics(path: Path, articles, digits, documents: int = 24) -> list[list[str]]:
@@ -280,7 +299,7 @@ def bad_corpora(tmp_path: Path, articles, digits) -> dict[str, tuple[str, dict, 
     pq.write_table(pa.table({"text": articles[:8], "n": list(range(8))}), tmp_path / "good.parquet")
     pq.write_table(pa.table({"text": list(range(4))}), tmp_path / "ints.parquet")
     cases["wrong column type"] = ("text_records", {"paths": [str(tmp_path / "good.parquet"), str(tmp_path / "ints.parquet")]},
-                                  "ints.parquet: row group 0", "wrong column type")
+                                  "ints.parquet: part 0", "wrong column type")
 
     lines = [json.dumps({"text": a}) for a in articles[:8]] + [json.dumps({"text": "   "})]
     (tmp_path / "empty.jsonl").write_text("\n".join(lines) + "\n")
@@ -534,3 +553,20 @@ def test_hf_load_dataset_reads_a_local_data_folder_and_refuses_in_one_line(digit
         source("hf_dataset", path=str(tmp_path / "set"), columns={"caption": "text"}).num_parts("train")
     with pytest.raises(MotError, match=r"no folder at"):
         source("hf_dataset", path=str(tmp_path / "nothing"), columns={"text": "text"}).num_parts("train")
+
+
+@pytest.mark.slow
+def test_mot_plugins_check_covers_a_new_source_given_a_config(articles, tmp_path, capsys):
+    from conftest import tiny_config_dict
+    from mot_core.cli import main
+
+    write_text_corpus(tmp_path / "corpus", articles)
+    data = tiny_config_dict(tmp_path, tmp_path / "run")
+    data["mixture"]["datasets"] = {"text_records": {"options": {"paths": [str(tmp_path / "corpus" / "part-*")],
+                                                                "val_fraction": 0.2}}}
+    path = tmp_path / "records.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["plugins", "check", "text", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    for split in ("train", "val"):
+        assert f"PASS  dataset text_records: parts and fingerprint of '{split}': 6 parts" in out, out

@@ -57,43 +57,84 @@ def _jsonl_line(file: StoredFile, number: int, line: bytes, field: str):
     yield key, record[field]
 
 
-def parquet_row_groups(file: StoredFile, source: str) -> int:
-    """How many row groups a Parquet file has (its footer alone is read)."""
-    import pyarrow.parquet as pq
-
-    try:
-        with file.open_random_access() as handle:
-            return pq.ParquetFile(handle).metadata.num_row_groups
-    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
-        raise MotError(f"dataset '{source}': {file.name} is not a readable Parquet file ({one_line(exc)})") from None
+TABLE_KINDS = {".parquet": "parquet", ".pq": "parquet", ".arrow": "arrow", ".feather": "arrow", ".ipc": "arrow"}
 
 
-def iter_parquet_column(file: StoredFile, group: int, column: str, source: str) -> Iterator[tuple[str, object]]:
-    """("row N", value) of one column of one row group (N counts from the file's first row); a
-    column of another type than text is one BadRecord for the row group."""
+def table_kind(file: StoredFile) -> str | None:
+    """"parquet" or "arrow" (an Arrow IPC file or stream: Feather v2, ``datasets``' own files)
+    by the file's extension, else None."""
+    return TABLE_KINDS.get(file.stem_suffix())
+
+
+def table_parts(file: StoredFile, source: str) -> int:
+    """The parts of a table file: a Parquet file's row groups (its footer alone is read), an
+    Arrow IPC file's record batches; an Arrow stream is read whole, one part."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         with file.open_random_access() as handle:
-            parquet = pq.ParquetFile(handle)
-            names = parquet.schema_arrow.names
-            if column not in names:
-                raise MotError(f"dataset '{source}': {file.name} has no column '{column}' (it has: {', '.join(names)}); "
-                               "set text_field")
-            first = sum(parquet.metadata.row_group(g).num_rows for g in range(group))
-            table = parquet.read_row_group(group, columns=[column])
+            if table_kind(file) == "arrow":
+                try:
+                    return pa.ipc.open_file(handle).num_record_batches
+                except pa.ArrowInvalid:  # a stream (datasets' save_to_disk writes those): one part
+                    return 1
+            return pq.ParquetFile(handle).metadata.num_row_groups
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise MotError(f"dataset '{source}': {file.name} is not a readable {table_kind(file) or 'Parquet'} file "
+                       f"({one_line(exc)})") from None
+
+
+def read_table_part(file: StoredFile, part: int, columns: list[str], source: str):
+    """(the name of each row's place, {column: pyarrow array}) of one part (a row group, a
+    record batch), or a BadRecord for a part that cannot be read. A column the file lacks is a
+    one-line error naming the columns it has."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        with file.open_random_access() as handle:
+            if table_kind(file) == "arrow":
+                try:
+                    reader = pa.ipc.open_file(handle)
+                    table, names = pa.Table.from_batches([reader.get_batch(part)]), reader.schema.names
+                    key = (lambda offset: f"batch {part} row {offset}") if reader.num_record_batches > 1 else \
+                        (lambda offset: f"row {offset}")
+                except pa.ArrowInvalid:
+                    handle.seek(0)
+                    table = pa.ipc.open_stream(handle).read_all()
+                    names, key = table.schema.names, (lambda offset: f"row {offset}")
+            else:
+                parquet = pq.ParquetFile(handle)
+                names = parquet.schema_arrow.names
+                first = sum(parquet.metadata.row_group(g).num_rows for g in range(part))
+                table = parquet.read_row_group(part, columns=[c for c in columns if c in names])
+                key = lambda offset: f"row {first + offset}"  # noqa: E731
     except (OSError, ValueError) as exc:
-        yield f"row group {group}", BadRecord(f"{file.name}: row group {group}", "unreadable row group", one_line(exc))
+        return BadRecord(f"{file.name}: part {part}", "unreadable row group", one_line(exc))
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise MotError(f"dataset '{source}': {file.name} has no column '{missing[0]}' (it has: {', '.join(names)}); "
+                       "set the column options")
+    return key, {c: table.column(c) for c in columns}
+
+
+def iter_table_column(file: StoredFile, part: int, column: str, source: str) -> Iterator[tuple[str, object]]:
+    """("row N", value) of one text column of one part; a column of another type than text is
+    one BadRecord for the part (keyed "" : reported once)."""
+    import pyarrow as pa
+
+    read = read_table_part(file, part, [column], source)
+    if isinstance(read, BadRecord):
+        yield "", read
         return
-    values = table.column(column)
+    key, columns = read
+    values = columns[column]
     if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
-        yield f"row group {group}", BadRecord(f"{file.name}: row group {group}", "wrong column type",
-                                              f"'{column}' is {values.type}, not a string")
+        yield "", BadRecord(f"{file.name}: part {part}", "wrong column type", f"'{column}' is {values.type}, not a string")
         return
     for offset, value in enumerate(values.to_pylist()):
-        key = f"row {first + offset}"
         if value is None:
-            yield key, BadRecord(f"{file.name}: {key}", "missing text", f"'{column}' is null")
+            yield key(offset), BadRecord(f"{file.name}: {key(offset)}", "missing text", f"'{column}' is null")
         else:
-            yield key, value
+            yield key(offset), value

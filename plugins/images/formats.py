@@ -1,8 +1,8 @@
 """Image-text data as it ships, local or in an object store (``plugins.common.stored_files``):
 
     webdataset            img2dataset's WebDataset tars: KEY.jpg|png|webp + KEY.txt and/or KEY.json
-    image_text_parquet    Parquet rows with image bytes and a caption (LAION-style, or the HF
-                          ``datasets`` Image feature: {"bytes", "path"} structs)
+    image_text_parquet    Parquet (or Arrow IPC) rows with image bytes and a caption (LAION-style,
+                          or the HF ``datasets`` Image feature: {"bytes", "path"} structs)
     interleaved_documents OBELICS / MMC4 rows: ``texts`` and ``images`` lists in document order
                           (Parquet or JSON lines), one document each, its segments in that order
 
@@ -27,7 +27,7 @@ from plugins.common.images import decode_image_bytes, to_signed_float
 from plugins.common.messages import one_line
 from plugins.common.stored_files import StoredFile, fingerprint, in_val_split, list_files
 from plugins.images.data import Direction, _drops_caption
-from plugins.common.records import iter_jsonl, parquet_row_groups
+from plugins.common.records import iter_jsonl, read_table_part, table_kind, table_parts
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
@@ -226,18 +226,19 @@ class ImageTextParquet(_StoredSource):
     modalities = ("text", "image")
 
     def _file_parts(self, file: StoredFile) -> list[Any]:
-        return list(range(parquet_row_groups(file, self.name)))
+        return list(range(table_parts(file, self.name)))
 
     def _read(self, file: StoredFile, group: Any, split: Split) -> Iterator[RawDocument | BadRecord]:
         opts: ImageTextParquetOptions = self.options
-        rows = read_row_group(file, group, [opts.image_column, opts.caption_column], self.name)
+        rows = read_table_part(file, group, [opts.image_column, opts.caption_column], self.name)
         if isinstance(rows, BadRecord):
             if split == "train":
                 yield rows
             return
-        first, columns = rows
-        for offset, (cell, caption) in enumerate(zip(columns[opts.image_column], columns[opts.caption_column])):
-            key = f"row {first + offset}"
+        key_of, columns = rows
+        cells, captions = columns[opts.image_column].to_pylist(), columns[opts.caption_column].to_pylist()
+        for offset, (cell, caption) in enumerate(zip(cells, captions)):
+            key = key_of(offset)
             if not self._in_split(file, key, split):
                 continue
             where = f"{file.name}: {key}"
@@ -256,26 +257,6 @@ class ImageTextParquet(_StoredSource):
                 yield image
                 continue
             yield from self._pair(caption.strip(), image, f"{file.base_name}/{key}", split)
-
-
-def read_row_group(file: StoredFile, group: int, columns: list[str], source: str):
-    """(index of the group's first row in the file, {column: values}) or, for a row group that
-    cannot be read, a BadRecord. A missing column is a one-line error naming the columns there."""
-    import pyarrow.parquet as pq
-
-    try:
-        with file.open_random_access() as handle:
-            parquet = pq.ParquetFile(handle)
-            names = parquet.schema_arrow.names
-            missing = [c for c in columns if c not in names]
-            if missing:
-                raise MotError(f"dataset '{source}': {file.name} has no column '{missing[0]}' (it has: "
-                               f"{', '.join(names)}); set the column options")
-            first = sum(parquet.metadata.row_group(g).num_rows for g in range(group))
-            table = parquet.read_row_group(group, columns=columns)
-    except (OSError, ValueError) as exc:
-        return BadRecord(f"{file.name}: row group {group}", "unreadable row group", one_line(exc))
-    return first, {c: table.column(c).to_pylist() for c in columns}
 
 
 def image_cell_bytes(cell: Any, file: StoredFile, where: str, column: str) -> bytes | BadRecord:
@@ -319,15 +300,14 @@ class InterleavedDocuments(_StoredSource):
     def _format(self, file: StoredFile) -> str:
         if self.options.format != "auto":
             return self.options.format
-        suffix = file.stem_suffix()
-        if suffix in (".parquet", ".pq"):
-            return "parquet"
-        if suffix in (".jsonl", ".json", ".ndjson"):
+        if table_kind(file):
+            return "parquet"  # or Arrow IPC: a table read in parts
+        if file.stem_suffix() in (".jsonl", ".json", ".ndjson"):
             return "jsonl"
         raise MotError(f"dataset '{self.name}': cannot tell the format of {file.name} from its name; set format")
 
     def _file_parts(self, file: StoredFile) -> list[Any]:
-        return list(range(parquet_row_groups(file, self.name))) if self._format(file) == "parquet" else [None]
+        return list(range(table_parts(file, self.name))) if self._format(file) == "parquet" else [None]
 
     def _read(self, file: StoredFile, group: Any, split: Split) -> Iterator[RawDocument | BadRecord]:
         for key, row in self._rows(file, group):
@@ -349,13 +329,13 @@ class InterleavedDocuments(_StoredSource):
                 yield key, record if isinstance(record, BadRecord) else (record.get(opts.texts_column),
                                                                         record.get(opts.images_column))
             return
-        rows = read_row_group(file, group, [opts.texts_column, opts.images_column], self.name)
+        rows = read_table_part(file, group, [opts.texts_column, opts.images_column], self.name)
         if isinstance(rows, BadRecord):
             yield "", rows
             return
-        first, columns = rows
-        for offset, pair in enumerate(zip(columns[opts.texts_column], columns[opts.images_column])):
-            yield f"row {first + offset}", pair
+        key_of, columns = rows
+        for offset, pair in enumerate(zip(columns[opts.texts_column].to_pylist(), columns[opts.images_column].to_pylist())):
+            yield key_of(offset), pair
 
     def _document(self, row: tuple[Any, Any], file: StoredFile, where: str) -> RawDocument | BadRecord:
         opts: InterleavedOptions = self.options

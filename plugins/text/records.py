@@ -16,7 +16,7 @@ from pydantic import Field
 
 from mot_core.errors import MotError
 from mot_core.plugin_api import BadRecord, DataSource, PluginOptions, RawDocument, RawSegment, Split
-from plugins.common.records import iter_jsonl, iter_parquet_column, parquet_row_groups
+from plugins.common.records import iter_jsonl, iter_table_column, table_kind, table_parts
 from plugins.common.stored_files import StoredFile, fingerprint, in_val_split, list_files
 
 
@@ -25,7 +25,8 @@ class TextRecordsOptions(PluginOptions):
                              "s3:// or gs:// URIs (a glob in the last part); .gz/.zst/.bz2 JSONL is decompressed")
     text_field: str = Field("text", min_length=1, description="the field (JSONL) or column (Parquet) holding the text")
     format: Literal["auto", "jsonl", "parquet"] = Field(
-        "auto", description="auto: by the extension (.parquet, .pq: Parquet; .jsonl, .json, .ndjson: JSON lines)")
+        "auto", description="auto: by the extension (.parquet, .pq: Parquet; .arrow, .feather, .ipc: Arrow IPC; "
+        ".jsonl, .json, .ndjson: JSON lines)")
     val_fraction: float = Field(0.05, gt=0, lt=1, description="share of records held out (a stable hash of each)")
     text_modality: str = Field("text", description="the modality that receives the text")
 
@@ -55,10 +56,9 @@ class TextRecords(DataSource):
     def _format(self, file: StoredFile) -> str:
         if self.options.format != "auto":
             return self.options.format
-        suffix = file.stem_suffix()
-        if suffix in (".parquet", ".pq"):
-            return "parquet"
-        if suffix in (".jsonl", ".json", ".ndjson"):
+        if table_kind(file):
+            return "parquet"  # or Arrow IPC: a table read in parts
+        if file.stem_suffix() in (".jsonl", ".json", ".ndjson"):
             return "jsonl"
         raise MotError(f"dataset '{self.name}': cannot tell the format of {file.name} from its name; set format: jsonl "
                        "or parquet")
@@ -69,7 +69,7 @@ class TextRecords(DataSource):
             parts: list[tuple[StoredFile, int | None]] = []
             for file in self._files():
                 if self._format(file) == "parquet":
-                    parts += [(file, group) for group in range(parquet_row_groups(file, self.name))]
+                    parts += [(file, group) for group in range(table_parts(file, self.name))]
                 else:
                     parts.append((file, None))
             self._parts = parts
@@ -99,11 +99,11 @@ class TextRecords(DataSource):
     def _documents(self, file: StoredFile, group: int | None, split: Split) -> Iterator[RawDocument | BadRecord]:
         opts: TextRecordsOptions = self.options
         rows = (iter_jsonl(file, opts.text_field) if group is None
-                else iter_parquet_column(file, group, opts.text_field, self.name))
+                else iter_table_column(file, group, opts.text_field, self.name))
         for key, text in rows:
             # a bad record too belongs to one split, and is reported once (a file's or a row
             # group's, without a key of its own, with the train split)
-            if key == "" or key.startswith("row group"):
+            if key == "":
                 if split == "train":
                     yield text
                 continue
