@@ -10,6 +10,12 @@ class MotError(Exception):
     """A user-facing error: the message alone must say what is wrong and how to fix it."""
 
 
+class BadRecordError(MotError):
+    """A record a data source could not read, met with ``data.on_bad_record: error``: it names
+    the dataset, the file and the record, and passes through the boundary of whichever plugin
+    was reading the data (a modality sampling its tokenizer's fit data is not at fault)."""
+
+
 def plugin_boundary(where: str):
     """Context manager around a call into plugin code: whatever escapes it becomes ONE line that
     names ``where`` (the plugin and its hook or method, and the dataset when there is one).
@@ -23,6 +29,8 @@ def plugin_boundary(where: str):
     def boundary():
         try:
             yield
+        except BadRecordError:
+            raise
         except MotError as exc:
             message = str(exc)
             raise MotError(message if message.startswith(where) else f"{where}: {message}") from None

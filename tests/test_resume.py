@@ -160,3 +160,17 @@ def test_flex_attention_training_on_cpu_is_one_line_without_torch_warnings(write
     err = capsys.readouterr().err.strip()
     assert code == 2 and err == ("error: attention backend 'flex' has no backward pass on CPU in this torch; train with "
                                  "model.attention_backend=sdpa (flex works on CPU for eval and generation)")
+
+
+def test_a_setting_added_since_the_checkpoint_at_its_default_is_no_change():
+    """A run checkpointed by an earlier version (its config.yaml lacks a key added since)
+    resumes when the key is at its default, which is what ran; another value is refused."""
+    import pytest as _pytest
+
+    from mot_core.errors import MotError as _MotError
+    from mot_core.training.resume import resume_changes
+
+    saved = "data:\n  shard_tokens: 16777216\ntrain:\n  lr: 0.003\n"
+    assert resume_changes(saved, saved.replace("data:\n", "data:\n  on_bad_record: error\n"), "step_3") == []
+    with _pytest.raises(_MotError, match=r"data.on_bad_record was '<unset>' when step_3 was saved and is 'skip' now"):
+        resume_changes(saved, saved.replace("data:\n", "data:\n  on_bad_record: skip\n"), "step_3")

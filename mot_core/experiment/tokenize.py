@@ -27,7 +27,7 @@ from mot_core.data.shards import (
 )
 from mot_core.data.stores import DocumentList, DocumentStore
 from mot_core.data.vocabulary import Vocabulary
-from mot_core.errors import MotError, plugin_boundary
+from mot_core.errors import BadRecordError, MotError, plugin_boundary
 from mot_core.plugin_api import BadRecord, DataSource, RawDocument, RawSegment, origin
 from mot_core.progress import progress as progress_display
 from mot_core.experiment.build import Experiment
@@ -75,7 +75,7 @@ def iter_documents(name: str, source: DataSource, split: str, part: int | None =
         if isinstance(doc, BadRecord):
             if policy != "skip":
                 detail = f" ({doc.detail})" if doc.detail else ""
-                raise MotError(f"dataset '{name}': bad record at {doc.where}: {doc.cause}{detail}; fix or remove it, or "
+                raise BadRecordError(f"dataset '{name}': bad record at {doc.where}: {doc.cause}{detail}; fix or remove it, or "
                                "set data.on_bad_record=skip to leave such records out (they are counted)")
             if skipped is not None:
                 skipped[doc.cause] += 1

@@ -61,6 +61,8 @@ def resume_changes(saved_yaml: str, current_yaml: str, where: str) -> list[str]:
         old, new = saved.get(key, "<unset>"), current.get(key, "<unset>")
         if old == new:
             continue
+        if old == "<unset>" and new == schema_default(key):
+            continue  # a setting added since the checkpoint was saved, at its default: what ran then
         if not _changeable(key):
             raise MotError(
                 f"{key} was {old!r} when {where} was saved and is {new!r} now; it cannot change when a run resumes "
@@ -70,6 +72,35 @@ def resume_changes(saved_yaml: str, current_yaml: str, where: str) -> list[str]:
         if key != "run.dir":
             changes.append(f"{key}: {old!r} -> {new!r}")
     return changes
+
+
+_NO_DEFAULT = object()
+
+
+def schema_default(key: str) -> Any:
+    """The run config schema's default of a dotted key (``data.on_bad_record`` -> "error"), or a
+    sentinel equal to nothing for a key without one (plugin options, a required setting)."""
+    import typing
+
+    from pydantic_core import PydanticUndefined
+
+    from mot_core.config import RunConfig
+
+    model: Any = RunConfig
+    parts = key.split(".")
+    for index, part in enumerate(parts):
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return _NO_DEFAULT
+        field = fields[part]
+        if index == len(parts) - 1:
+            if field.default_factory is not None:
+                return field.default_factory()
+            return _NO_DEFAULT if field.default is PydanticUndefined else field.default
+        annotation = field.annotation
+        model = annotation if hasattr(annotation, "model_fields") else next(
+            (a for a in typing.get_args(annotation) if hasattr(a, "model_fields")), None)
+    return _NO_DEFAULT
 
 
 def _refuse_other_members(saved: dict, current: dict, where: str) -> None:
