@@ -98,8 +98,11 @@ def _sweep(base: Path, out: Path, *args: str) -> subprocess.Popen:
 
 
 def _records(run: Path) -> list[dict]:
+    """The complete records of a run's ``metrics.jsonl``; the sweep may be appending one while
+    this reads, so a last line without its newline is not read yet."""
     file = run / "metrics.jsonl"
-    return [json.loads(line) for line in file.read_text().splitlines() if line] if file.is_file() else []
+    complete = file.read_text().rpartition("\n")[0] if file.is_file() else ""
+    return [json.loads(line) for line in complete.splitlines() if line]
 
 
 @pytest.mark.slow
