@@ -170,7 +170,8 @@ def test_a_run_from_scratch_exports_with_its_default_ffn_width(text_corpus, tmp_
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(data))
     assert main(["train", str(tmp_path / "run.yaml")]) == 0
     out = tmp_path / "exported"
-    assert main(["export", str(tmp_path / "run"), "--out", str(out)]) == 0, capsys.readouterr().err
+    assert main(["export", str(tmp_path / "run"), "--modality", "text", "--out", str(out)]) == 0, \
+        capsys.readouterr().err
     _, vocab, _, model, _ = load_run(tmp_path / "run", with_data=False)
     reference = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert reference.config.intermediate_size == model.layers[0].ffn.w2.weight.shape[-1]
@@ -224,6 +225,62 @@ def test_bad_pretrained_input_is_one_line(folders, text_corpus, tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new_folder", "existing_folder"])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("missing_tensor", "lacks the tensor model.layers.1.mlp.down_proj.weight"),
+        ("wrong_shape", "model.layers.0.mlp.gate_proj.weight has shape (150, 64), the model expects (160, 64)"),
+        ("own_tokenizer", "modality 'text' has 300 ids but the checkpoint"),
+    ],
+)
+def test_a_refused_checkpoint_leaves_nothing_behind_and_the_corrected_run_starts(
+        folders, text_corpus, tmp_path, capsys, monkeypatch, existing, damage, message):
+    """A checkpoint whose tensors do not fit is refused before any tokenizer is prepared, so
+    neither state/ nor tokens/ is written (what a refused start wrote for another refusal is
+    removed, the run folder given or not); the corrected run then starts in the same folder."""
+    import shutil
+
+    from mot_core.hf.metadata import kept_folder
+    from mot_core.runs import start
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(folders["gqa"], folder)
+    run = tmp_path / "run"
+    if existing:
+        run.mkdir()
+    data = run_config(text_corpus, run, folder)
+    data["train"].update(steps=1, eval_every=0, checkpoint_every=0)
+    if damage == "missing_tensor":
+        _drop_tensor(folder, "model.layers.1.mlp.down_proj.weight")
+    elif damage == "wrong_shape":
+        _replace_tensor(folder, "model.layers.0.mlp.gate_proj.weight", torch.zeros(150, 64))
+    else:
+        data["mixture"]["modalities"]["text"]["options"] = {"vocab_size": 300}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(data))
+    with monkeypatch.context() as patched:
+        if damage != "own_tokenizer":  # the tensors are checked before the tokenizers are fitted or loaded
+            patched.setattr(start, "prepare_vocabulary", lambda *a, **k: pytest.fail("tokenizers prepared first"))
+        assert main(["train", str(tmp_path / "run.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert run.is_dir() == existing and not (run / "state").exists() and not (run / "tokens").exists()
+    data = run_config(text_corpus, run, folders["gqa"])  # its own tokenizer_path: options the refused start lacked
+    data["train"].update(steps=1, eval_every=0, checkpoint_every=0)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(data))
+    assert main(["train", str(tmp_path / "run.yaml")]) == 0, capsys.readouterr().err
+    assert (run / "checkpoints" / "step_0000001" / "meta.json").is_file()
+    assert (kept_folder(run) / "config.json").read_bytes() == (folders["gqa"] / "config.json").read_bytes()
+
+
+def _replace_tensor(folder: Path, name: str, tensor: torch.Tensor) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(folder / "model.safetensors"))
+    state[name] = tensor
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 import torch
 
-from mot_core.config import RopeScalingSection, RunConfig
+from mot_core.config import ModelSection, RopeScalingSection, RunConfig
 from mot_core.errors import MotError
 from mot_core.model.frozen import read_rows, write_rows
 from mot_core.model.towers import MixedTowerFFN, TowerSwiGLU, default_ffn_hidden
@@ -250,7 +250,7 @@ def _hf_layer(i: int) -> dict[str, str]:
         "gate": "mlp.gate_proj.weight", "up": "mlp.up_proj.weight", "down": "mlp.down_proj.weight"}.items()}
 
 
-def hf_names(args: ModelArgs) -> list[str]:
+def hf_names(args: ModelArgs | ModelSection) -> list[str]:
     names = ["model.embed_tokens.weight", "model.norm.weight"]
     names += [name for i in range(args.n_layers) for name in _hf_layer(i).values()]
     return names + ([] if args.tie_embeddings else ["lm_head.weight"])
@@ -270,9 +270,11 @@ def _ffn_parts(model: MoTTransformer, layer: int, args: ModelArgs, groups: list[
     return [(ffn, rows)]
 
 
-def check_tensors(checkpoint: LlamaCheckpoint, args: ModelArgs) -> None:
+def check_tensors(checkpoint: LlamaCheckpoint, args: ModelArgs | ModelSection) -> None:
     """Every tensor the model needs is in the shards, with the shape it needs (read from the
-    shards' headers: no tensor is loaded)."""
+    shards' headers: no tensor is loaded). ``args``: the model's, or the config's model section
+    (the same shape, known before any tokenizer is prepared: a first start checks the tensors
+    before it writes anything in the run folder)."""
     names = hf_names(args)
     absent = [name for name in names if name not in checkpoint.files]
     if absent:
@@ -341,12 +343,36 @@ def load_llama(model: MoTTransformer, checkpoint: LlamaCheckpoint, source_group:
     return count
 
 
+# config.json keys that follow from the written weights (an export writes them from the model).
+WEIGHT_KEYS = ("hidden_act", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "rms_norm_eps", "vocab_size", "tie_word_embeddings",
+               "attention_bias", "mlp_bias")
+# The RoPE keys of either layout: transformers 5 (rope_parameters) or 4 (rope_theta, rope_scaling).
+ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_parameters")
+# The keys naming the weights' dtype: transformers 5 (dtype) or 4 (torch_dtype).
+DTYPE_KEYS = ("torch_dtype", "dtype")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def export_llama(model: MoTTransformer, group: int, row_offset: int, vocab_size: int, max_positions: int,
-                 out: Path, extra_config: dict[str, Any] | None = None) -> int:
+                 out: Path, extra_config: dict[str, Any] | None = None, dtype: str | None = None,
+                 source: dict[str, Any] | None = None) -> int:
     """Write tower ``group`` and vocabulary rows [row_offset, row_offset + vocab_size) as an HF
-    ``LlamaForCausalLM`` folder (config.json + model.safetensors). Returns parameters written."""
+    ``LlamaForCausalLM`` folder (config.json + model.safetensors; ``MistralForCausalLM`` when the
+    source is one: the same weights and names).
+
+    ``extra_config``: keys written over the ones computed (the token ids). ``source``: the
+    config.json of the checkpoint the tower started from (``model.init_from``): every key of it
+    is kept (architecture, token ids, max_position_embeddings, the RoPE keys in its own layout,
+    the dtype key's name), except those that follow from the weights (``WEIGHT_KEYS``: the
+    model's, equal to the source's since a run takes its shape from it). ``dtype``: of the
+    written tensors (``DTYPES``; default float32, as trained), named in config.json. Returns the
+    number of parameters written."""
     from safetensors.torch import save_file
 
+    dtype = dtype or "float32"
+    if dtype not in DTYPES:
+        raise MotError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     args = model.args
     if args.norm_placement != "pre":
         raise MotError("only a pre-norm model (model.norm_placement=pre) is a Llama; this one normalises after "
@@ -391,10 +417,18 @@ def export_llama(model: MoTTransformer, group: int, row_offset: int, vocab_size:
         "rms_norm_eps": args.norm_eps, "vocab_size": vocab_size, "max_position_embeddings": max_positions,
         "tie_word_embeddings": args.tie_embeddings, "attention_bias": False, "mlp_bias": False,
         "rope_theta": args.rope_theta, "rope_scaling": None if args.rope_scaling is None else rope,
-        "rope_parameters": rope, "torch_dtype": "float32", **(extra_config or {}),
+        "rope_parameters": rope, **(extra_config or {}),
     }
+    if source is not None:
+        # The source's RoPE keys alone, in its layout: the run's RoPE is the source's (its shape
+        # came from it), and a loader given both layouts need not read them alike.
+        computed = {k: v for k, v in config.items() if k not in ROPE_KEYS}
+        config = {**computed, **source, **{k: computed[k] for k in WEIGHT_KEYS}}
+    for key in [k for k in DTYPE_KEYS if k in config] or ["torch_dtype"]:  # the source's key(s), else 4's
+        config[key] = dtype
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file({k: v.to(DTYPES[dtype]).contiguous() for k, v in state.items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return sum(v.numel() for v in state.values())
 

@@ -8,7 +8,8 @@
                      folder, trackers, device settings, the model's shape, a resume's changes
                      against its checkpoint, a shared tokenizer fitted on other data, a
                      pretrained checkpoint that does not fit the model, the memory it needs
-      tokenizers     fitted (a first start) or reloaded
+      tokenizers     fitted (a first start) or reloaded; a first start from ``model.init_from``
+                     keeps the checkpoint's metadata files (``mot_core.hf.metadata``)
       shards         every source tokenized once (the parts still missing)
       loop           training (``mot_core.training.loop``), or for the ``mot launch`` driver the
                      worker group that trains
@@ -16,7 +17,7 @@
 ``mot train``, ``mot train --process-group``, ``mot launch`` (driver and workers), ``mot sweep``
 trials and ``mot bench step-match`` start their runs here. A refused resume leaves the run folder
 as it was, byte for byte; a first start refused before its shards are written leaves no run
-folder behind.
+folder behind (or, in a folder that was there, what the folder held).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from mot_core.experiment.resolve import Source, resolve_config
 from mot_core.experiment.nodes import this_node
 from mot_core.experiment.tokenize import data_root, describe_skipped, fingerprints, prepare_vocabulary, tokenize_locally
 from mot_core.hf.llama import check_tensors, check_vocabulary, read_checkpoint
+from mot_core.hf.metadata import FOLDER as KEPT_FOLDER, keep_source_files
 from mot_core.training import checkpoint as ckpt
 from mot_core.training.loop import train_loop
 from mot_core.training.memory import check_training_fits
@@ -86,17 +88,22 @@ def start_run(config: RunConfig, runtime: Runtime, execute: Execute | None = Non
     lock = ckpt.RunLock(exp.run_dir) if runtime.prepares_data else None
     pushes = runtime.mirror is not None and runtime.prepares_data
     try:
-        run, refusal = None, None
+        run, refusal, found = None, None, None
         if runtime.prepares_data:
             try:
                 if pushes:  # under the lock: the store's run into its working copy
                     runtime.mirror.pull()
+                found = _entries(exp.run_dir)
                 run = prepare(exp, runtime, trains_here)
             except MotError as exc:
                 if created:  # a refused first start: nothing of it stays
                     lock.release()
                     lock = None
                     shutil.rmtree(exp.run_dir, ignore_errors=True)
+                elif found is not None:
+                    # A folder that was there keeps only what it held: tokenizers saved for a
+                    # refused start would refuse the corrected one as changed options.
+                    _remove_all_but(exp.run_dir, found)
                 refusal = str(exc)
             if refusal is None:
                 try:
@@ -119,6 +126,21 @@ def start_run(config: RunConfig, runtime: Runtime, execute: Execute | None = Non
         finally:
             if lock is not None:
                 lock.release()
+
+
+def _entries(run_dir: Path) -> set[Path]:
+    """The entries of the run folder and of its ``state/`` (the tokenizers' folders)."""
+    state = run_dir / "state"
+    return {*(run_dir.iterdir() if run_dir.is_dir() else ()), *(state.iterdir() if state.is_dir() else ())}
+
+
+def _remove_all_but(run_dir: Path, found: set[Path]) -> None:
+    """Remove the entries of ``_entries`` that are not in ``found`` (those a refused start wrote)."""
+    for entry in sorted(_entries(run_dir) - found, key=lambda path: len(path.parts), reverse=True):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def push_at_the_end(mirror, failing: BaseException | None) -> None:
@@ -164,8 +186,8 @@ def refuse_before_the_folder(exp: Experiment, runtime: Runtime, trains_here: boo
 
 def prepare(exp: Experiment, runtime: Runtime, trains_here: bool) -> PreparedRun:
     """The refusals that read the run folder and the data, then the tokenizers (fitted on a
-    first start, which is the one write before the last refusal: a refused first start is
-    removed whole by ``start_run``)."""
+    first start, which is the one write before the last refusal: what a refused start wrote is
+    removed by ``start_run``), then a first start's copy of its ``init_from`` folder's metadata."""
     config = exp.config
     latest = runtime.store.latest(report=print if runtime.is_main else (lambda line: None))
     if latest is not None and config.run.resume == "never":
@@ -175,6 +197,11 @@ def prepare(exp: Experiment, runtime: Runtime, trains_here: bool) -> PreparedRun
     changes = resume_changes(runtime.store.saved_config(latest), config_yaml, str(latest)) if latest is not None else []
     init = config.model.init_from
     pretrained = read_checkpoint(init.path) if latest is None and init is not None else None
+    if pretrained is not None:  # before the tokenizers are saved: a refused checkpoint leaves the folder as it was
+        if KEPT_FOLDER in config.mixture.modalities:
+            raise MotError(f"a modality is named '{KEPT_FOLDER}', the folder of <run.dir>/state that keeps the "
+                           "model.init_from checkpoint's files; give the modality another name")
+        check_tensors(pretrained, config.model)
     if latest is None and config.model.warm_start:
         ckpt.LazyWeights(Path(config.model.warm_start))  # its file is there and readable
     seed_everything(config.run.seed)  # tokenizer fits draw from the run's seed, deterministically on a CPU
@@ -184,13 +211,14 @@ def prepare(exp: Experiment, runtime: Runtime, trains_here: bool) -> PreparedRun
     args = model_args(config, vocab)
     if pretrained is not None:
         check_vocabulary(pretrained, vocab.modalities[init.modality].vocab_size, init.modality, init.path)
-        check_tensors(pretrained, args)
     if trains_here:  # before tokenizing or allocating
         check_training_fits(args, runtime.device, runtime.world if runtime.parallel.shards_at_build else 1)
     if runtime.prepares_data:
         removed = ckpt.clean_leftovers(exp.run_dir)
         if removed:
             print(f"removed leftovers of an interrupted checkpoint save: {', '.join(removed)}")
+        if pretrained is not None:  # what `mot export` writes back; the folder may be gone by then
+            keep_source_files(pretrained.folder, exp.run_dir)
     return PreparedRun(config, exp, vocab, args, config_yaml, latest, changes, pretrained, fingerprints(exp, vocab))
 
 
