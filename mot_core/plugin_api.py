@@ -41,6 +41,8 @@ __all__ = [
     "RawDocument", "RawSegment", "BadRecord", "ContinuousSegment", "ModalitySlice", "IGNORE_INDEX", "CONTINUOUS",
     # generation and evaluation
     "SamplingParams", "SpanGrammar", "ValueSpan", "SpanRunner", "EvaluationContext",
+    # sharing a trained model
+    "HFCodec",
     # helpers
     "fingerprint_files", "origin", "progress", "storage_path",
 ]
@@ -122,6 +124,27 @@ class SpanGrammar:
     body_lo: int
     body_hi: int
     length: int
+
+
+@dataclass(frozen=True)
+class HFCodec:
+    """How an exported model's processor encodes and decodes one modality
+    (``Modality.export_hf``).
+
+    Attributes:
+        code: Python files copied next to the exported model (self-contained: they may import
+            ``torch``, ``numpy``, ``PIL``, ``tokenizers``, ``safetensors`` and each other by
+            file, never this package or the plugin). One of them defines ``class_name``.
+        class_name: ``"module.Class"``; built as ``Class(folder, settings)`` where ``folder``
+            holds what ``export_hf`` wrote. It has ``encode(payload) -> list[int]`` (a
+            document's segment, as in training), ``encode_prompt(payload) -> list[int]`` and
+            ``decode(ids: list[int]) -> payload``, all in the modality's local ids.
+        settings: JSON-able values the class needs (an end-of-text id, an image size).
+    """
+
+    code: tuple[Path, ...]
+    class_name: str
+    settings: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -367,6 +390,14 @@ class Modality(abc.ABC):
     def span_grammar(self) -> SpanGrammar | None:
         """For modalities emitted as whole spans (an image grid): its begin/body/end layout,
         which constrains decoding. None for free-running modalities."""
+        return None
+
+    def export_hf(self, folder: Path) -> "HFCodec | None":
+        """For ``mot export RUN --format hf`` (the whole model): write what turns this
+        modality's payloads into its local ids and back without this package (a tokenizer
+        file, an encoder's weights) into ``folder``, and return the ``HFCodec`` that reads
+        them. None (the default): the modality cannot be exported, and the whole-model export
+        is refused in one line naming it (``--modality`` still exports one text tower)."""
         return None
 
     def fingerprint(self) -> str:

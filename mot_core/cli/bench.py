@@ -1,4 +1,4 @@
-"""``mot bench``: throughput, step-match, data, startup-memory and export-memory."""
+"""``mot bench``: throughput, step-match, data, startup-memory, export-memory and roundtrip."""
 
 from __future__ import annotations
 
@@ -113,6 +113,18 @@ def cmd_bench_export_memory(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_roundtrip(ns: argparse.Namespace) -> int:
+    from mot_core.bench.hf_roundtrip import format_table, roundtrip
+
+    if ns.image is not None and not Path(ns.image).is_file():
+        raise MotError(f"--image {ns.image} is not a file")
+    rows = [roundtrip(run, ns.prompt, Path(ns.image) if ns.image else None, ns.max_tokens) for run in ns.runs]
+    for row in rows:
+        row.pop("generated", None)
+    print(json.dumps(rows) if ns.json else format_table(rows))
+    return 0 if all(all(r["generations"].values()) and r["processor_matches"] for r in rows) else 1
+
+
 def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks")
     bsub = p.add_subparsers(dest="bench_command", required=True)
@@ -188,3 +200,12 @@ def register(sub) -> None:
     p.add_argument("--no-gather", action="store_true", help="skip the gathered export (it needs ~7x the weights)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_export_memory)
+    p = bsub.add_parser("roundtrip", help="export runs as whole Hugging Face models, load each with transformers in a "
+                        "process without mot, and compare logits, greedy generations and the processor's ids")
+    p.add_argument("runs", nargs="+", help="run folders (their newest intact checkpoint) or checkpoint folders")
+    p.add_argument("--prompt", default="a", help="the text prompt of the generations (default: a)")
+    p.add_argument("--image", default=None, help="an image file: its span is the prompt of a caption, and the "
+                   "processor must encode it to the run's ids")
+    p.add_argument("--max-tokens", type=positive_int, default=12, help="text tokens generated per case")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench_roundtrip)

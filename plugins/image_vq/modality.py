@@ -18,7 +18,7 @@ from pydantic import Field, model_validator
 
 from mot_core.errors import MotError
 from mot_core.plugin_api import SpanGrammar
-from mot_core.plugin_api import Modality, PluginOptions, RawDocument, fingerprint_files
+from mot_core.plugin_api import HFCodec, Modality, PluginOptions, RawDocument, fingerprint_files
 from plugins.common.images import images_with_captions, load_image_file, save_image_grid
 from plugins.image_vq.tokenizer_io import (
     DEFAULT_FIT_BATCH_SIZE,
@@ -225,6 +225,19 @@ class ImageVQ(Modality):
             raise MotError(f"an image span needs {grid * grid} codes in [0, {self.codebook_size})")
         return vq.decode_codes(ids.view(-1, grid, grid))
 
+
+    def export_hf(self, folder: Path) -> HFCodec:
+        """The tokenizer's network (config and weights, a published checkpoint's included) and
+        its code, for the exported processor."""
+        from safetensors.torch import save_file
+
+        vq = self._require()
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "vqgan.json").write_text(json.dumps({"config": vq.config.to_dict()}, indent=2))
+        save_file({k: v.contiguous() for k, v in vq.state_dict().items()}, str(folder / "vqgan.safetensors"))
+        (folder / "vqgan.safetensors").chmod(0o644)  # safetensors writes 0600: the folder is meant to be shared
+        here = Path(__file__).parent
+        return HFCodec(code=(here / "hf_codec.py", here / "vqgan.py"), class_name="hf_codec.VQImageCodec")
 
     def read_payload(self, path: Path) -> torch.Tensor:
         return load_image_file(Path(path), self._require().config.resolution)

@@ -15,7 +15,7 @@ from pydantic import Field
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from mot_core.errors import MotError
-from mot_core.plugin_api import Modality, PluginOptions
+from mot_core.plugin_api import HFCodec, Modality, PluginOptions
 
 END_OF_TEXT = "<|endoftext|>"
 _BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")
@@ -182,6 +182,14 @@ class Text(Modality):
     @property
     def stop_token(self) -> int:
         return self.eot
+
+    def export_hf(self, folder: Path) -> HFCodec:
+        """The tokenizer file and what the exported processor needs to encode as training did."""
+        folder.mkdir(parents=True, exist_ok=True)
+        self._require().save(str(folder / "tokenizer.json"))
+        return HFCodec(code=(Path(__file__).with_name("hf_codec.py"),), class_name="hf_codec.TextCodec",
+                       settings={"end_of_text": int(self.eot), "adds_end_of_text": bool(self._adds_eot),
+                                 "tokenizer_size": int(self._tokenizer_size)})
 
     def decode(self, ids: torch.Tensor) -> str:
         """(L,) ids -> text without special tokens (padding ids past the tokenizer have no text)."""
