@@ -260,3 +260,35 @@ def test_bad_out_leaves_nothing(tmp_path, write_config):
                                 capture_output=True, text=True)
         assert result.returncode == 2 and expected in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert not (tmp_path / "new").exists() and [p.name for p in taken.iterdir()] == ["x"]
+
+
+def test_plugins_check_holds_a_codec_to_the_runs_ids(tmp_path):
+    """``mot plugins check``'s codec line: PASS when the codec encodes as ``encode`` does; one
+    FAIL line when its code imports mot, or when it encodes to other ids."""
+    from mot_core.errors import MotError
+    from mot_core.plugin_api import HFCodec, RawDocument, RawSegment
+    from mot_core.testing.conformance import _hf_codec
+
+    class Counting:  # a modality whose ids are (length, 1)
+        def __init__(self, body: str):
+            self.body = body
+
+        def export_hf(self, folder: Path) -> HFCodec:
+            folder.mkdir(parents=True, exist_ok=True)
+            code = tmp_path / "codec.py"
+            code.write_text(self.body)
+            return HFCodec(code=(code,), class_name="codec.Codec")
+
+        def encode(self, payload: str) -> torch.Tensor:
+            return torch.tensor([len(payload), 1])
+
+    head = "class Codec:\n    def __init__(self, folder, settings):\n        pass\n"
+    docs = {"source": [RawDocument((RawSegment("m", "abc"),)), RawDocument((RawSegment("m", "hello"),))]}
+    good = head + "    def encode(self, payload):\n        return [len(payload), 1]\n"
+    line = _hf_codec(SimpleNamespace(modalities={"m": Counting(good)}), "m", docs, tmp_path / "a")
+    assert line.startswith("2 held-out segments encode to the run's ids")
+    with pytest.raises(MotError, match="imports mot_core.errors; an exported codec runs without this package"):
+        _hf_codec(SimpleNamespace(modalities={"m": Counting("import mot_core.errors\n" + good)}), "m", docs, tmp_path / "b")
+    other = head + "    def encode(self, payload):\n        return [len(payload), 2]\n"
+    with pytest.raises(MotError, match="other ids than training did"):
+        _hf_codec(SimpleNamespace(modalities={"m": Counting(other)}), "m", docs, tmp_path / "c")

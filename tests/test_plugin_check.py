@@ -172,9 +172,12 @@ def test_the_unbroken_test_plugin_passes():
     passed = {line.check for line in report.lines if line.status == "PASS"}
     assert {"modality glyphs: generation", "evaluator glyph_eval of modality glyphs: evaluate_model"} <= passed, report.text()
     # its loss is registered but the glyphs modality defaults to 'autoregressive': not run, so a SKIP
+    # and it exports no Hugging Face codec: a SKIP that says what that means for its runs
     assert [str(line) for line in report.lines if line.status == "SKIP"] == [
+        "SKIP  modality glyphs: Hugging Face codec (export_hf): no export_hf: a run with this modality exports one "
+        "tower (mot export --modality), not the whole model",
         "SKIP  loss glyph_loss: no modality of this check uses it; pass --config of a run that does"], report.text()
-    assert report.summary() == f"{len(passed)} passed, 1 skipped, 0 failed"
+    assert report.summary() == f"{len(passed)} passed, 2 skipped, 0 failed"
 
 
 # --------------------------------------------------------------------------------------------

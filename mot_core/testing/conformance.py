@@ -340,6 +340,9 @@ def _check_run(report: CheckReport, registry, raw: dict | None, owned: dict, sam
     for name in in_run:
         report.run(f"modality {name}: decode round trip", lambda name=name: _round_trip(vocab, name, docs["val"]),
                    needs=(ENCODE,))
+    for name in in_run:
+        report.run(f"modality {name}: Hugging Face codec (export_hf)",
+                   lambda name=name: _hf_codec(vocab, name, docs["val"], root), needs=(ENCODE,))
     model_state: dict[str, Any] = {}
 
     def forward_backward() -> str:
@@ -461,6 +464,56 @@ def _round_trip(vocab, name: str, docs: dict[str, list]) -> str:
         same += bool(again.shape == encoded.shape and torch.equal(again, encoded))
     return (f"{len(payloads)} held-out segments decode; encode(decode(ids)) == ids for {same} "
             f"(of {reencodable} that re-encode)")
+
+
+def _hf_codec(vocab, name: str, docs: dict[str, list], root: Path) -> str:
+    """``export_hf``: the codec it writes is self-contained (its code imports nothing of this
+    package or a plugin) and encodes held-out payloads to the ids ``encode`` gives."""
+    import ast
+    import importlib.util
+
+    from mot_core.plugin_api import HFCodec
+
+    modality = vocab.modalities[name]
+    if type(modality).export_hf is Modality.export_hf:
+        raise _Skip("no export_hf: a run with this modality exports one tower (mot export --modality), not the "
+                    "whole model")
+    where = f"{origin(modality)}: modality '{name}', export_hf"
+    folder = root / "hf_codec" / name
+    with plugin_boundary(where):
+        codec = modality.export_hf(folder)
+    if not isinstance(codec, HFCodec):
+        raise MotError(f"{where} returned {type(codec).__name__}, expected an HFCodec")
+    for file in codec.code:
+        tree = ast.parse(Path(file).read_text(), filename=str(file))
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            banned = [n for n in names if n.split(".")[0] in ("mot_core", "plugins", "registry")]
+            if banned:
+                raise MotError(f"{where}: {Path(file).name} imports {banned[0]}; an exported codec runs without this "
+                               "package (import torch, numpy, PIL, tokenizers, safetensors or its own files only)")
+        (folder / Path(file).name).write_bytes(Path(file).read_bytes())
+    module_name, _, class_name = codec.class_name.rpartition(".")
+    spec = importlib.util.spec_from_file_location(f"_mot_codec_check_{name}", folder / f"{module_name}.py")
+    if spec is None or not (folder / f"{module_name}.py").is_file():
+        raise MotError(f"{where}: class_name {codec.class_name!r} names {module_name}.py, which is not among its code")
+    module = importlib.util.module_from_spec(spec)
+    with plugin_boundary(f"{where}, the codec"):
+        spec.loader.exec_module(module)
+        instance = getattr(module, class_name)(folder, codec.settings)
+    payloads = _payloads_of(docs, name)[:4]
+    if not payloads:
+        raise _Skip("no held-out segment of this modality")
+    for payload in payloads:
+        with plugin_boundary(f"{where}, the codec's encode"):
+            theirs = [int(i) for i in instance.encode(payload)]
+        ours = [int(i) for i in modality.encode(payload)]
+        if theirs != ours:
+            raise MotError(f"{where}: the codec encodes a held-out payload to {len(theirs)} ids, encode to {len(ours)} "
+                           f"({'other ids' if len(theirs) == len(ours) else 'another length'}); the exported processor "
+                           "would feed the model other ids than training did")
+    return f"{len(payloads)} held-out segments encode to the run's ids through {codec.class_name}"
 
 
 def _evaluate_model(exp, vocab, model, modality: str, evaluator_cls: type[Evaluator], val_docs: list) -> str:
