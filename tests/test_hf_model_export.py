@@ -130,6 +130,14 @@ def test_generation_keeps_spans_whole():
     text_only = hf.generate(torch.tensor([[5, 6]]), max_new_tokens=6, do_sample=False, pad_token_id=0,
                             allowed_modalities=["text"])[0, 2:].tolist()
     assert all(t < 40 for t in text_only)
+    # a left-padded batch generates what each prompt generates alone
+    prompts = [[5, 6, 0, begin], [7, 0, begin]]
+    alone = [hf.generate(torch.tensor([p]), max_new_tokens=5, do_sample=False, pad_token_id=0)[0, len(p):].tolist()
+             for p in prompts]
+    ids = torch.tensor([prompts[0], [0] + prompts[1]])
+    mask = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])
+    batched = hf.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)[:, 4:].tolist()
+    assert batched == alone
 
 
 # --- the round trip: real runs, exported and loaded without this package ------------------------
