@@ -108,13 +108,22 @@ class Batch:
             start, end = plan.bounds(index)
             if end == start:
                 continue
+            next_values, has_next_value = self.next_values.get(index), None
+            if index in self.next_values:
+                has_next_value = has_next[start:end]
+            elif vocab.modalities[name].input_dim is not None:
+                # a continuous modality's markers without any of its values in the batch (a row
+                # cut after a span): no position has a next value, and its loss still runs
+                width = vocab.modalities[name].input_dim
+                next_values = torch.zeros(end - start, width, device=targets.device)
+                has_next_value = torch.zeros(end - start, dtype=torch.bool, device=targets.device)
             piece = ModalitySlice(
                 index, vocab.offsets[name], targets[start:end],
                 segment=None if segment is None else segment[start:end],
                 num_values=plan.num_values(index),
                 values=self.values.get(index),
-                next_values=self.next_values.get(index),
-                has_next_value=has_next[start:end] if index in self.next_values else None,
+                next_values=next_values,
+                has_next_value=has_next_value,
                 followed=None if followed is None else followed[start:end],
                 extras=dict(self.extras.get(index, {})),
             )
@@ -498,8 +507,9 @@ def fixed_batches(sources: list[DocumentStore | list[TokenDocument]] | list[Toke
     included. Only the documents the rows read are loaded. A document with whole segments
     (images) is read from its start, so its row may repeat the end of the row before.
 
-    ``max_batches`` None: every held-out position (``mot eval --full``): rows start at most
-    ``seq_len`` apart, so together they read every stream whole, some tokens twice."""
+    ``max_batches`` None: every held-out position, once (``mot eval --full``): each stream's
+    documents are packed one after the other as training packs them (a whole segment that does
+    not fit what is left of a row starts the next one), however the documents fill the rows."""
     if sampling not in ("mixed", "per_source"):
         raise MotError(f"validation sampling {sampling!r}: use mixed or per_source")
     if sources and isinstance(sources[0], TokenDocument):  # the documents of one source
@@ -510,14 +520,15 @@ def fixed_batches(sources: list[DocumentStore | list[TokenDocument]] | list[Toke
     streams = [list(range(len(stores)))] if sampling == "mixed" else [[i] for i in range(len(stores)) if len(stores[i])]
     held = [store.total_tokens() for store in stores]
     totals = [sum(held[i] for i in stream) for stream in streams]
-    if max_batches is None:
-        shares = [-(-total // seq_len) for total in totals]
-    else:
-        shares = _share_rows(max_batches * batch_size, [max(1, total // seq_len) for total in totals], batch_size)
     rows: list = []
     read = np.zeros(len(stores), dtype=np.int64)
-    for stream, n_rows in zip(streams, shares):
-        rows.extend(_stream_rows([stores[i] for i in stream], n_rows, seq_len, read, stream))
+    if max_batches is None:
+        for stream in streams:
+            rows.extend(_every_row([stores[i] for i in stream], seq_len, read, stream))
+    else:
+        shares = _share_rows(max_batches * batch_size, [max(1, total // seq_len) for total in totals], batch_size)
+        for stream, n_rows in zip(streams, shares):
+            rows.extend(_stream_rows([stores[i] for i in stream], n_rows, seq_len, read, stream))
     rows_per_batch = min(batch_size, len(rows))
     generator = torch.Generator().manual_seed(0)
     batches = ValidationBatches()
@@ -554,6 +565,31 @@ def _share_rows(budget: int, available: list[int], batch_size: int) -> list[int]
             if left == 0:
                 break
     return [max(1, share) for share in shares]
+
+
+def _every_row(stores: list[DocumentStore], seq_len: int, read: np.ndarray, indices: list[int]) -> list:
+    """Every document of the stores (in turn, in their order) packed into rows of ``seq_len``:
+    each position read once; a row ends with padding only where the next whole segment does
+    not fit. Adds what each store's documents gave to ``read[indices[k]]``."""
+    rows = []
+    row = _RowBuilder(seq_len)
+    for k, store in enumerate(stores):
+        for index in range(len(store)):
+            doc, offset = store[index], 0
+            while offset < len(doc):
+                count = row.add(doc, offset)
+                if count:
+                    read[indices[k]] += count
+                    offset += count
+                else:
+                    row.pad()
+                if row.full:
+                    rows.append(row.arrays())
+                    row = _RowBuilder(seq_len)
+    if row.filled:
+        row.pad()
+        rows.append(row.arrays())
+    return rows
 
 
 def _stream_rows(stores: list[DocumentStore], n_rows: int, seq_len: int, read: np.ndarray, indices: list[int]) -> list:
