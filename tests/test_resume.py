@@ -93,9 +93,12 @@ def test_skipped_updates_stop_at_their_limit(write_config, tmp_path, capsys, nan
     code = main(["train", str(config)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
+    # the checkpoint of step 4 was saved after updates were skipped: the good one is step 2's
+    good = tmp_path / "diverged" / "checkpoints" / "step_0000002"
     assert ("error: 4 consecutive updates skipped for a non-finite gradient at step 6 (train.max_consecutive_skips=3): "
-            "the run diverged; the last good checkpoint is step ") in err, err
-    assert "resume it with a lower train.lr" in err
+            f"the run diverged; the last good checkpoint is step 2 (saved before the first skipped update) in {good}: "
+            f"train from it with a lower train.lr, as a new run (model.warm_start={good})") in err, err
+    assert good.is_dir() and (tmp_path / "diverged" / "checkpoints" / "step_0000004").is_dir()
     records = _records(tmp_path / "diverged")
     assert [r["step"] for r in records if r.get("skipped")] == [3, 4, 5]
 

@@ -116,6 +116,8 @@ class _Runner:
             loss = F.cross_entropy(logits.float(), targets, ignore_index=-100)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        # the trainer's whole step: clipping and the optimizer, as a run pays for them
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
 
 

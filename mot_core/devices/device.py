@@ -17,7 +17,10 @@ __all__ = ["autocast_for", "describe_precision", "keep_freed_memory_in_heap", "n
            "seed_everything", "uses_bf16"]
 
 # CPU features that multiply bf16 in hardware. Without them oneDNN still runs bf16 matmuls, by
-# converting to fp32 (as slow as fp32 or slower, and less exact), so ``auto`` keeps fp32 there.
+# converting to fp32 (as slow as fp32 or slower, and less exact). With them the matmuls are
+# faster, but a whole training step on a CPU was measured slower in bf16 autocast (casts, the
+# optimizer and the element-wise work stay fp32-bound: docs/results.md, precision), so ``auto``
+# is fp32 on every CPU; ``train.precision: bf16`` asks for bf16 where a measurement favours it.
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 BF16_OVERRIDE = "MOT_CPU_BF16"
 
@@ -32,9 +35,9 @@ def resolve_device(choice: str) -> torch.device:
 
 def native_bf16_cpu(honour_override: bool = True) -> str | None:
     """The CPU flag that gives native bf16 matrix products (``amx_bf16`` before
-    ``avx512_bf16``), or None. ``MOT_CPU_BF16=1`` / ``0`` overrides the detection: the test
-    suite pins 0 so that results do not depend on the machine, and 1 lets a machine without
-    the feature exercise the bf16 CPU path."""
+    ``avx512_bf16``), or None. ``MOT_CPU_BF16=1`` / ``0`` overrides the detection: 1 makes
+    ``auto`` bf16 autocast on this CPU (the bf16 CPU path, exercised on any machine), 0 keeps
+    it fp32 (the test suite pins it)."""
     forced = os.environ.get(BF16_OVERRIDE, "").strip()
     if honour_override and forced:
         if forced not in ("0", "1"):
@@ -54,12 +57,21 @@ def cpu_bf16_flag(cpuinfo: str = "/proc/cpuinfo") -> str | None:
     return next((flag for flag in NATIVE_BF16_FLAGS if flag in flags), None)
 
 
+def forced_cpu_bf16() -> bool:
+    """``MOT_CPU_BF16=1``: ``auto`` is bf16 autocast on a CPU (a bad value is one line)."""
+    forced = os.environ.get(BF16_OVERRIDE, "").strip()
+    if forced and forced not in ("0", "1"):
+        raise MotError(f"{BF16_OVERRIDE}={forced!r}: use 1 (bf16 where train.precision is auto) or 0 (fp32)")
+    return forced == "1"
+
+
 def uses_bf16(device: torch.device, precision: str) -> bool:
     """``train.precision``: bf16 and fp32 are taken as written; ``auto`` is bf16 autocast on
-    CUDA and on a CPU with native bf16 matmul (AMX or AVX-512 BF16), fp32 elsewhere."""
+    CUDA, fp32 on a CPU (unless ``MOT_CPU_BF16=1``): whole training steps were measured slower
+    in bf16 on CPUs with native bf16 matmuls too (see ``NATIVE_BF16_FLAGS``)."""
     if precision != "auto":
         return precision == "bf16"
-    return device.type == "cuda" or (device.type == "cpu" and native_bf16_cpu() is not None)
+    return device.type == "cuda" or (device.type == "cpu" and forced_cpu_bf16())
 
 
 def describe_precision(device: torch.device, precision: str) -> str:
@@ -68,12 +80,14 @@ def describe_precision(device: torch.device, precision: str) -> str:
     if precision != "auto":
         return dtype
     if device.type == "cpu":
-        native = native_bf16_cpu()
+        if forced_cpu_bf16():
+            return f"{dtype} (precision auto: {BF16_OVERRIDE}=1)"
+        native = cpu_bf16_flag()
         if native is None:
-            why = "CPU has no native bf16 matmul"
-        else:
-            why = native if native.startswith(BF16_OVERRIDE) else f"CPU has {native}"
-        return f"{dtype} (precision auto: {why})"
+            return f"{dtype} (precision auto: CPU has no native bf16 matmul)"
+        return (f"{dtype} (precision auto: fp32 on every CPU; whole bf16 training steps were measured slower on CPUs "
+                f"with {native} too: `mot bench throughput --dtype both` measures this one, train.precision=bf16 asks "
+                "for bf16)")
     return f"{dtype} (precision auto)"
 
 

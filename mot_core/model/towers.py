@@ -51,13 +51,18 @@ class TowerRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(towers, dim))
 
     def forward(self, x_sorted: torch.Tensor, plan: RoutingPlan | None) -> torch.Tensor:
-        """x_sorted: (N, dim) -> (N, dim). The RMS statistic is per token, so only the gain
-        depends on the modality: each contiguous modality slice is scaled by its tower's gain."""
+        """x_sorted: (N, dim) -> (N, dim) in its dtype. The RMS statistic is per token, so only
+        the gain depends on the modality: each contiguous modality slice is scaled by its
+        tower's gain. Computed in fp32 by design (the gains are fp32 master weights): under bf16
+        autocast the input is bf16, and a bf16 input with an fp32 gain has no fused kernel."""
         shape = (x_sorted.shape[-1],)
         weight = assembled(self, "weight")
+        x = x_sorted.float()
         if weight.shape[0] == 1:
-            return F.rms_norm(x_sorted, shape, weight=weight[0], eps=self.eps)
-        return scale_by_group(F.rms_norm(x_sorted, shape, eps=self.eps), weight, plan)
+            out = F.rms_norm(x, shape, weight=weight[0].float(), eps=self.eps)
+        else:
+            out = scale_by_group(F.rms_norm(x, shape, eps=self.eps), weight.float(), plan)
+        return out.to(x_sorted.dtype)
 
     def reset_parameters(self) -> None:
         for weight in self.parameters():

@@ -60,6 +60,11 @@ class SkippedUpdates:
         self.tcfg, self.total, self.run_dir = tcfg, total, run_dir
         self.consecutive = 0
         self.last_saved = 0
+        # The newest checkpoint saved before the first skipped update of the current streak and
+        # of this start: the weights may already be diverging while updates are still applied
+        # between skips, so a checkpoint saved after a skip is no "good" one.
+        self.good_before_streak: int | None = None
+        self.good_before_first: int | None = None
 
     def check_loss(self, value: float, step: int) -> None:
         if not math.isfinite(value) and self.tcfg.on_nonfinite == "stop":
@@ -79,19 +84,36 @@ class SkippedUpdates:
                 f"(last checkpoint: step {self.last_saved}; train.on_nonfinite=skip skips such steps instead)"
             )
         self.consecutive, self.total = self.consecutive + 1, self.total + 1
+        if self.consecutive == 1:
+            self.good_before_streak = self.last_saved
+        if self.good_before_first is None:
+            self.good_before_first = self.last_saved
         tcfg = self.tcfg
         over = ("consecutive", self.consecutive, tcfg.max_consecutive_skips) \
             if self.consecutive > tcfg.max_consecutive_skips else \
             ("total", self.total, tcfg.max_total_skips) if self.total > tcfg.max_total_skips else None
         if over is not None:
             kind, count, limit = over
+            good = self.good_before_streak if kind == "consecutive" else self.good_before_first
             raise MotError(
                 f"{count} {kind} updates skipped for a non-finite gradient at step {step} "
-                f"(train.max_{kind}_skips={limit}): the run diverged; "
-                + (f"the last good checkpoint is step {self.last_saved} in {self.run_dir}: resume it with a lower "
-                   "train.lr (it may change on resume)" if self.last_saved else "no checkpoint was saved: lower train.lr")
-            )
+                f"(train.max_{kind}_skips={limit}): the run diverged; " + self._advice(good))
         return False
+
+    def _advice(self, good: int | None) -> str:
+        """Where to go on from: the newest checkpoint saved before the first skipped update,
+        if the run still keeps it (retention may have dropped it)."""
+        from mot_core.training.checkpoint import checkpoint_dir
+
+        if good and checkpoint_dir(self.run_dir, good).is_dir():
+            return (f"the last good checkpoint is step {good} (saved before the first skipped update) in "
+                    f"{checkpoint_dir(self.run_dir, good)}: train from it with a lower train.lr, as a new run "
+                    f"(model.warm_start={checkpoint_dir(self.run_dir, good)}) or by resuming a "
+                    "copy of the run with its later checkpoints removed")
+        if good:
+            return (f"the last checkpoint saved before the first skipped update (step {good}) is no longer kept "
+                    "(train.keep_checkpoints); start again with a lower train.lr")
+        return "no checkpoint was saved before the first skipped update: start again with a lower train.lr"
 
 
 @dataclass
