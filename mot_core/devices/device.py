@@ -13,15 +13,17 @@ import torch
 from mot_core.errors import MotError
 from mot_core.devices.host import keep_freed_memory_in_heap
 
-__all__ = ["autocast_for", "describe_precision", "keep_freed_memory_in_heap", "native_bf16_cpu", "resolve_device",
-           "seed_everything", "uses_bf16"]
+__all__ = ["autocast_for", "choose_cpu_precision", "describe_precision", "keep_freed_memory_in_heap", "native_bf16_cpu",
+           "resolve_device", "seed_everything", "uses_bf16"]
 
 # CPU features that multiply bf16 in hardware. Without them oneDNN still runs bf16 matmuls, by
-# converting to fp32 (as slow as fp32 or slower, and less exact). With them the matmuls are
-# faster, but a whole training step on a CPU was measured slower in bf16 autocast (casts, the
-# optimizer and the element-wise work stay fp32-bound: docs/results.md, precision), so ``auto``
-# is fp32 on every CPU; ``train.precision: bf16`` asks for bf16 where a measurement favours it.
+# converting to fp32 (as slow as fp32 or slower, and less exact), so ``auto`` keeps fp32 there.
+# With them the products are faster, but whether a whole step is depends on the CPU and the
+# model (``mot_core.devices.calibration``): ``auto`` measures it.
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+# ``auto`` on this process's CPU, once a run has measured its step (``choose_cpu_precision``).
+_CPU_CHOICE: dict[str, object] = {}
 BF16_OVERRIDE = "MOT_CPU_BF16"
 
 
@@ -65,13 +67,33 @@ def forced_cpu_bf16() -> bool:
     return forced == "1"
 
 
+def choose_cpu_precision(args, batch: int, seq: int) -> None:
+    """``auto`` on a CPU with native bf16 matmuls: time this run's training step in fp32 and
+    bf16 (or read the time cached for this machine and shape) and keep the faster for the
+    process. Nothing is measured under ``MOT_CPU_BF16`` or without native bf16."""
+    flag = cpu_bf16_flag()
+    if os.environ.get(BF16_OVERRIDE, "").strip() or flag is None:
+        return
+    from mot_core.devices.calibration import calibrate
+
+    _CPU_CHOICE["calibration"] = calibrate(args, batch, seq, flag)
+
+
 def uses_bf16(device: torch.device, precision: str) -> bool:
     """``train.precision``: bf16 and fp32 are taken as written; ``auto`` is bf16 autocast on
-    CUDA, fp32 on a CPU (unless ``MOT_CPU_BF16=1``): whole training steps were measured slower
-    in bf16 on CPUs with native bf16 matmuls too (see ``NATIVE_BF16_FLAGS``)."""
+    CUDA, and on a CPU what this run's measured step favours (``choose_cpu_precision``; fp32
+    where nothing was measured: no native bf16, evaluation, a distributed run), or what
+    ``MOT_CPU_BF16`` says."""
     if precision != "auto":
         return precision == "bf16"
-    return device.type == "cuda" or (device.type == "cpu" and forced_cpu_bf16())
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    if os.environ.get(BF16_OVERRIDE, "").strip():
+        return forced_cpu_bf16()
+    calibration = _CPU_CHOICE.get("calibration")
+    return bool(calibration is not None and calibration.bf16)
 
 
 def describe_precision(device: torch.device, precision: str) -> str:
@@ -80,14 +102,17 @@ def describe_precision(device: torch.device, precision: str) -> str:
     if precision != "auto":
         return dtype
     if device.type == "cpu":
-        if forced_cpu_bf16():
-            return f"{dtype} (precision auto: {BF16_OVERRIDE}=1)"
+        forced = os.environ.get(BF16_OVERRIDE, "").strip()
+        if forced:
+            forced_cpu_bf16()  # a bad value is one line
+            return f"{dtype} (precision auto: {BF16_OVERRIDE}={forced})"
         native = cpu_bf16_flag()
         if native is None:
             return f"{dtype} (precision auto: CPU has no native bf16 matmul)"
-        return (f"{dtype} (precision auto: fp32 on every CPU; whole bf16 training steps were measured slower on CPUs "
-                f"with {native} too: `mot bench throughput --dtype both` measures this one, train.precision=bf16 asks "
-                "for bf16)")
+        calibration = _CPU_CHOICE.get("calibration")
+        if calibration is None:
+            return f"{dtype} (precision auto: nothing measured in this process; CPU has {native})"
+        return f"{dtype} (precision auto, CPU has {native}: {calibration.describe()})"
     return f"{dtype} (precision auto)"
 
 

@@ -65,3 +65,13 @@ def host_memory_mb() -> dict[str, float]:
     except OSError:
         return {}
     return values
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or "cpu" where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), "cpu")
+    except OSError:
+        return "cpu"

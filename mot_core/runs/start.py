@@ -29,7 +29,9 @@ from typing import Callable
 
 from mot_core import filesystems
 from mot_core.config import RunConfig
-from mot_core.devices.device import describe_precision, resolve_device, seed_everything, use_deterministic_cpu
+from mot_core.devices.device import (
+    choose_cpu_precision, describe_precision, resolve_device, seed_everything, use_deterministic_cpu,
+)
 from mot_core.errors import MotError
 from mot_core.experiment.build import Experiment, build_experiment, check_model_shape, model_args
 from mot_core.experiment.resolve import Source, resolve_config
@@ -39,7 +41,7 @@ from mot_core.hf.llama import check_tensors, check_vocabulary, read_checkpoint
 from mot_core.hf.metadata import FOLDER as KEPT_FOLDER, keep_source_files
 from mot_core.training import checkpoint as ckpt
 from mot_core.training.loop import train_loop
-from mot_core.training.memory import check_training_fits
+from mot_core.training.memory import check_config_fits, check_training_fits
 from mot_core.training.resume import resume_changes
 from mot_core.training.run_mirror import mirror_of
 from mot_core.training.runtime import WAIT_FOR_RANK_0, LocalCheckpoints, Runtime, local_runtime
@@ -182,6 +184,14 @@ def refuse_before_the_folder(exp: Experiment, runtime: Runtime, trains_here: boo
             raise MotError("attention backend 'flex' has no backward pass on CPU in this torch; train with "
                            "model.attention_backend=sdpa (flex works on CPU for eval and generation)")
         describe_precision(runtime.device, config.train.precision)  # a bad MOT_CPU_BF16 is one line
+        # the sizes, arithmetically, before tokenizers are fitted or the folder is made (the
+        # vocabulary rows come in prepare's check)
+        check_config_fits(config, runtime.device, _shards(runtime), runtime.world)
+
+
+def _shards(runtime: Runtime) -> int:
+    """The workers the training state is split over (FSDP2 builds the model sharded)."""
+    return runtime.world if runtime.parallel.shards_at_build else 1
 
 
 def prepare(exp: Experiment, runtime: Runtime, trains_here: bool) -> PreparedRun:
@@ -212,7 +222,11 @@ def prepare(exp: Experiment, runtime: Runtime, trains_here: bool) -> PreparedRun
     if pretrained is not None:
         check_vocabulary(pretrained, vocab.modalities[init.modality].vocab_size, init.modality, init.path)
     if trains_here:  # before tokenizing or allocating
-        check_training_fits(args, runtime.device, runtime.world if runtime.parallel.shards_at_build else 1)
+        check_training_fits(args, runtime.device, _shards(runtime), -(-config.train.batch_size // runtime.world),
+                            config.train.seq_len)
+        if config.train.precision == "auto" and runtime.device.type == "cpu" and runtime.world == 1:
+            # one process: its own step decides (ranks of a distributed run must agree: fp32 there)
+            choose_cpu_precision(args, config.train.batch_size, config.train.seq_len)
     if runtime.prepares_data:
         removed = ckpt.clean_leftovers(exp.run_dir)
         if removed:
