@@ -248,6 +248,35 @@ def _other_filesystem(uri: str, what: str) -> tuple[pafs.FileSystem, str]:
         raise MotError(f"{what} {uri}: {_first_line(exc)}") from None
 
 
+def check_local_folder(path: str, what: str) -> None:
+    """A local folder the config names (``data.dir``): not a file, nor under one."""
+    here = Path(path)
+    for folder in (here, *here.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise MotError(f"{what} {path}: {folder} is a file; give a folder (it is created if missing)")
+            return
+
+
+def write_failure(exc: OSError, root: str, what: str, doing: str) -> MotError:
+    """One line for a failed write into the folder of ``what`` (``data.dir``), naming that key,
+    not the run folder: no permission, a read-only file system, no space, or the cause."""
+    import errno as codes
+
+    code = getattr(exc, "errno", None)
+    text = str(exc)
+    if code in (codes.EACCES, codes.EPERM) or "ermission denied" in text:
+        cause = "no permission to write there"
+    elif code == codes.EROFS or "ead-only file system" in text:
+        cause = "its file system is read-only"
+    elif code == codes.ENOSPC or "o space left" in text:
+        cause = "no space left on its device"
+    else:
+        cause = (getattr(exc, "strerror", None) or text.splitlines()[0] if text else type(exc).__name__)
+    return MotError(f"{doing} into {what} {root} failed: {cause}; {what} must be a writable folder (or name one "
+                    "that already holds these shards)")
+
+
 def check_reachable(uri: str, what: str) -> None:
     """A quick probe of an object-store URI (nothing for a local path): its server answers,
     accepts the credentials and holds the bucket. Each failure is one line naming the URI, the
@@ -256,7 +285,8 @@ def check_reachable(uri: str, what: str) -> None:
     import pyarrow.fs as pafs
 
     if not is_uri(uri) or urlsplit(uri).scheme.lower() == "file":
-        resolve(uri, what)
+        _, path = resolve(uri, what)
+        check_local_folder(path, what)
         return
     scheme = urlsplit(uri).scheme.lower()
     if scheme != "s3":

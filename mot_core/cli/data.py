@@ -41,13 +41,18 @@ def cmd_data_tokenize(ns: argparse.Namespace) -> int:
     config = load_config(ns.config, ns.overrides)
     with run_files_synced(config.run.dir):
         exp = build_experiment(config)
+        _refuse_what_cannot_resume(exp)
         filesystems.check_reachable(data_root(exp), "data.dir")  # before tokenizers are fitted into run.dir
         if ns.address:
             from mot_core.distributed.tokenize import tokenize_on_ray
 
             report = tokenize_on_ray(config, ns.address, force=ns.force)
         else:
-            report = tokenize_locally(exp, prepare_vocabulary(exp), force=ns.force)
+            vocab = prepare_vocabulary(exp)
+            try:
+                report = tokenize_locally(exp, vocab, force=ns.force)
+            except OSError as exc:
+                raise filesystems.write_failure(exc, data_root(exp), "data.dir", "writing the shards") from None
     if not report:
         print(f"every source is already tokenized in {data_root(exp)} (--force writes them again)")
         return 0
@@ -56,6 +61,21 @@ def cmd_data_tokenize(ns: argparse.Namespace) -> int:
               f"{describe_skipped(counts)}")
     print(f"shards in {data_root(exp)}")
     return 0
+
+
+def _refuse_what_cannot_resume(exp) -> None:
+    """Shards for a config whose run folder holds checkpoints made with other data settings
+    (``paths``, ``val_fraction``, ...) would only be refused by the run's resume: the same one
+    line now, before any shard is rewritten (``--force`` included)."""
+    from mot_core import filesystems
+    from mot_core.training import checkpoint as ckpt
+    from mot_core.training.resume import resume_changes
+
+    if filesystems.is_uri(exp.config.run.dir) or not exp.run_dir.is_dir():
+        return  # a run in an object store is checked by its own start, which pulls it
+    latest = ckpt.latest_intact(exp.run_dir, report=lambda line: None)
+    if latest is not None and (latest / "config.yaml").is_file() and exp.config.run.resume != "never":
+        resume_changes((latest / "config.yaml").read_text(), exp.resolved_yaml(), str(latest))
 
 
 def register(sub) -> None:

@@ -20,7 +20,7 @@ def _target(vocab, modality: str | None, prompt_modality: str) -> str:
         return modality
     spans = [n for n in vocab.names
              if vocab.modalities[n].span_grammar() is not None or vocab.modalities[n].input_dim is not None]
-    choices = spans or [n for n in vocab.names if n != prompt_modality]
+    choices = spans or [n for n in vocab.names if n != prompt_modality] or [prompt_modality]  # text-only: text
     if len(choices) != 1:
         raise MotError(f"say which modality to generate with --modality (this run has: {', '.join(vocab.names)})")
     return choices[0]

@@ -45,13 +45,17 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """logits: (B, V) float -> (B,) sampled ids."""
     if params.temperature == 0:
         return logits.argmax(-1)
+    raw = logits
     logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)
     try:
         return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
     except RuntimeError as exc:  # checked only on failure: no extra device sync per token
-        if bool(torch.isnan(logits).any()) or bool(torch.isposinf(logits).any()):
+        if bool(torch.isnan(raw).any()) or bool(torch.isposinf(raw).any()):
             raise MotError("the model's output holds NaN or inf: the checkpoint's weights are broken "
                            "(`mot eval` on it reports non-finite metrics)") from None
+        if bool(torch.isnan(logits).any()) or bool(torch.isposinf(logits).any()):
+            raise MotError(f"temperature {params.temperature:g} makes the model's (finite) logits NaN or inf in "
+                           f"{raw.dtype}: give a temperature between 1e-4 and 1e4 (0 = greedy)") from None
         raise MotError(f"sampling failed ({str(exc).splitlines()[0]}); try a higher --temperature or --top-p") from None
 
 
@@ -125,12 +129,13 @@ class _Grammar:
 def check_generation_fits(model, rows: int, length: int) -> None:
     """A one-line MotError, before allocating, when ``rows`` sequences of ``length`` positions
     (KV cache, plus about eight activations of ``dim`` per position for the prompt's forward
-    pass) cannot fit in what the model's device has free."""
+    pass, plus each step's logits and sampling probabilities over the vocabulary) cannot fit in
+    what the model's device has free. Computed from the shapes: nothing is allocated."""
     args = model.args
     element = model.embed.weight.element_size()
     kv_heads, head_dim = args.n_kv_heads or args.n_heads, args.dim // args.n_heads
     cache = 2 * args.n_layers * rows * kv_heads * length * head_dim * element
-    need = cache + 8 * rows * length * args.dim * 4
+    need = cache + 8 * rows * length * args.dim * 4 + 2 * rows * args.vocab_size * 4
     free = available_bytes(model.embed.weight.device)
     if free is not None and need > free:
         raise MotError(f"generating {rows:,} sequences of up to {length:,} positions needs about {gigabytes(need)} "

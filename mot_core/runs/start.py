@@ -239,6 +239,10 @@ def prepare(exp: Experiment, runtime: Runtime, trains_here: bool) -> PreparedRun
 def write_shards(run: PreparedRun) -> None:
     """Tokenize every source's missing parts into shards (``mot data tokenize`` ran first, or
     an earlier start did: then nothing is left to do)."""
-    for name, counts in tokenize_locally(run.exp, run.vocab, progress=True, prints=run.fingerprints).items():
+    try:
+        written = tokenize_locally(run.exp, run.vocab, progress=True, prints=run.fingerprints)
+    except OSError as exc:  # the shards' folder, not the run folder
+        raise filesystems.write_failure(exc, data_root(run.exp), "data.dir", "writing the shards") from None
+    for name, counts in written.items():
         print(f"tokenized {name}: {counts['documents']:,} documents, {counts['tokens']:,} tokens in "
               f"{counts['shards']} shards{describe_skipped(counts)}", flush=True)
