@@ -6,26 +6,39 @@
 The machine it is written for is bare: torch is there, but not pydantic, omegaconf, diffusers or
 Ray, nothing can be downloaded, and the lease is short. So the check installs the kit's wheels
 into a folder of its own (``--site``), needs no Ray, and runs its sections one after another,
-each in a process of its own with a time limit taken from one overall budget, so that a hang or
-a crash costs one section, not the lease. Everything lands in ``--out``: ``gpu_check.json``
-(every section's status, figures and errors), ``gpu_check.log`` (every section's output) and
-the sample grids of the two training runs.
+each in a process group of its own with a time limit, the limits together within one budget, so
+that a hang or a crash costs one section, not the lease. Everything lands in ``--out``:
+``gpu_check.json`` (every section's status, figures and errors), ``gpu_check.log`` (every
+section's output) and the sample grids of the two training runs.
 
-Sections, in the order they run (most important first):
-  environment        torch, CUDA, the card, which optional packages import
-  grouped_mm         torch._grouped_mm against the per-modality loop and an fp32 reference,
-                     outputs and gradients, one modality without tokens; both timed
-  gpu_tests          the test suite's ``gpu``-marked tests
-  throughput         ``mot bench throughput`` in bf16 at a size that keeps the card busy: dense,
-                     MoT, naive, MoE-4x; step times, MoT/dense, tokens/s, MFU
-  train_chameleon    a short bf16 ``mot train`` of the Chameleon setting, then ``mot generate``
-  train_transfusion  the same for the Transfusion setting (diffusion sampling)
-  fsdp2              FSDP2 over NCCL, world size 1, through ``mot train --process-group fsdp2``
-                     (mot launch's runtime without Ray)
-  throughput_compiled  the throughput bench under torch.compile (last: compiling may be slow)
+Sections, in the order they run, which is also their priority (what is dropped first when
+time runs short is the bottom of this list), with each one's time limit on the GPU:
+  environment          15 s  torch, CUDA, the card, which optional packages import
+  throughput           60 s  ``mot bench throughput`` in bf16 at a size that keeps the card busy:
+                             dense, MoT, naive, MoE-4x; step times, MoT/dense, tokens/s, MFU
+  grouped_mm           25 s  torch._grouped_mm against the per-modality loop and an fp32
+                             reference, outputs and gradients, one modality without tokens; timed
+  gpu_tests            75 s  the test suite's ``gpu``-marked tests
+  train_chameleon      50 s  a short bf16 ``mot train`` of the Chameleon setting, ``mot generate``
+  fsdp2                40 s  FSDP2 over NCCL, world size 1, through ``mot train --process-group
+                             fsdp2`` (mot launch's runtime without Ray)
+  train_transfusion    50 s  the same as train_chameleon for Transfusion (diffusion sampling)
+  throughput_compiled 105 s  the throughput bench under torch.compile, at 4 layers (compiling is
+                             slow; dropped first)
+The limits add up to 420 s: the 450 s budget less a 30 s start-up margin (installing the kit).
+
+The budget is kept three ways. The plan: with ``--budget-s`` cut, the sections are taken in
+priority order while their limits fit the budget less the margin; the rest are dropped and
+reported skipped with the reason. At run time: a section whose limit exceeds the time left is
+not started; it and every section below it are reported skipped with the reason. The kill: each
+section runs in a process group (a session) of its own, and at its limit the whole group gets
+SIGTERM, then SIGKILL after a short grace, so that no ``pytest`` or ``mot train`` it started
+outlives it and holds the card through the next sections; the group is emptied the same way when
+a section ends by itself, and the report says whether any process was left.
 
 ``--dry-run`` runs the same sections on the CPU at tiny sizes (the test suite does, so the
-script cannot rot between leases).
+script cannot rot between leases), with the budget and every limit three times the GPU's (the
+same plan). A section a dry run does not run (the compiled bench) is reported skipped, with why.
 """
 
 from __future__ import annotations
@@ -34,6 +47,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -42,14 +56,18 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-SECTIONS = ("environment", "grouped_mm", "gpu_tests", "throughput", "train_chameleon", "train_transfusion", "fsdp2",
+# The sections in priority order, which is also the order they run in: when time runs short the
+# last ones are dropped first (throughput_compiled, then train_transfusion, fsdp2, ...).
+SECTIONS = ("environment", "throughput", "grouped_mm", "gpu_tests", "train_chameleon", "fsdp2", "train_transfusion",
             "throughput_compiled")
-# Seconds each section may take at most on the GPU (the overall budget may leave less).
-CAPS = {"environment": 60, "grouped_mm": 90, "gpu_tests": 150, "throughput": 150, "train_chameleon": 150,
-        "train_transfusion": 150, "fsdp2": 120, "throughput_compiled": 240}
-# A section is not started with less than this left: it could not finish.
-FLOORS = {"environment": 10, "grouped_mm": 20, "gpu_tests": 40, "throughput": 40, "train_chameleon": 45,
-          "train_transfusion": 45, "fsdp2": 40, "throughput_compiled": 60}
+PRIORITY = SECTIONS
+# Seconds each section may take on the GPU: at its limit its whole process group is killed.
+LIMITS = {"environment": 15, "throughput": 60, "grouped_mm": 25, "gpu_tests": 75, "train_chameleon": 50, "fsdp2": 40,
+          "train_transfusion": 50, "throughput_compiled": 105}
+DEFAULT_BUDGET_S = 450.0  # the whole check's wall time, installing the kit included
+STARTUP_MARGIN_S = 30.0  # held back from the budget for installing the kit and starting up
+DRY_RUN_SCALE = 3.0  # a dry run's budget, margin and limits are this many times the GPU's (a slow CPU)
+KILL_GRACE_S = 5.0  # between SIGTERM and SIGKILL to a section's process group
 # Packages the sections import that a bare CUDA machine may lack (reported, not required here).
 PACKAGES = ("pydantic", "omegaconf", "pluggy", "pyarrow", "tokenizers", "safetensors", "diffusers", "torchvision",
             "torchmetrics", "transformers", "xformers", "ray", "triton")
@@ -57,7 +75,7 @@ IMAGE_MODALITY = {"chameleon": "image", "transfusion": "image_diffusion"}
 
 
 # --------------------------------------------------------------------------------------------
-# The driver: install, then each section in its own process
+# The driver: install, plan, then each section in its own process group
 # --------------------------------------------------------------------------------------------
 
 
@@ -66,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/gpu_check", help="gpu_check.json, gpu_check.log and sample grids")
     parser.add_argument("--kit", default=".gpu-kit", help="the folder `make gpu-kit` prepared")
     parser.add_argument("--work", default=None, help="run folders and installed packages (default: <out>/../gpu_check_work)")
-    parser.add_argument("--budget-s", type=float, default=450.0, help="wall time for all sections together")
+    parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
+                        help="wall time for the whole check; sections that do not fit are dropped, lowest priority first")
     parser.add_argument("--only", default=None, help="comma-separated sections to run (default: all)")
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU (the test suite's check)")
     parser.add_argument("--section", default=None, help=argparse.SUPPRESS)  # run one section (internal)
@@ -88,31 +107,80 @@ def main(argv: list[str] | None = None) -> int:
     return run_check(only, kit, out, work, ns.budget_s, ns.dry_run)
 
 
+def plan(sections: tuple[str, ...], budget_s: float) -> tuple[list[str], dict[str, str]]:
+    """The sections to run, in priority order, and the reason each dropped one is dropped: they
+    are taken in priority order while their limits (GPU seconds) fit the budget less the
+    start-up margin; the first that does not fit and every one below it are dropped."""
+    ordered = sorted(dict.fromkeys(sections), key=PRIORITY.index)
+    room = budget_s - STARTUP_MARGIN_S
+    keep: list[str] = []
+    for index, name in enumerate(ordered):
+        used = sum(LIMITS[k] for k in keep)
+        if used + LIMITS[name] > room:
+            why = (f"not planned: the {budget_s:.0f} s budget less the {STARTUP_MARGIN_S:.0f} s start-up margin "
+                   f"leaves {room - used:.0f} s after the sections above it, its limit is {LIMITS[name]} s")
+            dropped = {name: why}
+            dropped.update({k: f"not planned: dropped with {name}, which is above it in priority (the budget is short)"
+                            for k in ordered[index + 1 :]})
+            return keep, dropped
+        keep.append(name)
+    return keep, {}
+
+
 def run_check(sections: tuple[str, ...], kit: Path, out: Path, work: Path, budget_s: float, dry_run: bool) -> int:
     started = time.monotonic()
+    scale = DRY_RUN_SCALE if dry_run else 1.0
     log_path = out / "gpu_check.log"
-    report: dict = {"dry_run": dry_run, "budget_s": budget_s, "kit": json.loads((kit / "kit.json").read_text()),
-                    "sections": {}}
-    with open(log_path, "w") as log:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        installed = install_kit(kit, work / "site", log)
-        report["install"] = installed
-        if installed.get("site"):
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), installed["site"], env.get("PYTHONPATH")]))
-        for name in sections:
-            left = budget_s - (time.monotonic() - started)
-            limit = min(CAPS[name] * (3 if dry_run else 1), left)
-            if left < FLOORS[name] and not dry_run:
-                report["sections"][name] = {"status": "skipped", "error": f"{left:.0f} s of the budget left"}
-                continue
-            report["sections"][name] = _spawn(name, kit, out, work, dry_run, env, limit, log)
+    to_run, dropped = plan(sections, budget_s)
+    report: dict = {"dry_run": dry_run, "budget_s": budget_s, "time_scale": scale,
+                    "plan": {"run": to_run, "dropped": dropped, "limits_s": {n: LIMITS[n] * scale for n in to_run},
+                             "startup_margin_s": STARTUP_MARGIN_S * scale},
+                    "kit": json.loads((kit / "kit.json").read_text()), "sections": {}}
+    print(f"gpu check: budget {budget_s * scale:.0f} s{f' (a dry run: {scale:g}x the GPU times)' if dry_run else ''}; plan " + ", ".join(f"{n} {LIMITS[n] * scale:.0f} s" for n in to_run)
+          + (f"; dropped (lowest priority first): {', '.join(dropped)}" if dropped else ""), flush=True)
+    previous = signal.getsignal(signal.SIGTERM)
+    if _main_thread():  # killed from outside (the lease ends): the running section's group goes too
+        signal.signal(signal.SIGTERM, _terminated)
+    try:
+        with open(log_path, "w") as log:
+            env = dict(os.environ, PYTHONUNBUFFERED="1")
+            installed = install_kit(kit, work / "site", log)
+            report["install"] = installed
+            if installed.get("site"):
+                env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), installed["site"], env.get("PYTHONPATH")]))
+            for index, name in enumerate(to_run):
+                left = budget_s * scale - (time.monotonic() - started)
+                limit = LIMITS[name] * scale
+                if limit > left:  # never start what cannot finish: it and everything below it are skipped
+                    report["sections"][name] = {"status": "skipped", "reason": (
+                        f"not started: its {limit:.0f} s limit exceeds the {max(left, 0):.1f} s left of the budget")}
+                    for below in to_run[index + 1 :]:
+                        report["sections"][below] = {"status": "skipped", "reason": (
+                            f"not started: dropped with {name}, which is above it in priority (the budget ran short)")}
+                    break
+                report["sections"][name] = _spawn(name, kit, out, work, dry_run, env, limit, log)
+                _write(out / "gpu_check.json", report)
+            for name, why in dropped.items():
+                report["sections"][name] = {"status": "skipped", "reason": why}
+            report["wall_s"] = time.monotonic() - started
+            report["summary"] = summarize(report)
             _write(out / "gpu_check.json", report)
-        report["wall_s"] = time.monotonic() - started
-        report["summary"] = summarize(report)
-        _write(out / "gpu_check.json", report)
+    finally:
+        if _main_thread():
+            signal.signal(signal.SIGTERM, previous)
     print("\n".join(report["summary"]["lines"]))
     print(f"wrote {out / 'gpu_check.json'} and {log_path}")
     return 0 if report["summary"]["failed"] == 0 else 1
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _terminated(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # unwinds through _spawn, which kills the running section's group
 
 
 def install_kit(kit: Path, site: Path, log) -> dict:
@@ -152,33 +220,163 @@ def _call(command: list[str], log, what: str) -> None:
         raise SystemExit(f"error: could not {what} (exit {result.returncode}); see the log")
 
 
+def _section_command(name: str, kit: Path, out: Path, work: Path, dry_run: bool) -> list[str]:
+    return [sys.executable, "-m", "tools.gpu.check", "--section", name, "--kit", str(kit), "--out", str(out),
+            "--work", str(work)] + (["--dry-run"] if dry_run else [])
+
+
 def _spawn(name: str, kit: Path, out: Path, work: Path, dry_run: bool, env: dict, limit: float, log) -> dict:
-    command = [sys.executable, "-m", "tools.gpu.check", "--section", name, "--kit", str(kit), "--out", str(out),
-               "--work", str(work)] + (["--dry-run"] if dry_run else [])
+    """One section in a session (process group) of its own, killed whole at ``limit``; its
+    group is emptied when it ends by itself too."""
     log.write(f"\n== section {name} (limit {limit:.0f} s)\n")
     log.flush()
     print(f"gpu check: {name} (limit {limit:.0f} s)", flush=True)
     result_file = work / f"section_{name}.json"
     result_file.unlink(missing_ok=True)
     start = time.monotonic()
+    process = subprocess.Popen(_section_command(name, kit, out, work, dry_run), stdout=log, stderr=subprocess.STDOUT,
+                               cwd=ROOT, env=env, start_new_session=True)
+    code, timed_out = None, False
     try:
-        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env, timeout=limit).returncode
+        code = process.wait(timeout=limit)
     except subprocess.TimeoutExpired:
-        return {"status": "timeout", "seconds": time.monotonic() - start, "error": f"did not finish in {limit:.0f} s"}
+        timed_out = True
+    finally:  # also when the driver itself is interrupted or terminated
+        ended = end_process_group(process, KILL_GRACE_S)
+    seconds = time.monotonic() - start
+    cleanup = _describe_cleanup(ended)
+    log.write(f"== section {name}: {'timed out; ' if timed_out else ''}{cleanup}\n")
+    log.flush()
+    if timed_out:
+        return {"status": "timeout", "seconds": seconds, "error": f"did not finish in {limit:.0f} s; {cleanup}",
+                "killed": ended}
     entry = json.loads(result_file.read_text()) if result_file.is_file() else {
         "status": "failed", "error": f"the section's process exited {code} without a result (see the log)"}
-    entry["seconds"] = time.monotonic() - start
+    entry["seconds"] = seconds
+    if ended["pids"]:  # it left processes behind: killed, and said
+        entry["left_behind"] = {**ended, "note": cleanup}
     return entry
 
 
+def _describe_cleanup(ended: dict) -> str:
+    if not ended["pids"]:
+        return "its process group was already empty, no child left"
+    how = ", then ".join(ended["signals"]) or "no signal"
+    tail = "no child left" if not ended["left"] else f"STILL ALIVE: {', '.join(map(str, ended['left']))}"
+    count = len(ended["pids"])
+    return f"killed its process group ({count} process{'es' if count > 1 else ''}: {how}), {tail}"
+
+
+# --------------------------------------------------------------------------------------------
+# Process groups: find, kill and check a section's whole tree
+# --------------------------------------------------------------------------------------------
+
+
+def _process_table() -> dict[int, tuple[int, int, bool]] | None:
+    """pid -> (parent pid, process group, alive) for every process (a zombie is not alive),
+    from /proc, else psutil; None where neither is there."""
+    proc = Path("/proc")
+    if (proc / "self" / "stat").is_file():
+        table = {}
+        for entry in os.scandir(proc):
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = Path(entry.path, "stat").read_text()
+            except OSError:  # gone meanwhile
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()  # state, ppid, pgrp, ...
+            table[int(entry.name)] = (int(fields[1]), int(fields[2]), fields[0] not in ("Z", "X", "x"))
+        return table
+    try:
+        import psutil
+    except ImportError:
+        return None
+    table = {}
+    for process in psutil.process_iter():
+        try:
+            table[process.pid] = (process.ppid(), os.getpgid(process.pid),
+                                  process.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD))
+        except (psutil.Error, OSError):
+            continue
+    return table
+
+
+def _group_alive(pgid: int, members: set[int]) -> list[int]:
+    """The live processes of the group, and of ``members`` (descendants that may have left it)."""
+    table = _process_table()
+    if table is None:  # no process table: the group answering signal 0 is all there is to go on
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return []
+        return [pgid]
+    return sorted(pid for pid, (_, group, alive) in table.items() if alive and (group == pgid or pid in members))
+
+
+def _descendants(root: int, table: dict[int, tuple[int, int, bool]]) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _, _) in table.items():
+        children.setdefault(parent, []).append(pid)
+    found, stack = set(), [root]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in found:
+                found.add(child)
+                stack.append(child)
+    return found
+
+
+def end_process_group(process: subprocess.Popen, grace_s: float) -> dict:
+    """Kill the process group ``process`` leads (started with ``start_new_session``) and every
+    descendant of it: SIGTERM, then SIGKILL after ``grace_s``; reap ``process``. Returns the
+    pids found, the signals sent and the pids still alive after (none, unless unkillable)."""
+    pgid = process.pid
+    table = _process_table() or {}
+    members = _descendants(pgid, table) | {pid for pid, (_, group, alive) in table.items() if group == pgid and alive}
+    members.discard(os.getpid())
+    found = sorted(set(_group_alive(pgid, members)) | ({pgid} if process.poll() is None else set()))
+    signals: list[str] = []
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        alive = _group_alive(pgid, members)
+        if not alive and process.poll() is not None:
+            break
+        signals.append(sig.name)
+        try:
+            os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for pid in alive:  # descendants that started a group of their own
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            process.poll()  # reap the leader: a zombie is dead
+            if process.returncode is not None and not _group_alive(pgid, members):
+                break
+            time.sleep(0.05)
+    try:
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+    left = _group_alive(pgid, members)
+    return {"pids": found, "signals": signals, "left": left}
+
+
 def _run_section(name: str, kit: Path, out: Path, work: Path, dry_run: bool) -> int:
-    """In the section's own process: run it, write its result for the driver."""
+    """In the section's own process: run it, write its result for the driver. A section that
+    returns ``{"not_run": why}`` did not run: it is reported skipped with why, never ok."""
     work.mkdir(parents=True, exist_ok=True)
     try:
         result = SECTION_FUNCTIONS[name](kit, out, work, dry_run)
-        entry = {"status": "failed" if result.pop("failures", None) else "ok", "result": result}
-        if entry["status"] == "failed":
-            entry["error"] = "; ".join(result.get("problems", [])) or "see the result"
+        if "not_run" in result:
+            entry = {"status": "skipped", "reason": result["not_run"]}
+        else:
+            entry = {"status": "failed" if result.pop("failures", None) else "ok", "result": result}
+            if entry["status"] == "failed":
+                entry["error"] = "; ".join(result.get("problems", [])) or "see the result"
     except Exception as exc:  # the driver records it and goes on with the next section
         traceback.print_exc()
         entry = {"status": "failed", "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"}
@@ -337,9 +535,10 @@ def _throughput(dry_run: bool, compile: bool) -> dict:
     if dry_run:
         spec = BenchSpec(dim=64, layers=2, heads=4, seq_len=256, batch=1, modalities=3, dtype="both", steps=1,
                          repeats=1, device="cpu", memory=False, compile=compile)
-    else:
-        spec = BenchSpec(dim=2048, layers=8, heads=16, seq_len=8192, batch=1, modalities=3, dtype="bf16", steps=3,
-                         repeats=3 if compile else 5, device="cuda", memory=not compile, compile=compile)
+    else:  # compiled at 4 layers: compiling four 8-layer models would not fit the section's limit
+        spec = BenchSpec(dim=2048, layers=4 if compile else 8, heads=16, seq_len=8192, batch=1, modalities=3,
+                         dtype="bf16", steps=3, repeats=3 if compile else 5, device="cuda", memory=not compile,
+                         compile=compile)
     report = run_throughput(spec, progress=lambda msg: print(msg, flush=True))
     print(format_table(report))
     return report
@@ -350,8 +549,8 @@ def throughput(kit: Path, out: Path, work: Path, dry_run: bool) -> dict:
 
 
 def throughput_compiled(kit: Path, out: Path, work: Path, dry_run: bool) -> dict:
-    if dry_run:  # inductor's CPU compile of four models takes minutes; the code path is the same
-        return {"skipped": "dry run"}
+    if dry_run:  # reported skipped, not ok: nothing of it ran
+        return {"not_run": "not run in a dry run: inductor's CPU compile of four models takes minutes"}
     return _throughput(dry_run, compile=True)
 
 
@@ -499,8 +698,16 @@ def summarize(report: dict) -> dict:
             speed = run.get("median_tokens_per_s")
             lines.append(f"{name}: loss {run['first_loss']:.3f} -> {run['last_loss']:.3f}"
                          + (f", {speed:,.0f} tokens/s" if speed else ""))
+    tests = sections.get("gpu_tests", {}).get("result", {}).get("counts")
+    if tests:
+        lines.append(f"gpu_tests: {tests['passed']} passed, {tests['failed']} failed, {tests['skipped']} skipped")
     for name in failed:
         lines.append(f"{name} {statuses[name]}: {sections[name].get('error', '')}")
+    for name, entry in sections.items():
+        if entry["status"] == "skipped":
+            lines.append(f"{name} skipped: {entry.get('reason', '')}")
+        elif entry.get("left_behind"):
+            lines.append(f"{name}: {entry['left_behind']['note']}")
     return {"failed": len(failed), "figures": figures, "lines": lines}
 
 
