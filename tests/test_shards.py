@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -146,7 +147,8 @@ def _damage_cases():
     return [
         ("truncated", truncate, r"shard .*part-00000-00000\.arrow has \d+ bytes where its index says \d+ \(truncated or replaced\); run `mot data tokenize CONFIG --force`"),
         ("missing", remove, r"shard .*part-\d+-\d+\.arrow is missing; run `mot data tokenize CONFIG --force` to write them again"),
-        ("index", foreign_index, r"the index does not match its shards; run `mot data tokenize CONFIG --force`"),
+        ("index", foreign_index, r"train/index\.json is damaged \(its shards hold \d+ documents where it says \d+\); "
+                                 r"run `mot data tokenize CONFIG --force`"),
         ("source", edit_source, r"dataset 'text_files' has changed since it was tokenized into .*mot data tokenize CONFIG --force"),
         ("garbage", not_arrow, r"shard .*part-00000-00000\.arrow cannot be read .*; run `mot data tokenize CONFIG --force`"),
     ]
@@ -233,7 +235,7 @@ def test_shards_written_before_record_batches_read_the_same(tmp_path):
     with ipc.new_file(sink, layout.SCHEMA) as old:  # one batch, no footer metadata
         old.write_batch(table.to_batches()[0])
     path.write_bytes(sink.getvalue().to_pybytes())
-    old_index = dict(index, shards=[{k: v for k, v in shards[0].items() if k != "batch_documents"}
+    old_index = dict(index, shards=[{k: v for k, v in shards[0].items() if k not in ("batch_documents", "footer_crc32")}
                                     | {"bytes": path.stat().st_size}])
     store = ShardedDocuments(str(tmp_path), "ramp", "train", old_index, vocab.expand)
     assert store.lengths().tolist() == current.lengths().tolist()
@@ -260,3 +262,176 @@ def test_a_shard_of_many_documents_is_read_a_record_batch_at_a_time(tmp_path):
     for i in (149, 0, 77, 128):
         assert np.array_equal(store[i].ids, expected[i].ids)
     assert sorted(store._batches) == [(0, 0), (0, 1), (0, 2)]  # 150 documents: batches of 64, 64 and 22
+
+
+def _ramp_split(tmp_path: Path, documents: int = 150):
+    """One shard of ramp documents (150: record batches of 64, 64 and 22) -> (vocabulary,
+    index, the shard's path)."""
+    vocab = ramp_vocab()
+    raw = (ramp_documents(10) * 15)[:documents]
+    prints = Fingerprints("v", {}, "s")
+    writer = ShardWriter(str(tmp_path), "ramp", "train", 0, prints, shard_tokens=1 << 30)
+    writer.add(vocab.encode_documents(raw, "ramp"), len(raw))
+    shards = writer.finish()
+    index = write_index(str(tmp_path), "ramp", "train", prints, 1, shards, vocab.names)
+    return vocab, index, tmp_path / "ramp" / "train" / shards[0]["file"]
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """A new file under the shard's name: stores that mapped the old one keep reading it."""
+    path.with_suffix(".tmp").write_bytes(data)
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+def _without_checksums(path: Path, index: dict) -> dict:
+    """The shard rewritten as shards were before batch checksums (lengths alone in its footer);
+    returns the index with its new size (and still whatever else the index records)."""
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    from mot_core.data.shards import LENGTHS_KEY
+
+    reader = ipc.open_file(pa.memory_map(str(path)))
+    batches = [reader.get_batch(b) for b in range(reader.num_record_batches)]
+    sink = pa.BufferOutputStream()
+    with ipc.new_file(sink, reader.schema, metadata={LENGTHS_KEY: reader.metadata[LENGTHS_KEY]}) as writer:
+        for batch in batches:
+            writer.write_batch(batch)
+    _replace(path, sink.getvalue().to_pybytes())
+    return dict(index, shards=[dict(index["shards"][0], bytes=path.stat().st_size)])
+
+
+def test_a_record_batch_is_checked_the_first_time_it_is_read_and_only_it(tmp_path, monkeypatch):
+    from mot_core.data import shards as layout
+    from mot_core.errors import MotError
+    from test_shard_damage import _buffers
+
+    vocab, index, path = _ramp_split(tmp_path)
+    assert index["shards"][0]["footer_crc32"] >= 0
+    hashed = []
+    real = layout.batch_checksum
+    monkeypatch.setattr(layout, "batch_checksum", lambda columns: hashed.append(columns[0][0].size - 1) or real(columns))
+    store = ShardedDocuments(str(tmp_path), "ramp", "train", index, vocab.expand)
+    store.lengths()
+    assert hashed == []  # opening reads footers: nothing hashed
+    store[0], store[5], store[63]
+    assert hashed == [64]  # batch 0, once
+    store[149]
+    assert hashed == [64, 22]
+    store._batches.clear()  # evicted: a mapped batch checked by this process is not hashed again
+    store[1]
+    assert hashed == [64, 22]
+
+    # batch 1's ids moved in place (the same ids, so in the vocabulary): batches 0 and 2 still read
+    data = bytearray(path.read_bytes())
+    _, _, at, size = _buffers(path, 0)[1]
+    data[at:at + size] = np.roll(np.frombuffer(bytes(data[at:at + size]), dtype="<i4"), 1).tobytes()
+    _replace(path, bytes(data))
+    damaged = ShardedDocuments(str(tmp_path), "ramp", "train", index, vocab.expand)
+    damaged[0], damaged[149]
+    with pytest.raises(MotError) as error:
+        damaged[100]
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"shard {path}: record batch 1 does not match its checksum"), message
+    assert message.endswith("run `mot data tokenize CONFIG --force` to write them again")
+
+
+def test_shards_written_before_checksums_read_unchecked(tmp_path):
+    vocab, index, path = _ramp_split(tmp_path)
+    expected = [ShardedDocuments(str(tmp_path), "ramp", "train", index, vocab.expand).encoded(i) for i in range(150)]
+    old = _without_checksums(path, index)
+    old["shards"][0].pop("footer_crc32")
+    store = ShardedDocuments(str(tmp_path), "ramp", "train", old, vocab.expand)
+    for i in (0, 70, 149):
+        got = store.encoded(i)
+        assert all(np.array_equal(getattr(got, f), getattr(expected[i], f)) for f in ("ids", "seg_length", "values"))
+        assert np.array_equal(store[i].ids, vocab.expand(expected[i]).ids)
+    assert store._shard(0).checksums is None
+
+
+@pytest.mark.parametrize("case", ["footer altered", "checksums lost"])
+def test_a_footer_that_does_not_match_its_index_is_refused(tmp_path, case):
+    from mot_core.errors import MotError
+
+    vocab, index, path = _ramp_split(tmp_path)
+    if case == "footer altered":
+        index = dict(index, shards=[dict(index["shards"][0], footer_crc32=index["shards"][0]["footer_crc32"] ^ 1)])
+        expected = "has a footer that does not match its index's checksum"
+    else:
+        index = _without_checksums(path, index)
+        expected = "has lost the checksums its index records"
+    with pytest.raises(MotError, match=expected) as error:
+        ShardedDocuments(str(tmp_path), "ramp", "train", index, vocab.expand)
+    assert str(error.value).startswith(f"shard {path} ") and "mot data tokenize CONFIG --force" in str(error.value)
+
+
+def test_documents_no_tokenizer_wrote_are_refused_when_expanded():
+    from mot_core.data.vocabulary import DamagedDocument, EncodedDocument
+
+    vocab = ramp_vocab()  # words: ids [0, 20); ramp: id 20 (its marker), and continuous positions of 3 values
+    good = vocab.encode_documents(ramp_documents(1), "ramp")[0]  # words 1 2 | marker v v v | word 7
+    assert good.ids.tolist() == [1, 2, 20, -1, -1, -1, 7] and good.seg_length.tolist() == [2, 4, 1]
+
+    def doc(**changes) -> EncodedDocument:
+        fields = {f: getattr(good, f).copy() for f in ("ids", "seg_modality", "seg_length", "values")}
+        for name, change in changes.items():
+            change(fields[name])
+        return EncodedDocument(**fields)
+
+    def put(position, value):
+        def change(array):
+            array[position] = value
+        return change
+
+    cases = [
+        (doc(ids=put(0, 20)), r"id 20 at position 0 lies outside modality 'words' ids \[0, 20\)"),
+        (doc(ids=put(2, 21)), r"id 21 at position 2 lies outside modality 'ramp' ids \[20, 21\)"),
+        (doc(ids=put(6, -1)), r"id -1 at position 6 lies outside modality 'words'"),  # -1: continuous modalities only
+        (doc(ids=put(2, -1)), r"its continuous positions take 12 values but it holds 9"),
+        (doc(seg_length=put(2, 2)), r"its segment lengths add up to 8 positions but it holds 7 ids"),
+        (doc(seg_length=put(0, -1)), r"a segment has length -1"),
+        (doc(seg_modality=put(1, 2)), r"a segment names modality 2; the vocabulary has 2"),
+        (EncodedDocument(good.ids, good.seg_modality[:2], good.seg_length, good.values),
+         r"its segment table holds 2 modalities for 3 lengths"),
+        (EncodedDocument(good.ids, good.seg_modality, good.seg_length, good.values[:-1]),
+         r"its continuous positions take 9 values but it holds 8"),
+    ]
+    for damaged, message in cases:
+        with pytest.raises(DamagedDocument, match=message):
+            vocab.expand(damaged)
+    assert vocab.expand(good).ids.tolist() == [1, 2, 20, 0, 0, 0, 7]
+
+
+def test_damaged_index_and_progress_files_are_one_line_naming_them(tmp_path):
+    from mot_core.errors import MotError
+
+    vocab, index, _ = _ramp_split(tmp_path)
+    folder = tmp_path / "ramp" / "train"
+    shard = index["shards"][0]
+    cases = [
+        ("{not json", r"not JSON"),
+        ("[]", r"a JSON list, not an object"),
+        (json.dumps({k: v for k, v in index.items() if k != "shards"}), r"shards: Field required"),
+        (json.dumps(dict(index, shards=[dict(shard, documents="150")])), r"shards\.0\.documents: Input should be a valid integer"),
+        (json.dumps(dict(index, shards=[dict(shard, file="../other/x.arrow")])), r"shards\.0\.file: '\.\./other/x\.arrow' is not a file name"),
+        (json.dumps(dict(index, shards=[dict(shard, bytes=-1)])), r"shards\.0\.bytes: Input should be greater than or equal to 0"),
+        (json.dumps(dict(index, tokens=index["tokens"] + 1)), r"its shards hold \d+ tokens where it says \d+"),
+    ]
+    for text, message in cases:
+        (folder / "index.json").write_text(text)
+        with pytest.raises(MotError) as error:
+            read_index(str(tmp_path), "ramp", "train")
+        line = str(error.value)
+        assert "\n" not in line and line.startswith(f"{folder}/index.json is damaged ("), line
+        assert re.search(message, line) and line.endswith("run `mot data tokenize CONFIG --force` to write them again"), line
+    (folder / "index.json").write_text(json.dumps(dict(index, format="mot-shards/9", shards="whatever")))
+    assert read_index(str(tmp_path), "ramp", "train")["format"] == "mot-shards/9"  # check_index names the format
+
+    progress = folder / "part-00000.json"
+    saved = json.loads(progress.read_text())
+    for value, message in [([saved], r"a JSON list, not an object"), (dict(saved, documents_read=-1), r"documents_read"),
+                           ({k: v for k, v in saved.items() if k != "done"}, r"done: Field required")]:
+        progress.write_text(json.dumps(value))
+        with pytest.raises(MotError, match=message) as error:
+            ShardWriter(str(tmp_path), "ramp", "train", 0, Fingerprints("v", {}, "s"), 100, fix="FIX")
+        assert str(error.value).startswith(f"{progress} is damaged (") and str(error.value).endswith("; FIX")

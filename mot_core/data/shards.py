@@ -24,22 +24,43 @@ into place; a part's progress file is rewritten after each shard, so an interrup
 continues after the last finished shard. ``open_split`` refuses shards that do not match:
 another tokenizer or vocabulary, a source changed since, a truncated, missing or foreign
 shard, each with one line naming the shard and the fix.
+
+What is checked, and when (every failure is one ``MotError`` line naming the file and
+``mot data tokenize CONFIG --force``):
+
+- ``index.json`` and progress files, when read: JSON objects of the expected fields and types
+  (``INDEX_SCHEMA``, ``PROGRESS_SCHEMA``), the index's totals those of its shards;
+- each shard's size, when the split is opened (one listing), and its footer when the shard is
+  first used: schema, record batches, document lengths, and the CRC-32 of its footer tables,
+  which the index records (``footer_crc32``);
+- each record batch, the first time this process reads it: the CRC-32 of its buffers (ids,
+  segment tables, values and their offsets; ``CHECKSUMS_KEY`` in the footer, one per batch)
+  and the bounds of its offsets. Only the batch being read is hashed (crc32 runs at several
+  GB/s), so a range read stays one batch;
+- each document, when it is expanded: ids within their segment's modality
+  (``Vocabulary.check_encoded``), a segment table that adds up.
+
+Shards written before batch checksums (no ``CHECKSUMS_KEY``, no ``footer_crc32`` in the index)
+still read, unchecked except for their layout and the per-document checks.
 """
 
 from __future__ import annotations
 
 import json
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Annotated, Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.ipc as ipc
+import pydantic
+from typing_extensions import NotRequired, TypedDict  # pydantic reads typing's TypedDict only from 3.12
 
 from mot_core import filesystems
-from mot_core.data.vocabulary import EncodedDocument, TokenDocument
+from mot_core.data.vocabulary import DamagedDocument, EncodedDocument, TokenDocument
 from mot_core.errors import MotError
 
 FORMAT = "mot-shards/1"
@@ -50,6 +71,7 @@ SCHEMA = pa.schema([
     ("values", pa.large_list(pa.float32())),
 ])
 INDEX = "index.json"
+FIX = "run `mot data tokenize CONFIG --force` to write them again"  # what a damaged shard or index needs
 
 
 def split_folder(root: str, source: str, split: str) -> str:
@@ -62,15 +84,83 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     return filesystems.resolve(path, "data.dir")
 
 
-def _read_json(fs: pafs.FileSystem, path: str) -> dict | None:
+def _read_json(fs: pafs.FileSystem, path: str, named: str, fix: str) -> object | None:
+    """The parsed file, or None if there is none. Index and progress files are written whole
+    (a temporary name, then moved), so one that does not parse is damaged, never half-written:
+    refused in one line naming it (``named``) and the fix."""
     info = fs.get_file_info(path)
     if info.type != pafs.FileType.File:
         return None
     with fs.open_input_stream(path) as handle:
-        try:
-            return json.loads(handle.read().decode("utf-8"))
-        except ValueError:
-            return None
+        data = handle.read()
+    try:
+        return json.loads(data.decode("utf-8"))
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError alike
+        raise MotError(f"{named} is damaged (not JSON: {str(exc).splitlines()[0]}); {fix}") from None
+
+
+NonNegative = Annotated[int, pydantic.Field(ge=0)]
+# a name in the split's folder, never a path (no separator; not . or ..: one character at least is no dot)
+FileName = Annotated[str, pydantic.Field(pattern=r"^[^/\\]*[^/\\.][^/\\]*$")]
+
+
+class ShardRecord(TypedDict):
+    """One shard as the progress files and the index list it."""
+
+    file: FileName
+    documents: NonNegative
+    tokens: NonNegative
+    bytes: NonNegative
+    batch_documents: NotRequired[Annotated[int, pydantic.Field(ge=1)]]  # absent: one batch (the first layout)
+    footer_crc32: NotRequired[Annotated[int, pydantic.Field(ge=0, lt=1 << 32)]]  # absent: written unchecked
+    skipped: NotRequired[dict[str, NonNegative]]
+
+
+class IndexFile(TypedDict):
+    format: str
+    source: str
+    split: str
+    vocabulary: str
+    modalities: dict[str, str]
+    modality_order: list[str]
+    source_fingerprint: str
+    parts: Annotated[int, pydantic.Field(ge=1)]
+    documents: NonNegative
+    tokens: NonNegative
+    shards: list[ShardRecord]
+    skipped: NotRequired[dict[str, NonNegative]]
+
+
+class ProgressFile(TypedDict):
+    vocabulary: str
+    source: str
+    documents_read: NonNegative
+    shards: list[ShardRecord]
+    done: bool
+    skipped: NotRequired[dict[str, NonNegative]]
+
+
+INDEX_SCHEMA = pydantic.TypeAdapter(IndexFile)
+PROGRESS_SCHEMA = pydantic.TypeAdapter(ProgressFile)
+
+
+def _validated(data: object, schema: pydantic.TypeAdapter, named: str, fix: str) -> dict:
+    """``data`` (parsed JSON) if it fits ``schema``, else one line: the file, the first field
+    that does not fit and why, and the fix."""
+    if not isinstance(data, dict):
+        raise MotError(f"{named} is damaged (a JSON {type(data).__name__}, not an object); {fix}")
+    try:
+        # strict: a count written as "3" or true is damage, not a number; keys of later versions are ignored
+        schema.validate_python(data, strict=True)
+    except pydantic.ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"]) or "top level"
+        if error["type"] == "string_pattern_mismatch":
+            why = f"{error['input']!r} is not a file name in the split's folder"
+        else:
+            why = error["msg"].splitlines()[0]
+        raise MotError(f"{named} is damaged ({where}: {why}); {fix}") from None
+    return data
 
 
 def _write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
@@ -94,12 +184,18 @@ class ShardWriter:
     """Writes the shards of one part of a split; resumable from its progress file."""
 
     def __init__(self, root: str, source: str, split: str, part: int, fingerprints: Fingerprints,
-                 shard_tokens: int):
-        self.fs, self.folder = filesystem(split_folder(root, source, split))
+                 shard_tokens: int, fix: str = FIX):
+        """``fix``: what an error about a damaged progress file tells the user to do."""
+        uri = split_folder(root, source, split)
+        self.fs, self.folder = filesystem(uri)
         self.fs.create_dir(self.folder, recursive=True)
         self.part, self.shard_tokens, self.fingerprints = part, shard_tokens, fingerprints
-        self.progress_path = f"{self.folder}/part-{part:05d}.json"
-        progress = _read_json(self.fs, self.progress_path)
+        name = f"part-{part:05d}.json"
+        self.progress_path = f"{self.folder}/{name}"
+        named = filesystems.join(uri, name)
+        progress = _read_json(self.fs, self.progress_path, named, fix)
+        if progress is not None:
+            progress = _validated(progress, PROGRESS_SCHEMA, named, fix)
         if progress is not None and (progress.get("vocabulary") != fingerprints.vocabulary
                                      or progress.get("source") != fingerprints.source):
             progress = None  # written for other tokenizers or data: start the part again
@@ -146,11 +242,11 @@ class ShardWriter:
 
     def _flush(self) -> None:
         name = f"part-{self.part:05d}-{len(self.progress['shards']):05d}.arrow"
-        data = encode_shard(self.pending)
+        data, footer_crc32 = build_shard(self.pending)
         _write_atomic(self.fs, f"{self.folder}/{name}", data)
         self.progress["shards"].append({
             "file": name, "documents": len(self.pending), "tokens": int(sum(len(d) for d in self.pending)),
-            "bytes": len(data), "batch_documents": BATCH_DOCUMENTS,
+            "bytes": len(data), "batch_documents": BATCH_DOCUMENTS, "footer_crc32": footer_crc32,
         })
         self.progress["documents_read"] += self.pending_read
         self._take_skipped()
@@ -170,9 +266,16 @@ class ShardWriter:
 
 
 def encode_shard(docs: list[EncodedDocument]) -> bytes:
-    """Documents -> the bytes of one Arrow IPC file: record batches of ``BATCH_DOCUMENTS``
-    documents, and every document's token count in the footer (``LENGTHS_KEY``), so that a
-    reader learns the shard's layout from its footer and reads one batch with one range read."""
+    """Documents -> the bytes of one Arrow IPC file (``build_shard``)."""
+    return build_shard(docs)[0]
+
+
+def build_shard(docs: list[EncodedDocument]) -> tuple[bytes, int]:
+    """Documents -> (the bytes of one Arrow IPC file, the CRC-32 of its footer tables, which
+    the index records). The file holds record batches of ``BATCH_DOCUMENTS`` documents; its
+    footer every document's token count (``LENGTHS_KEY``), so that a reader learns the shard's
+    layout from its footer and reads one batch with one range read, and each batch's CRC-32
+    (``CHECKSUMS_KEY``), which a reader checks the first time it reads the batch."""
 
     def column(arrays: list[np.ndarray], dtype, large: bool = False) -> pa.Array:
         lengths = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
@@ -181,17 +284,47 @@ def encode_shard(docs: list[EncodedDocument]) -> bytes:
         kind = pa.LargeListArray if large else pa.ListArray
         return kind.from_arrays(pa.array(offsets), pa.array(flat))
 
-    lengths = np.fromiter((d.ids.size for d in docs), dtype="<i4", count=len(docs))
+    lengths = np.fromiter((d.ids.size for d in docs), dtype="<i4", count=len(docs)).tobytes()
+    batches = []
+    for first in range(0, max(len(docs), 1), BATCH_DOCUMENTS):
+        part = docs[first:first + BATCH_DOCUMENTS]
+        batches.append(pa.RecordBatch.from_arrays([
+            column([d.ids for d in part], np.int32), column([d.seg_modality for d in part], np.int16),
+            column([d.seg_length for d in part], np.int32),
+            column([d.values for d in part], np.float32, large=True),
+        ], schema=SCHEMA))
+    # the footer is written first in the API: every batch's checksum is known before the file is
+    checksums = np.array([batch_checksum(_columns(b)) for b in batches], dtype="<u4").tobytes()
     sink = pa.BufferOutputStream()
-    with ipc.new_file(sink, SCHEMA, metadata={LENGTHS_KEY: lengths.tobytes()}) as writer:
-        for first in range(0, max(len(docs), 1), BATCH_DOCUMENTS):
-            part = docs[first:first + BATCH_DOCUMENTS]
-            writer.write_batch(pa.RecordBatch.from_arrays([
-                column([d.ids for d in part], np.int32), column([d.seg_modality for d in part], np.int16),
-                column([d.seg_length for d in part], np.int32),
-                column([d.values for d in part], np.float32, large=True),
-            ], schema=SCHEMA))
-    return sink.getvalue().to_pybytes()
+    with ipc.new_file(sink, SCHEMA, metadata={LENGTHS_KEY: lengths, CHECKSUMS_KEY: checksums}) as writer:
+        for batch in batches:
+            writer.write_batch(batch)
+    return sink.getvalue().to_pybytes(), footer_checksum(lengths, checksums)
+
+
+Columns = list[tuple[np.ndarray, np.ndarray]]  # per column of SCHEMA: (offsets (rows + 1,), flat values)
+
+
+def _columns(record: pa.RecordBatch) -> Columns:
+    """(offsets, flat values) of each column of a record batch: zero-copy numpy views."""
+    return [(record.column(c).offsets.to_numpy(), record.column(c).values.to_numpy()) for c in range(len(SCHEMA))]
+
+
+def batch_checksum(columns: Columns) -> int:
+    """CRC-32 of every buffer a reader uses of one record batch (each column's offsets and
+    values, in order). crc32 (zlib, several GB/s, the GIL released) rather than a
+    cryptographic hash: it guards against bit rot and bad copies, not against an adversary."""
+    crc = 0
+    for offsets, values in columns:
+        crc = zlib.crc32(np.ascontiguousarray(offsets), crc)
+        crc = zlib.crc32(np.ascontiguousarray(values), crc)
+    return crc
+
+
+def footer_checksum(lengths: bytes, checksums: bytes) -> int:
+    """CRC-32 of a shard's footer tables (document lengths, batch checksums): the index
+    records it, so a footer swapped or altered with its batches is refused as well."""
+    return zlib.crc32(checksums, zlib.crc32(lengths))
 
 
 def write_index(root: str, source: str, split: str, fingerprints: Fingerprints, parts: int,
@@ -213,9 +346,24 @@ def write_index(root: str, source: str, split: str, fingerprints: Fingerprints, 
     return index
 
 
-def read_index(root: str, source: str, split: str) -> dict | None:
-    fs, folder = filesystem(split_folder(root, source, split))
-    return _read_json(fs, f"{folder}/{INDEX}")
+def read_index(root: str, source: str, split: str, fix: str = FIX) -> dict | None:
+    """A split's ``index.json``, checked against ``INDEX_SCHEMA`` when it is an index of
+    ``FORMAT`` shards (``check_index`` refuses one of another format); None if there is none.
+    A damaged one is one line naming it and ``fix``."""
+    uri = split_folder(root, source, split)
+    fs, folder = filesystem(uri)
+    named = filesystems.join(uri, INDEX)
+    index = _read_json(fs, f"{folder}/{INDEX}", named, fix)
+    if index is None:
+        return None
+    if isinstance(index, dict) and index.get("format") != FORMAT:
+        return index  # another format: check_index names it, whatever its fields
+    index = _validated(index, INDEX_SCHEMA, named, fix)
+    for key in ("documents", "tokens"):
+        listed = sum(int(shard[key]) for shard in index["shards"])
+        if listed != index[key]:
+            raise MotError(f"{named} is damaged (its shards hold {listed} {key} where it says {index[key]}); {fix}")
+    return index
 
 
 def check_index(index: dict, where: str, fingerprints: Fingerprints, retokenize: str) -> None:
@@ -236,6 +384,7 @@ def check_index(index: dict, where: str, fingerprints: Fingerprints, retokenize:
 
 BATCH_DOCUMENTS = 64  # documents per record batch: the unit of a range read, and of the shuffle's chunks
 LENGTHS_KEY = b"mot.lengths"  # footer metadata: every document's token count (int32, little-endian)
+CHECKSUMS_KEY = b"mot.checksums"  # footer metadata: each record batch's batch_checksum (uint32, little-endian)
 
 
 class ReadCounter:
@@ -288,6 +437,8 @@ class _OpenShard:
     reader: ipc.RecordBatchFileReader
     lengths: np.ndarray  # (documents,) int64 tokens of each document
     batch_documents: int  # rows per record batch (the last one may hold fewer)
+    checksums: np.ndarray | None = None  # (batches,) uint32 batch_checksum of each; None: written unchecked
+    verified: np.ndarray | None = None  # (batches,) bool: checked by this process (a mapped file's batches)
 
 
 class ShardedDocuments:
@@ -309,9 +460,12 @@ class ShardedDocuments:
     EAGER_FOOTERS = 1024
 
     def __init__(self, root: str, source: str, split: str, index: dict,
-                 expand: Callable[[EncodedDocument], TokenDocument], fix: str = "run `mot data tokenize CONFIG --force`",
+                 expand: Callable[[EncodedDocument], TokenDocument], fix: str = FIX,
                  cached_batches: int | None = None):
-        """``fix``: what an error about a damaged shard tells the user to do."""
+        """``index``: the split's index as ``read_index`` or ``write_index`` returns it;
+        ``expand``: a document as stored -> as packed (``Vocabulary.expand``, which raises
+        ``DamagedDocument`` for one no tokenizer of the vocabulary wrote); ``fix``: what an
+        error about a damaged shard tells the user to do."""
         self.uri = split_folder(root, source, split)
         self.fs, self.folder = filesystem(self.uri)
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
@@ -390,6 +544,8 @@ class ShardedDocuments:
                            f"{self.fix}")
         metadata = reader.metadata or {}
         if LENGTHS_KEY in metadata:
+            if len(metadata[LENGTHS_KEY]) % 4:
+                raise MotError(f"shard {named} has a damaged footer (its document lengths are cut); {self.fix}")
             lengths = np.frombuffer(metadata[LENGTHS_KEY], dtype="<i4").astype(np.int64)
             per_batch = BATCH_DOCUMENTS
         else:  # written before record batches: one batch, whose offsets give the lengths
@@ -400,7 +556,9 @@ class ShardedDocuments:
             raise MotError(f"shard {named} holds {reader.num_record_batches} record batches where its index's "
                            f"{documents} documents make {expected_batches}: the index does not match its shards; "
                            f"{self.fix}")
-        found = _OpenShard(reader, lengths if lengths is not None else np.zeros(0, np.int64), per_batch)
+        checksums = self._footer_checksums(number, metadata, expected_batches)
+        found = _OpenShard(reader, lengths if lengths is not None else np.zeros(0, np.int64), per_batch, checksums,
+                           np.zeros(expected_batches, dtype=bool) if checksums is not None else None)
         self._shards[number] = found
         if lengths is None:
             found.lengths = np.diff(self._batch(number, 0)[0][0]).astype(np.int64)
@@ -413,9 +571,30 @@ class ShardedDocuments:
             self._shards.popitem(last=False)
         return found
 
+    def _footer_checksums(self, number: int, metadata: dict, batches: int) -> np.ndarray | None:
+        """(batches,) uint32 each record batch's checksum, from the footer, whose tables must
+        match the CRC-32 the index records; None for a shard written before checksums (the
+        index then records none either)."""
+        named, recorded = self._named(number), self.shards[number].get("footer_crc32")
+        if CHECKSUMS_KEY not in metadata:
+            if recorded is not None:
+                raise MotError(f"shard {named} has lost the checksums its index records (a damaged footer, or "
+                               f"another file under its name); {self.fix}")
+            return None  # written before checksums: read unchecked (documented)
+        raw = metadata[CHECKSUMS_KEY]
+        if len(raw) != 4 * batches:
+            raise MotError(f"shard {named} has a damaged footer ({len(raw)} bytes of checksums for {batches} record "
+                           f"batches); {self.fix}")
+        if recorded is not None and footer_checksum(metadata.get(LENGTHS_KEY, b""), raw) != recorded:
+            raise MotError(f"shard {named} has a footer that does not match its index's checksum (damaged, or "
+                           f"another shard copied under its name); {self.fix}")
+        return np.frombuffer(raw, dtype="<u4")
+
     def _batch(self, number: int, batch: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """(offsets, flat values) of each column of one record batch (zero-copy views of a
-        mapped file, or the bytes of one range read), kept among a few."""
+        mapped file, or the bytes of one range read), kept among a few. The first read of a
+        batch by this process checks its checksum (only this batch's bytes are hashed) and
+        its offsets; a batch fetched again from an object store is new bytes, checked again."""
         key = (number, batch)
         found = self._batches.get(key)
         if found is not None:
@@ -424,16 +603,25 @@ class ShardedDocuments:
         shard = self._shards.get(number) or self._shard(number)
         try:
             record = shard.reader.get_batch(batch)
+            columns = _columns(record)  # zero-copy views: refused if a damaged header claims nulls
         except (pa.ArrowInvalid, OSError) as exc:
             raise self._unreadable(number, exc) from None
         documents = int(self.shards[number]["documents"])
         rows = min(shard.batch_documents, documents - batch * shard.batch_documents) if documents else 0
-        columns = [(record.column(c).offsets.to_numpy(), record.column(c).values.to_numpy()) for c in range(4)]
+        if shard.checksums is not None and not shard.verified[batch]:
+            if batch_checksum(columns) != int(shard.checksums[batch]):
+                raise MotError(f"shard {self._named(number)}: record batch {batch} does not match its checksum (its "
+                               f"ids, segment tables or values changed since it was written: bit rot or a bad copy); "
+                               f"{self.fix}")
+            shard.verified[batch] = self.local  # a mapped file's bytes stay put; a fetched batch is fetched anew
         offsets = columns[0][0]
         expected = shard.lengths[batch * shard.batch_documents:batch * shard.batch_documents + rows]
         if record.num_rows != rows or (shard.lengths.size and not np.array_equal(np.diff(offsets), expected)):
             raise MotError(f"shard {self._named(number)}: record batch {batch} does not match the document lengths in "
                            f"the shard's footer (damaged); {self.fix}")
+        problem = _offsets_problem(columns, rows)
+        if problem:
+            raise MotError(f"shard {self._named(number)}: record batch {batch} is damaged ({problem}); {self.fix}")
         self._batches[key] = columns
         if len(self._batches) > self._cached_batches:
             self._batches.popitem(last=False)
@@ -450,16 +638,41 @@ class ShardedDocuments:
         out = [self._shard(n).lengths for n in range(len(self.shards))]
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
-    def encoded(self, index: int) -> EncodedDocument:
+    def _locate(self, index: int) -> tuple[int, int, int]:
+        """Document ``index`` of the split -> (shard, record batch, row in the batch)."""
         number = int(np.searchsorted(self.first, index, side="right") - 1)
-        row = index - int(self.first[number])
-        per_batch = self._shard(number).batch_documents
-        batch, row = divmod(row, per_batch)
+        batch, row = divmod(index - int(self.first[number]), self._shard(number).batch_documents)
+        return number, batch, row
+
+    def encoded(self, index: int) -> EncodedDocument:
+        """Document ``index`` as stored: zero-copy views of its record batch (checked)."""
+        number, batch, row = self._locate(index)
         cells = [values[offsets[row]:offsets[row + 1]] for offsets, values in self._batch(number, batch)]
         return EncodedDocument(*cells)
 
     def __getitem__(self, index: int) -> TokenDocument:
-        return self.expand(self.encoded(index))
+        encoded = self.encoded(index)
+        try:
+            return self.expand(encoded)
+        except DamagedDocument as exc:  # its ids or segments: name the shard, not just the document
+            number, batch, row = self._locate(index)
+            raise MotError(f"shard {self._named(number)}: document {row} of record batch {batch} is damaged ({exc}); "
+                           f"{self.fix}") from None
+
+
+def _offsets_problem(columns: Columns, rows: int) -> str | None:
+    """What is wrong with a record batch's offsets, or None: each column's must rise from
+    within its values to within them (slices past the end would silently shorten a document),
+    and the segment columns must share theirs (one modality per segment length). A few
+    comparisons over ``rows + 1`` offsets per column."""
+    for (offsets, values), name in zip(columns, SCHEMA.names):
+        if offsets.size != rows + 1:
+            return f"column {name} has {offsets.size} offsets for {rows} documents"
+        if offsets.size and (offsets[0] < 0 or offsets[-1] > values.size or (np.diff(offsets) < 0).any()):
+            return f"column {name} has offsets outside its {values.size} values or falling"
+    if not np.array_equal(columns[1][0], columns[2][0]):
+        return "its segment modalities and lengths do not pair up"
+    return None
 
 
 def batched(items: Iterable, size: int) -> Iterable[list]:

@@ -69,6 +69,12 @@ class TokenDocument:
         return len(self.ids)
 
 
+class DamagedDocument(MotError):
+    """An ``EncodedDocument`` that no tokenizer of this vocabulary could have written (ids
+    outside their segment's modality, a segment table that does not add up): the message says
+    what is wrong; a reader of shards re-raises it naming the shard and the fix."""
+
+
 @dataclass(frozen=True)
 class EncodedDocument:
     """A document as the shards store it: everything else is derived from the vocabulary.
@@ -103,6 +109,10 @@ class Vocabulary:
             self.offsets[name] = total
             total += _checked_vocab_size(name, modality)
         self.size = total
+        # per modality index, for ``check_encoded``: (first id, end of its ids, values per
+        # continuous position: 0 for a modality without any)
+        self._ranges = [(self.offsets[n], self.offsets[n] + int(modalities[n].vocab_size),
+                         int(modalities[n].input_dim or 0)) for n in self.names]
 
     def _marker_hosts(self) -> dict[str, int]:
         """name -> index of the modality that processes its token ids (itself unless it names
@@ -161,11 +171,69 @@ class Vocabulary:
                 ))
         return out
 
+    def check_encoded(self, doc: EncodedDocument) -> np.ndarray:
+        """(L,) int64 ids of ``doc``; raises ``DamagedDocument`` unless ``doc`` is what
+        ``encode_documents`` of this vocabulary writes: one modality per segment (a known
+        index), non-negative segment lengths that add up to the ids (L,), every id inside its
+        segment's modality's range ``[offset, offset + vocab_size)`` or -1 where that modality
+        is continuous, and as many values as its continuous positions take (V * input_dim).
+        Vectorised: a few passes over the ids (per-segment minimum and maximum), then a look
+        at continuous segments only; no Python loop over positions."""
+        ids = doc.ids
+        if ids.ndim != 1 or doc.seg_modality.ndim != 1 or doc.seg_length.ndim != 1 or doc.values.ndim != 1:
+            raise DamagedDocument("its columns are not flat arrays")
+        # the segment table is a handful of entries: Python lists beat numpy calls on them
+        modalities, lengths = doc.seg_modality.tolist(), doc.seg_length.tolist()
+        if len(modalities) != len(lengths):
+            raise DamagedDocument(f"its segment table holds {len(modalities)} modalities for {len(lengths)} lengths")
+        for index in modalities:
+            if not 0 <= index < len(self.names):
+                raise DamagedDocument(f"a segment names modality {index}; the vocabulary has {len(self.names)}")
+        if lengths and min(lengths) < 0:
+            raise DamagedDocument(f"a segment has length {min(lengths)}")
+        if sum(lengths) != ids.size:
+            raise DamagedDocument(f"its segment lengths add up to {sum(lengths)} positions but it holds {ids.size} "
+                                  "ids")
+        ids = ids.astype(np.int64)
+        starts, sizes, segments, position = [], [], [], 0  # of the segments that hold positions
+        for index, size in zip(modalities, lengths):
+            if size:
+                starts.append(position)
+                sizes.append(size)
+                segments.append(index)
+            position += size
+        # each segment's lowest and highest id (one pass over the ids each, whatever the
+        # segments): a discrete segment inside its range needs nothing more; continuous
+        # segments (-1 at their value positions) and any outside are looked at position by position
+        if len(starts) == 1:
+            low, high = [int(ids.min())], [int(ids.max())]
+        else:
+            low = np.minimum.reduceat(ids, starts).tolist() if starts else []
+            high = np.maximum.reduceat(ids, starts).tolist() if starts else []
+        values = 0
+        for k, index in enumerate(segments):
+            first, end, width = self._ranges[index]
+            if not width and first <= low[k] and high[k] < end:
+                continue
+            here = ids[starts[k]:starts[k] + sizes[k]]
+            continuous = here == CONTINUOUS if width else np.zeros(here.size, dtype=bool)
+            outside = ((here < first) | (here >= end)) & ~continuous
+            if outside.any():
+                at = int(np.argmax(outside))
+                raise DamagedDocument(f"id {int(here[at])} at position {starts[k] + at} lies outside modality "
+                                      f"'{self.names[index]}' ids [{first}, {end})")
+            values += int(continuous.sum()) * width
+        if values != doc.values.size:
+            raise DamagedDocument(f"its continuous positions take {values} values but it holds {doc.values.size}")
+        return ids
+
     def expand(self, doc: EncodedDocument) -> TokenDocument:
         """The compact form -> the flat per-position arrays packing reads (vectorized per
-        segment: a document holds a handful of segments)."""
-        length = int(doc.seg_length.sum())
-        ids = doc.ids.astype(np.int64)
+        segment: a document holds a handful of segments). The document is checked first
+        (``check_encoded``): a damaged one raises ``DamagedDocument``, never trains on ids
+        of another modality or indexes past an embedding."""
+        ids = self.check_encoded(doc)
+        length = ids.size
         value_mask = ids < 0
         has_values = bool(value_mask.any())
         seg_of = np.repeat(np.arange(doc.seg_length.size, dtype=np.int64), doc.seg_length)

@@ -188,7 +188,7 @@ def tokenize_part(exp: Experiment, vocab: Vocabulary, task: PartTask, prints: Fi
     cfg = exp.config.data
     root = data_root(exp)
     with object_store_errors(root, split_folder(root, task.source, task.split)):
-        writer = ShardWriter(root, task.source, task.split, task.part, prints, cfg.shard_tokens)
+        writer = ShardWriter(root, task.source, task.split, task.part, prints, cfg.shard_tokens, retokenize_hint(exp))
         if writer.done:
             return writer.progress["shards"]
         source = exp.sources[task.source]
@@ -237,8 +237,8 @@ def plan(exp: Experiment, vocab: Vocabulary, force: bool = False, splits: Iterab
         for split in splits:
             where = split_folder(root, name, split)
             with object_store_errors(root, where):
-                index = read_index(root, name, split)
-            if index is not None and not force:
+                index = None if force else read_index(root, name, split, retokenize_hint(exp))
+            if index is not None:
                 check_index(index, where, prints[name], retokenize_hint(exp))
                 continue  # up to date (its shards are checked one by one when they are opened)
             if force:
@@ -333,7 +333,7 @@ def open_data(exp: Experiment, vocab: Vocabulary, missing: str = "error", splits
     stores: dict[str, dict[str, DocumentStore]] = {split: {} for split in splits}
     for name in exp.sources:
         for split in splits:
-            index = read_index(root, name, split)
+            index = read_index(root, name, split, retokenize_hint(exp))
             where = split_folder(root, name, split)
             if index is None:
                 if missing != "memory":
