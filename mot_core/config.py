@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
+import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -528,13 +529,164 @@ def _merged(base: DictConfig, overrides, what: str) -> dict[str, Any]:
     if bad:
         raise MotError(f"override '{bad[0]}' is not of the form key=value (e.g. train.steps=100)")
     try:
-        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
+        dotlist = OmegaConf.create({})
+        for override in overrides:
+            key, _, text = override.partition("=")
+            OmegaConf.update(dotlist, key, override_value(key, text))
+        merged = OmegaConf.merge(base, dotlist)
         data = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as exc:
         raise MotError(f"config error: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise MotError(f"{what} must hold a mapping at the top level")
     return data
+
+
+# Override values: `key=value` after a config path. OmegaConf's dotlist reads every value as YAML,
+# where `*x` is an alias, `&x` an anchor, `!x` a tag and `[a-c]` inside a flow list a syntax error:
+# a glob ended in a YAML traceback, and `&x` silently became null. Here a value is read as the
+# type its key has in the schema: a string key takes the text as it is, a list-of-strings key a
+# `[a, b]` list of texts, a number or a bool the YAML reading or a one-line error; elsewhere (a
+# plugin's options, a section) the YAML reading, or the text where YAML would read it specially.
+
+class _Unreadable(Exception):
+    """The text is not plain YAML: YAML cannot read it, or reads an alias, anchor or tag in it."""
+
+
+def _yaml_value(text: str) -> Any:
+    """``text`` as OmegaConf reads a dotlist value; ``_Unreadable`` where YAML reads it specially."""
+    from omegaconf.basecontainer import get_yaml_loader
+
+    try:
+        if any(isinstance(t, (yaml.AliasToken, yaml.AnchorToken)) for t in yaml.scan(text)):
+            raise _Unreadable
+        return yaml.load(text, Loader=get_yaml_loader())
+    except yaml.YAMLError:
+        raise _Unreadable from None
+
+
+def _list_items(text: str) -> list[str] | None:
+    """The items of a ``[a, b]`` list as texts (split at commas outside brackets and quotes, each
+    item unquoted); None if ``text`` is not one."""
+    text = text.strip()
+    if not (text.startswith("[") and text.endswith("]")):
+        return None
+    inner = text[1:-1]
+    items, depth, quote, start = [], 0, "", 0
+    for i, char in enumerate(inner):
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"" and not inner[start:i].strip():  # a quoted item (not an apostrophe in one)
+            quote = char
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            items.append(inner[start:i])
+            start = i + 1
+    items.append(inner[start:])
+    items = [item.strip() for item in items]
+    if items == [""]:
+        return []
+    unquoted = []
+    for item in items:
+        if len(item) >= 2 and item[0] == item[-1] and item[0] in "'\"":
+            try:
+                item = str(_yaml_value(item))
+            except _Unreadable:
+                pass
+        unquoted.append(item)
+    return unquoted
+
+
+def _plain_value(text: str) -> Any:
+    """A value YAML would read specially, read without YAML's special meanings: a ``[a, b]`` list
+    of items (each read as YAML where it is plain, else its text), or else the text itself."""
+    items = _list_items(text)
+    if items is None:
+        return text
+    values = []
+    for item in items:
+        try:
+            value = _yaml_value(item)
+            values.append(item if isinstance(value, (list, dict)) else value)
+        except _Unreadable:
+            values.append(item)
+    return values
+
+
+def key_annotation(key: str) -> Any:
+    """The schema's type of a dotted config key; None where the schema does not fix it (a
+    plugin's options, an unknown key)."""
+    annotation: Any = RunConfig
+    for part in key.split("."):
+        model = _section_of(annotation)
+        if model is not None:
+            field = model.model_fields.get(part)
+            if field is None:
+                return None
+            annotation = field.annotation
+        elif typing.get_origin(annotation) is dict:
+            annotation = typing.get_args(annotation)[1]
+        else:
+            return None
+    return None if annotation is Any else annotation
+
+
+def _section_of(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    options = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if len(options) == 1 and isinstance(options[0], type) and issubclass(options[0], BaseModel):
+        return options[0]
+    return None
+
+
+def _value_kind(annotation: Any) -> tuple[str, bool]:
+    """('str' | 'list_str' | 'scalar' | 'other', whether null is allowed) for a schema type."""
+    if annotation is None:
+        return "other", True
+    while typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    args = typing.get_args(annotation)
+    optional = False
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        optional = len(options) < len(args)
+        if len(options) != 1:
+            return "other", optional
+        annotation, args = options[0], typing.get_args(options[0])
+    if annotation is str or typing.get_origin(annotation) is Literal and all(isinstance(a, str) for a in args):
+        return "str", optional
+    if typing.get_origin(annotation) is list and args == (str,):
+        return "list_str", optional
+    if annotation in (int, float, bool):
+        return "scalar", optional
+    return "other", optional
+
+
+def override_value(key: str, text: str) -> Any:
+    """The value of the override ``key=text``, read as the type of ``key`` (see above); a one-line
+    ``MotError`` naming the key, the value and the type where it cannot be one."""
+    annotation = key_annotation(key)
+    kind, optional = _value_kind(annotation)
+    try:
+        read = _yaml_value(text)
+        readable = True
+    except _Unreadable:
+        read, readable = None, False
+    if readable and read is None and optional:
+        return None
+    if kind == "str":
+        return read if readable and isinstance(read, str) else text
+    if kind == "list_str":
+        items = _list_items(text)
+        if items is not None:
+            return items
+    if kind == "scalar" and not readable:
+        raise MotError(f"override {key}={text}: {key} takes a value of type {_type_name(annotation)}; '{text}' is not one")
+    return read if readable else _plain_value(text)
 
 
 def validate_config(data: dict[str, Any]) -> RunConfig:

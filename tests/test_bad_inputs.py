@@ -50,6 +50,10 @@ BAD_INPUTS = [
      "the model does not fit (model.dim=65536, n_layers=64"),
     (["train", "{config}", "run.dir={tmp}/long", "model.max_seq_len=2000000000"],
      "GB for buffers (RoPE tables for max_seq_len=2000000000)"),
+    (["train", "{config}", "run.dir={tmp}/deep", "model.n_layers=100000000"],
+     "the model does not fit (model.dim=32, n_layers=100000000"),
+    (["train", "{config}", "run.dir={tmp}/wide", "train.batch_size=100000000"],
+     "for activations (each layer's fp32 input for 100,000,000 rows x 64 positions"),
     (["config", "show", "{tmp}/missing.yaml"], "config file not found"),
     (["data", "prepare", "{list}"], "not a list"),
     # -- eval -----------------------------------------------------------------------------------
@@ -68,7 +72,7 @@ BAD_INPUTS = [
     (["generate", "{run}", "--prompt", "a", "--samples", "0"], "argument --samples: expected an integer >= 1"),
     (["generate", "{run}", "--prompt", "a", "--cfg", "nan"], "argument --cfg: expected a finite number >= 0"),
     (["generate", "{run}", "--prompt", "a", "--out", "{tmp}"], "is a folder; give a file name"),
-    (["generate", "{run}", "--prompt", "a"], "say which modality to generate with --modality (this run has: text)"),
+    (["generate", "{run}", "--prompt", "a", "--modality", "image"], "this run has no modality 'image'; it has: text"),
     (["generate", "{tmp}/nothing", "--prompt", "a"], "checkpoint not found"),
     (["generate", "{run}", "--prompt", "a", "--seed", "99999999999999999999"],
      "argument --seed: expected an integer in [0, 2**63), got 99999999999999999999"),
@@ -159,3 +163,108 @@ def test_a_checkpoint_with_nan_weights_is_one_line_in_generate(places, capsys, t
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert "the model's output holds NaN or inf: the checkpoint's weights are broken" in err, err
+
+
+# Sizes are refused from their shapes, before anything is allocated or built: a million layers
+# (which ran out of memory inside the size check, on the meta device), a batch of a hundred
+# million rows (std::bad_alloc in the packer), a long sequence, a wide model. The machine is
+# given 8 GB free, so the verdicts do not depend on the machine running the tests.
+
+FREE = 8 * 10**9
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["model.n_layers=1000000"], "n_layers=1000000, ffn_hidden=default, max_seq_len=64; 2 rows x 64 positions a step)"),
+    (["train.batch_size=100000000"], "for activations (each layer's fp32 input for 100,000,000 rows x 64 positions"),
+    (["model.max_seq_len=100000", "train.seq_len=100000", "train.batch_size=1000"],
+     "for activations (each layer's fp32 input for 1,000 rows x 100,000 positions"),
+    (["model.dim=65536"], "GB for the weights, gradients and AdamW state of"),
+], ids=["layers", "batch", "seq", "dim"])
+def test_huge_sizes_are_refused_from_their_shapes_before_anything_is_built(places, capsys, monkeypatch, tmp_path,
+                                                                           overrides, fragment):
+    from mot_core.model import transformer
+    from mot_core.runs import start
+    from mot_core.training import memory
+
+    def never(*args, **kwargs):
+        pytest.fail("built or fitted before the sizes were checked")
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: FREE)
+    monkeypatch.setattr(start, "prepare_vocabulary", never)  # the tokenizers: not fitted for a run that cannot fit
+    monkeypatch.setattr(transformer.MoTTransformer, "__init__", never)  # not even on the meta device
+    code = main(["train", places["config"], f"run.dir={tmp_path}/run", *overrides])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert fragment in err and "and this machine has 8.0 GB free" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_size_estimate_is_the_built_models_tensor_for_tensor():
+    """The arithmetic of ``training_bytes`` against the model built on the meta device: dense,
+    MoT with grouped-query attention and QK-norm, tower groups, MoE towers, frozen towers and
+    vocabulary rows, a tied head."""
+    import torch
+
+    from mot_core.model.moe import MoEArgs
+    from mot_core.model.transformer import ModelArgs, MoTTransformer
+    from mot_core.training.memory import training_bytes
+
+    moe = MoEArgs(experts=4)
+    cases = [
+        dict(num_modalities=1, dim=32, n_layers=2, n_heads=2),
+        dict(num_modalities=3, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, qk_norm=(False, True, False)),
+        dict(num_modalities=3, dim=64, n_layers=2, n_heads=4, untie_ffn=False, untie_attention=False,
+             untie_norm=False, tie_embeddings=True),
+        dict(num_modalities=2, dim=64, n_layers=2, n_heads=4, ffn_kinds=(moe, None), frozen_groups=(1,),
+             frozen_rows=((0, 100),)),
+        dict(num_modalities=2, dim=64, n_layers=2, n_heads=4, untie_ffn=False, ffn_kinds=(moe, moe),
+             frozen_groups=(0,), qk_norm=(True, True)),
+        dict(num_modalities=3, dim=64, n_layers=2, n_heads=4, groups=(0, 0, 1), frozen_groups=(0,),
+             frozen_rows=((0, 300),), qk_norm=(True, True, False), ffn_hidden=96, max_seq_len=1000),
+        dict(num_modalities=2, dim=64, n_layers=2, n_heads=4, untie_attention=False, frozen_groups=(0,)),
+    ]
+    for case in cases:
+        args = ModelArgs(vocab_size=300, **case)
+        with torch.device("meta"):
+            model = MoTTransformer(args)
+        built = (sum(p.numel() for p in model.parameters()),
+                 sum(p.numel() * (16 if p.requires_grad else 4) for p in model.parameters()),
+                 sum(b.numel() * b.element_size() for b in model.buffers()))
+        assert training_bytes(args) == built, case
+
+
+def test_the_packer_refuses_a_batch_it_cannot_hold_before_making_its_lanes(monkeypatch):
+    import numpy as np
+
+    from mot_core.data import packing
+    from mot_core.data.vocabulary import TokenDocument
+    from mot_core.errors import MotError
+
+    monkeypatch.setattr(packing, "available_bytes", lambda device: FREE)
+    monkeypatch.setattr(packing._Lane, "start", lambda *a: pytest.fail("a lane was made"))
+    doc = TokenDocument(np.arange(10), np.zeros(10, dtype=np.int64), np.full(10, -1, dtype=np.int64))
+    with pytest.raises(MotError, match=r"a batch of 100,000,000 rows of 64 positions needs about .* GB for the data "
+                                       r"packer alone .* and this machine has 8\.0 GB free; lower train\.batch_size"):
+        packing.PackedStream([[doc]], [1.0], seq_len=64, seed=0, lanes=100_000_000)
+
+
+def test_generation_counts_the_cache_activations_and_logits_of_every_row(monkeypatch):
+    """From the shapes (a stand-in model: nothing allocated): a vocabulary of 10**9 ids makes one
+    row's logits 8 GB, more than the free memory, whatever the cache."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from mot_core.errors import MotError
+    from mot_core.generate import decoding
+    from mot_core.model.transformer import ModelArgs
+
+    monkeypatch.setattr(decoding, "available_bytes", lambda device: FREE)
+    model = SimpleNamespace(args=ModelArgs(vocab_size=10, num_modalities=1, dim=32, n_layers=2, n_heads=2),
+                            embed=SimpleNamespace(weight=torch.zeros(1)))
+    decoding.check_generation_fits(model, rows=8, length=64)
+    with pytest.raises(MotError, match=r"generating 100,000,000 sequences of up to 64 positions needs about"):
+        decoding.check_generation_fits(model, rows=100_000_000, length=64)
+    model.args = ModelArgs(vocab_size=10**9, num_modalities=1, dim=32, n_layers=2, n_heads=2)
+    with pytest.raises(MotError, match=r"generating 1 sequences .* and the device has 8\.0 GB free"):
+        decoding.check_generation_fits(model, rows=1, length=64)

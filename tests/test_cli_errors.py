@@ -218,3 +218,45 @@ def test_a_whole_options_check_keeps_the_key_path():
     with pytest.raises(MotError) as info:
         validate_section(Options, {"low": 5}, "mixture.modalities.imu.options")
     assert str(info.value) == "config error: mixture.modalities.imu.options: low must be below high"
+
+
+# Override values are read as the type of their key: YAML's special characters (`*` an alias, `&`
+# an anchor, `!` a tag, `[` inside a flow list) never end in a YAML traceback or a silent null.
+
+def test_a_glob_override_of_a_list_of_paths_is_a_list_of_strings(capsys, write_config, text_corpus, tmp_path):
+    (tmp_path / "globbed").mkdir()
+    for name in ("alpha_gut.txt", "beta_gut.txt", "delta_gut.txt"):
+        (tmp_path / "globbed" / name).write_text("some words\n")
+    option = "mixture.datasets.text_files.options.paths"
+    cases = {
+        f"[{tmp_path}/globbed/[a-c]*_gut.txt]": [f"{tmp_path}/globbed/[a-c]*_gut.txt"],
+        f"[{tmp_path}/globbed/*.txt, {text_corpus}/a*]": [f"{tmp_path}/globbed/*.txt", f"{text_corpus}/a*"],
+        f"[*_gut.txt, '{text_corpus}/x, y.txt']": ["*_gut.txt", f"{text_corpus}/x, y.txt"],
+    }
+    for value, expected in cases.items():
+        code, out, err = run_cli(capsys, "config", "show", write_config(), f"{option}={value}")
+        assert code == 0 and "Traceback" not in err, err
+        assert yaml.safe_load(out)["mixture"]["datasets"]["text_files"]["options"]["paths"] == expected
+
+
+def test_string_keys_take_special_characters_as_text(capsys, write_config, tmp_path):
+    code, out, err = run_cli(capsys, "config", "show", write_config(), f"run.dir={tmp_path}/*run&1", "train.steps=3")
+    assert code == 0, err
+    shown = yaml.safe_load(out)
+    assert shown["run"]["dir"] == f"{tmp_path}/*run&1" and shown["train"]["steps"] == 3
+
+
+@pytest.mark.parametrize("override, fragments", [
+    ("train.lr=*x", ["train.lr=*x", "train.lr takes a value of type float", "'*x'"]),
+    ("train.lr=&x", ["train.lr=&x", "float", "'&x'"]),
+    ("train.steps=*", ["train.steps=*", "of type int", "'*'"]),
+    ("train.lr=[1e-3, *x", ["train.lr=[1e-3, *x", "float"]),
+])
+def test_an_override_that_is_not_its_keys_type_is_one_line(capsys, write_config, override, fragments):
+    code, _, err = run_cli(capsys, "config", "show", write_config(), override)
+    assert_one_line_error(code, err, *fragments)
+
+
+def test_a_special_value_of_a_plugin_option_reaches_the_plugins_check(capsys, write_config):
+    code, _, err = run_cli(capsys, "config", "show", write_config(), "mixture.modalities.text.options.vocab_size=*x")
+    assert_one_line_error(code, err, "mixture.modalities.text.options.vocab_size", "'*x'")

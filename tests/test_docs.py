@@ -127,3 +127,66 @@ def test_the_configuration_guides_key_reference_is_every_key_of_the_schema():
     begin, end = "<!-- keys:begin -->\n", "<!-- keys:end -->"
     table = section[section.index(begin) + len(begin) : section.index(end)]
     assert table == config_keys_markdown(), "regenerate it: mot config keys --markdown"
+
+
+# Every Markdown table renders: its header is followed by a delimiter row (`|---|---|`) with as
+# many cells as the header, and no row has more cells than the header (GitHub drops the extra
+# ones). A block of `|` lines without a delimiter row renders as a paragraph of pipes.
+
+_TABLE_LINE = re.compile(r"^ {0,3}\|")
+_DELIMITER_CELL = re.compile(r"^\s*:?-+:?\s*$")
+
+
+def _cells(line: str) -> list[str]:
+    """A table row's cells as GitHub splits them: on every `|` not escaped by a backslash (code
+    spans included), the outer pipes dropped."""
+    row = line.strip()
+    row = row[1:] if row.startswith("|") else row
+    row = row[:-1] if row.endswith("|") and not row.endswith("\\|") else row
+    return re.split(r"(?<!\\)\|", row)
+
+
+def _tables(path) -> list[tuple[int, list[str]]]:
+    """(first line number, lines) of each block of consecutive lines that start with `|`, outside
+    fenced code blocks (blanked, so line numbers stay those of the file)."""
+    text = _FENCE.sub(lambda m: "\n" * m.group(0).count("\n"), path.read_text())
+    tables: list[tuple[int, list[str]]] = []
+    block: list[str] = []
+    for number, line in enumerate([*text.split("\n"), ""], start=1):
+        if _TABLE_LINE.match(line):
+            block.append(line)
+            continue
+        if block:
+            tables.append((number - len(block), block))
+            block = []
+    return tables
+
+
+def _table_problems(path, root=ROOT) -> list[str]:
+    problems = []
+    for first, lines in _tables(path):
+        where = f"{path.relative_to(root)}:{first}"
+        header = _cells(lines[0])
+        if len(lines) < 2 or not all(_DELIMITER_CELL.match(cell) for cell in _cells(lines[1])):
+            problems.append(f"{where}: no |---| row under the header {lines[0].strip()[:60]!r}")
+            continue
+        if len(_cells(lines[1])) != len(header):
+            problems.append(f"{where}: the |---| row has {len(_cells(lines[1]))} cells, the header {len(header)}")
+        for offset, row in enumerate(lines[2:], start=2):
+            if len(_cells(row)) > len(header):
+                problems.append(f"{where}: row at line {first + offset} has {len(_cells(row))} cells, the header {len(header)}")
+    return problems
+
+
+def test_the_table_check_finds_a_table_without_a_delimiter_row(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("intro\n\n| a | b |\n| 1 | 2 |\n\n| a | b |\n|---|---|---|\n\n| a | b |\n|---|---|\n| 1 | 2 | 3 |\n\n"
+                    "```\n| in a fence |\n```\n\n| ok | `x\\|y` |\n|:--|--:|\n| 1 | 2 |\n")
+    problems = _table_problems(page, root=tmp_path)
+    assert [p.split(": ", 1)[0] for p in problems] == ["page.md:3", "page.md:6", "page.md:9"], problems
+
+
+@pytest.mark.parametrize("page", LINKED_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_markdown_table_has_a_delimiter_row_as_wide_as_its_header(page):
+    problems = _table_problems(page)
+    assert not problems, "tables that do not render:\n" + "\n".join(problems)

@@ -197,6 +197,8 @@ def _drop_tensor(folder: Path, name: str) -> None:
         ("own_tokenizer", "modality 'text' has 300 ids but the checkpoint"),
         ("contradiction", "model.dim=32 contradicts the checkpoint"),
         ("yarn", "RoPE scaling 'yarn' is not supported"),
+        ("stray_bias", "holds the tensor model.layers.0.self_attn.k_proj.bias, which a Llama model of its "
+                       "config.json does not have (6 such tensors)"),
     ],
 )
 def test_bad_pretrained_input_is_one_line(folders, text_corpus, tmp_path, capsys, damage, message):
@@ -218,6 +220,9 @@ def test_bad_pretrained_input_is_one_line(folders, text_corpus, tmp_path, capsys
         data["model"]["dim"] = 32
     elif damage == "yarn":
         hf["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
+    elif damage == "stray_bias":  # a Qwen2-style checkpoint labelled Llama: its q/k/v biases would be dropped
+        _add_tensors(folder, {f"model.layers.{i}.self_attn.{p}_proj.bias": torch.ones(64)
+                              for i in range(2) for p in "qkv"})
     if damage in ("qwen", "yarn"):
         (folder / "config.json").write_text(json.dumps(hf))
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(data))
@@ -273,6 +278,37 @@ def test_a_refused_checkpoint_leaves_nothing_behind_and_the_corrected_run_starts
     assert main(["train", str(tmp_path / "run.yaml")]) == 0, capsys.readouterr().err
     assert (run / "checkpoints" / "step_0000001" / "meta.json").is_file()
     assert (kept_folder(run) / "config.json").read_bytes() == (folders["gqa"] / "config.json").read_bytes()
+
+
+def _add_tensors(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(folder / "model.safetensors"))
+    save_file({**state, **tensors}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def test_tensors_transformers_ignores_are_allowed_and_any_other_is_refused_by_name(folders, text_corpus, tmp_path):
+    """A tied checkpoint that also stores lm_head.weight and old checkpoints' rotary_emb.inv_freq
+    buffers load, as transformers loads them; a tensor beyond the config's layers does not."""
+    import shutil
+
+    from mot_core.errors import MotError
+    from mot_core.hf.llama import check_tensors
+
+    folder = tmp_path / "tied"
+    shutil.copytree(folders["tied"], folder)
+    config = resolve_config(run_config(text_corpus, tmp_path / "run", folder))
+    assert config.model.tie_embeddings
+    from safetensors.torch import load_file
+
+    embed = load_file(str(folder / "model.safetensors"))["model.embed_tokens.weight"]
+    _add_tensors(folder, {"lm_head.weight": embed.clone(), "model.rotary_emb.inv_freq": torch.ones(8),
+                          **{f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.ones(8) for i in range(2)}})
+    check_tensors(read_checkpoint(folder), config.model)
+    _add_tensors(folder, {"model.layers.2.mlp.down_proj.weight": torch.zeros(64, 160),
+                          "model.layers.10.mlp.down_proj.weight": torch.zeros(64, 160)})
+    with pytest.raises(MotError, match=r"holds the tensor model\.layers\.2\.mlp\.down_proj\.weight, .*\(2 such tensors\)"):
+        check_tensors(read_checkpoint(folder), config.model)
 
 
 def _replace_tensor(folder: Path, name: str, tensor: torch.Tensor) -> None:

@@ -61,6 +61,10 @@ def test_a_plan_has_every_combination_and_variant_validated(tmp_path, text_corpu
         (["--grid", "model.dim=16,-3"], "trial t001_dim=-3 ({'model.dim': -3}): model.dim"),
         (["--grid", "mixture.modalities.text.options.vocab_sizee=300"], "trial t000_vocab_sizee=300"),
         (["--metric", "val/audio/loss"], "sweep.metric 'val/audio/loss' is not logged by any trial"),
+        (["--metric", "val/text/accuracy"], "sweep.metric 'val/text/accuracy' is not logged by any trial; they log "
+                                            "loss, loss/text, val/text/loss, val/text/perplexity, val/text/bits_per_byte"),
+        (["--metric", "val/text/accuracy", "--grid", "mixture.modalities.text.evaluators=[text_lm],[]"],
+         "they log loss, loss/text, val/text/loss, val/text/perplexity, val/text/bits_per_byte"),
         (["--grid", "train.lr"], "--grid 'train.lr': expected key=value1,value2"),
         (["--scheduler", "pbt"], "--scheduler"),
         (["--grid", "run.dir=a,b"], "sweep grid key 'run.dir' cannot be swept"),
@@ -76,6 +80,16 @@ def test_bad_sweep_input_is_one_line(tmp_path, text_corpus, capsys, args, messag
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "out").exists()  # nothing started
+
+
+def test_a_metric_an_evaluator_logs_is_accepted_and_nothing_is_written(tmp_path, text_corpus):
+    """Evaluators name their metrics in what compute() returns: the plan finds them by a dry run
+    (text's needs its tokenizer, fitted in a scratch folder), and writes nothing."""
+    base = _base(tmp_path, text_corpus)
+    for metric in ("val/text/perplexity", "val/text/bits_per_byte", "loss/text", "loss"):
+        plan = plan_sweep(str(base), [], ["train.lr=1e-3,3e-3"], str(tmp_path / "out"), metric=metric)
+        assert plan.metric == metric
+    assert not (tmp_path / "out").exists()
 
 
 def _table(out: str) -> dict[str, list[str]]:
@@ -157,10 +171,20 @@ def test_an_interrupted_sweep_finishes_without_retraining_finished_trials(tmp_pa
                         f"{ {t.name: n for t, n in counts.items()} }):\n{stdout[-3000:]}")
         time.sleep(0.01)
     os.killpg(process.pid, signal.SIGINT)  # Ctrl-C
-    process.communicate(timeout=120)
+    stdout, _ = process.communicate(timeout=120)
     finished = {t.name: (t / "metrics.jsonl").stat().st_mtime_ns for t in done}
     interrupted = [t.name for t in trials.glob("t*") if len(_records(t)) < steps]
     assert interrupted, "the Ctrl-C did not land in the middle of a trial"
+    # not a finished sweep: exit 130, the interrupted trial labelled so (not "stopped", ASHA's word),
+    # and the command that resumes it
+    assert process.returncode == 130, stdout[-4000:]
+    rows = _table(stdout)
+    for name in interrupted:
+        at = len(_records(trials / name))
+        if at:
+            assert rows[name][2] == f"interrupted at step {at}", rows[name]
+    assert not any(cells[2].startswith("stopped") for cells in rows.values()), rows
+    assert "resume with the same command" in stdout and f"mot sweep {base} --grid train.lr=1e-3,2e-3,3e-3" in stdout
     again = _sweep(base, out, *args)
     stdout, _ = again.communicate(timeout=600)
     assert again.returncode == 0, stdout[-4000:]
@@ -171,3 +195,29 @@ def test_an_interrupted_sweep_finishes_without_retraining_finished_trials(tmp_pa
     for trial in trials.glob("t*"):
         assert [r["step"] for r in _records(trial)] == list(range(1, steps + 1)), trial.name
     assert len(_table(stdout)) == 3
+
+
+@pytest.mark.slow
+def test_asha_stops_a_trial_that_does_not_learn_at_its_first_rung(tmp_path, text_corpus):
+    """ASHA (reduction factor 4) compares each trial reaching a rung with those recorded there:
+    one at a time, the learning trial sets the bar at step 2 (sweep.grace_steps) and the trial
+    whose learning rate is too small to learn falls below it there and is stopped."""
+    steps, grace = 8, 2
+    base = _base(tmp_path, text_corpus, steps=steps, eval_every=grace, checkpoint_every=4, log_every=1)
+    data = yaml.safe_load(base.read_text())
+    data["sweep"] = {"scheduler": "asha", "grace_steps": grace, "max_concurrent": 1}
+    base.write_text(yaml.safe_dump(data))
+    out = tmp_path / "out"
+    process = _sweep(base, out, "--grid", "train.lr=1e-2,1e-9")
+    stdout, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, stdout[-4000:]
+    assert "scheduler asha" in stdout and "interrupted" not in stdout
+    rows = _table(stdout)
+    learns, idle = rows["t000_lr=0.01"], rows["t001_lr=1e-09"]
+    assert learns[2] == "finished", learns
+    stopped = [r["step"] for r in _records(out / "trials" / "t001_lr=1e-09")]
+    assert grace <= stopped[-1] < steps and idle[2] == f"stopped at step {stopped[-1]}", (idle, stopped)
+    at_rung = [{r["step"]: r.get("val/text/loss") for r in _records(out / "trials" / t)}[grace]
+               for t in ("t000_lr=0.01", "t001_lr=1e-09")]
+    assert at_rung[1] > at_rung[0]  # why it was stopped: worse at the rung
+    assert [r["status"] for r in json.loads((out / "results.json").read_text())] == ["finished", "stopped early"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 
 from mot_core import filesystems
 from mot_core.cli.common import positive_int
@@ -19,7 +21,8 @@ def format_table(rows: list[dict], metric: str) -> str:
     for row in rows:
         cells = [row["trial"], *(json.dumps(row["values"].get(c)) if not isinstance(row["values"].get(c), str)
                                  else row["values"][c] for c in columns)]
-        status = row["status"] if row["status"] != "stopped early" else f"stopped at step {row['steps']}"
+        status = {"stopped early": f"stopped at step {row['steps']}",
+                  "interrupted": f"interrupted at step {row['steps']}"}.get(row["status"], row["status"])
         cells += [status, "-" if row["metric"] is None else f"{row['metric']:.4f}"]
         cells += [f"{row['val_losses'][k]:.4f}" if k in row["val_losses"] else "-" for k in losses if k != metric]
         lines.append(" | ".join(str(c) for c in cells))
@@ -36,8 +39,13 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
         check_address(ns.address)
     print(f"sweep: {len(plan.trials)} trials in {filesystems.join(plan.shown, 'trials')} (ranked by {plan.metric}, "
           f"scheduler {plan.sweep.scheduler})", flush=True)
-    run_sweep(plan, ns.address)
-    rows = read_results(plan)
+    try:
+        interrupted = run_sweep(plan, ns.address)
+    except KeyboardInterrupt:  # before Ray Tune took over Ctrl-C: preparing the data, starting Ray
+        print(f"interrupted before the trials finished; resume with the same command: {_command(ns)}",
+              file=sys.stderr, flush=True)
+        return 130
+    rows = read_results(plan, interrupted)
     table = format_table(rows, plan.metric)
     (plan.out / "results.md").write_text(table + "\n")
     (plan.out / "results.json").write_text(json.dumps(rows, indent=2))
@@ -50,7 +58,27 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
     shown = plan.shown
     print(f"table: {filesystems.join(shown, 'results.md')}; loss curves: {filesystems.join(shown, 'loss_curves.png')}; "
           f"`mot compare {plan.out}` compares the trials" + (" (this machine's copy of them)" if plan.uri else ""))
+    if interrupted:  # Ctrl-C: Ray Tune stopped the trials and saved its state; not a finished sweep
+        at = {r["trial"]: r["steps"] for r in rows}
+        shown = ", ".join(f"{name} at step {at.get(name, 0)}" if at.get(name) else f"{name} not started"
+                          for name in interrupted)
+        print(f"interrupted: {len(interrupted)} trial(s) unfinished ({shown}); resume with the same command, which "
+              f"keeps finished and early-stopped trials and continues the others from their checkpoints: "
+              f"{_command(ns)}", file=sys.stderr, flush=True)
+        return 130
     return 0
+
+
+def _command(ns: argparse.Namespace) -> str:
+    """The ``mot sweep`` command line of ``ns``: what resumes the sweep."""
+    words = ["mot", "sweep", ns.config, *ns.overrides]
+    for item in ns.grid:
+        words += ["--grid", item]
+    for flag, value in (("--samples", ns.samples), ("--scheduler", ns.scheduler), ("--metric", ns.metric),
+                        ("--out", ns.out), ("--address", ns.address)):
+        if value is not None:
+            words += [flag, str(value)]
+    return shlex.join(words)
 
 
 def register(sub) -> None:

@@ -29,7 +29,7 @@ import yaml
 from mot_core import filesystems
 from mot_core.config import RunConfig, SweepSection, load_raw_config, validate_section
 from mot_core.errors import MotError
-from mot_core.experiment.build import build_experiment
+from mot_core.experiment.build import Experiment, build_experiment
 from mot_core.experiment.resolve import resolve_config
 from mot_core.runs.start import local_saved_config, start_run, train_locally
 from mot_core.training.run_mirror import RunMirror, mirror_of
@@ -169,17 +169,114 @@ def _slug(value: Any) -> str:
     return slug[:40] or "x"
 
 
-def metrics_logged(modalities: list[str]) -> str:
-    return ", ".join(["loss", "loss/<modality>", "val/<modality>/loss", "val/<modality>/<evaluator metric>"]) + \
-        f" for <modality> in {', '.join(modalities)}"
+# The metrics a trial logs, that a sweep can rank by: the training losses (``loss``, the weighted
+# total, and ``loss/<modality>``), every modality's ``val/<modality>/loss`` and its evaluators'
+# ``val/<modality>/<name>``. Evaluators name their metrics in what ``compute()`` returns, so those
+# names come from a dry run: each evaluator of the trial's experiment, fed one synthetic
+# validation pass over every id of its modality (all positions valid, loss 1), then computed.
+# Most evaluators run on the modality as built; one that needs the fitted tokenizer (text's
+# bits per byte reads each token's bytes) gets the modality prepared in a scratch folder, as the
+# trial would prepare it first. Nothing is written in the sweep's folder.
+
+def _base_metrics(modalities: list[str]) -> list[str]:
+    return ["loss", *(f"loss/{m}" for m in modalities), *(f"val/{m}/loss" for m in modalities)]
 
 
-def check_metric(metric: str, modalities: list[str]) -> None:
+def _dry_run(exp: Experiment, name: str, modality) -> list[str]:
+    """The metric names ``compute()`` of ``name``'s evaluators returns after a synthetic pass
+    (without the modality prefix; ``loss`` is the engine's). Raises whatever an evaluator or an
+    unprepared modality raises."""
+    size = max(1, min(int(modality.vocab_size), 1 << 16))
+    losses, valid, targets = torch.ones(size), torch.ones(size, dtype=torch.bool), torch.arange(size)
+    names: list[str] = []
+    for cls in exp.evaluators[name]:
+        evaluator = cls(modality, exp.evaluator_options.get((name, cls.name)))
+        evaluator.update(losses, valid, targets)
+        names += [key for key in evaluator.compute() if key != "loss" and key not in names]
+    return names
+
+
+def _prepared_modality(exp: Experiment, name: str, scratch: Path):
+    """``name``'s modality with its tokenizer prepared in ``scratch`` (fitted on the sample the
+    trial fits on, or loaded where its options name a saved one)."""
+    from mot_core.errors import plugin_boundary
+    from mot_core.experiment.tokenize import sample_documents
+    from mot_core.plugin_api import origin
+
+    fresh = build_experiment(exp.config, run_dir=scratch)
+    modality = fresh.modalities[name]
+    limit = exp.config.data.fit_sample_documents
+
+    def payloads():
+        for source_name, source in fresh.sources.items():
+            for doc in sample_documents(source_name, source, "train", limit):
+                yield from (seg.payload for seg in doc.segments if seg.modality == name)
+
+    with plugin_boundary(f"{origin(modality)}: modality '{name}', prepare"):
+        modality.prepare(payloads())
+    return modality
+
+
+class LoggedMetrics:
+    """The metric names the planned trials log, found as a check needs them (dry runs cached
+    per modality settings)."""
+
+    def __init__(self, trials: list[tuple[str, Experiment]]):
+        self.trials = trials
+        self._evaluated: dict[str, list[str] | None] = {}
+
+    def modalities(self) -> list[str]:
+        return list(dict.fromkeys(m for _, exp in self.trials for m in exp.modalities))
+
+    def evaluator_metrics(self, name: str) -> list[str]:
+        """``val/<name>/<metric>`` of every trial's evaluators of modality ``name``."""
+        found: list[str] = []
+        for trial, exp in self.trials:
+            if name not in exp.modalities:
+                continue
+            key = json.dumps([name, exp.plugin_options.get(f"mixture.modalities.{name}.options"),
+                              [cls.name for cls in exp.evaluators[name]],
+                              {k[1]: v.model_dump(mode="json") for k, v in exp.evaluator_options.items()
+                               if k[0] == name and v is not None}], sort_keys=True, default=str)
+            if key not in self._evaluated:
+                self._evaluated[key] = self._evaluate(trial, exp, name)
+            found += [f"val/{name}/{m}" for m in self._evaluated[key] or [] if f"val/{name}/{m}" not in found]
+        return found
+
+    def _evaluate(self, trial: str, exp: Experiment, name: str) -> list[str]:
+        try:
+            return _dry_run(exp, name, exp.modalities[name])
+        except Exception:  # the modality must be prepared first (its tokenizer): as the trial would
+            pass
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="mot_sweep_metrics_") as scratch:
+            modality = _prepared_modality(exp, name, Path(scratch))
+            try:
+                return _dry_run(exp, name, modality)
+            except MotError:
+                raise
+            except Exception as exc:
+                raise MotError(f"trial {trial}: the evaluators of modality '{name}' cannot name their metrics "
+                               f"(a dry run of compute() raised {type(exc).__name__}: {exc}); rank by "
+                               f"val/{name}/loss") from None
+
+    def logged(self) -> list[str]:
+        names = self.modalities()
+        return [*_base_metrics(names), *(m for name in names for m in self.evaluator_metrics(name))]
+
+
+def check_metric(metric: str, logged: LoggedMetrics) -> None:
+    """A one-line MotError, before any trial runs, for a metric no trial logs (the list of
+    those they log with it)."""
+    modalities = logged.modalities()
+    if metric in _base_metrics(modalities):
+        return
     parts = metric.split("/")
-    ok = metric == "loss" or (len(parts) == 2 and parts[0] == "loss" and parts[1] in modalities) or (
-        len(parts) == 3 and parts[0] == "val" and parts[1] in modalities)
-    if not ok:
-        raise MotError(f"sweep.metric '{metric}' is not logged by any trial (runs log {metrics_logged(modalities)})")
+    if len(parts) == 3 and parts[0] == "val" and parts[1] in modalities and \
+            metric in logged.evaluator_metrics(parts[1]):
+        return
+    raise MotError(f"sweep.metric '{metric}' is not logged by any trial; they log {', '.join(logged.logged())}")
 
 
 def plan_sweep(config_path: str, overrides: list[str], grid_items: list[str], out: str | None,
@@ -215,14 +312,13 @@ def plan_sweep(config_path: str, overrides: list[str], grid_items: list[str], ou
     root = filesystems.local_folder(where).resolve()
     modalities = list(base.mixture.modalities)
     chosen = sweep.metric or f"val/{modalities[0]}/loss"
-    check_metric(chosen, modalities)
 
     if sweep.scheduler == "asha" and sweep.grace_steps >= base.train.steps:
         raise MotError(f"sweep.grace_steps={sweep.grace_steps} is not below train.steps={base.train.steps}: asha could "
                        "never stop a trial; lower sweep.grace_steps")
     keys = list(sweep.grid)
     variants = list(sweep.variants.items()) or [(None, {})]
-    trials, configs = [], {}
+    trials, configs, experiments = [], {}, []
     for index, (combo, (variant, settings), repeat) in enumerate(
             itertools.product(itertools.product(*sweep.grid.values()), variants, range(sweep.samples))):
         values = dict(zip(keys, combo))
@@ -241,11 +337,13 @@ def plan_sweep(config_path: str, overrides: list[str], grid_items: list[str], ou
                  **({"repeat": repeat} if sweep.samples > 1 else {})}
         try:  # the front door, as `mot train` of the trial's own folder resolves it
             config = resolve_config(data, saved=local_saved_config)
-            build_experiment(config)  # plugin options, losses, evaluators
+            exp = build_experiment(config)  # plugin options, losses, evaluators
         except MotError as exc:
             raise MotError(f"trial {name} ({shown}): {str(exc).removeprefix('config error: ')}") from None
         trials.append(Trial(name, {**settings, **values}, shown))
         configs[name] = config.model_dump(mode="json")
+        experiments.append((name, exp))
+    check_metric(chosen, LoggedMetrics(experiments))
     return SweepPlan(root, sweep, chosen, trials, configs, uri)
 
 
@@ -327,11 +425,13 @@ def _prepare_data(plan: SweepPlan) -> None:
         start_run(config, local_runtime(torch.device("cpu"), config.run.dir), execute=lambda run, runtime: {})
 
 
-def run_sweep(plan: SweepPlan, address: str | None) -> None:
-    """Run (or finish) the sweep's trials on Ray Tune."""
+def run_sweep(plan: SweepPlan, address: str | None) -> list[str]:
+    """Run (or finish) the sweep's trials on Ray Tune. Returns the trials left unfinished by an
+    interruption (Ctrl-C: Ray Tune stops the trials, saves its state and returns), which the
+    same command resumes; empty when every trial finished or was stopped by the scheduler."""
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
 
     _check_same_plan(plan)
     _prepare_data(plan)
@@ -345,8 +445,9 @@ def run_sweep(plan: SweepPlan, address: str | None) -> None:
         trainable = tune.with_resources(
             tune.with_parameters(_trial, configs=plan.configs, cwd=os.getcwd(),
                                  threads=max(1, int(sweep.cpus_per_trial)), metric=plan.metric), resources)
-        scheduler = FIFOScheduler() if sweep.scheduler == "fifo" else ASHAScheduler(
-            time_attr="step", grace_period=sweep.grace_steps,
+        stops = plan.out / STOPPED_RECORD
+        scheduler = FIFOScheduler() if sweep.scheduler == "fifo" else _asha_class()(
+            str(stops), time_attr="step", grace_period=sweep.grace_steps,
             max_t=max(c["train"]["steps"] for c in plan.configs.values()))
         # Tune's state beside the trials: in the store for a sweep there (every node reaches it)
         storage_filesystem, storage = (filesystems.resolve(plan.uri, "--out") if plan.uri else (None, str(plan.out)))
@@ -357,6 +458,7 @@ def run_sweep(plan: SweepPlan, address: str | None) -> None:
             tuner = tune.Tuner.restore(state, trainable, resume_unfinished=True, resume_errored=True,
                                        restart_errored=False, storage_filesystem=storage_filesystem)
         else:
+            stops.unlink(missing_ok=True)  # Tune starts afresh: so do the scheduler's decisions
             tuner = tune.Tuner(
                 trainable,
                 param_space={"trial": tune.grid_search([t.name for t in plan.trials])},
@@ -374,14 +476,90 @@ def run_sweep(plan: SweepPlan, address: str | None) -> None:
             name = (failed[0].config or {}).get("trial", "?")
             raise MotError(f"{len(failed)} trial(s) failed; {name}: {_root_cause(failed[0].error)} (run the same "
                            "command again to retry them)")
+        return _unfinished(plan)
     finally:
         if started_here:
             ray.shutdown()
 
 
-def read_results(plan: SweepPlan) -> list[dict]:
+# A trial left short of its steps was stopped by ASHA or by an interruption (Ctrl-C: Ray Tune
+# stops every trial, marks it TERMINATED as it marks ASHA's, saves its state and returns). ASHA's
+# decisions are recorded as it makes them, in the sweep's folder (they hold across resumes), so
+# the two are told apart: the table says "stopped at step N" only of what the scheduler stopped.
+STOPPED_RECORD = "stopped_early.json"
+
+
+def stopped_early(plan: SweepPlan) -> set[str]:
+    """The trials the scheduler stopped (``STOPPED_RECORD``)."""
+    try:
+        return set(json.loads((plan.out / STOPPED_RECORD).read_text()))
+    except (OSError, ValueError):
+        return set()
+
+
+def _record_stop(record: Path, trial: str | None) -> None:
+    try:
+        stopped = set(json.loads(record.read_text()))
+    except (OSError, ValueError):
+        stopped = set()
+    if trial is None or trial in stopped:
+        return
+    tmp = record.with_suffix(".tmp")
+    tmp.write_text(json.dumps(sorted(stopped | {trial})))
+    os.replace(tmp, record)
+
+
+def _recording_asha() -> type:
+    """``RecordingASHA``: Ray Tune's ASHA, recording each trial it stops short of ``max_t`` in
+    ``record`` (``STOPPED_RECORD``). Made on first use (``__getattr__`` below), so importing this
+    module does not import Ray Tune, and found by name when Tune unpickles a restored sweep."""
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    class RecordingASHA(ASHAScheduler):
+        def __init__(self, record: str, **kwargs):
+            super().__init__(**kwargs)
+            self.record = record
+
+        def on_trial_result(self, tune_controller, trial, result):
+            decision = super().on_trial_result(tune_controller, trial, result)
+            if decision == TrialScheduler.STOP and result.get("step", 0) < self._max_t:
+                _record_stop(Path(self.record), (trial.config or {}).get("trial"))
+            return decision
+
+    RecordingASHA.__module__, RecordingASHA.__qualname__ = __name__, "RecordingASHA"
+    return RecordingASHA
+
+
+def _asha_class() -> type:
+    cls = globals().get("RecordingASHA")
+    if cls is None:
+        cls = globals()["RecordingASHA"] = _recording_asha()
+    return cls
+
+
+def __getattr__(name: str):
+    if name == "RecordingASHA":
+        return _asha_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _ran_to_the_end(plan: SweepPlan, name: str) -> bool:
+    records = read_records(plan.out / "trials" / name / "metrics.jsonl")
+    return any(r.get("step") == plan.configs[name]["train"]["steps"] for r in records)
+
+
+def _unfinished(plan: SweepPlan) -> list[str]:
+    """The trials short of their steps that the scheduler did not stop: those an interruption
+    left, in the plan's order (Tune returned without an error)."""
+    plan.pull_trial_files()
+    stopped = stopped_early(plan)
+    return [t.name for t in plan.trials if t.name not in stopped and not _ran_to_the_end(plan, t.name)]
+
+
+def read_results(plan: SweepPlan, interrupted: list[str] | tuple[str, ...] = ()) -> list[dict]:
     """One row per trial from its own metrics.jsonl (the record of what ran), best first by the
-    sweep's metric; a trial that never logged it sorts last."""
+    sweep's metric; a trial that never logged it sorts last. ``interrupted``: the trials an
+    interruption left unfinished (``run_sweep``), told apart from those the scheduler stopped."""
     rows = []
     plan.pull_trial_files()
     for trial in plan.trials:
@@ -394,7 +572,8 @@ def read_results(plan: SweepPlan) -> list[dict]:
         losses = {k: v for k, v in final.items() if k.startswith("val/") and k.endswith("/loss")}
         score = next((r[plan.metric] for r in reversed(records) if plan.metric in r), None)
         rows.append({"trial": trial.name, "run": plan.trial_dir(trial.name), "values": trial.values, "steps": steps,
-                     "status": "finished" if steps >= total else ("stopped early" if steps else "not run"),
+                     "status": "finished" if steps >= total else "not run" if not steps else (
+                         "interrupted" if trial.name in interrupted else "stopped early"),
                      "metric": score, "val_losses": losses, "val_step": final.get("step")})
     sign = 1 if plan.sweep.mode == "min" else -1
     return sorted(rows, key=lambda r: (r["metric"] is None, sign * (r["metric"] or 0.0)))

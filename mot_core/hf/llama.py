@@ -270,15 +270,44 @@ def _ffn_parts(model: MoTTransformer, layer: int, args: ModelArgs, groups: list[
     return [(ffn, rows)]
 
 
+def _ignored_tensor(name: str, args: ModelArgs | ModelSection) -> bool:
+    """A stored tensor that transformers itself ignores when it loads a Llama: ``lm_head.weight``
+    of a tied checkpoint (``_tied_weights_keys``: the head is the embedding; some exporters store
+    it anyway) and the ``rotary_emb.inv_freq`` buffers of old checkpoints (recomputed from
+    ``rope_theta``; ``_adjust_missing_and_unexpected_keys``)."""
+    return (name == "lm_head.weight" and bool(args.tie_embeddings)) or name.endswith("rotary_emb.inv_freq")
+
+
+def _natural(name: str) -> tuple:
+    """model.layers.2.x before model.layers.10.x."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split("."))
+
+
+def unknown_tensors(checkpoint: LlamaCheckpoint, args: ModelArgs | ModelSection) -> list[str]:
+    """The checkpoint's tensors that the model does not use (and transformers would not ignore),
+    in natural order: loading would drop them silently."""
+    known = set(hf_names(args))
+    return sorted((name for name in checkpoint.files if name not in known and not _ignored_tensor(name, args)),
+                  key=_natural)
+
+
 def check_tensors(checkpoint: LlamaCheckpoint, args: ModelArgs | ModelSection) -> None:
     """Every tensor the model needs is in the shards, with the shape it needs (read from the
-    shards' headers: no tensor is loaded). ``args``: the model's, or the config's model section
+    shards' headers: no tensor is loaded), and no other tensor is (``unknown_tensors``). ``args``: the model's, or the config's model section
     (the same shape, known before any tokenizer is prepared: a first start checks the tensors
     before it writes anything in the run folder)."""
     names = hf_names(args)
     absent = [name for name in names if name not in checkpoint.files]
     if absent:
         raise MotError(f"the checkpoint {checkpoint.folder} lacks the tensor {absent[0]} ({len(absent)} missing)")
+    unknown = unknown_tensors(checkpoint, args)
+    if unknown:
+        raise MotError(
+            f"the checkpoint {checkpoint.folder} holds the tensor {unknown[0]}, which a Llama model of its config.json "
+            f"does not have ({len(unknown)} such tensor{'s' if len(unknown) > 1 else ''}): nothing would load "
+            f"{'them' if len(unknown) > 1 else 'it'}, so the folder is another architecture (attention or MLP "
+            "biases, as Qwen2's) or its config.json does not describe its tensors"
+        )
     kv = args.n_kv_heads or args.n_heads
     head_dim = args.dim // args.n_heads
     shapes = {"model.embed_tokens.weight": (checkpoint.vocab_size, args.dim), "model.norm.weight": (args.dim,),
