@@ -184,8 +184,9 @@ class TrainSection(Section):
     beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2")
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto: bf16 autocast on CUDA and on a CPU with native bf16 matmul (AMX or AVX-512 BF16, "
-        "detected from /proc/cpuinfo; MOT_CPU_BF16=1/0 overrides), fp32 elsewhere; weights and optimizer stay fp32")
+        "auto", description="auto: bf16 autocast on CUDA; on a CPU with native bf16 matmul (AMX or AVX-512 BF16) "
+        "what the run's own whole training step, timed in both at start (cached per machine and shape), favours; "
+        "fp32 elsewhere (MOT_CPU_BF16=1/0 overrides); weights, optimizer and norms stay fp32")
     log_every: PositiveInt = Field(10, description="steps between printed lines, router statistics and token "
                                    "shares (metrics.jsonl gets every step)")
     loggers: list[Literal["jsonl", "tensorboard", "wandb", "mlflow"]] = Field(
