@@ -340,7 +340,7 @@ def test_the_driver_restarts_a_failed_group_but_not_a_repeating_error(outcomes, 
         (["--address", "127.0.0.1:9"], [], "no Ray cluster reachable at 127.0.0.1:9"),
         (["--address", "nonsense"], [], "is not HOST:PORT"),
         (["--gpus-per-worker", "64"], [], "GPUs but this machine has"),
-        ([], ["launch.storage_path={file}/sub"], "cannot write checkpoints to storage path"),
+        ([], ["launch.storage_path={file}/sub"], "a_file is a file; give a folder"),
         ([], ["launch.strategy=zero3"], "launch.strategy"),
     ],
 )
