@@ -68,10 +68,15 @@ def _config_json(folder: Path) -> dict[str, Any]:
     file = folder / "config.json"
     if not file.is_file():
         raise MotError(f"{folder} has no config.json: not a Hugging Face checkpoint folder")
+    return json_object(file)
+
+
+def json_object(file: Path, what: str = "") -> dict[str, Any]:
+    """The JSON object in ``file``, or a one-line MotError (``what``: what the file is)."""
     try:
         data = json.loads(file.read_text())
     except ValueError as exc:
-        raise MotError(f"{file} is not JSON ({exc})") from None
+        raise MotError(f"{file} is not JSON ({exc}){what}") from None
     if not isinstance(data, dict):
         raise MotError(f"{file} does not hold a JSON object")
     return data

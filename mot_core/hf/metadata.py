@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mot_core.errors import MotError
-from mot_core.hf.llama import DTYPES
+from mot_core.hf.llama import DTYPES, json_object
 
 KEPT = ("config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json",
         "chat_template.jinja")
@@ -56,13 +56,7 @@ def kept_config(run_dir: Path) -> dict[str, Any] | None:
     file = kept_folder(run_dir) / "config.json"
     if not file.is_file():
         return None
-    try:
-        data = json.loads(file.read_text())
-    except ValueError as exc:
-        raise MotError(f"{file} is not JSON ({exc}); it is the run's copy of its init_from config.json") from None
-    if not isinstance(data, dict):
-        raise MotError(f"{file} does not hold a JSON object")
-    return data
+    return json_object(file, "; it is the run's copy of its init_from config.json")
 
 
 def export_dtype(requested: str | None, source: dict[str, Any] | None) -> str:

@@ -20,8 +20,9 @@ from typing import Any
 import torch
 
 from mot_core.errors import MotError
-from mot_core.model.frozen import assembled, is_split
+from mot_core.model.frozen import assembled
 from mot_core.model.towers import default_ffn_hidden
+from mot_core.model.transformer import whole_tensors
 from mot_core.plugin_api import HFCodec, Modality, origin
 from mot_core.runs.reopen import load_run
 
@@ -194,15 +195,8 @@ def _write_root_tokenizer(vocab, out: Path, max_length: int) -> None:
 def exported_tensors(model) -> dict[str, torch.Tensor]:
     """The exported model's state dict: the trainer's names under ``model.`` (the head as
     ``lm_head.weight``), frozen and trainable rows put back together."""
-    out = {}
-    for key in model.state_dict():
-        prefix, _, attr = key.rpartition(".")
-        if attr.endswith("_frozen"):
-            continue
-        module = model.get_submodule(prefix) if prefix else model
-        tensor = assembled(module, attr) if is_split(module, attr) else getattr(module, attr)
-        out[key if key.startswith("lm_head.") else f"model.{key}"] = tensor.detach()
-    return out
+    return {key if key.startswith("lm_head.") else f"model.{key}": assembled(module, attr).detach()
+            for key, (module, attr, _) in whole_tensors(model).items()}
 
 
 def _write_weights(model, out: Path, dtype: torch.dtype) -> dict[str, int]:

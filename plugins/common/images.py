@@ -34,12 +34,7 @@ def read_prepared_image(path: Path, expected_size: int) -> np.ndarray:
         with Image.open(path) as image:
             image.load()
             size = image.size
-            has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
-            rgb = (
-                Image.alpha_composite(Image.new("RGBA", size, (255, 255, 255, 255)), image.convert("RGBA")).convert("RGB")
-                if has_alpha
-                else image.convert("RGB")
-            )
+            rgb = on_white(image)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise MotError(f"cannot read image {path} ({exc}); run `mot data prepare` again, forcing a rebuild") from None
     if size != (expected_size, expected_size):
@@ -60,30 +55,26 @@ def read_any_image(path: Path, size: int, named_in: str) -> np.ndarray:
         with Image.open(path) as image:
             image.draft(None, (2 * size, 2 * size))  # JPEG: decode at a reduced scale, still >= 2x the target
             image.load()
-            image = ImageOps.exif_transpose(image)
-            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-                rgba = image.convert("RGBA")
-                image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-            else:
-                image = image.convert("RGB")
-            square = ImageOps.fit(image, (size, size), method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))
+            return square_rgb(image, size)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise MotError(f"dataset 'captioned_images': cannot read image {path} (named in {named_in}): {one_line(exc)}; "
                        "replace the file or remove its line") from None
-    return np.array(square, dtype=np.uint8)
 
 
 def square_rgb(image: Image.Image, size: int) -> np.ndarray:
     """A decoded Pillow image -> (size, size, 3) uint8 RGB: upright (EXIF orientation),
     flattened on white if transparent, shorter side resized to ``size`` and centre-cropped."""
-    image = ImageOps.exif_transpose(image)
+    square = ImageOps.fit(on_white(ImageOps.exif_transpose(image)), (size, size), method=Image.Resampling.LANCZOS,
+                          centering=(0.5, 0.5))
+    return np.array(square, dtype=np.uint8)
+
+
+def on_white(image: Image.Image) -> Image.Image:
+    """RGB, transparent pixels flattened on white."""
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         rgba = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    else:
-        image = image.convert("RGB")
-    square = ImageOps.fit(image, (size, size), method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))
-    return np.array(square, dtype=np.uint8)
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def decode_image_bytes(data: bytes, size: int) -> np.ndarray:

@@ -14,6 +14,7 @@ which make the source's fingerprint (no file is read for it).
 
 from __future__ import annotations
 
+import abc
 import fnmatch
 import glob
 import hashlib
@@ -21,10 +22,10 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 from mot_core.errors import MotError
-from mot_core.plugin_api import storage_path
+from mot_core.plugin_api import BadRecord, DataSource, RawDocument, Split, storage_path
 
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(\d+)\.\.(\d+)$")
@@ -172,3 +173,54 @@ def in_val_split(key: str, val_fraction: float) -> bool:
     import zlib
 
     return zlib.crc32(key.encode("utf-8")) % 10_000 < val_fraction * 10_000
+
+
+class StoredFilesSource(DataSource):
+    """A source over the files its ``paths`` option lists (local or in an object store), read in
+    parts: each file whole, or the parts ``_file_parts`` splits it into (a Parquet file's row
+    groups). Subclasses read one part (``_read``); listing, parts, ``documents`` and the
+    fingerprint (the files' names, sizes and times, and the options) are shared."""
+
+    def __init__(self, options):
+        super().__init__(options)
+        self._listed: list[StoredFile] | None = None
+        self._parts: list[tuple[StoredFile, Any]] | None = None
+
+    def _files(self) -> list[StoredFile]:
+        if self._listed is None:
+            self._listed = list_files(self.options.paths, f"dataset '{self.name}' paths")
+        return self._listed
+
+    def _file_parts(self, file: StoredFile) -> list[Any]:
+        """The parts of one file (handed to ``_read``); by default the file whole."""
+        return [None]
+
+    def _all_parts(self) -> list[tuple[StoredFile, Any]]:
+        if self._parts is None:
+            self._parts = [(file, part) for file in self._files() for part in self._file_parts(file)]
+        return self._parts
+
+    def num_parts(self, split: Split) -> int:
+        return len(self._all_parts())
+
+    def read_part(self, split: Split, part: int) -> Iterator[RawDocument | BadRecord]:
+        parts = self._all_parts()
+        if not 0 <= part < len(parts):
+            raise MotError(f"dataset '{self.name}' has {len(parts)} parts, asked for part {part}")
+        return self._read(*parts[part], split)
+
+    def documents(self, split: Split) -> Iterator[RawDocument | BadRecord]:
+        for file, part in self._all_parts():
+            yield from self._read(file, part, split)
+
+    def fingerprint(self) -> str:
+        try:
+            files = self._files()
+        except MotError:  # documents() says what is missing
+            files = []
+        return fingerprint(files, self.options.model_dump(mode="json"))
+
+    @abc.abstractmethod
+    def _read(self, file: StoredFile, part: Any, split: Split) -> Iterator[RawDocument | BadRecord]:
+        """The documents of one part of ``file`` in ``split``, a ``BadRecord`` in place of each
+        record that cannot be read."""

@@ -22,10 +22,10 @@ from typing import Any, Iterator, Literal
 from pydantic import Field
 
 from mot_core.errors import MotError
-from mot_core.plugin_api import BadRecord, DataSource, PluginOptions, RawDocument, RawSegment, Split, storage_path
+from mot_core.plugin_api import BadRecord, PluginOptions, RawDocument, RawSegment, Split, storage_path
 from plugins.common.images import decode_image_bytes, to_signed_float
 from plugins.common.messages import one_line
-from plugins.common.stored_files import StoredFile, fingerprint, in_val_split, list_files
+from plugins.common.stored_files import StoredFile, StoredFilesSource, in_val_split
 from plugins.images.data import Direction, _drops_caption
 from plugins.common.records import iter_jsonl, read_table_part, table_kind, table_parts
 
@@ -49,50 +49,12 @@ class PairOptions(ImageTextOptions):
                                    "without their caption (classifier-free guidance)")
 
 
-class _StoredSource(DataSource):
-    """Parts over listed files; subclasses say how a file splits into parts and reads."""
+class _StoredSource(StoredFilesSource):
+    """Image-text files; subclasses say how a file splits into parts and reads."""
 
     def __init__(self, options: ImageTextOptions):
         super().__init__(options)
         self.modalities = (options.text_modality, options.image_modality)
-        self._listed: list[StoredFile] | None = None
-        self._parts: list[tuple[StoredFile, Any]] | None = None
-
-    def _files(self) -> list[StoredFile]:
-        if self._listed is None:
-            self._listed = list_files(self.options.paths, f"dataset '{self.name}' paths")
-        return self._listed
-
-    def _file_parts(self, file: StoredFile) -> list[Any]:
-        return [None]
-
-    def _all_parts(self) -> list[tuple[StoredFile, Any]]:
-        if self._parts is None:
-            self._parts = [(file, part) for file in self._files() for part in self._file_parts(file)]
-        return self._parts
-
-    def num_parts(self, split: Split) -> int:
-        return len(self._all_parts())
-
-    def read_part(self, split: Split, part: int) -> Iterator[RawDocument | BadRecord]:
-        parts = self._all_parts()
-        if not 0 <= part < len(parts):
-            raise MotError(f"dataset '{self.name}' has {len(parts)} parts, asked for part {part}")
-        return self._read(*parts[part], split)
-
-    def documents(self, split: Split) -> Iterator[RawDocument | BadRecord]:
-        for file, part in self._all_parts():
-            yield from self._read(file, part, split)
-
-    def fingerprint(self) -> str:
-        try:
-            files = self._files()
-        except MotError:  # documents() says what is missing
-            files = []
-        return fingerprint(files, self.options.model_dump(mode="json"))
-
-    def _read(self, file: StoredFile, part: Any, split: Split) -> Iterator[RawDocument | BadRecord]:
-        raise NotImplementedError
 
     def _in_split(self, file: StoredFile, key: str, split: Split) -> bool:
         return in_val_split(f"{file.base_name}:{key}", self.options.val_fraction) == (split == "val")

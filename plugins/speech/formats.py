@@ -19,9 +19,9 @@ from typing import Iterator
 from pydantic import Field
 
 from mot_core.errors import MotError
-from mot_core.plugin_api import BadRecord, DataSource, PluginOptions, RawDocument, RawSegment, Split, storage_path
+from mot_core.plugin_api import BadRecord, PluginOptions, RawDocument, RawSegment, Split, storage_path
 from plugins.common.messages import one_line
-from plugins.common.stored_files import StoredFile, fingerprint, in_val_split, list_files
+from plugins.common.stored_files import StoredFile, StoredFilesSource, in_val_split
 from plugins.common.audio import Audio, decode_audio_bytes
 from plugins.speech.data import Direction
 
@@ -38,8 +38,10 @@ class LibriSpeechOptions(PluginOptions):
     text_modality: str = Field("text", description="modality that receives the transcripts")
 
 
-class LibriSpeech(DataSource):
-    """Utterances of LibriSpeech-style folders: a clip and its transcript each."""
+class LibriSpeech(StoredFilesSource):
+    """Utterances of LibriSpeech-style folders: a clip and its transcript each. A part is a
+    transcript file; the fingerprint lists the transcript files (a chapter's clips change with
+    its transcript)."""
 
     name = "librispeech"
     Options = LibriSpeechOptions
@@ -48,36 +50,8 @@ class LibriSpeech(DataSource):
     def __init__(self, options: LibriSpeechOptions):
         super().__init__(options)
         self.modalities = (options.speech_modality, options.text_modality)
-        self._listed: list[StoredFile] | None = None
 
-    def _files(self) -> list[StoredFile]:
-        if self._listed is None:
-            self._listed = list_files(self.options.paths, f"dataset '{self.name}' paths")
-        return self._listed
-
-    def num_parts(self, split: Split) -> int:
-        return len(self._files())
-
-    def read_part(self, split: Split, part: int) -> Iterator[RawDocument | BadRecord]:
-        files = self._files()
-        if not 0 <= part < len(files):
-            raise MotError(f"dataset '{self.name}' has {len(files)} parts, asked for part {part}")
-        return self._chapter(files[part], split)
-
-    def documents(self, split: Split) -> Iterator[RawDocument | BadRecord]:
-        for file in self._files():
-            yield from self._chapter(file, split)
-
-    def fingerprint(self) -> str:
-        """The transcript files' names, sizes and times (the clips are not listed: a chapter's
-        clips change with its transcript), and the options."""
-        try:
-            files = self._files()
-        except MotError:
-            files = []
-        return fingerprint(files, self.options.model_dump(mode="json"))
-
-    def _chapter(self, file: StoredFile, split: Split) -> Iterator[RawDocument | BadRecord]:
+    def _read(self, file: StoredFile, part: None, split: Split) -> Iterator[RawDocument | BadRecord]:
         opts: LibriSpeechOptions = self.options
         try:
             with file.open_stream() as stream:

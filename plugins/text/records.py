@@ -15,9 +15,9 @@ from typing import Iterator, Literal
 from pydantic import Field
 
 from mot_core.errors import MotError
-from mot_core.plugin_api import BadRecord, DataSource, PluginOptions, RawDocument, RawSegment, Split
+from mot_core.plugin_api import BadRecord, PluginOptions, RawDocument, RawSegment, Split
 from plugins.common.records import iter_jsonl, iter_table_column, table_kind, table_parts
-from plugins.common.stored_files import StoredFile, fingerprint, in_val_split, list_files
+from plugins.common.stored_files import StoredFile, StoredFilesSource, in_val_split
 
 
 class TextRecordsOptions(PluginOptions):
@@ -31,7 +31,7 @@ class TextRecordsOptions(PluginOptions):
     text_modality: str = Field("text", description="the modality that receives the text")
 
 
-class TextRecords(DataSource):
+class TextRecords(StoredFilesSource):
     """JSON lines or Parquet rows with a text field: one document each."""
 
     name = "text_records"
@@ -41,17 +41,6 @@ class TextRecords(DataSource):
     def __init__(self, options: TextRecordsOptions):
         super().__init__(options)
         self.modalities = (options.text_modality,)
-        self._listed: list[StoredFile] | None = None
-        self._parts: list[tuple[StoredFile, int | None]] | None = None
-
-    @property
-    def _option(self) -> str:
-        return f"dataset '{self.name}' paths"
-
-    def _files(self) -> list[StoredFile]:
-        if self._listed is None:
-            self._listed = list_files(self.options.paths, self._option)
-        return self._listed
 
     def _format(self, file: StoredFile) -> str:
         if self.options.format != "auto":
@@ -63,40 +52,11 @@ class TextRecords(DataSource):
         raise MotError(f"dataset '{self.name}': cannot tell the format of {file.name} from its name; set format: jsonl "
                        "or parquet")
 
-    def _all_parts(self) -> list[tuple[StoredFile, int | None]]:
-        """(file, row group) of each part: a JSONL file whole (None), a Parquet file's row groups."""
-        if self._parts is None:
-            parts: list[tuple[StoredFile, int | None]] = []
-            for file in self._files():
-                if self._format(file) == "parquet":
-                    parts += [(file, group) for group in range(table_parts(file, self.name))]
-                else:
-                    parts.append((file, None))
-            self._parts = parts
-        return self._parts
+    def _file_parts(self, file: StoredFile) -> list[int | None]:
+        """A JSONL file whole (None), a Parquet or Arrow file's row groups or record batches."""
+        return list(range(table_parts(file, self.name))) if self._format(file) == "parquet" else [None]
 
-    def num_parts(self, split: Split) -> int:
-        return len(self._all_parts())
-
-    def read_part(self, split: Split, part: int) -> Iterator[RawDocument | BadRecord]:
-        parts = self._all_parts()
-        if not 0 <= part < len(parts):
-            raise MotError(f"dataset '{self.name}' has {len(parts)} parts, asked for part {part}")
-        file, group = parts[part]
-        return self._documents(file, group, split)
-
-    def documents(self, split: Split) -> Iterator[RawDocument | BadRecord]:
-        for file, group in self._all_parts():
-            yield from self._documents(file, group, split)
-
-    def fingerprint(self) -> str:
-        try:
-            files = self._files()
-        except MotError:  # documents() says what is missing
-            files = []
-        return fingerprint(files, self.options.model_dump(mode="json"))
-
-    def _documents(self, file: StoredFile, group: int | None, split: Split) -> Iterator[RawDocument | BadRecord]:
+    def _read(self, file: StoredFile, group: int | None, split: Split) -> Iterator[RawDocument | BadRecord]:
         opts: TextRecordsOptions = self.options
         rows = (iter_jsonl(file, opts.text_field) if group is None
                 else iter_table_column(file, group, opts.text_field, self.name))
