@@ -4,8 +4,9 @@ Whether bf16 autocast pays on a CPU depends on the CPU and on the model: native 
 (AMX, AVX-512 BF16) speed up the products, while the casts, the optimizer and the element-wise
 work stay fp32-bound, and for a small model they dominate. So a run with ``auto`` on a CPU with
 native bf16 times its own training step, in fp32 and in bf16 autocast: a throwaway model of the
-run's shape, a batch of the run's size, AdamW and gradient clipping, one warm-up step then three
-of each, interleaved, medians compared. bf16 is chosen only when it is at least 5% faster.
+run's shape, a batch of the run's size, AdamW and gradient clipping, one warm-up step then five
+of each, interleaved, the fastest of each compared (other work on the machine only ever adds
+time: the minimum is its least disturbed estimate). bf16 is chosen only when at least 5% faster.
 
 The result is cached per machine and shape (``~/.cache/mot/precision.json``, or
 ``$MOT_CACHE_DIR``): the CPU, its thread count, torch's version, the model's shape, batch and
@@ -19,7 +20,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 SPEED_UP_NEEDED = 1.05  # bf16 must be at least this much faster to be chosen
-STEPS = 3
+STEPS = 5
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ def calibrate(args, batch: int, seq: int, flag: str) -> Calibration:
 
 
 def time_whole_steps(args, batch: int, seq: int) -> tuple[float, float]:
-    """Median ms of a whole training step (forward, loss, backward, clip, AdamW) of a fresh
+    """The fastest ms of a whole training step (forward, loss, backward, clip, AdamW) of a fresh
     model of ``args`` on a (batch, seq) batch whose tokens are shared out over the modalities,
     in fp32 and in bf16 autocast, interleaved. The global RNG is left as it was."""
     from mot_core.model.attention import AttentionLayout
@@ -133,6 +133,6 @@ def time_whole_steps(args, batch: int, seq: int) -> tuple[float, float]:
         for _ in range(STEPS):
             for bf16 in (False, True):
                 times[bf16].append(step(bf16))
-        return statistics.median(times[False]), statistics.median(times[True])
+        return min(times[False]), min(times[True])
     finally:
         torch.random.set_rng_state(state)
