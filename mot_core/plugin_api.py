@@ -220,6 +220,38 @@ class BadRecord:
     detail: str = ""
 
 
+@dataclass(frozen=True)
+class NativeFile:
+    """One file a Ray Data reader reads for a source (``NativeRead``).
+
+    ``path``: as the read's ``filesystem`` names it (``/data/a.parquet``, ``bucket/key``);
+    ``first_part``: the index of its first part among the source's parts; ``part_rows``: the
+    rows of each of its parts in order (a Parquet file's row groups), or None for a file that
+    is one part whatever it holds (a tar, a JSON lines file)."""
+
+    path: str
+    first_part: int
+    part_rows: tuple[int, ...] | None = None
+
+    @property
+    def num_parts(self) -> int:
+        return 1 if self.part_rows is None else len(self.part_rows)
+
+
+@dataclass(frozen=True)
+class NativeRead:
+    """Files of a source that a Ray Data reader reads on a cluster (``mot data tokenize
+    --address``): ``reader`` is the ``ray.data`` function (``read_parquet``,
+    ``read_webdataset``, ``read_binary_files``), ``options`` its keyword arguments (the engine
+    adds ``include_paths``), ``filesystem`` a ``pyarrow.fs.FileSystem``. The engine puts the
+    rows back in file order and hands each part's rows to ``DataSource.read_rows``."""
+
+    reader: str
+    files: tuple[NativeFile, ...]
+    filesystem: Any
+    options: dict = field(default_factory=dict)
+
+
 class Modality(abc.ABC):
     """A modality: its tokenizer/encoder and the vocabulary range it owns.
 
@@ -570,6 +602,19 @@ class DataSource(abc.ABC):
         since are refused. Keep it cheap (no reading of the data itself). Default: the
         options, which catches a changed path or split but not a file edited in place."""
         return fingerprint_files([], extra=json.dumps(self.options.model_dump(mode="json"), sort_keys=True, default=str))
+
+    def native_reads(self, split: Split) -> list[NativeRead]:
+        """The files of ``split`` that Ray Data's own readers can read on a cluster (``mot data
+        tokenize --address``): one ``NativeRead`` per reader, covering some or all parts. Parts
+        no read covers are read with ``read_part``. Default: none. A source that returns reads
+        implements ``read_rows``, and must give there the documents ``read_part`` gives."""
+        return []
+
+    def read_rows(self, split: Split, part: int, rows: Any) -> Iterable[RawDocument]:
+        """The documents of part ``part`` from ``rows``, a ``pyarrow.Table`` of what the part's
+        ``NativeRead`` reader gave for it, in file order (with its ``path`` column): exactly
+        what ``read_part(split, part)`` yields, ``BadRecord``s included."""
+        raise MotError(f"dataset '{self.name}' lists Ray Data reads but does not implement read_rows")
 
     def prepare(self, progress: bool = True) -> dict[str, Any]:
         """Build the data on disk if it must be rendered or converted first (``mot data

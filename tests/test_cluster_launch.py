@@ -98,7 +98,8 @@ def tokenized(cluster):
     config = _config(tmp, corpus, prefix, "single")
     result = _mot(env, "data", "tokenize", str(config), "--address", nodes.address, cwd=tmp)
     assert result.returncode == 0, result.stdout[-4000:]
-    assert re.search(r"tokenized \d+ parts with 2 actors on 2 nodes", result.stdout), result.stdout[-3000:]
+    assert re.search(r"tokenized \d+ parts read by the sources' own readers with 2 actors on 2 nodes",
+                     result.stdout), result.stdout[-3000:]
     result = _mot(env, "train", str(config), cwd=tmp)
     assert result.returncode == 0, result.stdout[-4000:]
     return _metrics(tmp / "single")
@@ -234,3 +235,58 @@ def test_a_local_data_dir_the_nodes_do_not_see_is_one_line(cluster, tokenized):
     assert result.returncode == 2, result.stdout[-4000:]
     last = result.stdout.strip().splitlines()[-1]
     assert f"does not see the driver's data.dir {tmp / 'local_tokens'}" in last, last
+
+
+def test_ray_datas_readers_read_the_bucket_on_the_worker_nodes(cluster, tokenized, s3_server, monkeypatch):
+    """A Parquet text corpus in the bucket: `mot data tokenize --address` reads it with Ray
+    Data's read_parquet on the worker nodes (they see nothing of the launching machine) and
+    writes into the bucket the shards a local run writes here, byte for byte."""
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    from mot_core import filesystems
+
+    tmp, corpus, prefix, nodes, env = cluster
+    texts = [p.read_text() for p in sorted(corpus.glob("*.txt"))]
+    paragraphs = [p for text in texts for p in text.split("\n\n") if p.strip()]
+    local_files = tmp / "parquet_corpus"
+    local_files.mkdir()
+    for index in range(2):
+        pq.write_table(pa.table({"text": paragraphs[index::2]}), local_files / f"part-{index}.parquet",
+                       row_group_size=max(1, len(paragraphs) // 8))
+    bucket = f"{prefix}/parquet_corpus"
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    filesystems.configure(None, None)
+    fs, root = filesystems.resolve(bucket, "test")
+    pafs.copy_files(str(local_files), root, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+    def config(name: str, paths: str, data_dir: str) -> Path:
+        data = yaml.safe_load(_config(tmp, corpus, prefix, name).read_text())
+        data["mixture"]["datasets"] = {"text_records": {"options": {"paths": [paths], "val_fraction": 0.2}}}
+        data["data"]["dir"] = data_dir
+        path = tmp / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    on_nodes = config("parquet_nodes", f"{bucket}/*.parquet", f"{prefix}/parquet_tokens")
+    result = _mot(env, "data", "tokenize", str(on_nodes), "--address", nodes.address, cwd=tmp)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert re.search(r"dataset 'text_records': 2 files \(\d+ parts\) read with Ray Data's read_parquet", result.stdout)
+    assert "read by the sources' own readers" not in result.stdout
+    here = config("parquet_here", str(local_files / "*.parquet"), str(tmp / "parquet_tokens"))
+    shutil.copytree(tmp / "parquet_nodes" / "state", tmp / "parquet_here" / "state")  # the same tokenizer
+    result = _mot(env, "data", "tokenize", str(here), cwd=tmp)
+    assert result.returncode == 0, result.stdout[-4000:]
+    for split in ("train", "val"):
+        local = _shard_bytes_here(tmp / "parquet_tokens" / "text_records" / split)
+        selector = pafs.FileSelector(filesystems.resolve(f"{prefix}/parquet_tokens/text_records/{split}", "test")[1])
+        stored = {info.base_name: fs.open_input_stream(info.path).read()
+                  for info in fs.get_file_info(selector) if info.base_name.endswith(".arrow")}
+        assert local and stored == local, split
+    filesystems.configure(None, None)
+
+
+def _shard_bytes_here(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.arrow"))}

@@ -360,14 +360,78 @@ def test_a_bad_record_is_one_line_or_skipped_and_counted(case, articles, digits,
     assert index["skipped"] == {cause: 1}
 
 
+@pytest.mark.slow
+def test_bad_records_read_by_ray_datas_readers_match_a_local_run(articles, digits, tmp_path, prepared_vq):
+    """On a Ray Data job (`--address local`) a record Ray Data's reader gives (an undecodable
+    image, a missing caption, a text column of numbers, an empty text) is skipped and counted as
+    locally; a tar cut short, which Ray Data's reader cannot read, stops the job with one line
+    that keeps the parts written and names `--reader source`, which then finishes the job: every
+    split as a local run writes it, shard for shard."""
+    import shutil
+
+    from mot_core.cli import main
+    from test_shards import _mot, _shard_bytes
+
+    cases = bad_corpora(tmp_path, articles, digits)
+    datasets = {
+        "image_text_parquet": {**cases["missing caption"][1], "val_fraction": 0.3},
+        "text_records": {"paths": [str(tmp_path / "articles.jsonl"), *cases["wrong column type"][1]["paths"],
+                                   *cases["empty document"][1]["paths"]]},
+        "webdataset": {"paths": [*cases["undecodable image"][1]["paths"], *cases["truncated tar"][1]["paths"]],
+                       "val_fraction": 0.3},
+    }
+    configs = {}
+    for name in ("local", "ray"):
+        path = _config(tmp_path, name, "webdataset", {}, "skip", prepared_vq)
+        data = yaml.safe_load(path.read_text())
+        data["mixture"]["datasets"] = {src: {"options": options} for src, options in datasets.items()}
+        data["run"]["dir"] = str(tmp_path / name)
+        path.write_text(yaml.safe_dump(data))
+        configs[name] = path
+    assert main(["tokenizer", "fit", str(configs["local"])]) == 0
+    assert main(["data", "tokenize", str(configs["local"])]) == 0
+    shutil.copytree(tmp_path / "local" / "state", tmp_path / "ray" / "state")  # the same tokenizers
+
+    stopped = _mot("data", "tokenize", str(configs["ray"]), "--address", "local")
+    assert stopped.returncode == 2, stopped.stderr[-3000:]
+    line = stopped.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: dataset 'webdataset': Ray Data's read_webdataset could not read its files ("), line
+    assert "the parts finished are kept" in line and "--reader source" in line, line
+    # the sources before it were read by Ray Data's readers, their bad records counted as locally
+    assert "dataset 'image_text_parquet': 1 file (2 parts) read with Ray Data's read_parquet" in stopped.stdout
+    assert "dataset 'text_records': 2 files (2 parts) read with Ray Data's read_binary_files" in stopped.stdout
+
+    finished = _mot("data", "tokenize", str(configs["ray"]), "--address", "local", "--reader", "source")
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "read by the sources' own readers" in finished.stdout and "read with Ray Data's" not in finished.stdout
+    for src in datasets:
+        for split in ("train", "val"):
+            local, ray = (json.loads((tmp_path / run / "tokens" / src / split / "index.json").read_text())
+                          for run in ("local", "ray"))
+            assert (ray["documents"], ray["tokens"], ray.get("skipped")) == \
+                (local["documents"], local["tokens"], local.get("skipped")), (src, split)
+            assert _shard_bytes(tmp_path / "local" / "tokens" / src / split) == \
+                _shard_bytes(tmp_path / "ray" / "tokens" / src / split), (src, split)
+    skipped = {src: {} for src in datasets}
+    for src in datasets:
+        for split in ("train", "val"):
+            index = json.loads((tmp_path / "ray" / "tokens" / src / split / "index.json").read_text())
+            for cause, count in index.get("skipped", {}).items():
+                skipped[src][cause] = skipped[src].get(cause, 0) + count
+    assert skipped == {"image_text_parquet": {"missing caption": 1},
+                       "text_records": {"wrong column type": 1, "empty document": 1},
+                       "webdataset": {"undecodable image": 1, "truncated tar": 1}}, skipped
+
+
 # -- the formats table: every format locally, as a Ray Data job, and from S3 -------------------
 
 @pytest.mark.slow
 def test_every_format_tokenizes_the_same_locally_on_ray_and_from_s3(articles, digits, tmp_path, prepared_vq,
                                                                     s3_server, monkeypatch):
     """The four formats in one mixture, written with their own writers: `mot data tokenize`
-    here, as a Ray Data job (`--address local`) and from a real S3 server give the same
-    documents and tokens per split (and the Ray job the same shard bytes)."""
+    here, as a Ray Data job (`--address local`: Ray Data's own readers) from local files and
+    from a real S3 server, and here from S3 give the same documents and tokens per split (and
+    the Ray jobs the same shard bytes)."""
     import shutil
 
     import pyarrow.fs as pafs
@@ -411,15 +475,30 @@ def test_every_format_tokenizes_the_same_locally_on_ray_and_from_s3(articles, di
     env = {**s3_server.env()}
     result = _mot("data", "tokenize", str(on_ray), "--address", "local", env=env)
     assert result.returncode == 0, result.stderr[-3000:]
+    # Ray Data's own readers read every file they can; the JSON lines as bytes (parsed as locally)
+    for line in ("dataset 'text_records': 3 files (3 parts) read with Ray Data's read_binary_files",
+                 "dataset 'text_records': 1 file (3 parts) read with Ray Data's read_parquet",
+                 "dataset 'webdataset': 3 files (3 parts) read with Ray Data's read_webdataset",
+                 "dataset 'image_text_parquet': 1 file (4 parts) read with Ray Data's read_parquet",
+                 "dataset 'interleaved_documents': 1 file (3 parts) read with Ray Data's read_parquet"):
+        assert line in result.stdout, result.stdout[-3000:]
+    assert "read by the sources' own readers" not in result.stdout
+    # and from the S3 server, through the same pyarrow file system
+    ray_s3 = config("ray_s3", f"s3://{prefix}")
+    shutil.copytree(tmp_path / "local" / "state", tmp_path / "ray_s3" / "state")
+    result = _mot("data", "tokenize", str(ray_s3), "--address", "local", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "dataset 'webdataset': 3 files (3 parts) read with Ray Data's read_webdataset" in result.stdout
     assert main(["data", "tokenize", str(from_s3)]) == 0
+    runs = ("local", "ray", "s3", "ray_s3")
     for src in ("text_records", "webdataset", "image_text_parquet", "interleaved_documents"):
         for split in ("train", "val"):
-            indexes = [json.loads((tmp_path / run / "tokens" / src / split / "index.json").read_text())
-                       for run in ("local", "ray", "s3")]
+            indexes = [json.loads((tmp_path / run / "tokens" / src / split / "index.json").read_text()) for run in runs]
             assert len({(i["documents"], i["tokens"]) for i in indexes}) == 1, (src, split, indexes)
             assert indexes[0]["documents"] > 0
-            assert _shard_bytes(tmp_path / "local" / "tokens" / src / split) == \
-                _shard_bytes(tmp_path / "ray" / "tokens" / src / split)
+            for run in ("ray", "ray_s3"):
+                assert _shard_bytes(tmp_path / "local" / "tokens" / src / split) == \
+                    _shard_bytes(tmp_path / run / "tokens" / src / split), (run, src, split)
     filesystems.configure(None, None)
 
 

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from mot_core.cli.common import config_command, load_config
+from mot_core.errors import MotError
 
 
 def cmd_data_prepare(ns: argparse.Namespace) -> int:
@@ -38,6 +39,9 @@ def cmd_data_tokenize(ns: argparse.Namespace) -> int:
 
     from mot_core.training.run_mirror import run_files_synced
 
+    if ns.reader is not None and not ns.address:
+        raise MotError("--reader chooses the readers of a Ray Data job (--address); without it the sources' own "
+                       "readers read every part here")
     config = load_config(ns.config, ns.overrides)
     with run_files_synced(config.run.dir):
         exp = build_experiment(config)
@@ -46,7 +50,7 @@ def cmd_data_tokenize(ns: argparse.Namespace) -> int:
         if ns.address:
             from mot_core.distributed.tokenize import tokenize_on_ray
 
-            report = tokenize_on_ray(config, ns.address, force=ns.force)
+            report = tokenize_on_ray(config, ns.address, force=ns.force, reader=ns.reader or "ray")
         else:
             vocab = prepare_vocabulary(exp)
             try:
@@ -85,6 +89,10 @@ def register(sub) -> None:
     p.add_argument("--force", action="store_true", help="delete the config's shards and write them again")
     p.add_argument("--address", default=None,
                    help="run it as a Ray Data job on the Ray cluster at this address (local: a Ray instance here)")
+    p.add_argument("--reader", choices=("ray", "source"), default=None,
+                   help="with --address: ray (default) reads Parquet, WebDataset tars and JSON lines with Ray Data's "
+                   "own readers, other files with the sources' readers; source: the sources' readers for every "
+                   "part (they name or skip a record Ray Data's readers cannot read)")
     p = config_command(sub, "tokenizer", "fit", "train the config's learned tokenizers (e.g. the VQ image tokenizer)",
                        cmd_tokenizer_fit)
     p.add_argument("--force", action="store_true", help="refit even if a matching tokenizer is saved")

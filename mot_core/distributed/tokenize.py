@@ -93,6 +93,46 @@ class _TokenizeParts:
         return out
 
 
+class _NativePartWriter(_TokenizeParts):
+    """A Ray actor that writes the parts a Ray Data reader read (``native_read``): one built run
+    per actor, as for the parts the sources read themselves."""
+
+    def init_error(self) -> str:
+        """Why this actor cannot write (a path its node cannot see, another vocabulary), or ""."""
+        return self.error
+
+    def write_rows(self, source: str, split: str, part: int, slices: list) -> dict:
+        """Write part ``part`` of ``source``'s ``split`` from ``slices`` ((block, start, stop,
+        position in file of start), in file order); a part Ray Data gave no rows for is read by
+        the source itself (it finds what is there: nothing, or what Ray Data's reader skips)."""
+        import ray
+
+        task = PartTask(source, split, part)
+        shards, error = [], self.error
+        if not error:
+            try:
+                rows = rows_of(ray.get([ref for ref, *_ in slices]), slices) if slices else None
+                shards = tokenize_part(self.exp, self.vocab, task, self.prints[source], rows=rows)
+            except MotError as exc:  # reported by the driver as one line, not a Ray traceback
+                error = str(exc)
+        return {"shards": json.dumps(shards), "error": error, "node": ray.get_runtime_context().get_node_id()}
+
+
+def rows_of(blocks: list, slices: list):
+    """One ``pyarrow.Table`` of the slices' rows, with ``row``: each row's position in its file.
+    A pandas block (``read_webdataset`` gives those) is converted, its NaN (a member a sample
+    lacks) made null."""
+    import pyarrow as pa
+
+    tables = []
+    for block, (_, start, stop, first) in zip(blocks, slices):
+        if not isinstance(block, pa.Table):
+            block = pa.Table.from_pandas(block.astype(object).where(block.notna(), None), preserve_index=False)
+        table = block.slice(start, stop - start)
+        tables.append(table.append_column("row", pa.array(range(first, first + stop - start), pa.int64())))
+    return pa.concat_tables(tables, promote_options="default")
+
+
 def actor_arguments(config: RunConfig, exp, prints: dict) -> dict:
     """What every tokenize actor is built from (``_TokenizeParts``); leaves the marker file in
     ``data.dir`` (removed by the caller)."""
@@ -103,13 +143,19 @@ def actor_arguments(config: RunConfig, exp, prints: dict) -> dict:
             "state": pack_state(exp.modalities), "expected": {n: asdict(p) for n, p in prints.items()}}
 
 
-def tokenize_on_ray(config: RunConfig, address: str, force: bool = False, concurrency: int | None = None) -> dict:
+def tokenize_on_ray(config: RunConfig, address: str, force: bool = False, concurrency: int | None = None,
+                    reader: str = "ray") -> dict:
     """Fit (or reload) tokenizers here, then tokenize every missing part on the cluster at
-    ``address`` (``local`` starts a Ray instance on this machine); returns a report per split."""
+    ``address`` (``local`` starts a Ray instance on this machine); returns a report per split.
+
+    ``reader``: ``ray`` reads with Ray Data's own readers the files a source lists for them
+    (``DataSource.native_reads``: Parquet, WebDataset tars, JSON lines), the rest with the
+    sources' readers; ``source`` reads everything with the sources' readers."""
     import ray
     import ray.data
 
     from mot_core.distributed.launch import check_address
+    from mot_core.distributed.native_read import plan_native, run_native
 
     check_address(address)
     exp = build_experiment(config)
@@ -118,30 +164,54 @@ def tokenize_on_ray(config: RunConfig, address: str, force: bool = False, concur
     tasks, splits_todo = plan(exp, vocab, force, prints=prints)
     if not tasks:
         return {}
+    native, own = plan_native(exp, tasks) if reader == "ray" else ([], tasks)
     actor_kwargs = actor_arguments(config, exp, prints)
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(address=address, include_dashboard=False, log_to_driver=True)
+    shards, errors, nodes = {}, [], set()
     try:
-        workers = concurrency or max(1, min(len(tasks), int(ray.cluster_resources().get("CPU", 1))))
-        rows = [{"source": t.source, "split": t.split, "part": t.part} for t in tasks]
-        # one block per part, made on the driver: the actors then hold every CPU they ask for
-        # without starving a repartition task
-        results = (
-            ray.data.from_items(rows, override_num_blocks=len(rows))
-            .map_batches(_TokenizeParts, fn_constructor_kwargs=actor_kwargs,
-                         batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1)
-            .take_all()
-        )
+        cpus = float(ray.cluster_resources().get("CPU", 1))
+        if native:
+            # the writers hold a CPU each; Ray Data's read tasks (I/O, no decoding) share what is left
+            writers = concurrency or max(1, min(sum(len(j.todo) for j in native), int(cpus) - 1))
+            actor_cpus = 1 if cpus >= 2 else cpus / 2
+            actors = [ray.remote(num_cpus=actor_cpus)(_NativePartWriter).remote(**actor_kwargs) for _ in range(writers)]
+            try:
+                # a node that cannot see a named path says so before anything is read
+                errors = [e for e in ray.get([actor.init_error.remote() for actor in actors]) if e]
+                if errors:
+                    raise MotError(errors[0])
+                shards, errors, nodes = run_native(native, actors, read_cpus=min(0.5, cpus / 4),
+                                                   report=lambda line: print(line, flush=True))
+            finally:
+                for actor in actors:
+                    ray.kill(actor)
+            print(f"tokenized {len(shards)} parts read by Ray Data with {writers} writers on {len(nodes)} nodes",
+                  flush=True)
+        if own and not errors:
+            workers = concurrency or max(1, min(len(own), int(cpus)))
+            rows = [{"source": t.source, "split": t.split, "part": t.part} for t in own]
+            # one block per part, made on the driver: the actors then hold every CPU they ask for
+            # without starving a repartition task
+            results = (
+                ray.data.from_items(rows, override_num_blocks=len(rows))
+                .map_batches(_TokenizeParts, fn_constructor_kwargs=actor_kwargs,
+                             batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1)
+                .take_all()
+            )
+            nodes = {r["node"] for r in results}
+            print(f"tokenized {len(results)} parts read by the sources' own readers with {workers} actors on "
+                  f"{len(nodes)} nodes", flush=True)
+            errors += [r["error"] for r in results if r["error"]]
+            shards.update({PartTask(r["source"], r["split"], int(r["part"])): json.loads(r["shards"])
+                           for r in results if not r["error"]})
     finally:
         remove_marker(actor_kwargs["marker"])
         if started_here:
             ray.shutdown()
-    print(f"tokenized {len(results)} parts with {workers} actors on {len({r['node'] for r in results})} nodes", flush=True)
-    errors = [r["error"] for r in results if r["error"]]
     if errors:
         raise MotError(errors[0])
-    shards = {PartTask(r["source"], r["split"], int(r["part"])): json.loads(r["shards"]) for r in results}
     missing = [t for t in tasks if t not in shards]
     if missing:
         raise MotError(f"the Ray Data job returned no result for {missing[0].source}/{missing[0].split} part "

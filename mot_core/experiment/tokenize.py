@@ -19,7 +19,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from mot_core import filesystems
 from mot_core.data.shards import (
@@ -51,16 +51,23 @@ def retokenize_hint(exp: Experiment) -> str:
 
 
 def iter_documents(name: str, source: DataSource, split: str, part: int | None = None,
-                   skipped: collections.Counter | None = None) -> Iterator[RawDocument]:
-    """``source.documents(split)`` (or one part of it), read lazily and checked document by
-    document: ``RawDocument``s whose segments are ``RawSegment``s of the source's modalities.
+                   skipped: collections.Counter | None = None, rows: Any = None) -> Iterator[RawDocument]:
+    """``source.documents(split)`` (or one part of it; or, given ``rows`` a Ray Data reader
+    gave for that part, ``source.read_rows``), read lazily and checked document by document:
+    ``RawDocument``s whose segments are ``RawSegment``s of the source's modalities.
 
     A ``BadRecord`` the source yields stops the read with one line (``data.on_bad_record:
     error``, the default) or is left out and counted by cause in ``skipped`` (``skip``)."""
-    call = f"documents('{split}')" if part is None else f"read_part('{split}', {part})"
+    if rows is not None:
+        call = f"read_rows('{split}', {part}, <{rows.num_rows} rows>)"
+    else:
+        call = f"documents('{split}')" if part is None else f"read_part('{split}', {part})"
     where = f"{origin(source)}: dataset '{name}', {call}"
     with plugin_boundary(where):
-        docs = source.documents(split) if part is None else source.read_part(split, part)
+        if rows is not None:
+            docs = source.read_rows(split, part, rows)
+        else:
+            docs = source.documents(split) if part is None else source.read_part(split, part)
     if isinstance(docs, (str, bytes, dict)) or not hasattr(docs, "__iter__"):
         raise MotError(f"{where} returned {type(docs).__name__}; expected a list or an iterator of RawDocument")
     declared = set(source.modalities)
@@ -181,10 +188,11 @@ class PartTask:
 
 def tokenize_part(exp: Experiment, vocab: Vocabulary, task: PartTask, prints: Fingerprints,
                   report: Callable[[str], None] = lambda line: None,
-                  advance: Callable[[int], None] = lambda documents: None) -> list[dict]:
+                  advance: Callable[[int], None] = lambda documents: None, rows: Any = None) -> list[dict]:
     """Encode one part of a split into shards; continues after the shards an interrupted run
     finished. Returns the part's shard records. ``advance(n)`` is called after each chunk of
-    ``n`` documents encoded (progress within a long part)."""
+    ``n`` documents encoded (progress within a long part). ``rows``: what a Ray Data reader
+    gave for the part (``DataSource.read_rows``), else the source reads it."""
     cfg = exp.config.data
     root = data_root(exp)
     with object_store_errors(root, split_folder(root, task.source, task.split)):
@@ -194,7 +202,10 @@ def tokenize_part(exp: Experiment, vocab: Vocabulary, task: PartTask, prints: Fi
         source = exp.sources[task.source]
         parts = num_parts(task.source, source, task.split)
         bad: collections.Counter = collections.Counter()
-        docs = iter_documents(task.source, source, task.split, None if parts == 1 else task.part, skipped=bad)
+        if rows is not None:
+            docs = iter_documents(task.source, source, task.split, task.part, skipped=bad, rows=rows)
+        else:
+            docs = iter_documents(task.source, source, task.split, None if parts == 1 else task.part, skipped=bad)
         done = writer.documents_read
         if done:  # read, not encoded: finished shards are kept (and the bad records among them counted)
             for _ in itertools.islice(docs, done):

@@ -5,7 +5,7 @@ cannot be read as a ``BadRecord`` naming it."""
 from __future__ import annotations
 
 import json
-from typing import Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from mot_core.errors import MotError
 from mot_core.plugin_api import BadRecord
@@ -19,21 +19,25 @@ def iter_jsonl(file: StoredFile, field: str | None) -> Iterator[tuple[str, objec
     short (or a compressed stream that is) ends with ("", BadRecord)."""
     try:
         with file.open_stream() as stream:
-            number, pending = 0, b""
-            while True:
-                block = stream.read(1 << 20)
-                if not block:
-                    break
-                pending += block
-                lines = pending.split(b"\n")
-                pending = lines.pop()
-                for line in lines:
-                    number += 1
-                    yield from _jsonl_line(file, number, line, field)
-            if pending.strip():
-                yield from _jsonl_line(file, number + 1, pending, field)
+            yield from iter_jsonl_blocks(iter(lambda: stream.read(1 << 20), b""), file, field)
     except OSError as exc:
         yield "", BadRecord(file.name, "truncated file", one_line(exc))
+
+
+def iter_jsonl_blocks(blocks: Iterable[bytes], file: StoredFile, field: str | None) -> Iterator[tuple[str, object]]:
+    """``iter_jsonl`` over the file's (decompressed) bytes in blocks: what Ray Data's
+    ``read_binary_files`` gives on a cluster is one block, the file whole. Lines are split at
+    ``\\n`` only (a JSON string may hold U+2028), and numbered from 1, blank ones included."""
+    number, pending = 0, b""
+    for block in blocks:
+        pending += block
+        lines = pending.split(b"\n")
+        pending = lines.pop()
+        for line in lines:
+            number += 1
+            yield from _jsonl_line(file, number, line, field)
+    if pending.strip():
+        yield from _jsonl_line(file, number + 1, pending, field)
 
 
 def _jsonl_line(file: StoredFile, number: int, line: bytes, field: str):
@@ -122,14 +126,20 @@ def read_table_part(file: StoredFile, part: int, columns: list[str], source: str
 def iter_table_column(file: StoredFile, part: int, column: str, source: str) -> Iterator[tuple[str, object]]:
     """("row N", value) of one text column of one part; a column of another type than text is
     one BadRecord for the part (keyed "" : reported once)."""
-    import pyarrow as pa
-
     read = read_table_part(file, part, [column], source)
     if isinstance(read, BadRecord):
         yield "", read
         return
     key, columns = read
-    values = columns[column]
+    yield from text_column_values(file, part, columns[column], key, column)
+
+
+def text_column_values(file: StoredFile, part: int, values: Any, key: Callable[[int], str],
+                       column: str) -> Iterator[tuple[str, object]]:
+    """("row N", value) of a part's text column (a pyarrow array), ``key(offset)`` naming each
+    row; a column of another type than text is one BadRecord for the part (keyed "")."""
+    import pyarrow as pa
+
     if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
         yield "", BadRecord(f"{file.name}: part {part}", "wrong column type", f"'{column}' is {values.type}, not a string")
         return
@@ -138,3 +148,32 @@ def iter_table_column(file: StoredFile, part: int, column: str, source: str) -> 
             yield key(offset), BadRecord(f"{file.name}: {key(offset)}", "missing text", f"'{column}' is null")
         else:
             yield key(offset), value
+
+
+def parquet_layout(file: StoredFile, columns: list[str], source: str) -> tuple[tuple[int, ...], str]:
+    """(the rows of each row group, the columns' types) of a Parquet file, from its footer alone;
+    a column the file lacks is the one-line error ``read_table_part`` gives. Files whose columns
+    differ in type are read apart (Ray Data's ``read_parquet`` refuses to merge them, where each
+    part whose column has the wrong type is a bad record)."""
+    import pyarrow.parquet as pq
+
+    try:
+        with file.open_random_access() as handle:
+            parquet = pq.ParquetFile(handle)
+            schema, meta = parquet.schema_arrow, parquet.metadata
+    except (OSError, ValueError) as exc:
+        raise MotError(f"dataset '{source}': {file.name} is not a readable Parquet file ({one_line(exc)})") from None
+    missing = [c for c in columns if c not in schema.names]
+    if missing:
+        raise MotError(f"dataset '{source}': {file.name} has no column '{missing[0]}' (it has: "
+                       f"{', '.join(schema.names)}); set the column options")
+    types = ", ".join(f"{c}: {schema.field(c).type}" for c in columns)
+    return tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups)), types
+
+
+def row_keys(rows: Any) -> Callable[[int], str]:
+    """``key(offset)`` -> "row N" for the rows of a part a Ray Data reader gave (``rows``: a
+    ``pyarrow.Table`` with the engine's ``row`` column, each row's position in its file), as
+    ``read_table_part`` names a Parquet file's rows."""
+    positions = rows.column("row").to_pylist()
+    return lambda offset: f"row {positions[offset]}"

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from mot_core.errors import MotError
-from mot_core.plugin_api import BadRecord, DataSource, RawDocument, Split, storage_path
+from mot_core.plugin_api import BadRecord, DataSource, NativeFile, NativeRead, RawDocument, Split, storage_path
 
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(\d+)\.\.(\d+)$")
@@ -219,6 +219,56 @@ class StoredFilesSource(DataSource):
         except MotError:  # documents() says what is missing
             files = []
         return fingerprint(files, self.options.model_dump(mode="json"))
+
+    # -- Ray Data's readers, on a cluster (``mot data tokenize --address``) ---------------------
+
+    def _native_reader(self, file: StoredFile) -> tuple[str, dict] | None:
+        """The ``ray.data`` reader of ``file`` and its options, or None: the source's own reader
+        reads it (``_read``). Subclasses with a native reader override this and ``_read_rows``."""
+        return None
+
+    def _native_layout(self, file: StoredFile) -> tuple[tuple[int, ...] | None, str]:
+        """(the rows of each of the file's parts, for a file read in several parts: a Parquet
+        file's row groups, else None; what must match for files to be read together: their
+        columns' types), as the source sees them without reading the rows."""
+        return None, ""
+
+    def native_reads(self, split: Split) -> list[NativeRead]:
+        """One read per reader (and file system) over the files a native reader reads; both
+        splits read the same files (a record's split is decided row by row)."""
+        groups: list[tuple[str, dict, str, Any, list[NativeFile]]] = []
+        files: list[list] = []  # [file, its number of parts], in part order (a file without parts has none to read)
+        for file, _ in self._all_parts():
+            if files and files[-1][0] is file:
+                files[-1][1] += 1
+            else:
+                files.append([file, 1])
+        first = 0
+        for file, parts in files:
+            chosen = self._native_reader(file) if "." in file.base_name else None  # Ray selects files by extension
+            if chosen is not None:
+                reader, options = chosen
+                part_rows, layout = self._native_layout(file)
+                entry = NativeFile(file.path, first, part_rows)
+                group = next((g for g in groups if g[:2] == (reader, options) and g[2] == layout
+                              and g[3].equals(file.filesystem)), None)
+                if group is None:
+                    groups.append((reader, options, layout, file.filesystem, [entry]))
+                else:
+                    group[4].append(entry)
+            first += parts
+        return [NativeRead(reader, tuple(files), fs, options) for reader, options, _, fs, files in groups]
+
+    def read_rows(self, split: Split, part: int, rows: Any) -> Iterator[RawDocument | BadRecord]:
+        parts = self._all_parts()
+        if not 0 <= part < len(parts):
+            raise MotError(f"dataset '{self.name}' has {len(parts)} parts, asked for part {part}")
+        return self._read_rows(*parts[part], rows, split)
+
+    def _read_rows(self, file: StoredFile, part: Any, rows: Any, split: Split) -> Iterator[RawDocument | BadRecord]:
+        """``_read`` of one part from the rows a native reader gave for it (a ``pyarrow.Table``,
+        file order, with ``path`` and ``row`` columns)."""
+        raise MotError(f"dataset '{self.name}' has no Ray Data reader for {file.name}")
 
     @abc.abstractmethod
     def _read(self, file: StoredFile, part: Any, split: Split) -> Iterator[RawDocument | BadRecord]:

@@ -17,7 +17,7 @@ a folder of one's own.
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 from pydantic import Field
 
@@ -27,7 +27,9 @@ from plugins.common.images import decode_image_bytes, to_signed_float
 from plugins.common.messages import one_line
 from plugins.common.stored_files import StoredFile, StoredFilesSource, in_val_split
 from plugins.images.data import Direction, _drops_caption
-from plugins.common.records import iter_jsonl, read_table_part, table_kind, table_parts
+from plugins.common.records import (
+    iter_jsonl, iter_jsonl_blocks, parquet_layout, read_table_part, row_keys, table_kind, table_parts,
+)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
@@ -99,8 +101,18 @@ class WebDataset(_StoredSource):
     Options = WebDatasetOptions
     modalities = ("text", "image")
 
+    def _native_reader(self, file: StoredFile) -> tuple[str, dict] | None:
+        return "read_webdataset", {"decoder": None}  # the members' bytes, decoded here as locally
+
     def _read(self, file: StoredFile, part: Any, split: Split) -> Iterator[RawDocument | BadRecord]:
-        for key, members in iter_tar_samples(file):
+        return self._documents(file, iter_tar_samples(file), split)
+
+    def _read_rows(self, file: StoredFile, part: Any, rows: Any, split: Split) -> Iterator[RawDocument | BadRecord]:
+        return self._documents(file, webdataset_samples(rows), split)
+
+    def _documents(self, file: StoredFile, samples: Iterable[tuple[str, Any]], split: Split
+                   ) -> Iterator[RawDocument | BadRecord]:
+        for key, members in samples:
             if isinstance(members, BadRecord):
                 if split == "train":  # the rest of the file is lost: reported once
                     yield members
@@ -142,6 +154,22 @@ class WebDataset(_StoredSource):
         if not caption.strip():
             return BadRecord(where, "missing caption", "empty")
         return caption.strip()
+
+
+def webdataset_samples(rows: Any) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) of each sample Ray Data's ``read_webdataset`` gave (with
+    ``decoder=None``): one row per key, a column per member extension (null where a sample
+    lacks it), as ``iter_tar_samples`` reads them (extensions lower-cased)."""
+    own = {"__key__", "__url__", "path", "row"}
+    members = [name for name in rows.column_names if name not in own]
+    columns = {name: rows.column(name).to_pylist() for name in members}
+    for index, key in enumerate(rows.column("__key__").to_pylist()):
+        sample = {}
+        for name in members:
+            value = columns[name][index]
+            if isinstance(value, (bytes, bytearray)):
+                sample[name.lower()] = bytes(value)
+        yield key, sample
 
 
 def iter_tar_samples(file: StoredFile) -> Iterator[tuple[str, dict[str, bytes] | BadRecord]]:
@@ -190,6 +218,15 @@ class ImageTextParquet(_StoredSource):
     def _file_parts(self, file: StoredFile) -> list[Any]:
         return list(range(table_parts(file, self.name)))
 
+    def _native_reader(self, file: StoredFile) -> tuple[str, dict] | None:
+        opts: ImageTextParquetOptions = self.options
+        return ("read_parquet", {"columns": [opts.image_column, opts.caption_column]}) \
+            if table_kind(file) == "parquet" else None  # an Arrow IPC file has no Ray Data reader
+
+    def _native_layout(self, file: StoredFile) -> tuple[tuple[int, ...] | None, str]:
+        opts: ImageTextParquetOptions = self.options
+        return parquet_layout(file, [opts.image_column, opts.caption_column], self.name)
+
     def _read(self, file: StoredFile, group: Any, split: Split) -> Iterator[RawDocument | BadRecord]:
         opts: ImageTextParquetOptions = self.options
         rows = read_table_part(file, group, [opts.image_column, opts.caption_column], self.name)
@@ -197,7 +234,15 @@ class ImageTextParquet(_StoredSource):
             if split == "train":
                 yield rows
             return
-        key_of, columns = rows
+        yield from self._documents(file, *rows, split)
+
+    def _read_rows(self, file: StoredFile, group: Any, rows: Any, split: Split) -> Iterator[RawDocument | BadRecord]:
+        opts: ImageTextParquetOptions = self.options
+        columns = {c: rows.column(c) for c in (opts.image_column, opts.caption_column)}
+        return self._documents(file, row_keys(rows), columns, split)
+
+    def _documents(self, file: StoredFile, key_of, columns: dict, split: Split) -> Iterator[RawDocument | BadRecord]:
+        opts: ImageTextParquetOptions = self.options
         cells, captions = columns[opts.image_column].to_pylist(), columns[opts.caption_column].to_pylist()
         for offset, (cell, caption) in enumerate(zip(cells, captions)):
             key = key_of(offset)
@@ -271,8 +316,33 @@ class InterleavedDocuments(_StoredSource):
     def _file_parts(self, file: StoredFile) -> list[Any]:
         return list(range(table_parts(file, self.name))) if self._format(file) == "parquet" else [None]
 
+    def _native_reader(self, file: StoredFile) -> tuple[str, dict] | None:
+        opts: InterleavedOptions = self.options
+        if self._format(file) == "jsonl":
+            return "read_binary_files", {}  # the lines are parsed here, as locally
+        return ("read_parquet", {"columns": [opts.texts_column, opts.images_column]}) \
+            if table_kind(file) == "parquet" else None
+
+    def _native_layout(self, file: StoredFile) -> tuple[tuple[int, ...] | None, str]:
+        opts: InterleavedOptions = self.options
+        return parquet_layout(file, [opts.texts_column, opts.images_column], self.name) \
+            if table_kind(file) == "parquet" else (None, "")
+
     def _read(self, file: StoredFile, group: Any, split: Split) -> Iterator[RawDocument | BadRecord]:
-        for key, row in self._rows(file, group):
+        return self._documents(file, self._rows(file, group), split)
+
+    def _read_rows(self, file: StoredFile, group: Any, rows: Any, split: Split) -> Iterator[RawDocument | BadRecord]:
+        opts: InterleavedOptions = self.options
+        if group is None:
+            records = self._pairs(iter_jsonl_blocks(rows.column("bytes").to_pylist(), file, None))
+        else:
+            records = self._table_pairs(row_keys(rows), {c: rows.column(c) for c in (opts.texts_column,
+                                                                                     opts.images_column)})
+        return self._documents(file, records, split)
+
+    def _documents(self, file: StoredFile, rows: Iterable[tuple[str, Any]], split: Split
+                   ) -> Iterator[RawDocument | BadRecord]:
+        for key, row in rows:
             if not key:  # a file or row group that cannot be read: reported once, with the train split
                 if split == "train":
                     yield row
@@ -287,15 +357,23 @@ class InterleavedDocuments(_StoredSource):
     def _rows(self, file: StoredFile, group: Any) -> Iterator[tuple[str, Any]]:
         opts: InterleavedOptions = self.options
         if group is None:
-            for key, record in iter_jsonl_records(file):
-                yield key, record if isinstance(record, BadRecord) else (record.get(opts.texts_column),
-                                                                        record.get(opts.images_column))
+            yield from self._pairs(iter_jsonl_records(file))
             return
         rows = read_table_part(file, group, [opts.texts_column, opts.images_column], self.name)
         if isinstance(rows, BadRecord):
             yield "", rows
             return
-        key_of, columns = rows
+        yield from self._table_pairs(*rows)
+
+    def _pairs(self, records: Iterable[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
+        """(key, (texts, images)) of JSON lines records."""
+        opts: InterleavedOptions = self.options
+        for key, record in records:
+            yield key, record if isinstance(record, BadRecord) else (record.get(opts.texts_column),
+                                                                    record.get(opts.images_column))
+
+    def _table_pairs(self, key_of, columns: dict) -> Iterator[tuple[str, Any]]:
+        opts: InterleavedOptions = self.options
         for offset, pair in enumerate(zip(columns[opts.texts_column].to_pylist(), columns[opts.images_column].to_pylist())):
             yield key_of(offset), pair
 

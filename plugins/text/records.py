@@ -10,13 +10,16 @@ is yielded as a ``BadRecord``: ``data.on_bad_record`` decides.
 
 from __future__ import annotations
 
-from typing import Iterator, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 from pydantic import Field
 
 from mot_core.errors import MotError
 from mot_core.plugin_api import BadRecord, PluginOptions, RawDocument, RawSegment, Split
-from plugins.common.records import iter_jsonl, iter_table_column, table_kind, table_parts
+from plugins.common.records import (
+    iter_jsonl, iter_jsonl_blocks, iter_table_column, parquet_layout, row_keys, table_kind, table_parts,
+    text_column_values,
+)
 from plugins.common.stored_files import StoredFile, StoredFilesSource, in_val_split
 
 
@@ -56,10 +59,35 @@ class TextRecords(StoredFilesSource):
         """A JSONL file whole (None), a Parquet or Arrow file's row groups or record batches."""
         return list(range(table_parts(file, self.name))) if self._format(file) == "parquet" else [None]
 
+    def _native_reader(self, file: StoredFile) -> tuple[str, dict] | None:
+        """JSON lines: Ray Data reads the (decompressed) bytes and the lines are parsed here, as
+        locally (``read_json`` fails a whole file for one bad line, and numbers no lines);
+        Parquet: ``read_parquet``; an Arrow IPC file has no Ray Data reader."""
+        if self._format(file) == "jsonl":
+            return "read_binary_files", {}
+        return ("read_parquet", {"columns": [self.options.text_field]}) if table_kind(file) == "parquet" else None
+
+    def _native_layout(self, file: StoredFile) -> tuple[tuple[int, ...] | None, str]:
+        if table_kind(file) != "parquet":
+            return None, ""
+        return parquet_layout(file, [self.options.text_field], self.name)
+
     def _read(self, file: StoredFile, group: int | None, split: Split) -> Iterator[RawDocument | BadRecord]:
         opts: TextRecordsOptions = self.options
         rows = (iter_jsonl(file, opts.text_field) if group is None
                 else iter_table_column(file, group, opts.text_field, self.name))
+        return self._documents(file, rows, split)
+
+    def _read_rows(self, file: StoredFile, group: int | None, rows: Any, split: Split
+                   ) -> Iterator[RawDocument | BadRecord]:
+        opts: TextRecordsOptions = self.options
+        records = (iter_jsonl_blocks(rows.column("bytes").to_pylist(), file, opts.text_field) if group is None
+                   else text_column_values(file, group, rows.column(opts.text_field), row_keys(rows), opts.text_field))
+        return self._documents(file, records, split)
+
+    def _documents(self, file: StoredFile, rows: Iterable[tuple[str, Any]], split: Split
+                   ) -> Iterator[RawDocument | BadRecord]:
+        opts: TextRecordsOptions = self.options
         for key, text in rows:
             # a bad record too belongs to one split, and is reported once (a file's or a row
             # group's, without a key of its own, with the train split)
