@@ -7,7 +7,10 @@ config's ``data.dir`` or ``launch.storage_path`` into something to read and writ
     s3://bucket/prefix?endpoint_override=http://127.0.0.1:8333
                                                 the same, at that endpoint (``scheme`` and
                                                 ``region`` may follow, as in pyarrow's URIs)
-    gs://bucket/prefix                          Google Cloud Storage
+    gs://bucket/prefix                          Google Cloud Storage (Google's default credentials)
+    gs://bucket/prefix?anonymous=true           a public bucket, read without credentials
+    gs://bucket/prefix?endpoint_override=127.0.0.1:9023&scheme=http
+                                                the same API at that endpoint (an emulator)
 
 A URI may carry a query, so paths are added with ``join`` (before the query), never by
 appending to the string. The S3 endpoint of a URI without one in its query is, in this order,
@@ -158,6 +161,8 @@ def resolve(uri: str, what: str) -> tuple[pafs.FileSystem, str]:
     if scheme == "s3":
         target = _s3_target(uri, what)
         return _s3_filesystem(target), target.path
+    if scheme in ("gs", "gcs"):
+        return _gcs_filesystem(uri, what)
     return _other_filesystem(uri, what)
 
 
@@ -236,6 +241,36 @@ def _s3_filesystem(target: _S3Target, probe: bool = False) -> pafs.S3FileSystem:
                                retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=PROBE_ATTEMPTS))
             found = _cache[key] = pafs.S3FileSystem(**options)
         return found
+
+
+GCS_QUERY_KEYS = ("endpoint_override", "scheme", "anonymous")
+
+
+def _gcs_filesystem(uri: str, what: str) -> tuple[pafs.FileSystem, str]:
+    """A ``gs://`` URI: Google's default credentials, or none with ``anonymous=true`` (a public
+    bucket), at ``endpoint_override`` with ``scheme`` where given (pyarrow's own GCS URIs take
+    no ``anonymous``)."""
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    parts = urlsplit(uri)
+    bucket, key = parts.netloc, unquote(parts.path).strip("/")
+    if not bucket:
+        raise MotError(f"{what} {uri}: no bucket; give gs://BUCKET/PREFIX")
+    options: dict = {}
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name not in GCS_QUERY_KEYS:
+            raise MotError(f"{what} {uri}: unknown option '{name}' in the URI's query (known: {', '.join(GCS_QUERY_KEYS)})")
+        if name == "anonymous":
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise MotError(f"{what} {uri}: anonymous takes true or false, not '{value}'")
+            options["anonymous"] = value.lower() in ("true", "1")
+        else:
+            options[name] = value
+    try:
+        return pafs.GcsFileSystem(**options), f"{bucket}/{key}".rstrip("/")
+    except (pa.ArrowInvalid, OSError, ValueError) as exc:
+        raise MotError(f"{what} {uri}: {_first_line(exc)}") from None
 
 
 def _other_filesystem(uri: str, what: str) -> tuple[pafs.FileSystem, str]:

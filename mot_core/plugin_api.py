@@ -243,13 +243,15 @@ class NativeRead:
     """Files of a source that a Ray Data reader reads on a cluster (``mot data tokenize
     --address``): ``reader`` is the ``ray.data`` function (``read_parquet``,
     ``read_webdataset``, ``read_binary_files``), ``options`` its keyword arguments (the engine
-    adds ``include_paths``), ``filesystem`` a ``pyarrow.fs.FileSystem``. The engine puts the
-    rows back in file order and hands each part's rows to ``DataSource.read_rows``."""
+    adds ``include_paths``), ``filesystem`` a ``pyarrow.fs.FileSystem``, ``columns`` the only
+    columns to read (``select_columns``, pushed into the read), or None for all. The engine puts
+    the rows back in file order and hands each part's rows to ``DataSource.read_rows``."""
 
     reader: str
     files: tuple[NativeFile, ...]
     filesystem: Any
     options: dict = field(default_factory=dict)
+    columns: tuple[str, ...] | None = None
 
 
 class Modality(abc.ABC):

@@ -170,6 +170,45 @@ def s3_server(tmp_path_factory):
         yield server
 
 
+@pytest.fixture(scope="session")
+def gcs_server():
+    """A Google Cloud Storage JSON API on loopback (``gcp-storage-emulator``, in memory) for the
+    session, with a bucket ``mot``: ``uri(prefix)`` gives the ``gs://`` URI of a prefix there, read
+    anonymously at the emulator's endpoint, and ``filesystem`` the pyarrow file system."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    from types import SimpleNamespace
+
+    import pyarrow.fs as pafs
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
+                                "--port", str(port), "--in-memory", "--default-bucket", "mot"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError(f"the GCS emulator did not start on port {port}") from None
+            time.sleep(0.1)
+    query = f"endpoint_override=127.0.0.1:{port}&scheme=http&anonymous=true"
+    try:
+        yield SimpleNamespace(uri=lambda prefix: f"gs://mot/{prefix}?{query}",
+                              filesystem=pafs.GcsFileSystem(anonymous=True, endpoint_override=f"127.0.0.1:{port}",
+                                                            scheme="http"))
+    finally:
+        process.kill()
+        process.wait()
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A multi-node Ray cluster on this machine (``tests/cluster.py``): a head with 0 CPUs (the

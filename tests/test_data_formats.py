@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import gzip
 import io
+import itertools
 import json
+import re
 import tarfile
 import uuid
 from pathlib import Path
@@ -502,6 +504,52 @@ def test_every_format_tokenizes_the_same_locally_on_ray_and_from_s3(articles, di
     filesystems.configure(None, None)
 
 
+def test_every_format_reads_the_same_from_gcs_and_ray_datas_readers_read_it(articles, digits, tmp_path, gcs_server):
+    """gs:// paths (a GCS JSON API on loopback, read anonymously): the four formats give the
+    documents they give locally, and Ray Data's readers read them through the same file system
+    (`read_rows` of their rows = `read_part`, as `mot plugins check` checks)."""
+    import pyarrow.fs as pafs
+    import torch
+
+    from mot_core.distributed.native_read import RayPartReader
+    from mot_core.testing.conformance import _check_native
+
+    files = tmp_path / "files"
+    write_text_corpus(files / "text", articles)
+    write_webdataset(files / "tars", digits)
+    write_laion_parquet(files / "laion.parquet", digits)
+    write_obelics(files / "obelics.parquet", articles, digits)
+    prefix = f"formats-{uuid.uuid4().hex[:8]}"
+    pafs.copy_files(str(files), f"mot/{prefix}", source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=gcs_server.filesystem)
+    remote = gcs_server.uri(prefix).replace("?", "/{}?")  # gs://mot/PREFIX/{}?endpoint_override=...
+    cases = {
+        "text_records": ({"paths": ["{}/text/part-*"], "val_fraction": 0.2}, 6),
+        "webdataset": ({"paths": ["{}/tars/{{00000..00002}}.tar"], "image_size": 32}, 3),
+        "image_text_parquet": ({"paths": ["{}/laion.parquet"], "caption_column": "TEXT", "image_size": 32}, 4),
+        "interleaved_documents": ({"paths": ["{}/obelics.parquet"], "image_size": 32, "val_fraction": 0.25}, 3),
+    }
+    reader = RayPartReader()
+    try:
+        for name, (options, parts) in cases.items():
+            def at(root: str) -> dict:
+                return {**options, "paths": [root.format(p.format("").lstrip("/")) for p in options["paths"]]}
+
+            here = source(name, **at(f"{files}/{{}}"))
+            there = source(name, **at(remote))
+            assert there.num_parts("train") == parts, name
+            for split in ("train", "val"):
+                mine, theirs = list(here.documents(split)), list(there.documents(split))
+                assert [_key(d) for d in mine] == [_key(d) for d in theirs] and mine, (name, split)
+                for a, b in zip(mine, theirs):
+                    for x, y in zip(a.segments, b.segments):
+                        assert torch.equal(x.payload, y.payload) if isinstance(x.payload, torch.Tensor) \
+                            else x.payload == y.payload
+            assert "read_rows = read_part" in _check_native(name, there, "train", reader), name
+    finally:
+        reader.close()
+
+
 # -- speech in LibriSpeech's layout ------------------------------------------------------------
 
 SENTENCES = ("the quick brown fox jumps over the lazy dog", "handwritten digit seven",
@@ -636,7 +684,7 @@ def test_hf_load_dataset_reads_a_local_data_folder_and_refuses_in_one_line(digit
 
 
 @pytest.mark.slow
-def test_mot_plugins_check_covers_a_new_source_given_a_config(articles, tmp_path, capsys):
+def test_mot_plugins_check_covers_a_new_source_given_a_config(articles, tmp_path, capsys, monkeypatch):
     from conftest import tiny_config_dict
     from mot_core.cli import main
 
@@ -650,3 +698,22 @@ def test_mot_plugins_check_covers_a_new_source_given_a_config(articles, tmp_path
     out = capsys.readouterr().out
     for split in ("train", "val"):
         assert f"PASS  dataset text_records: parts and fingerprint of '{split}': 6 parts" in out, out
+        # the JSON lines and Parquet files read by Ray Data's readers give the source's documents
+        assert re.search(rf"PASS  dataset text_records: Ray Data's readers on '{split}': 6 of 6 parts; read_rows = "
+                         r"read_part \(read_binary_files: part \d, \d+ documents; read_parquet: part \d, \d+ documents\)",
+                         out), out
+    # a source whose read_rows leaves a record out is caught, in one line
+    from mot_core.distributed.native_read import RayPartReader
+    from mot_core.testing.conformance import _check_native
+    from plugins.text.records import TextRecords
+
+    broken = source("text_records", paths=[str(tmp_path / "corpus" / "part-3.parquet")], val_fraction=0.2)
+    original = TextRecords._read_rows
+    monkeypatch.setattr(TextRecords, "_read_rows", lambda self, *a: itertools.islice(original(self, *a), 1, None))
+    reader = RayPartReader()
+    try:
+        with pytest.raises(MotError, match=r"read_rows\('train', 0\) of the rows Ray Data's read_parquet gives "
+                                           r"yields \d+ documents, read_part \d+; they must be the same"):
+            _check_native("text_records", broken, "train", reader)
+    finally:
+        reader.close()

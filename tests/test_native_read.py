@@ -104,7 +104,7 @@ def test_a_read_covers_both_splits_and_the_rest_is_read_by_the_source(tmp_path):
     jobs, rest = plan_native(exp, tasks)
     assert [(j.read.reader, [f.path.rsplit("/", 1)[-1] for f in j.read.files]) for j in jobs] == \
         [("read_binary_files", ["a.jsonl"]), ("read_parquet", ["b.parquet"])]
-    assert jobs[1].read.files[0].part_rows == (4, 4, 2) and jobs[1].read.options == {"columns": ["text"]}
+    assert jobs[1].read.files[0].part_rows == (4, 4, 2) and jobs[1].read.options == {} and jobs[1].read.columns == ("text",)
     assert jobs[0].todo == {0: ["train", "val"]} and jobs[1].todo == {p: ["train", "val"] for p in (1, 2, 3)}
     assert rest == [PartTask("text_records", "train", 4), PartTask("text_records", "val", 4)]
     # a part already written is not planned: its read covers what is left
@@ -138,3 +138,21 @@ def test_reader_without_an_address_is_one_line(tmp_path, write_config, capsys):
     err = capsys.readouterr().err.strip()
     assert err == ("error: --reader chooses the readers of a Ray Data job (--address); without it the sources' own "
                    "readers read every part here"), err
+
+
+def test_gs_uris_take_anonymous_and_an_endpoint_and_refuse_other_options():
+    import pyarrow.fs as pafs
+
+    from mot_core import filesystems
+
+    fs, path = filesystems.resolve("gs://public-data/laion/part-0.parquet?anonymous=true", "paths")
+    assert isinstance(fs, pafs.GcsFileSystem) and path == "public-data/laion/part-0.parquet"
+    fs, path = filesystems.resolve("gs://b/p?endpoint_override=127.0.0.1:9023&scheme=http&anonymous=1", "paths")
+    assert isinstance(fs, pafs.GcsFileSystem) and path == "b/p"
+    with pytest.raises(MotError, match=r"unknown option 'region' in the URI's query \(known: endpoint_override, "
+                                       r"scheme, anonymous\)"):
+        filesystems.resolve("gs://b/p?region=eu", "paths")
+    with pytest.raises(MotError, match="anonymous takes true or false, not 'maybe'"):
+        filesystems.resolve("gs://b/p?anonymous=maybe", "paths")
+    with pytest.raises(MotError, match="no bucket; give gs://BUCKET/PREFIX"):
+        filesystems.resolve("gs:///p", "paths")

@@ -122,7 +122,10 @@ def config(datasets: dict, run: Path, steps: int) -> dict:
     }
 
 
-def run_image_bench(count: int, out: Path, steps: int = 3, progress=print) -> dict:
+def run_image_bench(count: int, out: Path, steps: int = 3, progress=print, ray: bool = False) -> dict:
+    """``ray``: also the WebDataset and Parquet layouts tokenized again (``--force``) as Ray Data
+    jobs on a local Ray instance, read by Ray Data's readers and by the sources' own: the whole
+    command's seconds beside the local command's (Ray's start-up included in both Ray figures)."""
     out.mkdir(parents=True, exist_ok=True)
     progress(f"writing {count:,} captioned images in three layouts")
     images = digit_images(count)
@@ -141,7 +144,12 @@ def run_image_bench(count: int, out: Path, steps: int = 3, progress=print) -> di
         documents = sum(json.loads((run / "tokens" / source / split / "index.json").read_text())["documents"]
                         for split in ("train", "val"))
         rows[name] = {"images": documents, "encode_s": encode_s, "images_per_s": documents / encode_s,
-                      "tokenize_peak_mb": tokenize["peak_mb"]}
+                      "tokenize_peak_mb": tokenize["peak_mb"], "tokenize_s": tokenize["seconds"]}
+        if ray and name != "folder":
+            for reader in ("ray", "source"):
+                progress(f"{name}: tokenizing again as a Ray Data job (--reader {reader})")
+                job = watch(_mot(["data", "tokenize", str(path), "--force", "--address", "local", "--reader", reader]))
+                rows[name][f"ray_{reader}_s"] = job["seconds"]
         progress(f"{name}: {json.dumps(rows[name])}")
     pil = pil_decode_rate(images)
     progress("training from the WebDataset shards of N/4 and of N images")
@@ -168,6 +176,12 @@ def format_image_report(report: dict) -> str:
         lines.append(f"{name} | {row['images']:,} | {row['encode_s']:.1f} | {row['images_per_s']:,.0f} | "
                      f"{row['images_per_s'] / pil:.2f} | {row['tokenize_peak_mb']:,.0f}")
     lines.append(f"Pillow decode alone (the limit, one process): {pil:,.0f} images/s")
+    timed = {name: row for name, row in report["formats"].items() if "ray_ray_s" in row}
+    if timed:
+        lines.append("tokenize, whole command (s) | here | Ray Data job, Ray Data's readers | Ray Data job, the "
+                     "sources' readers")
+        for name, row in timed.items():
+            lines.append(f"{name} | {row['tokenize_s']:.1f} | {row['ray_ray_s']:.1f} | {row['ray_source_s']:.1f}")
     memory = report["train_memory"]
     lines.append(f"train peak RSS: {memory['quarter']['images']:,} images {memory['quarter']['train_peak_mb']:,.0f} MB, "
                  f"{memory['all']['images']:,} images {memory['all']['train_peak_mb']:,.0f} MB "

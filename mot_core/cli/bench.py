@@ -67,10 +67,12 @@ def cmd_bench_data(ns: argparse.Namespace) -> int:
 
             shutil.rmtree(root, ignore_errors=True)
         return 0
+    if ns.ray and not ns.images:
+        raise MotError("--ray times the image layouts' tokenize as Ray Data jobs: give --images N")
     if ns.images:
         from mot_core.bench.image_formats import format_image_report, run_image_bench
 
-        report = run_image_bench(ns.images, Path(ns.out), ns.steps,
+        report = run_image_bench(ns.images, Path(ns.out), ns.steps, ray=ns.ray,
                                  progress=(lambda msg: print(msg, file=sys.stderr)) if not ns.json else (lambda msg: None))
         print(json.dumps(report) if ns.json else format_image_report(report))
         return 0
@@ -176,6 +178,9 @@ def register(sub) -> None:
     p.add_argument("--images", type=positive_int, metavar="N",
                    help="instead: N captioned images as a folder, WebDataset tars and Parquet, each tokenized (images "
                         "per second against Pillow's decode rate), then train peak memory from N/4 and N images")
+    p.add_argument("--ray", action="store_true",
+                   help="with --images: also tokenize the WebDataset and Parquet layouts as Ray Data jobs on a local "
+                        "Ray instance, read by Ray Data's readers and by the sources' own (whole command, seconds)")
     p.add_argument("--shards", type=positive_int, metavar="N",
                    help="instead: start-up against the shard count: N small shards written (to a temporary folder, "
                         "or under --remote), then the time to open them and build the first step's batch")

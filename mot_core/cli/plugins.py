@@ -24,9 +24,14 @@ def cmd_plugins_check(ns: argparse.Namespace) -> int:
     """One PASS/FAIL/SKIP line per check, then "N passed, M skipped, K failed". Exit 2 if a
     check failed, like every other error of this CLI; a SKIP is not a failure (the check could
     not run here), but it is counted, never reported as passed."""
+    from mot_core.distributed.native_read import RayPartReader
     from mot_core.testing import check_plugins, summary_of
 
-    reports = check_plugins(ns.names or None, config_paths=ns.config or None)
+    ray_reader = RayPartReader()  # a local Ray instance, started only for a source with Ray Data reads
+    try:
+        reports = check_plugins(ns.names or None, config_paths=ns.config or None, read_part_rows=ray_reader)
+    finally:
+        ray_reader.close()
     print(summary_of(reports))
     return 0 if all(report.ok for report in reports) else 2
 

@@ -78,6 +78,19 @@ class _Part:
     rows: int = 0
 
 
+def ray_dataset(read: NativeRead, files: list[NativeFile], **reader_args):
+    """The Ray Data dataset of ``files`` (some of ``read``'s): its reader with the source's
+    options, each row's ``path``, only the source's columns, and the files' own extensions
+    (Ray Data skips a file whose extension it does not expect)."""
+    import ray.data
+
+    reader = getattr(ray.data, read.reader)
+    extensions = sorted({os.path.basename(f.path).rsplit(".", 1)[-1] for f in files})
+    dataset = reader([f.path for f in files], filesystem=read.filesystem, include_paths=True,
+                     file_extensions=extensions, **reader_args, **read.options)
+    return dataset.select_columns([*read.columns, "path"]) if read.columns else dataset
+
+
 def _path_runs(block) -> list[tuple[str, int]]:
     """(path, rows) runs of a block's ``path`` column, in order (a remote task: the block stays
     where it is)."""
@@ -188,11 +201,18 @@ def run_native(jobs: list[NativeJob], actors: list, read_cpus: float,
     limit = 2 * len(actors)
 
     def collect(block: bool) -> None:
+        if not in_flight:
+            return
         ready, _ = ray.wait(list(in_flight), num_returns=1 if block else len(in_flight), timeout=None if block else 0)
         for ref in ready:
             task, _, actor = in_flight.pop(ref)
             load[actor] -= 1
-            result = ray.get(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayError as exc:  # the actor died (out of memory, its node lost): not the reader
+                errors.append(f"the tokenize actor writing {task.source}/{task.split} part {task.part} failed "
+                              f"({_last_line(exc)}); the parts finished are kept: run the command again")
+                continue
             nodes.add(result["node"])
             if result["error"]:
                 errors.append(result["error"])
@@ -214,11 +234,8 @@ def run_native(jobs: list[NativeJob], actors: list, read_cpus: float,
     for job in jobs:
         files = job.files()
         stream = _Stream(job)
-        reader = getattr(ray.data, job.read.reader)
-        extensions = sorted({os.path.basename(f.path).rsplit(".", 1)[-1] for f in files})
         try:
-            dataset = reader([f.path for f in files], filesystem=job.read.filesystem, include_paths=True,
-                             file_extensions=extensions, num_cpus=read_cpus, **job.read.options)
+            dataset = ray_dataset(job.read, files, num_cpus=read_cpus)
             pending: collections.deque = collections.deque()  # (block, its path runs): runs computed ahead
 
             def advance() -> None:
@@ -259,6 +276,63 @@ def run_native(jobs: list[NativeJob], actors: list, read_cpus: float,
         report(f"dataset '{job.source}': {len(files)} file{'s' * (len(files) != 1)} ({parts} "
                f"part{'s' * (parts != 1)}) read with Ray Data's {job.read.reader}")
     return shards, errors, nodes
+
+
+def rows_of(blocks: list, slices: list):
+    """One ``pyarrow.Table`` of the slices' rows, with ``row``: each row's position in its file.
+    A pandas block (``read_webdataset`` gives those) is converted, its NaN (a member a sample
+    lacks) made null."""
+    import pyarrow as pa
+
+    tables = []
+    for block, (_, start, stop, first) in zip(blocks, slices):
+        if not isinstance(block, pa.Table):
+            block = pa.Table.from_pandas(block.astype(object).where(block.notna(), None), preserve_index=False)
+        table = block.slice(start, stop - start)
+        tables.append(table.append_column("row", pa.array(range(first, first + stop - start), pa.int64())))
+    return pa.concat_tables(tables, promote_options="default")
+
+
+class RayPartReader:
+    """The rows Ray Data's reader gives for one part, cut as a tokenize job cuts them (``mot
+    plugins check``: ``read_rows`` of those rows must give ``read_part``'s documents). Starts a
+    local Ray instance on first use; ``close`` stops it."""
+
+    def __init__(self):
+        self.started = False
+
+    def __call__(self, read: NativeRead, part: int):
+        """A ``pyarrow.Table`` of part ``part``'s rows (with ``path`` and ``row``), or None where
+        Ray Data gave none (a tokenize job then reads that part with the source's reader)."""
+        import logging
+
+        import ray
+        import ray.data
+
+        if not ray.is_initialized():
+            logging.getLogger("ray").setLevel(logging.ERROR)  # a check's report, not Ray's start-up and plans
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            self.started = True
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        ray.data.DataContext.get_current().execution_options.preserve_order = True
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        file = next(f for f in read.files if f.first_part <= part < f.first_part + f.num_parts)
+        job = NativeJob("check", NativeRead(read.reader, (file,), read.filesystem, read.options), {part: ["train"]})
+        stream = _Stream(job)
+        dataset = ray_dataset(read, [file])
+        for bundle in dataset.iter_internal_ref_bundles():
+            for ref in bundle.block_refs:
+                stream.add(ref, _path_runs(ray.get(ref)))
+        stream.close()
+        slices = stream.parts.get(part)
+        return rows_of(ray.get([ref for ref, *_ in slices.slices]), slices.slices) if slices else None
+
+    def close(self) -> None:
+        import ray
+
+        if self.started:
+            ray.shutdown()
+            self.started = False
 
 
 def _last_line(exc: BaseException) -> str:

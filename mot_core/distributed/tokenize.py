@@ -1,10 +1,11 @@
 """``mot data tokenize --address``: the tokenize job as a Ray Data job on a cluster.
 
-Each part of each source's split is one row of a Ray Data dataset; ``map_batches`` runs a
-class UDF that builds the run once per actor and writes that part's shards straight into
-``data.dir`` (a shared folder or an object store). The driver then writes the indexes. The
-same ``tokenize_part`` runs in ``mot train``'s process when there is no cluster, so both write
-the same shards.
+First the parts whose files Ray Data's own readers read (``native_read``: Parquet, WebDataset
+tars, JSON lines), their rows handed to ``_NativePartWriter`` actors. Then every other part as
+one row of a Ray Data dataset; ``map_batches`` runs a class UDF that builds the run once per
+actor and writes that part's shards straight into ``data.dir`` (a shared folder or an object
+store). The driver then writes the indexes. The same ``tokenize_part`` runs in ``mot train``'s
+process when there is no cluster, so every path writes the same shards.
 
 An actor may run on a node that holds none of the driver's files (``experiment.nodes``): it
 receives the tokenizers the driver fitted (their saved state, unpacked into a folder of its
@@ -25,6 +26,7 @@ from mot_core.config import RunConfig
 from mot_core.errors import MotError
 from mot_core.experiment.build import build_experiment
 from mot_core.experiment.resolve import resolve_config
+from mot_core.distributed.native_read import rows_of
 from mot_core.experiment.nodes import (
     check_marker, check_named_paths, leave_marker, named_paths, pack_state, remove_marker, this_node, unpack_state,
 )
@@ -116,21 +118,6 @@ class _NativePartWriter(_TokenizeParts):
             except MotError as exc:  # reported by the driver as one line, not a Ray traceback
                 error = str(exc)
         return {"shards": json.dumps(shards), "error": error, "node": ray.get_runtime_context().get_node_id()}
-
-
-def rows_of(blocks: list, slices: list):
-    """One ``pyarrow.Table`` of the slices' rows, with ``row``: each row's position in its file.
-    A pandas block (``read_webdataset`` gives those) is converted, its NaN (a member a sample
-    lacks) made null."""
-    import pyarrow as pa
-
-    tables = []
-    for block, (_, start, stop, first) in zip(blocks, slices):
-        if not isinstance(block, pa.Table):
-            block = pa.Table.from_pandas(block.astype(object).where(block.notna(), None), preserve_index=False)
-        table = block.slice(start, stop - start)
-        tables.append(table.append_column("row", pa.array(range(first, first + stop - start), pa.int64())))
-    return pa.concat_tables(tables, promote_options="default")
 
 
 def actor_arguments(config: RunConfig, exp, prints: dict) -> dict:

@@ -34,7 +34,7 @@ import pydantic
 import torch
 
 from mot_core.errors import MotError, plugin_boundary
-from mot_core.plugin_api import EvaluationContext, Evaluator, Modality, RawSegment, SamplingParams, origin
+from mot_core.plugin_api import DataSource, EvaluationContext, Evaluator, Modality, RawSegment, SamplingParams, origin
 
 STATUSES = ("PASS", "FAIL", "SKIP")
 
@@ -145,8 +145,10 @@ def summary_of(reports: list[CheckReport]) -> str:
 
 
 def check_plugin(name: str, registry=None, config_path: str | Path | None = None, workdir: Path | None = None,
-                 sample_documents: int = 16) -> CheckReport:
-    """Check the plugin registered under entry-point (or in-code) ``name``.
+                 sample_documents: int = 16, read_part_rows: Callable | None = None) -> CheckReport:
+    """Check the plugin registered under entry-point (or in-code) ``name``. ``read_part_rows``
+    (``mot_core.distributed.native_read.RayPartReader``, which ``mot plugins check`` gives):
+    also check each source's Ray Data reads against its own reader.
 
     A ``config_path`` that cannot be read is the caller's error (a ``MotError``), not a check."""
     from mot_core.config import load_raw_config
@@ -176,7 +178,7 @@ def check_plugin(name: str, registry=None, config_path: str | Path | None = None
         if raw is None:
             raw = _default_run(report, state["registry"], owned)
         _complete_run(raw, root, own_dir=config_path is None)
-        _check_run(report, state["registry"], raw, owned, sample_documents, root)
+        _check_run(report, state["registry"], raw, owned, sample_documents, root, read_part_rows)
     return report
 
 
@@ -274,7 +276,64 @@ def _check_parts(name: str, source, split: str) -> str:
     return f"{parts} part{'s' if parts > 1 else ''}, {whole} documents, fingerprint stable"
 
 
-def _check_run(report: CheckReport, registry, raw: dict | None, owned: dict, sample_documents: int, root: Path) -> None:
+def _check_native(name: str, source, split: str, read_part_rows: Callable) -> str:
+    """The source's Ray Data reads (``native_reads``) name parts it has, each once; and for the
+    first part of each read, ``read_rows`` of what Ray Data's reader gives (``read_part_rows``)
+    yields ``read_part``'s documents: what keeps a cluster's shards equal to a local run's."""
+    from mot_core.experiment.tokenize import iter_documents, num_parts
+
+    where = f"{origin(source)}: dataset '{name}'"
+    with plugin_boundary(f"{where}, native_reads('{split}')"):
+        reads = list(source.native_reads(split))
+    if not reads:
+        raise _Skip(f"no file of '{split}' has a Ray Data reader (the source's own reader reads every part)")
+    parts, seen = num_parts(name, source, split), set()
+    for read in reads:
+        for file in read.files:
+            held = set(range(file.first_part, file.first_part + file.num_parts))
+            if not held <= set(range(parts)) or held & seen:
+                raise MotError(f"{where}: native_reads('{split}') lists {file.path} with parts {sorted(held)}; the "
+                               f"source has {parts} parts and each may be read once")
+            seen |= held
+    checked = []
+    for read in reads:
+        # the first part of the read with documents in this split (of its first few)
+        candidates = [p for f in read.files for p in range(f.first_part, f.first_part + f.num_parts)][:4]
+        for part in candidates:
+            local = list(iter_documents(name, source, split, part if parts > 1 else None))
+            if local:
+                break
+        else:
+            part = candidates[0]
+        rows = read_part_rows(read, part)
+        if rows is None:
+            checked.append(f"{read.reader}: part {part} (no rows)")
+            continue
+        remote = list(iter_documents(name, source, split, part, rows=rows))
+        if len(remote) != len(local) or not all(_same_document(a, b) for a, b in zip(remote, local)):
+            raise MotError(f"{where}: read_rows('{split}', {part}) of the rows Ray Data's {read.reader} gives yields "
+                           f"{len(remote)} documents, read_part {len(local)}"
+                           f"{'' if len(remote) != len(local) else ' that differ'}; they must be the same")
+        checked.append(f"{read.reader}: part {part}, {len(local)} documents")
+    return f"{len(seen)} of {parts} parts; read_rows = read_part ({'; '.join(checked)})"
+
+
+def _same_document(a, b) -> bool:
+    import torch
+
+    if len(a.segments) != len(b.segments):
+        return False
+    for x, y in zip(a.segments, b.segments):
+        if x.modality != y.modality or type(x.payload) is not type(y.payload):
+            return False
+        same = torch.equal(x.payload, y.payload) if isinstance(x.payload, torch.Tensor) else x.payload == y.payload
+        if not same:
+            return False
+    return True
+
+
+def _check_run(report: CheckReport, registry, raw: dict | None, owned: dict, sample_documents: int, root: Path,
+               read_part_rows: Callable | None = None) -> None:
     """Every check after the hooks, each run as far as what it needs allows."""
     from mot_core.data import fixed_batches
     from mot_core.training.evaluation import evaluate, forward_losses, reduce_losses
@@ -315,6 +374,11 @@ def _check_run(report: CheckReport, registry, raw: dict | None, owned: dict, sam
             report.run(f"dataset {name}: parts and fingerprint of '{split}'",
                        lambda name=name, source=source, split=split: _check_parts(name, source, split),
                        needs=(read_checks[-1],))
+            if read_part_rows is not None and type(source).native_reads is not DataSource.native_reads:
+                report.run(f"dataset {name}: Ray Data's readers on '{split}'",
+                           lambda name=name, source=source, split=split: _check_native(name, source, split,
+                                                                                       read_part_rows),
+                           needs=(read_checks[-1],))
 
     def vocabulary() -> str:
         try:
@@ -610,7 +674,7 @@ def _continuous_generation_declared(modality, name: str) -> None:
 
 
 def check_plugins(names: list[str] | None = None, registry=None, config_paths: list | None = None,
-                  out=None) -> list[CheckReport]:
+                  out=None, read_part_rows: Callable | None = None) -> list[CheckReport]:
     """Check every named plugin (default: all registered), once per run config (default: once
     with each plugin's own data sources); prints each report as it is done and returns them
     (``summary_of`` gives the closing line)."""
@@ -626,6 +690,6 @@ def check_plugins(names: list[str] | None = None, registry=None, config_paths: l
     reports = []
     for name in names:
         for config_path in config_paths or [None]:
-            reports.append(check_plugin(name, registry, config_path))
+            reports.append(check_plugin(name, registry, config_path, read_part_rows=read_part_rows))
             print(reports[-1].text(), file=out, flush=True)
     return reports

@@ -223,8 +223,9 @@ class StoredFilesSource(DataSource):
     # -- Ray Data's readers, on a cluster (``mot data tokenize --address``) ---------------------
 
     def _native_reader(self, file: StoredFile) -> tuple[str, dict] | None:
-        """The ``ray.data`` reader of ``file`` and its options, or None: the source's own reader
-        reads it (``_read``). Subclasses with a native reader override this and ``_read_rows``."""
+        """The ``ray.data`` reader of ``file`` and its options (``columns``: the only columns to
+        read), or None: the source's own reader reads it (``_read``). Subclasses with a native
+        reader override this and ``_read_rows``."""
         return None
 
     def _native_layout(self, file: StoredFile) -> tuple[tuple[int, ...] | None, str]:
@@ -257,7 +258,12 @@ class StoredFilesSource(DataSource):
                 else:
                     group[4].append(entry)
             first += parts
-        return [NativeRead(reader, tuple(files), fs, options) for reader, options, _, fs, files in groups]
+        reads = []
+        for reader, options, _, fs, files in groups:
+            options = dict(options)
+            columns = options.pop("columns", None)
+            reads.append(NativeRead(reader, tuple(files), fs, options, tuple(columns) if columns else None))
+        return reads
 
     def read_rows(self, split: Split, part: int, rows: Any) -> Iterator[RawDocument | BadRecord]:
         parts = self._all_parts()
