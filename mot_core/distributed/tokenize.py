@@ -160,7 +160,9 @@ def tokenize_on_ray(config: RunConfig, address: str, force: bool = False, concur
     try:
         cpus = float(ray.cluster_resources().get("CPU", 1))
         if native:
-            # the writers hold a CPU each; Ray Data's read tasks (I/O, no decoding) share what is left
+            # the writers hold a CPU each; Ray Data's read tasks (I/O, no decoding) share what is left: at
+            # least one whole CPU, which read_parquet's listing step asks for (fractional writers that left
+            # less deadlocked it)
             writers = concurrency or max(1, min(sum(len(j.todo) for j in native), int(cpus) - 1))
             actor_cpus = 1 if cpus >= 2 else cpus / 2
             actors = [ray.remote(num_cpus=actor_cpus)(_NativePartWriter).remote(**actor_kwargs) for _ in range(writers)]
