@@ -176,8 +176,8 @@ def tokenize_on_ray(config: RunConfig, address: str, force: bool = False, concur
             finally:
                 for actor in actors:
                     ray.kill(actor)
-            print(f"tokenized {len(shards)} parts read by Ray Data with {writers} writers on {len(nodes)} nodes",
-                  flush=True)
+            print(f"tokenized {len(shards)} parts read by Ray Data with {writers} writer{'s' * (writers != 1)} on "
+                  f"{len(nodes)} node{'s' * (len(nodes) != 1)}", flush=True)
         if own and not errors:
             workers = concurrency or max(1, min(len(own), int(cpus)))
             rows = [{"source": t.source, "split": t.split, "part": t.part} for t in own]
