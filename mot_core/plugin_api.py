@@ -237,6 +237,11 @@ class NativeFile:
     def num_parts(self) -> int:
         return 1 if self.part_rows is None else len(self.part_rows)
 
+    @property
+    def parts(self) -> range:
+        """The indexes of its parts among the source's."""
+        return range(self.first_part, self.first_part + self.num_parts)
+
 
 @dataclass(frozen=True)
 class NativeRead:

@@ -246,6 +246,7 @@ def test_ray_datas_readers_read_the_bucket_on_the_worker_nodes(cluster, tokenize
     import pyarrow.parquet as pq
 
     from mot_core import filesystems
+    from test_shards import _shard_bytes
 
     tmp, corpus, prefix, nodes, env = cluster
     texts = [p.read_text() for p in sorted(corpus.glob("*.txt"))]
@@ -280,13 +281,10 @@ def test_ray_datas_readers_read_the_bucket_on_the_worker_nodes(cluster, tokenize
     result = _mot(env, "data", "tokenize", str(here), cwd=tmp)
     assert result.returncode == 0, result.stdout[-4000:]
     for split in ("train", "val"):
-        local = _shard_bytes_here(tmp / "parquet_tokens" / "text_records" / split)
+        local = _shard_bytes(tmp / "parquet_tokens" / "text_records" / split)
         selector = pafs.FileSelector(filesystems.resolve(f"{prefix}/parquet_tokens/text_records/{split}", "test")[1])
         stored = {info.base_name: fs.open_input_stream(info.path).read()
                   for info in fs.get_file_info(selector) if info.base_name.endswith(".arrow")}
         assert local and stored == local, split
     filesystems.configure(None, None)
 
-
-def _shard_bytes_here(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.arrow"))}

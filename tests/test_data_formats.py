@@ -427,6 +427,25 @@ def test_bad_records_read_by_ray_datas_readers_match_a_local_run(articles, digit
 
 # -- the formats table: every format locally, as a Ray Data job, and from S3 -------------------
 
+def write_four_formats(files: Path, articles, digits) -> None:
+    """The formats table's data, each format written with its own writer."""
+    write_text_corpus(files / "text", articles)
+    write_webdataset(files / "tars", digits)
+    write_laion_parquet(files / "laion.parquet", digits)
+    write_obelics(files / "obelics.parquet", articles, digits)
+
+
+def four_format_datasets(at) -> dict:
+    """source -> options of the four formats, ``at(relative path)`` giving each file's path."""
+    return {
+        "text_records": {"paths": [at("text/part-*")], "val_fraction": 0.2},
+        "webdataset": {"paths": [at("tars/{00000..00002}.tar")], "image_size": 32},
+        "image_text_parquet": {"paths": [at("laion.parquet")], "caption_column": "TEXT", "image_size": 32},
+        "interleaved_documents": {"paths": [at("obelics.parquet")], "image_size": 32, "val_fraction": 0.25},
+    }
+
+
+
 @pytest.mark.slow
 def test_every_format_tokenizes_the_same_locally_on_ray_and_from_s3(articles, digits, tmp_path, prepared_vq,
                                                                     s3_server, monkeypatch):
@@ -444,10 +463,7 @@ def test_every_format_tokenizes_the_same_locally_on_ray_and_from_s3(articles, di
     from test_shards import _mot, _shard_bytes
 
     files = tmp_path / "files"
-    write_text_corpus(files / "text", articles)
-    write_webdataset(files / "tars", digits)
-    write_laion_parquet(files / "laion.parquet", digits)
-    write_obelics(files / "obelics.parquet", articles, digits)
+    write_four_formats(files, articles, digits)
     prefix = f"{s3_server.bucket}/formats-{uuid.uuid4().hex[:8]}"
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)
@@ -457,14 +473,8 @@ def test_every_format_tokenizes_the_same_locally_on_ray_and_from_s3(articles, di
 
     def config(name: str, root: str) -> Path:
         data = tiny_chameleon(prepared_vq[0], tmp_path / "tok", tmp_path / name)
-        data["mixture"]["datasets"] = {
-            "text_records": {"options": {"paths": [f"{root}/text/part-*"], "val_fraction": 0.2}},
-            "webdataset": {"options": {"paths": [f"{root}/tars/{{00000..00002}}.tar"], "image_size": 32}},
-            "image_text_parquet": {"options": {"paths": [f"{root}/laion.parquet"], "caption_column": "TEXT",
-                                               "image_size": 32}},
-            "interleaved_documents": {"options": {"paths": [f"{root}/obelics.parquet"], "image_size": 32,
-                                                  "val_fraction": 0.25}},
-        }
+        data["mixture"]["datasets"] = {source: {"options": options} for source, options in
+                                       four_format_datasets(lambda relative: f"{root}/{relative}").items()}
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(data))
         return path
@@ -511,33 +521,23 @@ def test_every_format_reads_the_same_from_gcs_and_ray_datas_readers_read_it(arti
     import pyarrow.fs as pafs
     import torch
 
+    from mot_core import filesystems
     from mot_core.distributed.native_read import RayPartReader
     from mot_core.testing.conformance import _check_native
 
     files = tmp_path / "files"
-    write_text_corpus(files / "text", articles)
-    write_webdataset(files / "tars", digits)
-    write_laion_parquet(files / "laion.parquet", digits)
-    write_obelics(files / "obelics.parquet", articles, digits)
+    write_four_formats(files, articles, digits)
     prefix = f"formats-{uuid.uuid4().hex[:8]}"
     pafs.copy_files(str(files), f"mot/{prefix}", source_filesystem=pafs.LocalFileSystem(),
                     destination_filesystem=gcs_server.filesystem)
-    remote = gcs_server.uri(prefix).replace("?", "/{}?")  # gs://mot/PREFIX/{}?endpoint_override=...
-    cases = {
-        "text_records": ({"paths": ["{}/text/part-*"], "val_fraction": 0.2}, 6),
-        "webdataset": ({"paths": ["{}/tars/{{00000..00002}}.tar"], "image_size": 32}, 3),
-        "image_text_parquet": ({"paths": ["{}/laion.parquet"], "caption_column": "TEXT", "image_size": 32}, 4),
-        "interleaved_documents": ({"paths": ["{}/obelics.parquet"], "image_size": 32, "val_fraction": 0.25}, 3),
-    }
+    local = four_format_datasets(lambda relative: f"{files}/{relative}")
+    remote = four_format_datasets(lambda relative: filesystems.join(gcs_server.uri(prefix), relative))
+    parts = {"text_records": 6, "webdataset": 3, "image_text_parquet": 4, "interleaved_documents": 3}
     reader = RayPartReader()
     try:
-        for name, (options, parts) in cases.items():
-            def at(root: str) -> dict:
-                return {**options, "paths": [root.format(p.format("").lstrip("/")) for p in options["paths"]]}
-
-            here = source(name, **at(f"{files}/{{}}"))
-            there = source(name, **at(remote))
-            assert there.num_parts("train") == parts, name
+        for name in local:
+            here, there = source(name, **local[name]), source(name, **remote[name])
+            assert there.num_parts("train") == parts[name], name
             for split in ("train", "val"):
                 mine, theirs = list(here.documents(split)), list(there.documents(split))
                 assert [_key(d) for d in mine] == [_key(d) for d in theirs] and mine, (name, split)

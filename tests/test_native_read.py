@@ -37,7 +37,7 @@ def test_blocks_are_cut_into_parts_by_row_groups_and_files():
     done = _feed(stream, [("B1", [("a.parquet", 4)]), ("B2", [("a.parquet", 1), ("b.tar", 2)]),
                           ("B3", [("b.tar", 1)]), ("B4", [("c.parquet", 4)])])
     assert done == [0, 1, 2, 3]  # each part as soon as its last row came (a tar when the next file starts)
-    slices = {part: stream.parts[part].slices for part in range(4)}
+    slices = {part: stream.parts[part] for part in range(4)}
     assert slices[0] == [("B1", 0, 3, 0)]
     assert slices[1] == [("B1", 3, 4, 3), ("B2", 0, 1, 4)]  # rows 3 and 4 of a.parquet
     assert slices[2] == [("B2", 1, 3, 0), ("B3", 0, 1, 2)]

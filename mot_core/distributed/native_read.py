@@ -22,7 +22,7 @@ from __future__ import annotations
 import collections
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from mot_core.errors import MotError
@@ -40,8 +40,7 @@ class NativeJob:
     def files(self) -> list[NativeFile]:
         """The files with a part to write (a Parquet file's finished row groups are read again
         and dropped: Ray Data reads files, not row groups)."""
-        return [f for f in self.read.files
-                if any(part in self.todo for part in range(f.first_part, f.first_part + f.num_parts))]
+        return [f for f in self.read.files if any(part in self.todo for part in f.parts)]
 
 
 def plan_native(exp, tasks: list) -> tuple[list[NativeJob], list]:
@@ -56,26 +55,17 @@ def plan_native(exp, tasks: list) -> tuple[list[NativeJob], list]:
         source = exp.sources[name]
         for split in ("train", "val"):
             for read in source.native_reads(split):
-                parts = [p for f in read.files for p in range(f.first_part, f.first_part + f.num_parts)]
                 job = next((j for j in jobs if j.source == name and j.read == read), None)
                 if job is None:
                     job = NativeJob(name, read, {})
                     jobs.append(job)
-                for part in parts:
+                for part in (p for f in read.files for p in f.parts):
                     if split in wanted.get((name, part), ()) and (name, split, part) not in covered:
                         job.todo.setdefault(part, []).append(split)
                         covered.add((name, split, part))
     jobs = [job for job in jobs if job.todo]
     rest = [task for task in tasks if (task.source, task.split, task.part) not in covered]
     return jobs, rest
-
-
-@dataclass
-class _Part:
-    """The slices of one part gathered so far: (block ref, start, stop, position in file of start)."""
-
-    slices: list[tuple[Any, int, int, int]] = field(default_factory=list)
-    rows: int = 0
 
 
 def ray_dataset(read: NativeRead, files: list[NativeFile], **reader_args):
@@ -111,11 +101,11 @@ class _Stream:
     def __init__(self, job: NativeJob):
         self.job = job
         self.files = {f.path: f for f in job.files()}
-        self.order = [f.path for f in job.files()]
+        self.index = {path: index for index, path in enumerate(self.files)}  # file order
         self.position = collections.Counter()  # rows seen per file
-        self.parts: dict[int, _Part] = collections.defaultdict(_Part)
+        # each part's slices so far: (block ref, start, stop, position in its file of start)
+        self.parts: dict[int, list[tuple[Any, int, int, int]]] = collections.defaultdict(list)
         self.current: str | None = None
-        self.finished: set[str] = set()
         self.dispatched: set[int] = set()
 
     def _part_at(self, file: NativeFile, position: int) -> tuple[int, int]:
@@ -138,41 +128,30 @@ class _Stream:
             file = self.files.get(path)
             if file is None:
                 raise MotError(f"dataset '{self.job.source}': Ray Data's {self.job.read.reader} gave rows of '{path}', "
-                               f"which is not one of the files asked for ({len(self.files)}, e.g. '{self.order[0]}')")
+                               f"which is not one of the files asked for ({len(self.files)}, e.g. "
+                               f"'{next(iter(self.files))}')")
             if path != self.current:
-                if path in self.finished or (self.current is not None and
-                                             self.order.index(path) < self.order.index(self.current)):
+                if self.current is not None and self.index[path] < self.index[self.current]:
                     raise MotError(f"dataset '{self.job.source}': Ray Data's {self.job.read.reader} gave the rows of "
                                    f"'{path}' out of file order; shards would not match a local run's (nothing of "
                                    "this read is written)")
-                if self.current is not None:
-                    done += self._close(self.current)
+                if self.current is not None and self.files[self.current].part_rows is None:
+                    done.append(self.files[self.current].first_part)  # a file read whole: complete
                 self.current = path
             while count:
                 part, left = self._part_at(file, self.position[path])
                 take = count if left < 0 else min(count, left)
-                self.parts[part].slices.append((ref, start, start + take, self.position[path]))
-                self.parts[part].rows += take
+                self.parts[part].append((ref, start, start + take, self.position[path]))
                 self.position[path] += take
                 start, count = start + take, count - take
                 if left >= 0 and take == left:
                     done.append(part)
         return done
 
-    def _close(self, path: str) -> list[int]:
-        """A file whose rows have all come: its single part is complete (a file in row groups
-        completes part by part in ``add``)."""
-        self.finished.add(path)
-        file = self.files[path]
-        return [file.first_part] if file.part_rows is None else []
-
     def close(self) -> list[int]:
         """The end of the stream: every part not yet complete (the last file's, and the parts
         of files Ray Data gave no rows for: empty, or read by the source's reader)."""
-        if self.current is not None:
-            self._close(self.current)
-        for path in self.order:
-            file = self.files[path]
+        for path, file in self.files.items():
             if file.part_rows is not None and self.position[path] != sum(file.part_rows):
                 raise MotError(f"dataset '{self.job.source}': Ray Data's {self.job.read.reader} gave "
                                f"{self.position[path]} rows of {path}, its footer lists {sum(file.part_rows)}; the "
@@ -221,7 +200,7 @@ def run_native(jobs: list[NativeJob], actors: list, read_cpus: float,
 
     def dispatch(job: NativeJob, stream: _Stream, part: int) -> None:
         stream.dispatched.add(part)
-        slices = stream.parts.pop(part, _Part()).slices
+        slices = stream.parts.pop(part, [])
         for split in job.todo.get(part, []):
             while len(in_flight) >= limit:
                 collect(block=True)
@@ -316,7 +295,7 @@ class RayPartReader:
         logging.getLogger("ray.data").setLevel(logging.ERROR)
         ray.data.DataContext.get_current().execution_options.preserve_order = True
         ray.data.DataContext.get_current().enable_progress_bars = False
-        file = next(f for f in read.files if f.first_part <= part < f.first_part + f.num_parts)
+        file = next(f for f in read.files if part in f.parts)
         job = NativeJob("check", NativeRead(read.reader, (file,), read.filesystem, read.options), {part: ["train"]})
         stream = _Stream(job)
         dataset = ray_dataset(read, [file])
@@ -325,7 +304,7 @@ class RayPartReader:
                 stream.add(ref, _path_runs(ray.get(ref)))
         stream.close()
         slices = stream.parts.get(part)
-        return rows_of(ray.get([ref for ref, *_ in slices.slices]), slices.slices) if slices else None
+        return rows_of(ray.get([ref for ref, *_ in slices]), slices) if slices else None
 
     def close(self) -> None:
         import ray

@@ -290,7 +290,7 @@ def _check_native(name: str, source, split: str, read_part_rows: Callable) -> st
     parts, seen = num_parts(name, source, split), set()
     for read in reads:
         for file in read.files:
-            held = set(range(file.first_part, file.first_part + file.num_parts))
+            held = set(file.parts)
             if not held <= set(range(parts)) or held & seen:
                 raise MotError(f"{where}: native_reads('{split}') lists {file.path} with parts {sorted(held)}; the "
                                f"source has {parts} parts and each may be read once")
@@ -298,7 +298,7 @@ def _check_native(name: str, source, split: str, read_part_rows: Callable) -> st
     checked = []
     for read in reads:
         # the first part of the read with documents in this split (of its first few)
-        candidates = [p for f in read.files for p in range(f.first_part, f.first_part + f.num_parts)][:4]
+        candidates = [p for f in read.files for p in f.parts][:4]
         for part in candidates:
             local = list(iter_documents(name, source, split, part if parts > 1 else None))
             if local:

@@ -74,19 +74,49 @@ def table_parts(file: StoredFile, source: str) -> int:
     """The parts of a table file: a Parquet file's row groups (its footer alone is read), an
     Arrow IPC file's record batches; an Arrow stream is read whole, one part."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
+    if table_kind(file) != "arrow":
+        return len(parquet_footer(file, source)[1])
     try:
         with file.open_random_access() as handle:
-            if table_kind(file) == "arrow":
-                try:
-                    return pa.ipc.open_file(handle).num_record_batches
-                except pa.ArrowInvalid:  # a stream (datasets' save_to_disk writes those): one part
-                    return 1
-            return pq.ParquetFile(handle).metadata.num_row_groups
+            try:
+                return pa.ipc.open_file(handle).num_record_batches
+            except pa.ArrowInvalid:  # a stream (datasets' save_to_disk writes those): one part
+                return 1
     except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
-        raise MotError(f"dataset '{source}': {file.name} is not a readable {table_kind(file) or 'Parquet'} file "
-                       f"({one_line(exc)})") from None
+        raise MotError(f"dataset '{source}': {file.name} is not a readable arrow file ({one_line(exc)})") from None
+
+
+_FOOTERS: dict[tuple[str, int, int], tuple] = {}  # (name, size, mtime) -> footer: its parts, then a Ray Data read's
+
+
+def parquet_footer(file: StoredFile, source: str) -> tuple[Any, tuple[int, ...]]:
+    """(the Arrow schema, the rows of each row group) of a Parquet file, from its footer alone,
+    read once per process while the file is unchanged (listing its parts, then planning a Ray
+    Data read, both need it: one request each to an object store)."""
+    import pyarrow.parquet as pq
+
+    key = (file.name, file.size, file.mtime_ns)
+    if key not in _FOOTERS:
+        try:
+            with file.open_random_access() as handle:
+                parquet = pq.ParquetFile(handle)
+                meta = parquet.metadata
+                footer = parquet.schema_arrow, tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups))
+        except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+            raise MotError(f"dataset '{source}': {file.name} is not a readable Parquet file ({one_line(exc)})") from None
+        if len(_FOOTERS) >= 4096:
+            _FOOTERS.clear()
+        _FOOTERS[key] = footer
+    return _FOOTERS[key]
+
+
+def check_columns(file: StoredFile, names: list[str], columns: list[str], source: str) -> None:
+    """A column the config names but the file lacks: one line naming the columns it has."""
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise MotError(f"dataset '{source}': {file.name} has no column '{missing[0]}' (it has: {', '.join(names)}); "
+                       "set the column options")
 
 
 def read_table_part(file: StoredFile, part: int, columns: list[str], source: str):
@@ -116,10 +146,7 @@ def read_table_part(file: StoredFile, part: int, columns: list[str], source: str
                 key = lambda offset: f"row {first + offset}"  # noqa: E731
     except (OSError, ValueError) as exc:
         return BadRecord(f"{file.name}: part {part}", "unreadable row group", one_line(exc))
-    missing = [c for c in columns if c not in names]
-    if missing:
-        raise MotError(f"dataset '{source}': {file.name} has no column '{missing[0]}' (it has: {', '.join(names)}); "
-                       "set the column options")
+    check_columns(file, names, columns, source)
     return key, {c: table.column(c) for c in columns}
 
 
@@ -155,20 +182,9 @@ def parquet_layout(file: StoredFile, columns: list[str], source: str) -> tuple[t
     a column the file lacks is the one-line error ``read_table_part`` gives. Files whose columns
     differ in type are read apart (Ray Data's ``read_parquet`` refuses to merge them, where each
     part whose column has the wrong type is a bad record)."""
-    import pyarrow.parquet as pq
-
-    try:
-        with file.open_random_access() as handle:
-            parquet = pq.ParquetFile(handle)
-            schema, meta = parquet.schema_arrow, parquet.metadata
-    except (OSError, ValueError) as exc:
-        raise MotError(f"dataset '{source}': {file.name} is not a readable Parquet file ({one_line(exc)})") from None
-    missing = [c for c in columns if c not in schema.names]
-    if missing:
-        raise MotError(f"dataset '{source}': {file.name} has no column '{missing[0]}' (it has: "
-                       f"{', '.join(schema.names)}); set the column options")
-    types = ", ".join(f"{c}: {schema.field(c).type}" for c in columns)
-    return tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups)), types
+    schema, rows = parquet_footer(file, source)
+    check_columns(file, schema.names, columns, source)
+    return rows, ", ".join(f"{c}: {schema.field(c).type}" for c in columns)
 
 
 def row_keys(rows: Any) -> Callable[[int], str]:
